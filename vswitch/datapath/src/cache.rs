@@ -1,0 +1,174 @@
+//! The microflow cache: exact match on the whole key, per packet thread.
+//!
+//! Owns "have we translated this exact key before, against this table generation".
+//! It is a fixed-size, 4-way set-associative array allocated once: lookups and
+//! inserts never allocate, a full set evicts its least recently used way, and an
+//! entry from an older generation is simply a miss. It is not shared, so it needs no
+//! locks; it never decides anything itself (the pipeline does).
+
+use std::hash::{BuildHasher, Hasher};
+
+use crate::field::MatchKey;
+use crate::flow::TableId;
+use crate::pipeline::Xlate;
+
+const WAYS: usize = 4;
+
+/// What a cached translation is keyed by: the full key (headers, registers,
+/// conntrack state) and the table the pass started at.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct CacheKey {
+    pub key: MatchKey,
+    pub stage: TableId,
+}
+
+#[derive(Debug, Default)]
+struct Way {
+    valid: bool,
+    generation: u64,
+    last_used: u64,
+    hash: u64,
+    key: CacheKey,
+    xlate: Xlate,
+}
+
+/// Hit, miss and eviction counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// A per-thread microflow cache.
+#[derive(Debug)]
+pub struct MicroflowCache {
+    ways: Box<[Way]>,
+    set_mask: usize,
+    tick: u64,
+    pub stats: CacheStats,
+}
+
+impl CacheKey {
+    #[inline]
+    pub fn hash(&self) -> u64 {
+        let mut h = foldhash::fast::FixedState::with_seed(0x51_7cc1_b727_220a).build_hasher();
+        for w in &self.key.0 {
+            h.write_u64(*w);
+        }
+        h.write_u8(self.stage.0);
+        h.finish()
+    }
+}
+
+impl MicroflowCache {
+    /// A cache of at least `capacity` entries (rounded up to a power of two).
+    pub fn new(capacity: usize) -> MicroflowCache {
+        let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
+        MicroflowCache {
+            ways: (0..sets * WAYS).map(|_| Way::default()).collect(),
+            set_mask: sets - 1,
+            tick: 0,
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.ways.len()
+    }
+
+    /// Entries valid for `generation`.
+    pub fn len(&self, generation: u64) -> usize {
+        self.ways
+            .iter()
+            .filter(|w| w.valid && w.generation == generation)
+            .count()
+    }
+
+    fn set(&self, hash: u64) -> std::ops::Range<usize> {
+        let s = (hash as usize & self.set_mask) * WAYS;
+        s..s + WAYS
+    }
+
+    /// The cached translation of `key` for `generation`.
+    #[inline]
+    pub fn get(&mut self, key: &CacheKey, hash: u64, generation: u64) -> Option<&Xlate> {
+        self.tick += 1;
+        let range = self.set(hash);
+        let tick = self.tick;
+        let found = self.ways[range]
+            .iter_mut()
+            .find(|w| w.valid && w.hash == hash && w.generation == generation && w.key == *key);
+        match found {
+            Some(w) => {
+                w.last_used = tick;
+                self.stats.hits += 1;
+                Some(&w.xlate)
+            }
+            None => {
+                self.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Stores a translation, evicting the least recently used way of a full set.
+    pub fn insert(&mut self, key: CacheKey, hash: u64, generation: u64, xlate: Xlate) -> &Xlate {
+        let range = self.set(hash);
+        let tick = self.tick;
+        let set = &mut self.ways[range];
+        let victim = set
+            .iter()
+            .position(|w| !w.valid || w.generation != generation)
+            .unwrap_or_else(|| {
+                self.stats.evictions += 1;
+                (0..WAYS).min_by_key(|&i| set[i].last_used).unwrap_or(0)
+            });
+        let w = &mut set[victim];
+        *w = Way {
+            valid: true,
+            generation,
+            last_used: tick,
+            hash,
+            key,
+            xlate,
+        };
+        &w.xlate
+    }
+
+    /// Drops every entry.
+    pub fn clear(&mut self) {
+        for w in self.ways.iter_mut() {
+            w.valid = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::field::Field;
+
+    fn key(n: u32) -> CacheKey {
+        let mut k = MatchKey::default();
+        k.set(Field::InPort, n.into());
+        CacheKey { key: k, stage: TableId(0) }
+    }
+
+    #[test]
+    fn hit_miss_generation_and_eviction() {
+        let mut c = MicroflowCache::new(4); // one set of four ways
+        let k = key(1);
+        assert!(c.get(&k, k.hash(), 1).is_none());
+        c.insert(k, k.hash(), 1, Xlate::default());
+        assert!(c.get(&k, k.hash(), 1).is_some());
+        assert!(c.get(&k, k.hash(), 2).is_none(), "new generation invalidates");
+        for n in 10..15 {
+            let k = key(n);
+            c.insert(k, k.hash(), 2, Xlate::default());
+        }
+        assert_eq!(c.stats.evictions, 1);
+        assert_eq!(c.len(2), 4);
+        assert_eq!(c.stats, CacheStats { hits: 1, misses: 2, evictions: 1 });
+    }
+}

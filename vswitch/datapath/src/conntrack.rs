@@ -1,0 +1,778 @@
+//! Userspace connection tracking.
+//!
+//! Owns connection state: which packets belong to a known connection, in which
+//! direction, and when a connection dies. Entries live in one sharded map keyed by a
+//! canonical (direction-free) tuple, so both directions find the same entry with one
+//! lookup. There is no timer per entry: an entry past its deadline is dead to
+//! lookups, and [`Conntrack::sweep`] reclaims dead entries from a coarse expiry wheel
+//! (one-second buckets of keys, filled when a connection is committed or its timeout
+//! shrinks), so a sweep only visits entries that may be due.
+//!
+//! When the table holds `max_entries`, [`Conntrack::commit`] refuses new connections
+//! (the packet is dropped and counted as `ct_full`); existing connections keep working.
+//! Fragments and frames that failed to parse are `+inv` (no reassembly).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use etherparse::{LaxSlicedPacket, TransportSlice};
+
+use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
+use crate::key::{FlowKey, wide_to_ip};
+use crate::time::Time;
+
+/// Timeouts and limits.
+#[derive(Clone, Debug)]
+pub struct CtConfig {
+    pub max_entries: usize,
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    pub tcp_closing: Duration,
+    pub tcp_time_wait: Duration,
+    pub tcp_closed: Duration,
+    pub udp_first: Duration,
+    pub udp_replied: Duration,
+    pub icmp: Duration,
+    pub other: Duration,
+}
+
+impl Default for CtConfig {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        CtConfig {
+            max_entries: 262_144,
+            tcp_syn: s(30),
+            tcp_established: s(24 * 3600),
+            tcp_closing: s(30),
+            tcp_time_wait: s(30),
+            tcp_closed: s(10),
+            udp_first: s(30),
+            udp_replied: s(180),
+            icmp: s(30),
+            other: s(60),
+        }
+    }
+}
+
+/// The direction-free identity of a connection: endpoint `a` sorts before `b`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct CanonKey {
+    zone: u16,
+    proto: u8,
+    a: ([u8; 16], u16),
+    b: ([u8; 16], u16),
+}
+
+/// One direction's tuple of a packet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Tuple {
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Tuple {
+    /// The tuple of a packet, `None` when conntrack cannot follow it.
+    fn of(key: &FlowKey) -> Option<Tuple> {
+        if !key.is_ip() || !key.flags.is_clean() || key.nw_frag & FRAG_ANY != 0 {
+            return None;
+        }
+        let (sport, dport) = match key.nw_proto {
+            ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP => (key.tp_src, key.tp_dst),
+            ip_proto::ICMP | ip_proto::ICMPV6 => (key.icmp_id, 0),
+            _ => (0, 0),
+        };
+        Some(Tuple {
+            proto: key.nw_proto,
+            src: key.nw_src,
+            dst: key.nw_dst,
+            sport,
+            dport,
+        })
+    }
+
+    fn reverse(self) -> Tuple {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            ..self
+        }
+    }
+
+    /// Canonical key and whether this tuple is the `a -> b` direction.
+    fn canon(self, zone: u16) -> (CanonKey, bool) {
+        let s = (self.src, self.sport);
+        let d = (self.dst, self.dport);
+        let forward = s <= d;
+        let (a, b) = if forward { (s, d) } else { (d, s) };
+        (CanonKey { zone, proto: self.proto, a, b }, forward)
+    }
+}
+
+/// Protocol state of a connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConnState {
+    TcpSynSent,
+    TcpSynRecv,
+    TcpEstablished,
+    TcpClosing,
+    TcpTimeWait,
+    TcpClosed,
+    SctpCookie,
+    SctpEstablished,
+    SctpClosing,
+    SctpClosed,
+    /// UDP, ICMP and other protocols: no reply seen yet.
+    Unreplied,
+    Replied,
+}
+
+impl ConnState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnState::TcpSynSent => "SYN_SENT",
+            ConnState::TcpSynRecv => "SYN_RECV",
+            ConnState::TcpEstablished => "ESTABLISHED",
+            ConnState::TcpClosing => "FIN_WAIT",
+            ConnState::TcpTimeWait => "TIME_WAIT",
+            ConnState::TcpClosed => "CLOSE",
+            ConnState::SctpCookie => "COOKIE_WAIT",
+            ConnState::SctpEstablished => "ESTABLISHED",
+            ConnState::SctpClosing => "SHUTDOWN",
+            ConnState::SctpClosed => "CLOSED",
+            ConnState::Unreplied => "UNREPLIED",
+            ConnState::Replied => "REPLIED",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    /// Whether the originator is endpoint `a` of the canonical key.
+    orig_is_a: bool,
+    state: ConnState,
+    fin_seen: [bool; 2],
+    replied: bool,
+    expires: Time,
+    /// The earliest deadline under which the key sits in the expiry wheel.
+    queued: Time,
+    created: Time,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+}
+
+/// A connection as `dump` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub zone: u16,
+    pub orig: Tuple,
+    pub state: ConnState,
+    /// Time left before expiry.
+    pub expires_in: Duration,
+    pub age: Duration,
+    /// Packets and bytes, original then reply direction.
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+impl std::fmt::Display for ConnInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.orig.proto {
+            ip_proto::TCP => "tcp".to_string(),
+            ip_proto::UDP => "udp".to_string(),
+            ip_proto::SCTP => "sctp".to_string(),
+            ip_proto::ICMP => "icmp".to_string(),
+            ip_proto::ICMPV6 => "icmp6".to_string(),
+            p => format!("proto{p}"),
+        };
+        write!(
+            f,
+            "{proto},zone={},src={},dst={},sport={},dport={},state={},timeout={}s,packets={}/{},bytes={}/{}",
+            self.zone,
+            wide_to_ip(self.orig.src),
+            wide_to_ip(self.orig.dst),
+            self.orig.sport,
+            self.orig.dport,
+            self.state.name(),
+            self.expires_in.as_secs(),
+            self.packets[0],
+            self.packets[1],
+            self.bytes[0],
+            self.bytes[1],
+        )
+    }
+}
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct CtStats {
+    pub lookups: AtomicU64,
+    pub committed: AtomicU64,
+    pub full_drops: AtomicU64,
+    pub invalid: AtomicU64,
+    pub expired: AtomicU64,
+}
+
+/// `commit` refused: the table is at `max_entries`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("conntrack table full ({0} entries)")]
+pub struct CtFull(pub usize);
+
+/// The connection table, shared by all packet threads.
+#[derive(Debug)]
+pub struct Conntrack {
+    config: CtConfig,
+    map: DashMap<CanonKey, Conn, foldhash::fast::RandomState>,
+    len: AtomicUsize,
+    /// Deadline (whole seconds, rounded up) -> keys that may expire then.
+    wheel: Mutex<BTreeMap<u64, Vec<CanonKey>>>,
+    pub stats: CtStats,
+}
+
+fn is_icmp_error(key: &FlowKey) -> bool {
+    match key.nw_proto {
+        ip_proto::ICMP => matches!(key.tp_src, 3 | 4 | 5 | 11 | 12),
+        ip_proto::ICMPV6 => matches!(key.tp_src, 1..=4),
+        _ => false,
+    }
+}
+
+fn is_icmp_reply_only(key: &FlowKey) -> bool {
+    match key.nw_proto {
+        ip_proto::ICMP => matches!(key.tp_src, 0 | 14),
+        ip_proto::ICMPV6 => key.tp_src == 129,
+        _ => false,
+    }
+}
+
+/// The tuple of the packet embedded in an ICMP error, as the original sender saw it.
+fn embedded_tuple(frame: &[u8]) -> Option<Tuple> {
+    let outer = LaxSlicedPacket::from_ethernet(frame).ok()?;
+    let payload = match outer.transport? {
+        TransportSlice::Icmpv4(i) => i.payload(),
+        TransportSlice::Icmpv6(i) => i.payload(),
+        _ => return None,
+    };
+    let inner = LaxSlicedPacket::from_ip(payload).ok()?;
+    let ip = inner.ip_payload()?;
+    let (src, dst) = match inner.net.as_ref()? {
+        etherparse::LaxNetSlice::Ipv4(v4) => {
+            let h = v4.header();
+            (crate::key::ip_to_wide(h.source_addr().into()), crate::key::ip_to_wide(h.destination_addr().into()))
+        }
+        etherparse::LaxNetSlice::Ipv6(v6) => (v6.header().source(), v6.header().destination()),
+        etherparse::LaxNetSlice::Arp(_) => return None,
+    };
+    let b = ip.payload;
+    let (sport, dport) = match ip.ip_number.0 {
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP if b.len() >= 4 => (
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        ),
+        ip_proto::ICMP | ip_proto::ICMPV6 if b.len() >= 6 => (u16::from_be_bytes([b[4], b[5]]), 0),
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::ICMP | ip_proto::ICMPV6 => {
+            return None;
+        }
+        _ => (0, 0),
+    };
+    Some(Tuple { proto: ip.ip_number.0, src, dst, sport, dport })
+}
+
+const SCTP_INIT: u8 = 1;
+const SCTP_INIT_ACK: u8 = 2;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN: u8 = 7;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
+impl Conntrack {
+    pub fn new(config: CtConfig) -> Conntrack {
+        Conntrack {
+            map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            config,
+            len: AtomicUsize::new(0),
+            wheel: Mutex::new(BTreeMap::new()),
+            stats: CtStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CtConfig {
+        &self.config
+    }
+
+    /// Live and dead-but-unswept entries.
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Looks the packet up in `zone` and advances its connection's state.
+    /// Returns the `ct_state` bits (always including `+trk`).
+    ///
+    /// `frame` is read only for ICMP errors (to find the embedded connection).
+    pub fn lookup(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> u8 {
+        use ct_state::*;
+        self.stats.lookups.fetch_add(1, Relaxed);
+        let Some(tuple) = Tuple::of(key) else {
+            self.stats.invalid.fetch_add(1, Relaxed);
+            return TRK | INV;
+        };
+        if is_icmp_error(key) {
+            let related = embedded_tuple(frame).and_then(|inner| {
+                // The embedded packet travelled the other way.
+                let (ck, fwd) = inner.reverse().canon(zone);
+                let conn = self.map.get(&ck)?;
+                (conn.expires > now).then(|| fwd == conn.orig_is_a)
+            });
+            return match related {
+                Some(orig_dir) => TRK | REL | if orig_dir { 0 } else { RPL },
+                None => {
+                    self.stats.invalid.fetch_add(1, Relaxed);
+                    TRK | INV
+                }
+            };
+        }
+        let (ck, fwd) = tuple.canon(zone);
+        if let Some(mut conn) = self.map.get_mut(&ck) {
+            if conn.expires > now {
+                let orig = fwd == conn.orig_is_a;
+                return match self.advance(&ck, &mut conn, now, key, orig, frame.len() as u64) {
+                    Some(state) => state,
+                    None => {
+                        self.stats.invalid.fetch_add(1, Relaxed);
+                        TRK | INV
+                    }
+                };
+            }
+        }
+        // Unknown (or expired) connection: only an opening packet may start one.
+        let opens = Self::opens(key);
+        if opens {
+            TRK | NEW
+        } else {
+            self.stats.invalid.fetch_add(1, Relaxed);
+            TRK | INV
+        }
+    }
+
+    /// The `ct_state` [`Conntrack::lookup`] would return for this packet, without
+    /// changing any state (for trace). ICMP errors need the frame and are
+    /// reported `+inv` here.
+    pub fn peek(&self, now: Time, zone: u16, key: &FlowKey) -> u8 {
+        use ct_state::*;
+        let Some(tuple) = Tuple::of(key) else { return TRK | INV };
+        if is_icmp_error(key) {
+            return TRK | INV;
+        }
+        let (ck, fwd) = tuple.canon(zone);
+        if let Some(conn) = self.map.get(&ck) {
+            if conn.expires > now {
+                let mut copy = conn.clone();
+                let orig = fwd == copy.orig_is_a;
+                drop(conn);
+                return self.advance_copy(&mut copy, now, key, orig);
+            }
+        }
+        if Self::opens(key) { TRK | NEW } else { TRK | INV }
+    }
+
+    /// Whether a packet may start a connection.
+    fn opens(key: &FlowKey) -> bool {
+        match key.nw_proto {
+            ip_proto::TCP => {
+                let f = key.tcp_flags;
+                f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN) == tcp_flags::SYN
+            }
+            ip_proto::SCTP => key.sctp_chunk == SCTP_INIT,
+            _ => !is_icmp_reply_only(key),
+        }
+    }
+
+    /// [`Conntrack::advance`] on a private copy: same answer, nothing scheduled.
+    fn advance_copy(&self, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool) -> u8 {
+        conn.queued = Time::ZERO;
+        self.transition(conn, now, key, orig, 0).unwrap_or(ct_state::TRK | ct_state::INV)
+    }
+
+    /// Advances `conn` with a packet; `None` when the packet is invalid for it.
+    fn advance(&self, ck: &CanonKey, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool, len: u64) -> Option<u8> {
+        let state = self.transition(conn, now, key, orig, len);
+        if conn.expires < conn.queued {
+            self.schedule(*ck, conn.expires);
+            conn.queued = conn.expires;
+        }
+        state
+    }
+
+    fn schedule(&self, key: CanonKey, at: Time) {
+        let second = at.0.div_ceil(1_000_000_000);
+        self.wheel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(second)
+            .or_default()
+            .push(key);
+    }
+
+    /// The state machine proper.
+    fn transition(&self, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool, len: u64) -> Option<u8> {
+        use ct_state::*;
+        let dir = usize::from(!orig);
+        let c = &self.config;
+        let (state, timeout) = match key.nw_proto {
+            ip_proto::TCP => {
+                let f = key.tcp_flags;
+                let (syn, ack, fin, rst) = (
+                    f & tcp_flags::SYN != 0,
+                    f & tcp_flags::ACK != 0,
+                    f & tcp_flags::FIN != 0,
+                    f & tcp_flags::RST != 0,
+                );
+                if syn && (fin || rst) {
+                    return None;
+                }
+                let next = match conn.state {
+                    _ if rst => ConnState::TcpClosed,
+                    ConnState::TcpSynSent if orig && syn && !ack => ConnState::TcpSynSent,
+                    ConnState::TcpSynSent if !orig && syn && ack => ConnState::TcpSynRecv,
+                    ConnState::TcpSynSent => return None,
+                    ConnState::TcpSynRecv if syn && (orig == !ack) => ConnState::TcpSynRecv,
+                    ConnState::TcpSynRecv if orig && ack && !syn => ConnState::TcpEstablished,
+                    ConnState::TcpSynRecv => return None,
+                    ConnState::TcpTimeWait | ConnState::TcpClosed if orig && syn && !ack => {
+                        // Port reuse: a fresh connection replaces the dead one.
+                        *conn = Conn {
+                            state: ConnState::TcpSynSent,
+                            queued: conn.queued,
+                            fin_seen: [false; 2],
+                            replied: false,
+                            expires: now.add(c.tcp_syn),
+                            created: now,
+                            packets: [1, 0],
+                            bytes: [len, 0],
+                            ..*conn
+                        };
+                        return Some(TRK | NEW);
+                    }
+                    _ if syn => return None,
+                    ConnState::TcpEstablished | ConnState::TcpClosing if fin => {
+                        conn.fin_seen[dir] = true;
+                        if conn.fin_seen == [true, true] {
+                            ConnState::TcpTimeWait
+                        } else {
+                            ConnState::TcpClosing
+                        }
+                    }
+                    s => s,
+                };
+                let timeout = match next {
+                    ConnState::TcpSynSent | ConnState::TcpSynRecv => c.tcp_syn,
+                    ConnState::TcpEstablished => c.tcp_established,
+                    ConnState::TcpClosing => c.tcp_closing,
+                    ConnState::TcpTimeWait => c.tcp_time_wait,
+                    _ => c.tcp_closed,
+                };
+                (next, timeout)
+            }
+            ip_proto::SCTP => {
+                let next = match (conn.state, key.sctp_chunk) {
+                    (_, SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) => ConnState::SctpClosed,
+                    (_, SCTP_SHUTDOWN) => ConnState::SctpClosing,
+                    (ConnState::SctpCookie, SCTP_INIT_ACK) if !orig => ConnState::SctpEstablished,
+                    (ConnState::SctpCookie, SCTP_INIT) if orig => ConnState::SctpCookie,
+                    (ConnState::SctpCookie, _) if !orig => ConnState::SctpEstablished,
+                    (s, _) => s,
+                };
+                let timeout = match next {
+                    ConnState::SctpEstablished => c.tcp_established,
+                    ConnState::SctpClosed => c.tcp_closed,
+                    _ => c.tcp_closing,
+                };
+                (next, timeout)
+            }
+            proto => {
+                let replied = conn.replied || !orig;
+                let next = if replied { ConnState::Replied } else { ConnState::Unreplied };
+                let timeout = match (proto, replied) {
+                    (ip_proto::ICMP | ip_proto::ICMPV6, _) => c.icmp,
+                    (ip_proto::UDP, false) => c.udp_first,
+                    (ip_proto::UDP, true) => c.udp_replied,
+                    _ => c.other,
+                };
+                (next, timeout)
+            }
+        };
+        if !orig {
+            conn.replied = true;
+        }
+        conn.state = state;
+        conn.expires = now.add(timeout);
+        conn.packets[dir] += 1;
+        conn.bytes[dir] += len;
+        Some(match (orig, conn.replied) {
+            (false, _) => TRK | EST | RPL,
+            (true, true) => TRK | EST,
+            (true, false) => TRK | NEW,
+        })
+    }
+
+    /// Creates the entry for this packet's connection in `zone` (no-op when it
+    /// exists); `len` is the packet's length. Fails when the table is full;
+    /// untrackable packets are ignored.
+    pub fn commit(&self, now: Time, zone: u16, key: &FlowKey, len: usize) -> Result<(), CtFull> {
+        let Some(tuple) = Tuple::of(key) else { return Ok(()) };
+        if is_icmp_error(key) {
+            return Ok(());
+        }
+        let (ck, fwd) = tuple.canon(zone);
+        let c = &self.config;
+        let (state, timeout) = match key.nw_proto {
+            ip_proto::TCP => (ConnState::TcpSynSent, c.tcp_syn),
+            ip_proto::SCTP => (ConnState::SctpCookie, c.tcp_closing),
+            ip_proto::ICMP | ip_proto::ICMPV6 => (ConnState::Unreplied, c.icmp),
+            ip_proto::UDP => (ConnState::Unreplied, c.udp_first),
+            _ => (ConnState::Unreplied, c.other),
+        };
+        let fresh = Conn {
+            orig_is_a: fwd,
+            state,
+            fin_seen: [false; 2],
+            replied: false,
+            expires: now.add(timeout),
+            queued: now.add(timeout),
+            created: now,
+            packets: [1, 0],
+            bytes: [len as u64, 0],
+        };
+        match self.map.entry(ck) {
+            dashmap::Entry::Occupied(mut e) => {
+                if e.get().expires <= now {
+                    *e.get_mut() = fresh;
+                    self.schedule(ck, now.add(timeout));
+                    self.stats.committed.fetch_add(1, Relaxed);
+                }
+                Ok(())
+            }
+            dashmap::Entry::Vacant(v) => {
+                if self.len.load(Relaxed) >= self.config.max_entries {
+                    self.stats.full_drops.fetch_add(1, Relaxed);
+                    return Err(CtFull(self.config.max_entries));
+                }
+                self.len.fetch_add(1, Relaxed);
+                v.insert(fresh);
+                self.schedule(ck, now.add(timeout));
+                self.stats.committed.fetch_add(1, Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes expired entries among those due in the expiry wheel, visiting at
+    /// most about `budget` keys (a whole one-second bucket at least). Entries whose
+    /// deadline moved later are re-queued. Returns how many were removed.
+    pub fn sweep(&self, now: Time, budget: usize) -> usize {
+        let now_second = now.0 / 1_000_000_000;
+        let mut due: Vec<CanonKey> = Vec::new();
+        {
+            let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
+            while due.len() < budget {
+                let Some(bucket) = wheel.first_entry() else { break };
+                if *bucket.key() > now_second {
+                    break;
+                }
+                due.extend(bucket.remove());
+            }
+        }
+        let mut removed = 0;
+        for key in due {
+            if let dashmap::Entry::Occupied(mut e) = self.map.entry(key) {
+                if e.get().expires <= now {
+                    e.remove();
+                    removed += 1;
+                } else {
+                    let at = e.get().expires;
+                    e.get_mut().queued = at;
+                    self.schedule(key, at);
+                }
+            }
+        }
+        self.len.fetch_sub(removed, Relaxed);
+        self.stats.expired.fetch_add(removed as u64, Relaxed);
+        removed
+    }
+
+    /// Sweeps everything that is due.
+    pub fn sweep_all(&self, now: Time) -> usize {
+        self.sweep(now, usize::MAX)
+    }
+
+    /// Live connections, optionally of one zone.
+    pub fn dump(&self, now: Time, zone: Option<u16>) -> Vec<ConnInfo> {
+        let mut out: Vec<ConnInfo> = self
+            .map
+            .iter()
+            .filter(|e| e.value().expires > now && zone.is_none_or(|z| z == e.key().zone))
+            .map(|e| {
+                let (k, c) = (e.key(), e.value());
+                let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
+                ConnInfo {
+                    zone: k.zone,
+                    orig: Tuple { proto: k.proto, src: o.0, sport: o.1, dst: r.0, dport: r.1 },
+                    state: c.state,
+                    expires_in: c.expires.since(now),
+                    age: now.since(c.created),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.zone, a.orig.src, a.orig.sport).cmp(&(b.zone, b.orig.src, b.orig.sport)));
+        out
+    }
+
+    /// Drops every entry.
+    pub fn flush(&self) {
+        self.map.clear();
+        self.wheel.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.len.store(0, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::field::ct_state::*;
+    use crate::key::{PortNo, parse};
+    use etherparse::PacketBuilder;
+
+    const A: [u8; 4] = [10, 0, 0, 1];
+    const B: [u8; 4] = [10, 0, 0, 2];
+
+    fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, flags: &str) -> (FlowKey, Vec<u8>) {
+        let mut b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, dst, 64).tcp(sp, dp, 1, 100);
+        for c in flags.chars() {
+            b = match c {
+                'S' => b.syn(),
+                'A' => b.ack(1),
+                'F' => b.fin(),
+                'R' => b.rst(),
+                _ => b,
+            };
+        }
+        let mut f = Vec::new();
+        b.write(&mut f, &[]).unwrap();
+        (parse(PortNo(1), &f), f)
+    }
+
+    fn udp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16) -> (FlowKey, Vec<u8>) {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, dst, 64).udp(sp, dp).write(&mut f, &[1]).unwrap();
+        (parse(PortNo(1), &f), f)
+    }
+
+    #[test]
+    fn tcp_handshake_teardown_and_expiry() {
+        let ct = Conntrack::new(CtConfig::default());
+        let t0 = Time::from_secs(100);
+        let (syn, f) = tcp(A, B, 1000, 80, "S");
+        assert_eq!(ct.lookup(t0, 0, &syn, &f), TRK | NEW);
+        ct.commit(t0, 0, &syn, f.len()).unwrap();
+        let (synack, f2) = tcp(B, A, 80, 1000, "SA");
+        assert_eq!(ct.lookup(t0, 0, &synack, &f2), TRK | EST | RPL);
+        let (ack, f3) = tcp(A, B, 1000, 80, "A");
+        assert_eq!(ct.lookup(t0, 0, &ack, &f3), TRK | EST);
+        assert_eq!(ct.dump(t0, None)[0].state, ConnState::TcpEstablished);
+        // A different zone does not see it.
+        assert_eq!(ct.lookup(t0, 1, &ack, &f3), TRK | INV);
+        let (fin1, f4) = tcp(A, B, 1000, 80, "FA");
+        let (fin2, f5) = tcp(B, A, 80, 1000, "FA");
+        ct.lookup(t0, 0, &fin1, &f4);
+        assert_eq!(ct.dump(t0, None)[0].state, ConnState::TcpClosing);
+        ct.lookup(t0, 0, &fin2, &f5);
+        assert_eq!(ct.dump(t0, None)[0].state, ConnState::TcpTimeWait);
+        let later = t0.add(Duration::from_secs(31));
+        assert_eq!(ct.lookup(later, 0, &ack, &f3), TRK | INV, "expired: mid-stream ACK");
+        assert_eq!(ct.sweep_all(later), 1);
+        assert!(ct.is_empty());
+    }
+
+    #[test]
+    fn half_open_expires_quickly() {
+        let ct = Conntrack::new(CtConfig::default());
+        let (syn, _) = tcp(A, B, 1, 2, "S");
+        ct.commit(Time::ZERO, 0, &syn, 60).unwrap();
+        assert_eq!(ct.sweep_all(Time::from_secs(29)), 0);
+        assert_eq!(ct.sweep_all(Time::from_secs(31)), 1);
+    }
+
+    #[test]
+    fn invalid_tcp() {
+        let ct = Conntrack::new(CtConfig::default());
+        let (ack, f) = tcp(A, B, 1, 2, "A");
+        assert_eq!(ct.lookup(Time::ZERO, 0, &ack, &f), TRK | INV);
+        let (synfin, f) = tcp(A, B, 1, 2, "SF");
+        assert_eq!(ct.lookup(Time::ZERO, 0, &synfin, &f), TRK | INV);
+    }
+
+    #[test]
+    fn udp_reply_and_icmp_related() {
+        let ct = Conntrack::new(CtConfig::default());
+        let (req, f) = udp(A, B, 5000, 53);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | NEW);
+        ct.commit(Time::ZERO, 0, &req, f.len()).unwrap();
+        assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | NEW, "no reply yet");
+        // Port unreachable from B, quoting A's datagram.
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2([4; 6], [2; 6])
+            .ipv4(B, A, 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut icmp, &f[14..14 + 28])
+            .unwrap();
+        let k = parse(PortNo(2), &icmp);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &icmp), TRK | REL | RPL);
+        let (rep, f2) = udp(B, A, 53, 5000);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &rep, &f2), TRK | EST | RPL);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | EST);
+    }
+
+    #[test]
+    fn full_table_refuses_new_connections_only() {
+        let ct = Conntrack::new(CtConfig { max_entries: 2, ..CtConfig::default() });
+        for port in [1, 2] {
+            ct.commit(Time::ZERO, 0, &udp(A, B, port, 9).0, 60).unwrap();
+        }
+        assert_eq!(ct.commit(Time::ZERO, 0, &udp(A, B, 3, 9).0, 60), Err(CtFull(2)));
+        assert_eq!(ct.commit(Time::ZERO, 0, &udp(A, B, 1, 9).0, 60), Ok(()), "existing one");
+        assert_eq!(ct.stats.full_drops.load(Relaxed), 1);
+        assert_eq!(ct.len(), 2);
+    }
+
+    #[test]
+    fn sctp_init_opens_others_do_not() {
+        let ct = Conntrack::new(CtConfig::default());
+        let mut k = udp(A, B, 7, 81).0;
+        k.nw_proto = ip_proto::SCTP;
+        k.sctp_chunk = 0; // DATA
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &[]), TRK | INV);
+        k.sctp_chunk = SCTP_INIT;
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &[]), TRK | NEW);
+        ct.commit(Time::ZERO, 0, &k, 60).unwrap();
+        let mut r = k;
+        std::mem::swap(&mut r.nw_src, &mut r.nw_dst);
+        std::mem::swap(&mut r.tp_src, &mut r.tp_dst);
+        r.sctp_chunk = SCTP_INIT_ACK;
+        assert_eq!(ct.lookup(Time::ZERO, 0, &r, &[]), TRK | EST | RPL);
+        assert_eq!(ct.dump(Time::ZERO, None)[0].state, ConnState::SctpEstablished);
+    }
+}

@@ -1,0 +1,438 @@
+//! Packet -> flow key.
+//!
+//! Owns the validation of frames at the edge of the switch: bytes go in, a fixed-size
+//! [`FlowKey`] comes out, and nothing past this module looks at raw headers again
+//! (except conntrack for ICMP error payloads). Parsing never panics and never
+//! allocates: a truncated or malformed frame yields what could be parsed plus a flag.
+
+use std::net::IpAddr;
+
+use etherparse::{
+    LaxLinkExtSlice, LaxNetSlice, LaxSlicedPacket, LinkSlice, TransportSlice,
+    err::{Layer, packet::SliceError},
+};
+
+use crate::field::{
+    FRAG_ANY, FRAG_LATER, Field, MatchKey, ether_type, ip_proto, mac_value,
+};
+
+/// An OpenFlow-style port number.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
+pub struct PortNo(pub u32);
+
+impl PortNo {
+    /// "The port the packet came in on", as an output target.
+    pub const IN_PORT: PortNo = PortNo(0xffff_fff8);
+    /// The control plane (punt).
+    pub const CONTROLLER: PortNo = PortNo(0xffff_fffd);
+    /// Not a port: used for keys built by hand with no ingress port.
+    pub const NONE: PortNo = PortNo(0xffff_ffff);
+}
+
+impl std::fmt::Display for PortNo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            PortNo::IN_PORT => f.write_str("IN_PORT"),
+            PortNo::CONTROLLER => f.write_str("CONTROLLER"),
+            PortNo::NONE => f.write_str("NONE"),
+            PortNo(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Parse outcome flags carried in the key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct KeyFlags(pub u8);
+
+impl KeyFlags {
+    /// The frame ended before a header it announced.
+    pub const TRUNCATED: u8 = 0x01;
+    /// A header was present but invalid (bad version, length, ...).
+    pub const MALFORMED: u8 = 0x02;
+    /// More than one VLAN tag (only the outer one is in the key).
+    pub const MULTI_VLAN: u8 = 0x04;
+
+    pub fn contains(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// Whether the key is complete and trustworthy.
+    pub fn is_clean(self) -> bool {
+        self.0 & (Self::TRUNCATED | Self::MALFORMED) == 0
+    }
+}
+
+/// Everything the pipeline and conntrack know about a packet, parsed once.
+///
+/// Addresses are 16 bytes wide; IPv4 addresses are stored mapped
+/// (`::ffff:a.b.c.d`). ARP reuses `nw_*` like OVS: `nw_proto` holds the opcode,
+/// `nw_src`/`nw_dst` the sender/target protocol address. ICMP type and code live in
+/// `tp_src`/`tp_dst`, also like OVS.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct FlowKey {
+    pub in_port: PortNo,
+    pub dl_src: [u8; 6],
+    pub dl_dst: [u8; 6],
+    pub dl_type: u16,
+    /// 802.1Q TCI with the CFI bit (0x1000) set when a tag is present, as OVS does.
+    pub vlan_tci: u16,
+    pub nw_src: [u8; 16],
+    pub nw_dst: [u8; 16],
+    pub nw_proto: u8,
+    pub nw_frag: u8,
+    pub tp_src: u16,
+    pub tp_dst: u16,
+    pub tcp_flags: u16,
+    pub arp_sha: [u8; 6],
+    pub arp_tha: [u8; 6],
+    /// ICMP/ICMPv6 echo identifier (conntrack uses it as the "port").
+    pub icmp_id: u16,
+    /// Type of the first SCTP chunk (conntrack state machine input).
+    pub sctp_chunk: u8,
+    pub flags: KeyFlags,
+}
+
+/// IPv4 in the mapped form used by the wide address fields.
+fn v4(bytes: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12..].copy_from_slice(&bytes);
+    out
+}
+
+impl FlowKey {
+    /// Whether the key is IPv4 or IPv6.
+    pub fn is_ip(&self) -> bool {
+        self.dl_type == ether_type::IPV4 || self.dl_type == ether_type::IPV6
+    }
+
+    /// The source address as an [`IpAddr`] (IPv4 when mapped).
+    pub fn src_ip(&self) -> IpAddr {
+        wide_to_ip(self.nw_src)
+    }
+
+    /// The destination address as an [`IpAddr`] (IPv4 when mapped).
+    pub fn dst_ip(&self) -> IpAddr {
+        wide_to_ip(self.nw_dst)
+    }
+
+    /// Packs the key into classifier words; metadata fields start at zero except
+    /// `in_port`.
+    #[inline]
+    pub fn to_match_key(&self) -> MatchKey {
+        let mut k = MatchKey::default();
+        k.set(Field::InPort, u128::from(self.in_port.0));
+        k.set(Field::DlSrc, mac_value(self.dl_src));
+        k.set(Field::DlDst, mac_value(self.dl_dst));
+        k.set(Field::DlType, u128::from(self.dl_type));
+        k.set(Field::VlanTci, u128::from(self.vlan_tci));
+        k.set(Field::NwSrc, u128::from_be_bytes(self.nw_src));
+        k.set(Field::NwDst, u128::from_be_bytes(self.nw_dst));
+        k.set(Field::NwProto, u128::from(self.nw_proto));
+        k.set(Field::NwFrag, u128::from(self.nw_frag));
+        k.set(Field::TpSrc, u128::from(self.tp_src));
+        k.set(Field::TpDst, u128::from(self.tp_dst));
+        k.set(Field::TcpFlags, u128::from(self.tcp_flags));
+        k.set(Field::ArpSha, mac_value(self.arp_sha));
+        k.set(Field::ArpTha, mac_value(self.arp_tha));
+        k
+    }
+
+    /// Rebuilds the packet part of a key from classifier words (the inverse of
+    /// [`FlowKey::to_match_key`] for header fields). Used by trace, where a packet is
+    /// described by fields rather than bytes.
+    pub fn from_match_key(k: &MatchKey) -> FlowKey {
+        let mac = |f| crate::field::mac_bytes(k.get(f));
+        FlowKey {
+            in_port: PortNo(k.get(Field::InPort) as u32),
+            dl_src: mac(Field::DlSrc),
+            dl_dst: mac(Field::DlDst),
+            dl_type: k.get(Field::DlType) as u16,
+            vlan_tci: k.get(Field::VlanTci) as u16,
+            nw_src: k.get(Field::NwSrc).to_be_bytes(),
+            nw_dst: k.get(Field::NwDst).to_be_bytes(),
+            nw_proto: k.get(Field::NwProto) as u8,
+            nw_frag: k.get(Field::NwFrag) as u8,
+            tp_src: k.get(Field::TpSrc) as u16,
+            tp_dst: k.get(Field::TpDst) as u16,
+            tcp_flags: k.get(Field::TcpFlags) as u16,
+            arp_sha: mac(Field::ArpSha),
+            arp_tha: mac(Field::ArpTha),
+            icmp_id: 0,
+            sctp_chunk: 0,
+            flags: KeyFlags::default(),
+        }
+    }
+}
+
+/// A 16-byte address as an [`IpAddr`], IPv4 when it is mapped.
+pub fn wide_to_ip(a: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// An [`IpAddr`] in the 16-byte form of the wide address fields.
+pub fn ip_to_wide(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// Parses an Ethernet frame received on `in_port` into a [`FlowKey`].
+///
+/// Never fails: whatever could not be parsed is left zero and flagged in
+/// [`FlowKey::flags`].
+pub fn parse(in_port: PortNo, frame: &[u8]) -> FlowKey {
+    let mut key = FlowKey {
+        in_port,
+        ..FlowKey::default()
+    };
+    let pkt = match LaxSlicedPacket::from_ethernet(frame) {
+        Ok(p) => p,
+        Err(_) => {
+            key.flags.0 |= KeyFlags::TRUNCATED;
+            return key;
+        }
+    };
+    if let Some(LinkSlice::Ethernet2(eth)) = &pkt.link {
+        key.dl_src = eth.source();
+        key.dl_dst = eth.destination();
+        key.dl_type = eth.ether_type().0;
+    }
+    let mut tags = pkt.link_exts.iter();
+    if let Some(LaxLinkExtSlice::Vlan(vlan)) = tags.next() {
+        let tci = vlan.header_slice();
+        key.vlan_tci = u16::from_be_bytes([tci[0], tci[1]]) | 0x1000;
+        key.dl_type = vlan.ether_type().0;
+        if tags.next().is_some() {
+            key.flags.0 |= KeyFlags::MULTI_VLAN;
+        }
+    }
+    if let Some((err, layer)) = &pkt.stop_err {
+        key.flags.0 |= match err {
+            SliceError::Len(_) => KeyFlags::TRUNCATED,
+            _ => KeyFlags::MALFORMED,
+        };
+        // A stop inside the link layer leaves the EtherType meaningless.
+        if matches!(layer, Layer::VlanHeader | Layer::MacsecHeader) {
+            return key;
+        }
+    }
+    match &pkt.net {
+        Some(LaxNetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            key.nw_src = v4(h.source());
+            key.nw_dst = v4(h.destination());
+            key.nw_proto = h.protocol().0;
+            if ip.payload().fragmented {
+                key.nw_frag = FRAG_ANY;
+                if h.fragments_offset().value() != 0 {
+                    key.nw_frag |= FRAG_LATER;
+                }
+            }
+        }
+        Some(LaxNetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            key.nw_src = h.source();
+            key.nw_dst = h.destination();
+            key.nw_proto = ip.payload().ip_number.0;
+            if ip.payload().fragmented {
+                key.nw_frag = FRAG_ANY;
+                let later = ip.extensions().clone().into_iter().any(|e| {
+                    matches!(e, etherparse::Ipv6ExtensionSlice::Fragment(f)
+                        if f.fragment_offset().value() != 0)
+                });
+                if later {
+                    key.nw_frag |= FRAG_LATER;
+                }
+            }
+        }
+        Some(LaxNetSlice::Arp(arp)) => {
+            key.nw_proto = arp.operation().0 as u8;
+            let (spa, tpa) = (arp.sender_protocol_addr(), arp.target_protocol_addr());
+            let (sha, tha) = (arp.sender_hw_addr(), arp.target_hw_addr());
+            if let (Ok(spa), Ok(tpa)) = (<[u8; 4]>::try_from(spa), <[u8; 4]>::try_from(tpa)) {
+                key.nw_src = v4(spa);
+                key.nw_dst = v4(tpa);
+            } else {
+                key.flags.0 |= KeyFlags::MALFORMED;
+            }
+            if let (Ok(sha), Ok(tha)) = (<[u8; 6]>::try_from(sha), <[u8; 6]>::try_from(tha)) {
+                key.arp_sha = sha;
+                key.arp_tha = tha;
+            } else {
+                key.flags.0 |= KeyFlags::MALFORMED;
+            }
+            return key;
+        }
+        None => return key,
+    }
+    if key.nw_frag & FRAG_LATER != 0 {
+        return key;
+    }
+    match &pkt.transport {
+        Some(TransportSlice::Tcp(tcp)) => {
+            key.tp_src = tcp.source_port();
+            key.tp_dst = tcp.destination_port();
+            let hdr = tcp.header_slice();
+            key.tcp_flags = (u16::from(hdr[12] & 0x01) << 8) | u16::from(hdr[13]);
+        }
+        Some(TransportSlice::Udp(udp)) => {
+            key.tp_src = udp.source_port();
+            key.tp_dst = udp.destination_port();
+        }
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            key.tp_src = u16::from(icmp.type_u8());
+            key.tp_dst = u16::from(icmp.code_u8());
+            if matches!(icmp.type_u8(), 0 | 8 | 13 | 14) {
+                let b = icmp.bytes5to8();
+                key.icmp_id = u16::from_be_bytes([b[0], b[1]]);
+            }
+        }
+        Some(TransportSlice::Icmpv6(icmp)) => {
+            key.tp_src = u16::from(icmp.type_u8());
+            key.tp_dst = u16::from(icmp.code_u8());
+            if matches!(icmp.type_u8(), 128 | 129) {
+                let b = icmp.bytes5to8();
+                key.icmp_id = u16::from_be_bytes([b[0], b[1]]);
+            }
+        }
+        Some(TransportSlice::Igmp(_)) => {}
+        None => {
+            // etherparse has no SCTP support; its common header is fixed:
+            // ports (4), verification tag (4), checksum (4), then the first chunk.
+            if key.nw_proto == ip_proto::SCTP {
+                if let Some(p) = pkt.ip_payload() {
+                    let b = p.payload;
+                    if b.len() >= 4 {
+                        key.tp_src = u16::from_be_bytes([b[0], b[1]]);
+                        key.tp_dst = u16::from_be_bytes([b[2], b[3]]);
+                    }
+                    match b.get(12) {
+                        Some(chunk) if b.len() >= 16 => key.sctp_chunk = *chunk,
+                        _ => key.flags.0 |= KeyFlags::TRUNCATED,
+                    }
+                }
+            }
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+
+    const A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    #[test]
+    fn tcp_over_ipv4() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1234, 80, 1, 1000)
+            .syn()
+            .write(&mut f, &[])
+            .unwrap();
+        let k = parse(PortNo(3), &f);
+        assert_eq!(k.in_port, PortNo(3));
+        assert_eq!(k.dl_src, A);
+        assert_eq!(k.dl_type, ether_type::IPV4);
+        assert_eq!(k.src_ip(), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(k.nw_proto, ip_proto::TCP);
+        assert_eq!((k.tp_src, k.tp_dst), (1234, 80));
+        assert_eq!(k.tcp_flags, crate::field::tcp_flags::SYN);
+        assert!(k.flags.is_clean());
+    }
+
+    #[test]
+    fn vlan_udp_ipv6() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .single_vlan(etherparse::VlanId::try_new(42).unwrap())
+            .ipv6([0xfd; 16], [0xfe; 16], 64)
+            .udp(53, 5353)
+            .write(&mut f, &[1, 2, 3])
+            .unwrap();
+        let k = parse(PortNo(1), &f);
+        assert_eq!(k.vlan_tci & 0x1fff, 0x1000 | 42);
+        assert_eq!(k.dl_type, ether_type::IPV6);
+        assert_eq!(k.nw_src, [0xfd; 16]);
+        assert_eq!((k.nw_proto, k.tp_src, k.tp_dst), (ip_proto::UDP, 53, 5353));
+    }
+
+    #[test]
+    fn icmp_echo_and_truncation() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(0x77, 1)
+            .write(&mut f, &[0; 8])
+            .unwrap();
+        let k = parse(PortNo(1), &f);
+        assert_eq!((k.tp_src, k.tp_dst, k.icmp_id), (8, 0, 0x77));
+        let cut = parse(PortNo(1), &f[..20]);
+        assert!(!cut.flags.is_clean());
+        assert_eq!(cut.dl_src, A, "link layer survives truncation above it");
+        assert!(!parse(PortNo(1), &[]).flags.is_clean());
+    }
+
+    #[test]
+    fn arp_request() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, [0xff; 6])
+            .arp(
+                etherparse::ArpPacket::new(
+                    etherparse::ArpHardwareId::ETHERNET,
+                    etherparse::EtherType::IPV4,
+                    etherparse::ArpOperation::REQUEST,
+                    &A,
+                    &[10, 0, 0, 1],
+                    &[0; 6],
+                    &[10, 0, 0, 9],
+                )
+                .unwrap(),
+            )
+            .write(&mut f)
+            .unwrap();
+        let k = parse(PortNo(1), &f);
+        assert_eq!(k.dl_type, ether_type::ARP);
+        assert_eq!(k.nw_proto, 1);
+        assert_eq!(k.arp_sha, A);
+        assert_eq!(k.dst_ip(), "10.0.0.9".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn sctp_ports_from_raw_payload() {
+        let mut f = Vec::new();
+        let mut sctp = vec![0u8; 16];
+        sctp[..4].copy_from_slice(&[0x12, 0x34, 0x00, 0x51]);
+        sctp[12] = 1; // INIT
+        PacketBuilder::ethernet2(A, B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .write(&mut f, etherparse::IpNumber(132), &sctp)
+            .unwrap();
+        let k = parse(PortNo(1), &f);
+        assert_eq!((k.nw_proto, k.tp_src, k.tp_dst, k.sctp_chunk), (132, 0x1234, 81, 1));
+    }
+
+    #[test]
+    fn match_key_round_trip() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 3, 4)
+            .ack(1)
+            .write(&mut f, &[])
+            .unwrap();
+        let k = parse(PortNo(7), &f);
+        assert_eq!(FlowKey::from_match_key(&k.to_match_key()), k);
+    }
+}

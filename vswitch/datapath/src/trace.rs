@@ -1,0 +1,165 @@
+//! Trace: one packet through the pipeline, every step recorded.
+//!
+//! Owns the explanation of a verdict. It runs the very code the packet path runs
+//! (`pipeline::xlate`, same snapshot) with a recording observer, and reads conntrack
+//! without changing it. This is the engine behind `flowctl trace`.
+
+use std::sync::Arc;
+
+use crate::classify::{FlowId, Hit};
+use crate::conntrack::Conntrack;
+use crate::field::{Field, MatchKey};
+use crate::flow::{FlowEntry, TableId};
+use crate::key::{FlowKey, PortNo};
+use crate::pipeline::{DpAction, End, Observer, xlate};
+use crate::table::{FlowTables, Installed};
+use crate::time::Time;
+
+/// Where a trace takes conntrack state from.
+#[derive(Debug, Clone, Copy)]
+pub enum CtSource<'a> {
+    /// Assume this `ct_state` at every conntrack lookup (offline mode).
+    Assume(u8),
+    /// Ask the live table, read-only.
+    Live(&'a Conntrack, Time),
+}
+
+/// One table visit.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub table: TableId,
+    /// Resubmit nesting depth.
+    pub depth: u32,
+    /// The flow that matched, `None` for a table miss.
+    pub flow: Option<(FlowId, Arc<FlowEntry>)>,
+    /// When the flow matched through a conjunction: its id and the clause flows
+    /// that completed it.
+    pub conjunction: Option<(u32, Vec<(FlowId, Arc<FlowEntry>)>)>,
+    /// Registers and conntrack state at the visit.
+    pub key: MatchKey,
+}
+
+/// The final outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Output(Vec<PortNo>),
+    Punt,
+    /// Dropped: by a flow (`Some`), a table miss, or a loop limit.
+    Drop { by: Option<FlowId>, end: End },
+}
+
+/// A complete trace.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub steps: Vec<Step>,
+    /// Conntrack lookups made: (zone, resulting `ct_state`).
+    pub ct_lookups: Vec<(u16, u8)>,
+    /// Connections the packet would commit (zones).
+    pub commits: Vec<u16>,
+    pub outcome: Outcome,
+}
+
+impl Trace {
+    /// The entry of the flow that decided a drop.
+    pub fn deciding_flow(&self) -> Option<&Arc<FlowEntry>> {
+        let Outcome::Drop { by: Some(id), .. } = self.outcome else {
+            return None;
+        };
+        self.steps
+            .iter()
+            .filter_map(|s| s.flow.as_ref())
+            .find(|(fid, _)| *fid == id)
+            .map(|(_, e)| e)
+    }
+
+    /// Flows that matched, in order.
+    pub fn matched(&self) -> impl Iterator<Item = &Arc<FlowEntry>> {
+        self.steps.iter().filter_map(|s| s.flow.as_ref().map(|(_, e)| e))
+    }
+}
+
+struct Recorder<'a> {
+    tables: &'a FlowTables,
+    steps: Vec<Step>,
+}
+
+impl Observer for Recorder<'_> {
+    fn visit(&mut self, table: TableId, key: &MatchKey, hit: Option<(Hit, &Installed)>, depth: u32) {
+        let flow = hit.map(|(h, i)| (h.flow, i.entry.clone()));
+        let conjunction = hit.and_then(|(h, _)| h.conj_id).map(|id| {
+            let members = self
+                .tables
+                .conjunction_members(table, id, key)
+                .into_iter()
+                .map(|(fid, i)| (fid, i.entry.clone()))
+                .collect();
+            (id, members)
+        });
+        self.steps.push(Step {
+            table,
+            depth,
+            flow,
+            conjunction,
+            key: *key,
+        });
+    }
+}
+
+/// Traces `packet` through `tables`, starting at table 0.
+pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
+    let mut rec = Recorder {
+        tables,
+        steps: Vec::new(),
+    };
+    let mut key = packet.to_match_key();
+    let mut stage = TableId(0);
+    let mut ct_lookups = Vec::new();
+    let mut commits = Vec::new();
+    let mut outputs = Vec::new();
+    let mut punt = false;
+    let mut last = None;
+    let mut end = End::Done;
+    for _ in 0..4 {
+        let mut scratch = key;
+        let x = xlate(tables, &mut scratch, stage, &mut rec);
+        last = x.last.or(last);
+        end = x.end;
+        let mut recirc = None;
+        for a in &x.actions {
+            match *a {
+                DpAction::Output(p) => outputs.push(p),
+                DpAction::Rewrite { field, value } => key.set(field, value),
+                DpAction::Commit { zone } => commits.push(zone),
+                DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
+                DpAction::Controller => punt = true,
+            }
+        }
+        let Some((zone, table)) = recirc else { break };
+        key.0[10..14].copy_from_slice(&x.regs);
+        let state = match ct {
+            CtSource::Assume(s) => s,
+            CtSource::Live(conntrack, now) => conntrack.peek(now, zone, packet),
+        };
+        ct_lookups.push((zone, state));
+        key.set(Field::CtState, u128::from(state));
+        key.set(Field::CtZone, u128::from(zone));
+        stage = table;
+    }
+    let outcome = if !outputs.is_empty() {
+        Outcome::Output(outputs)
+    } else if punt {
+        Outcome::Punt
+    } else {
+        let by = match end {
+            End::Done | End::Recirc => last,
+            End::Miss(_) | End::LoopLimit => None,
+        };
+        Outcome::Drop { by, end }
+    };
+    Trace {
+        steps: rec.steps,
+        ct_lookups,
+        commits,
+        outcome,
+    }
+}

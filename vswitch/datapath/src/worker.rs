@@ -1,0 +1,540 @@
+//! The packet path: [`Datapath`] (shared) and [`Worker`] (one per packet thread).
+//!
+//! Owns per-packet work: parse, microflow cache, pipeline on a miss, conntrack,
+//! rewrites, counters, verdict. It touches no fd and no clock (`now` is passed in):
+//! the I/O shell calls [`Worker::begin_batch`] once per batch of frames and
+//! [`Worker::process`] per frame, then writes the frame to the verdict's ports.
+//!
+//! Hot-path rules: no locks, no allocation (proven by a test with a counting
+//! allocator), counters are per-worker cells with a single writer, merged on read.
+//! The control plane publishes table snapshots with [`Datapath::update`]; a worker
+//! picks up the new generation at its next batch.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::cache::{CacheKey, CacheStats, MicroflowCache};
+use crate::classify::FlowId;
+use crate::conntrack::{Conntrack, CtConfig};
+use crate::field::{Field, ether_type};
+use crate::flow::{FlowEntry, TableId};
+use crate::key::{FlowKey, PortNo, parse};
+use crate::pipeline::{DpAction, End, Silent, xlate};
+use crate::table::{FlowTables, Snapshot};
+use crate::time::Time;
+
+/// Limit on conntrack recirculations of one packet.
+const MAX_PASSES: usize = 4;
+
+/// Why a packet was dropped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum DropReason {
+    /// The frame failed to parse (truncated or malformed headers).
+    Malformed,
+    /// A table had no matching flow.
+    NoMatch,
+    /// A flow decided to drop it (policy, spoofguard, invalid conntrack state...).
+    Flow,
+    /// Resubmit or recirculation limits were exceeded.
+    LoopLimit,
+    /// The conntrack table was full when committing a new connection.
+    CtFull,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::Malformed,
+        DropReason::NoMatch,
+        DropReason::Flow,
+        DropReason::LoopLimit,
+        DropReason::CtFull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NoMatch => "no_match",
+            DropReason::Flow => "flow",
+            DropReason::LoopLimit => "loop_limit",
+            DropReason::CtFull => "ct_full",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What to do with a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    /// Ports to write the (possibly rewritten) frame to; empty when dropped.
+    pub outputs: &'a [PortNo],
+    /// Send a copy to the control plane.
+    pub punt: bool,
+    pub drop: Option<DropReason>,
+    /// The flow that decided a drop, when one did.
+    pub decided_by: Option<FlowId>,
+}
+
+/// One flow's counters in one worker. Single writer (the worker).
+#[derive(Debug, Default)]
+struct Slot {
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    last_hit: AtomicU64,
+}
+
+/// A worker's per-flow counters for one snapshot generation.
+#[derive(Debug)]
+struct ShardArray {
+    generation: u64,
+    slots: Box<[Slot]>,
+}
+
+impl ShardArray {
+    fn new(generation: u64, n: usize) -> ShardArray {
+        ShardArray {
+            generation,
+            slots: (0..n).map(|_| Slot::default()).collect(),
+        }
+    }
+}
+
+/// A worker's published counters; readers merge them.
+#[derive(Debug)]
+struct WorkerCell {
+    flows: ArcSwap<ShardArray>,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    punts: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_evictions: AtomicU64,
+}
+
+/// Single-writer increment: a plain load and store, no read-modify-write.
+#[inline(always)]
+fn bump(c: &AtomicU64, by: u64) {
+    c.store(c.load(Relaxed).wrapping_add(by), Relaxed);
+}
+
+/// Configuration of the datapath.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// Microflow cache entries per worker.
+    pub cache_entries: usize,
+    pub conntrack: CtConfig,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            cache_entries: 8192,
+            conntrack: CtConfig::default(),
+        }
+    }
+}
+
+/// Totals over all workers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DatapathStats {
+    pub generation: u64,
+    pub flows: usize,
+    pub masks: usize,
+    pub packets: u64,
+    pub bytes: u64,
+    pub punts: u64,
+    pub drops: Vec<(DropReason, u64)>,
+    pub cache: CacheStats,
+    pub workers: usize,
+    pub conntrack_entries: usize,
+    pub conntrack_max: usize,
+    pub conntrack_full_drops: u64,
+}
+
+/// A flow with its merged counters.
+#[derive(Debug, Clone)]
+pub struct FlowStat {
+    pub id: FlowId,
+    pub entry: Arc<FlowEntry>,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `None` if never hit.
+    pub last_hit: Option<Time>,
+    pub created: Time,
+}
+
+/// State shared by the control plane and all workers.
+#[derive(Debug)]
+pub struct Datapath {
+    snapshot: ArcSwap<Snapshot>,
+    /// The control plane's editable copy; never touched by workers.
+    tables: Mutex<FlowTables>,
+    pub conntrack: Conntrack,
+    workers: Mutex<Vec<Arc<WorkerCell>>>,
+    config: DatapathConfig,
+}
+
+/// A control-plane edit failed; the published tables are unchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("flow table update failed")]
+pub struct UpdateError(#[source] pub crate::flow::FlowError);
+
+impl Datapath {
+    pub fn new(config: DatapathConfig) -> Arc<Datapath> {
+        Arc::new(Datapath {
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                generation: 0,
+                tables: FlowTables::new(),
+                published: Time::ZERO,
+            }),
+            tables: Mutex::new(FlowTables::new()),
+            conntrack: Conntrack::new(config.conntrack.clone()),
+            workers: Mutex::new(Vec::new()),
+            config,
+        })
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Edits the tables and publishes the result as one new generation, atomically:
+    /// workers see either all of the edit or none of it. When `edit` fails, nothing
+    /// is published and the edit is discarded.
+    pub fn update<T, E>(
+        &self,
+        now: Time,
+        edit: impl FnOnce(&mut FlowTables) -> Result<T, E>,
+    ) -> Result<(T, u64), E> {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut draft = tables.clone();
+        let out = edit(&mut draft)?;
+        let generation = self.snapshot.load().generation + 1;
+        self.snapshot.store(Arc::new(Snapshot {
+            generation,
+            tables: draft.clone(),
+            published: now,
+        }));
+        *tables = draft;
+        Ok((out, generation))
+    }
+
+    /// Flows of the current snapshot with counters merged over all workers.
+    pub fn flow_stats(&self) -> Vec<FlowStat> {
+        let snap = self.snapshot();
+        let shards: Vec<Arc<ShardArray>> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|w| w.flows.load_full())
+            .filter(|s| s.generation == snap.generation)
+            .collect();
+        let mut out: Vec<FlowStat> = snap
+            .tables
+            .iter()
+            .map(|(id, f)| {
+                let mut packets = f.totals.packets.load(Relaxed);
+                let mut bytes = f.totals.bytes.load(Relaxed);
+                let mut last = f.totals.last_hit.load(Relaxed);
+                for s in &shards {
+                    if let Some(slot) = s.slots.get(id.0 as usize) {
+                        packets += slot.packets.load(Relaxed);
+                        bytes += slot.bytes.load(Relaxed);
+                        last = last.max(slot.last_hit.load(Relaxed));
+                    }
+                }
+                FlowStat {
+                    id,
+                    entry: f.entry.clone(),
+                    packets,
+                    bytes,
+                    last_hit: (packets > 0).then_some(Time(last)),
+                    created: f.totals.created,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            (a.entry.table, std::cmp::Reverse(a.entry.priority), a.id)
+                .cmp(&(b.entry.table, std::cmp::Reverse(b.entry.priority), b.id))
+        });
+        out
+    }
+
+    /// Totals over all workers.
+    pub fn stats(&self) -> DatapathStats {
+        let snap = self.snapshot();
+        let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let sum = |f: fn(&WorkerCell) -> &AtomicU64| workers.iter().map(|w| f(w).load(Relaxed)).sum::<u64>();
+        DatapathStats {
+            generation: snap.generation,
+            flows: snap.tables.len(),
+            masks: (0..=TableId::MAX)
+                .map(|t| snap.tables.classifier(TableId(t)).n_masks())
+                .sum(),
+            packets: sum(|w| &w.packets),
+            bytes: sum(|w| &w.bytes),
+            punts: sum(|w| &w.punts),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| {
+                    let n = workers.iter().map(|w| w.drops[r.index()].load(Relaxed)).sum();
+                    (*r, n)
+                })
+                .collect(),
+            cache: CacheStats {
+                hits: sum(|w| &w.cache_hits),
+                misses: sum(|w| &w.cache_misses),
+                evictions: sum(|w| &w.cache_evictions),
+            },
+            workers: workers.len(),
+            conntrack_entries: self.conntrack.len(),
+            conntrack_max: self.conntrack.config().max_entries,
+            conntrack_full_drops: self.conntrack.stats.full_drops.load(Relaxed),
+        }
+    }
+
+    /// A new worker for a packet thread.
+    pub fn worker(self: &Arc<Self>) -> Worker {
+        let snap = self.snapshot();
+        let shard = Arc::new(ShardArray::new(snap.generation, snap.tables.id_bound()));
+        let cell = Arc::new(WorkerCell {
+            flows: ArcSwap::new(shard.clone()),
+            packets: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            punts: AtomicU64::new(0),
+            drops: Default::default(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            cache_evictions: AtomicU64::new(0),
+        });
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cell.clone());
+        Worker {
+            dp: self.clone(),
+            snap,
+            shard,
+            cell,
+            cache: MicroflowCache::new(self.config.cache_entries),
+            outputs: Vec::with_capacity(256),
+        }
+    }
+}
+
+/// One packet thread's state: its cache, its counters, its view of the tables.
+#[derive(Debug)]
+pub struct Worker {
+    dp: Arc<Datapath>,
+    snap: Arc<Snapshot>,
+    shard: Arc<ShardArray>,
+    cell: Arc<WorkerCell>,
+    cache: MicroflowCache,
+    outputs: Vec<PortNo>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.fold_counters();
+        let mut workers = self.dp.workers.lock().unwrap_or_else(|p| p.into_inner());
+        workers.retain(|w| !Arc::ptr_eq(w, &self.cell));
+    }
+}
+
+impl Worker {
+    /// Picks up a newly published snapshot, if any. Call once per batch.
+    pub fn begin_batch(&mut self) {
+        let current = self.dp.snapshot.load();
+        if current.generation != self.snap.generation {
+            let next = arc_swap::Guard::into_inner(current);
+            self.switch_to(next);
+        }
+        let c = &self.cache.stats;
+        self.cell.cache_hits.store(c.hits, Relaxed);
+        self.cell.cache_misses.store(c.misses, Relaxed);
+        self.cell.cache_evictions.store(c.evictions, Relaxed);
+    }
+
+    fn switch_to(&mut self, next: Arc<Snapshot>) {
+        let fresh = Arc::new(ShardArray::new(next.generation, next.tables.id_bound()));
+        // Publish the new (empty) array before folding the old one, so a reader
+        // may briefly under-count but never counts a packet twice.
+        self.cell.flows.store(fresh.clone());
+        self.fold_counters();
+        self.shard = fresh;
+        self.snap = next;
+    }
+
+    /// Moves this worker's counts for the current snapshot into the flows' totals.
+    fn fold_counters(&self) {
+        for (i, slot) in self.shard.slots.iter().enumerate() {
+            let packets = slot.packets.swap(0, Relaxed);
+            if packets == 0 {
+                continue;
+            }
+            if let Some(f) = self.snap.tables.get(FlowId(i as u32)) {
+                f.totals
+                    .add(packets, slot.bytes.swap(0, Relaxed), slot.last_hit.load(Relaxed));
+            }
+        }
+    }
+
+    /// The generation this worker currently runs.
+    pub fn generation(&self) -> u64 {
+        self.snap.generation
+    }
+
+    /// Cache counters of this worker.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats
+    }
+
+    /// Runs one frame through the switch. `frame` may be rewritten in place (ARP
+    /// replies); the caller then writes it to every port in the verdict.
+    pub fn process(&mut self, now: Time, in_port: PortNo, frame: &mut [u8]) -> Verdict<'_> {
+        let Worker {
+            dp,
+            snap,
+            shard,
+            cell,
+            cache,
+            outputs,
+        } = self;
+        outputs.clear();
+        let len = frame.len() as u64;
+        bump(&cell.packets, 1);
+        bump(&cell.bytes, len);
+        let mut flow_key = parse(in_port, frame);
+        if !flow_key.flags.is_clean() {
+            return drop_verdict(cell, outputs, DropReason::Malformed, None);
+        }
+        let mut key = flow_key.to_match_key();
+        let mut stage = TableId(0);
+        let mut punt = false;
+        let mut last = None;
+        let mut end = End::Done;
+        let mut ct_full = false;
+        for pass in 0.. {
+            if pass == MAX_PASSES {
+                return drop_verdict(cell, outputs, DropReason::LoopLimit, last);
+            }
+            let ck = CacheKey { key, stage };
+            let hash = ck.hash();
+            let x = match cache.get(&ck, hash, snap.generation) {
+                Some(x) => x,
+                None => {
+                    let mut scratch = key;
+                    let x = xlate(&snap.tables, &mut scratch, stage, &mut Silent);
+                    cache.insert(ck, hash, snap.generation, x)
+                }
+            };
+            for id in &x.hits {
+                if let Some(slot) = shard.slots.get(id.0 as usize) {
+                    bump(&slot.packets, 1);
+                    bump(&slot.bytes, len);
+                    slot.last_hit.store(now.0, Relaxed);
+                }
+            }
+            last = x.last.or(last);
+            end = x.end;
+            let mut recirc = None;
+            for a in &x.actions {
+                match *a {
+                    DpAction::Output(p) => outputs.push(p),
+                    DpAction::Rewrite { field, value } => {
+                        rewrite(frame, &flow_key, field, value);
+                        key.set(field, value);
+                    }
+                    DpAction::Commit { zone } => {
+                        if dp.conntrack.commit(now, zone, &flow_key, frame.len()).is_err() {
+                            ct_full = true;
+                        }
+                    }
+                    DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
+                    DpAction::Controller => punt = true,
+                }
+            }
+            let Some((zone, table)) = recirc else { break };
+            if x.actions.iter().any(|a| matches!(a, DpAction::Rewrite { .. })) {
+                flow_key = FlowKey {
+                    in_port,
+                    icmp_id: flow_key.icmp_id,
+                    sctp_chunk: flow_key.sctp_chunk,
+                    ..FlowKey::from_match_key(&key)
+                };
+            }
+            key.0[10..14].copy_from_slice(&x.regs);
+            let state = dp.conntrack.lookup(now, zone, &flow_key, frame);
+            key.set(Field::CtState, u128::from(state));
+            key.set(Field::CtZone, u128::from(zone));
+            stage = table;
+        }
+        if ct_full {
+            return drop_verdict(cell, outputs, DropReason::CtFull, last);
+        }
+        if punt {
+            bump(&cell.punts, 1);
+        }
+        if outputs.is_empty() {
+            let reason = match end {
+                End::Miss(_) => DropReason::NoMatch,
+                End::LoopLimit => DropReason::LoopLimit,
+                End::Done | End::Recirc => DropReason::Flow,
+            };
+            if !punt {
+                return drop_verdict(cell, outputs, reason, last);
+            }
+        }
+        Verdict {
+            outputs,
+            punt,
+            drop: None,
+            decided_by: None,
+        }
+    }
+}
+
+fn drop_verdict<'a>(
+    cell: &WorkerCell,
+    outputs: &'a mut Vec<PortNo>,
+    reason: DropReason,
+    decided_by: Option<FlowId>,
+) -> Verdict<'a> {
+    outputs.clear();
+    bump(&cell.drops[reason.index()], 1);
+    Verdict {
+        outputs,
+        punt: false,
+        drop: Some(reason),
+        decided_by,
+    }
+}
+
+/// Writes a rewritten field into the frame. Only fields that
+/// [`crate::flow::FlowEntry::validate`] allows reach here.
+fn rewrite(frame: &mut [u8], key: &FlowKey, field: Field, value: u128) {
+    let l3 = if key.vlan_tci != 0 { 18 } else { 14 };
+    let arp = key.dl_type == ether_type::ARP;
+    let be = value.to_be_bytes();
+    // (offset in the frame, bytes of the big-endian value)
+    let (at, src) = match field {
+        Field::DlDst => (0, 10..16),
+        Field::DlSrc => (6, 10..16),
+        Field::NwProto if arp => (l3 + 6, 14..16),
+        Field::ArpSha if arp => (l3 + 8, 10..16),
+        Field::NwSrc if arp => (l3 + 14, 12..16),
+        Field::ArpTha if arp => (l3 + 18, 10..16),
+        Field::NwDst if arp => (l3 + 24, 12..16),
+        _ => return,
+    };
+    if let Some(dst) = frame.get_mut(at..at + src.len()) {
+        dst.copy_from_slice(&be[src]);
+    }
+}
