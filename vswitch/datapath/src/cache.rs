@@ -152,7 +152,10 @@ mod tests {
     fn key(n: u32) -> CacheKey {
         let mut k = MatchKey::default();
         k.set(Field::InPort, n.into());
-        CacheKey { key: k, stage: TableId(0) }
+        CacheKey {
+            key: k,
+            stage: TableId(0),
+        }
     }
 
     #[test]
@@ -162,13 +165,23 @@ mod tests {
         assert!(c.get(&k, k.hash(), 1).is_none());
         c.insert(k, k.hash(), 1, Xlate::default());
         assert!(c.get(&k, k.hash(), 1).is_some());
-        assert!(c.get(&k, k.hash(), 2).is_none(), "new generation invalidates");
+        assert!(
+            c.get(&k, k.hash(), 2).is_none(),
+            "new generation invalidates"
+        );
         for n in 10..15 {
             let k = key(n);
             c.insert(k, k.hash(), 2, Xlate::default());
         }
         assert_eq!(c.stats.evictions, 1);
         assert_eq!(c.len(2), 4);
-        assert_eq!(c.stats, CacheStats { hits: 1, misses: 2, evictions: 1 });
+        assert_eq!(
+            c.stats,
+            CacheStats {
+                hits: 1,
+                misses: 2,
+                evictions: 1
+            }
+        );
     }
 }

@@ -77,7 +77,9 @@ fn hash_words(key: &MatchKey, words: &[u8], mask: &MatchKey) -> u64 {
 
 impl Subtable {
     fn new(mask: MatchKey) -> Subtable {
-        let words = (0..NWORDS as u8).filter(|&w| mask.0[w as usize] != 0).collect();
+        let words = (0..NWORDS as u8)
+            .filter(|&w| mask.0[w as usize] != 0)
+            .collect();
         Subtable {
             mask,
             words,
@@ -227,7 +229,7 @@ impl Classifier {
         let st = &mut self.subtables[pos];
         st.max_priority = st.priorities.keys().next_back().copied().unwrap_or(0);
         self.subtables
-            .sort_by(|a, b| b.max_priority.cmp(&a.max_priority));
+            .sort_by_key(|s| std::cmp::Reverse(s.max_priority));
     }
 
     /// Finds the flow `key` hits (see the module docs for the semantics).
@@ -255,10 +257,10 @@ impl Classifier {
         if let Some(h) = hard {
             soft.retain(|r| r.priority > h.priority);
         }
-        if !soft.is_empty() {
-            if let Some(hit) = self.resolve_conjunctions(key, &mut soft) {
-                return Some(hit);
-            }
+        if !soft.is_empty()
+            && let Some(hit) = self.resolve_conjunctions(key, &mut soft)
+        {
+            return Some(hit);
         }
         hard.map(|r| Hit {
             flow: r.id,
@@ -267,7 +269,7 @@ impl Classifier {
     }
 
     fn resolve_conjunctions(&self, key: &MatchKey, soft: &mut [&Rule]) -> Option<Hit> {
-        soft.sort_unstable_by(|a, b| b.priority.cmp(&a.priority));
+        soft.sort_unstable_by_key(|r| std::cmp::Reverse(r.priority));
         let mut level = 0;
         while level < soft.len() {
             let p = soft[level].priority;
@@ -289,10 +291,10 @@ impl Classifier {
                 if mask != full {
                     continue;
                 }
-                if let Some(r) = self.best_conj_flow(key, id) {
-                    if best.is_none_or(|(b, _)| r.rank() > b.rank()) {
-                        best = Some((r, id));
-                    }
+                if let Some(r) = self.best_conj_flow(key, id)
+                    && best.is_none_or(|(b, _)| r.rank() > b.rank())
+                {
+                    best = Some((r, id));
                 }
             }
             if let Some((r, id)) = best {
@@ -367,10 +369,10 @@ pub(crate) mod reference {
                     .iter()
                     .filter(|f| f.matcher.has(Field::ConjId) && f.matcher.matches(&kc))
                     .max_by_key(|f| rank(f));
-                if let Some(c) = cand {
-                    if best.is_none_or(|(b, _)| rank(c) > rank(b)) {
-                        best = Some((c, id));
-                    }
+                if let Some(c) = cand
+                    && best.is_none_or(|(b, _)| rank(c) > rank(b))
+                {
+                    best = Some((c, id));
                 }
             }
             if let Some((f, id)) = best {
@@ -406,7 +408,12 @@ mod tests {
         let mut c = Classifier::default();
         c.insert(FlowId(0), 10, &Match::any(), &[]);
         c.insert(FlowId(1), 100, &Match::any().with(Field::TpDst, 80), &[]);
-        c.insert(FlowId(2), 50, &Match::any().with_masked(Field::NwSrc, 0, 0xf0), &[]);
+        c.insert(
+            FlowId(2),
+            50,
+            &Match::any().with_masked(Field::NwSrc, 0, 0xf0),
+            &[],
+        );
         assert_eq!(c.lookup(&key(1, 1, 80)).unwrap().flow, FlowId(1));
         assert_eq!(c.lookup(&key(1, 1, 81)).unwrap().flow, FlowId(2));
         assert_eq!(c.lookup(&key(0x11, 1, 81)).unwrap().flow, FlowId(0));
@@ -428,7 +435,13 @@ mod tests {
         c.insert(FlowId(5), 100, &Match::any().with(Field::ConjId, 7), &[]);
         c.insert(FlowId(6), 1, &Match::any(), &[]);
         let hit = c.lookup(&key(2, 4, 80)).unwrap();
-        assert_eq!(hit, Hit { flow: FlowId(5), conj_id: Some(7) });
+        assert_eq!(
+            hit,
+            Hit {
+                flow: FlowId(5),
+                conj_id: Some(7)
+            }
+        );
         assert_eq!(c.lookup(&key(2, 5, 80)).unwrap().flow, FlowId(6));
         assert_eq!(c.lookup(&key(1, 3, 81)).unwrap().flow, FlowId(6));
     }
@@ -469,7 +482,11 @@ mod tests {
                 .prop_map(|(id, k, n)| Kind::Soft(id, k, n)),
             1 => (1u32..4).prop_map(Kind::ConjTarget),
         ];
-        (prop::sample::select(vec![1u16, 5, 10, 10, 20]), arb_match(), kind)
+        (
+            prop::sample::select(vec![1u16, 5, 10, 10, 20]),
+            arb_match(),
+            kind,
+        )
     }
 
     proptest! {

@@ -112,7 +112,15 @@ impl Tuple {
         let d = (self.dst, self.dport);
         let forward = s <= d;
         let (a, b) = if forward { (s, d) } else { (d, s) };
-        (CanonKey { zone, proto: self.proto, a, b }, forward)
+        (
+            CanonKey {
+                zone,
+                proto: self.proto,
+                a,
+                b,
+            },
+            forward,
+        )
     }
 }
 
@@ -265,7 +273,10 @@ fn embedded_tuple(frame: &[u8]) -> Option<Tuple> {
     let (src, dst) = match inner.net.as_ref()? {
         etherparse::LaxNetSlice::Ipv4(v4) => {
             let h = v4.header();
-            (crate::key::ip_to_wide(h.source_addr().into()), crate::key::ip_to_wide(h.destination_addr().into()))
+            (
+                crate::key::ip_to_wide(h.source_addr().into()),
+                crate::key::ip_to_wide(h.destination_addr().into()),
+            )
         }
         etherparse::LaxNetSlice::Ipv6(v6) => (v6.header().source(), v6.header().destination()),
         etherparse::LaxNetSlice::Arp(_) => return None,
@@ -282,7 +293,13 @@ fn embedded_tuple(frame: &[u8]) -> Option<Tuple> {
         }
         _ => (0, 0),
     };
-    Some(Tuple { proto: ip.ip_number.0, src, dst, sport, dport })
+    Some(Tuple {
+        proto: ip.ip_number.0,
+        src,
+        dst,
+        sport,
+        dport,
+    })
 }
 
 const SCTP_INIT: u8 = 1;
@@ -342,17 +359,17 @@ impl Conntrack {
             };
         }
         let (ck, fwd) = tuple.canon(zone);
-        if let Some(mut conn) = self.map.get_mut(&ck) {
-            if conn.expires > now {
-                let orig = fwd == conn.orig_is_a;
-                return match self.advance(&ck, &mut conn, now, key, orig, frame.len() as u64) {
-                    Some(state) => state,
-                    None => {
-                        self.stats.invalid.fetch_add(1, Relaxed);
-                        TRK | INV
-                    }
-                };
-            }
+        if let Some(mut conn) = self.map.get_mut(&ck)
+            && conn.expires > now
+        {
+            let orig = fwd == conn.orig_is_a;
+            return match self.advance(&ck, &mut conn, now, key, orig, frame.len() as u64) {
+                Some(state) => state,
+                None => {
+                    self.stats.invalid.fetch_add(1, Relaxed);
+                    TRK | INV
+                }
+            };
         }
         // Unknown (or expired) connection: only an opening packet may start one.
         let opens = Self::opens(key);
@@ -369,20 +386,26 @@ impl Conntrack {
     /// reported `+inv` here.
     pub fn peek(&self, now: Time, zone: u16, key: &FlowKey) -> u8 {
         use ct_state::*;
-        let Some(tuple) = Tuple::of(key) else { return TRK | INV };
+        let Some(tuple) = Tuple::of(key) else {
+            return TRK | INV;
+        };
         if is_icmp_error(key) {
             return TRK | INV;
         }
         let (ck, fwd) = tuple.canon(zone);
-        if let Some(conn) = self.map.get(&ck) {
-            if conn.expires > now {
-                let mut copy = conn.clone();
-                let orig = fwd == copy.orig_is_a;
-                drop(conn);
-                return self.advance_copy(&mut copy, now, key, orig);
-            }
+        if let Some(conn) = self.map.get(&ck)
+            && conn.expires > now
+        {
+            let mut copy = conn.clone();
+            let orig = fwd == copy.orig_is_a;
+            drop(conn);
+            return self.advance_copy(&mut copy, now, key, orig);
         }
-        if Self::opens(key) { TRK | NEW } else { TRK | INV }
+        if Self::opens(key) {
+            TRK | NEW
+        } else {
+            TRK | INV
+        }
     }
 
     /// Whether a packet may start a connection.
@@ -390,7 +413,8 @@ impl Conntrack {
         match key.nw_proto {
             ip_proto::TCP => {
                 let f = key.tcp_flags;
-                f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN) == tcp_flags::SYN
+                f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN)
+                    == tcp_flags::SYN
             }
             ip_proto::SCTP => key.sctp_chunk == SCTP_INIT,
             _ => !is_icmp_reply_only(key),
@@ -400,11 +424,20 @@ impl Conntrack {
     /// [`Conntrack::advance`] on a private copy: same answer, nothing scheduled.
     fn advance_copy(&self, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool) -> u8 {
         conn.queued = Time::ZERO;
-        self.transition(conn, now, key, orig, 0).unwrap_or(ct_state::TRK | ct_state::INV)
+        self.transition(conn, now, key, orig, 0)
+            .unwrap_or(ct_state::TRK | ct_state::INV)
     }
 
     /// Advances `conn` with a packet; `None` when the packet is invalid for it.
-    fn advance(&self, ck: &CanonKey, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool, len: u64) -> Option<u8> {
+    fn advance(
+        &self,
+        ck: &CanonKey,
+        conn: &mut Conn,
+        now: Time,
+        key: &FlowKey,
+        orig: bool,
+        len: u64,
+    ) -> Option<u8> {
         let state = self.transition(conn, now, key, orig, len);
         if conn.expires < conn.queued {
             self.schedule(*ck, conn.expires);
@@ -424,7 +457,14 @@ impl Conntrack {
     }
 
     /// The state machine proper.
-    fn transition(&self, conn: &mut Conn, now: Time, key: &FlowKey, orig: bool, len: u64) -> Option<u8> {
+    fn transition(
+        &self,
+        conn: &mut Conn,
+        now: Time,
+        key: &FlowKey,
+        orig: bool,
+        len: u64,
+    ) -> Option<u8> {
         use ct_state::*;
         let dir = usize::from(!orig);
         let c = &self.config;
@@ -445,7 +485,7 @@ impl Conntrack {
                     ConnState::TcpSynSent if orig && syn && !ack => ConnState::TcpSynSent,
                     ConnState::TcpSynSent if !orig && syn && ack => ConnState::TcpSynRecv,
                     ConnState::TcpSynSent => return None,
-                    ConnState::TcpSynRecv if syn && (orig == !ack) => ConnState::TcpSynRecv,
+                    ConnState::TcpSynRecv if syn && orig != ack => ConnState::TcpSynRecv,
                     ConnState::TcpSynRecv if orig && ack && !syn => ConnState::TcpEstablished,
                     ConnState::TcpSynRecv => return None,
                     ConnState::TcpTimeWait | ConnState::TcpClosed if orig && syn && !ack => {
@@ -455,7 +495,7 @@ impl Conntrack {
                             queued: conn.queued,
                             fin_seen: [false; 2],
                             replied: false,
-                            expires: now.add(c.tcp_syn),
+                            expires: (now + c.tcp_syn),
                             created: now,
                             packets: [1, 0],
                             bytes: [len, 0],
@@ -501,7 +541,11 @@ impl Conntrack {
             }
             proto => {
                 let replied = conn.replied || !orig;
-                let next = if replied { ConnState::Replied } else { ConnState::Unreplied };
+                let next = if replied {
+                    ConnState::Replied
+                } else {
+                    ConnState::Unreplied
+                };
                 let timeout = match (proto, replied) {
                     (ip_proto::ICMP | ip_proto::ICMPV6, _) => c.icmp,
                     (ip_proto::UDP, false) => c.udp_first,
@@ -515,7 +559,7 @@ impl Conntrack {
             conn.replied = true;
         }
         conn.state = state;
-        conn.expires = now.add(timeout);
+        conn.expires = now + timeout;
         conn.packets[dir] += 1;
         conn.bytes[dir] += len;
         Some(match (orig, conn.replied) {
@@ -529,7 +573,9 @@ impl Conntrack {
     /// exists); `len` is the packet's length. Fails when the table is full;
     /// untrackable packets are ignored.
     pub fn commit(&self, now: Time, zone: u16, key: &FlowKey, len: usize) -> Result<(), CtFull> {
-        let Some(tuple) = Tuple::of(key) else { return Ok(()) };
+        let Some(tuple) = Tuple::of(key) else {
+            return Ok(());
+        };
         if is_icmp_error(key) {
             return Ok(());
         }
@@ -547,8 +593,8 @@ impl Conntrack {
             state,
             fin_seen: [false; 2],
             replied: false,
-            expires: now.add(timeout),
-            queued: now.add(timeout),
+            expires: (now + timeout),
+            queued: (now + timeout),
             created: now,
             packets: [1, 0],
             bytes: [len as u64, 0],
@@ -557,7 +603,7 @@ impl Conntrack {
             dashmap::Entry::Occupied(mut e) => {
                 if e.get().expires <= now {
                     *e.get_mut() = fresh;
-                    self.schedule(ck, now.add(timeout));
+                    self.schedule(ck, now + timeout);
                     self.stats.committed.fetch_add(1, Relaxed);
                 }
                 Ok(())
@@ -569,7 +615,7 @@ impl Conntrack {
                 }
                 self.len.fetch_add(1, Relaxed);
                 v.insert(fresh);
-                self.schedule(ck, now.add(timeout));
+                self.schedule(ck, now + timeout);
                 self.stats.committed.fetch_add(1, Relaxed);
                 Ok(())
             }
@@ -585,7 +631,9 @@ impl Conntrack {
         {
             let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
             while due.len() < budget {
-                let Some(bucket) = wheel.first_entry() else { break };
+                let Some(bucket) = wheel.first_entry() else {
+                    break;
+                };
                 if *bucket.key() > now_second {
                     break;
                 }
@@ -626,7 +674,13 @@ impl Conntrack {
                 let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
                 ConnInfo {
                     zone: k.zone,
-                    orig: Tuple { proto: k.proto, src: o.0, sport: o.1, dst: r.0, dport: r.1 },
+                    orig: Tuple {
+                        proto: k.proto,
+                        src: o.0,
+                        sport: o.1,
+                        dst: r.0,
+                        dport: r.1,
+                    },
                     state: c.state,
                     expires_in: c.expires.since(now),
                     age: now.since(c.created),
@@ -635,7 +689,9 @@ impl Conntrack {
                 }
             })
             .collect();
-        out.sort_by(|a, b| (a.zone, a.orig.src, a.orig.sport).cmp(&(b.zone, b.orig.src, b.orig.sport)));
+        out.sort_by(|a, b| {
+            (a.zone, a.orig.src, a.orig.sport).cmp(&(b.zone, b.orig.src, b.orig.sport))
+        });
         out
     }
 
@@ -658,7 +714,9 @@ mod tests {
     const B: [u8; 4] = [10, 0, 0, 2];
 
     fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, flags: &str) -> (FlowKey, Vec<u8>) {
-        let mut b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, dst, 64).tcp(sp, dp, 1, 100);
+        let mut b = PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4(src, dst, 64)
+            .tcp(sp, dp, 1, 100);
         for c in flags.chars() {
             b = match c {
                 'S' => b.syn(),
@@ -675,7 +733,11 @@ mod tests {
 
     fn udp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16) -> (FlowKey, Vec<u8>) {
         let mut f = Vec::new();
-        PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, dst, 64).udp(sp, dp).write(&mut f, &[1]).unwrap();
+        PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4(src, dst, 64)
+            .udp(sp, dp)
+            .write(&mut f, &[1])
+            .unwrap();
         (parse(PortNo(1), &f), f)
     }
 
@@ -699,8 +761,12 @@ mod tests {
         assert_eq!(ct.dump(t0, None)[0].state, ConnState::TcpClosing);
         ct.lookup(t0, 0, &fin2, &f5);
         assert_eq!(ct.dump(t0, None)[0].state, ConnState::TcpTimeWait);
-        let later = t0.add(Duration::from_secs(31));
-        assert_eq!(ct.lookup(later, 0, &ack, &f3), TRK | INV, "expired: mid-stream ACK");
+        let later = t0 + Duration::from_secs(31);
+        assert_eq!(
+            ct.lookup(later, 0, &ack, &f3),
+            TRK | INV,
+            "expired: mid-stream ACK"
+        );
         assert_eq!(ct.sweep_all(later), 1);
         assert!(ct.is_empty());
     }
@@ -729,7 +795,11 @@ mod tests {
         let (req, f) = udp(A, B, 5000, 53);
         assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | NEW);
         ct.commit(Time::ZERO, 0, &req, f.len()).unwrap();
-        assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | NEW, "no reply yet");
+        assert_eq!(
+            ct.lookup(Time::ZERO, 0, &req, &f),
+            TRK | NEW,
+            "no reply yet"
+        );
         // Port unreachable from B, quoting A's datagram.
         let mut icmp = Vec::new();
         PacketBuilder::ethernet2([4; 6], [2; 6])
@@ -748,12 +818,22 @@ mod tests {
 
     #[test]
     fn full_table_refuses_new_connections_only() {
-        let ct = Conntrack::new(CtConfig { max_entries: 2, ..CtConfig::default() });
+        let ct = Conntrack::new(CtConfig {
+            max_entries: 2,
+            ..CtConfig::default()
+        });
         for port in [1, 2] {
             ct.commit(Time::ZERO, 0, &udp(A, B, port, 9).0, 60).unwrap();
         }
-        assert_eq!(ct.commit(Time::ZERO, 0, &udp(A, B, 3, 9).0, 60), Err(CtFull(2)));
-        assert_eq!(ct.commit(Time::ZERO, 0, &udp(A, B, 1, 9).0, 60), Ok(()), "existing one");
+        assert_eq!(
+            ct.commit(Time::ZERO, 0, &udp(A, B, 3, 9).0, 60),
+            Err(CtFull(2))
+        );
+        assert_eq!(
+            ct.commit(Time::ZERO, 0, &udp(A, B, 1, 9).0, 60),
+            Ok(()),
+            "existing one"
+        );
         assert_eq!(ct.stats.full_drops.load(Relaxed), 1);
         assert_eq!(ct.len(), 2);
     }
@@ -773,6 +853,9 @@ mod tests {
         std::mem::swap(&mut r.tp_src, &mut r.tp_dst);
         r.sctp_chunk = SCTP_INIT_ACK;
         assert_eq!(ct.lookup(Time::ZERO, 0, &r, &[]), TRK | EST | RPL);
-        assert_eq!(ct.dump(Time::ZERO, None)[0].state, ConnState::SctpEstablished);
+        assert_eq!(
+            ct.dump(Time::ZERO, None)[0].state,
+            ConnState::SctpEstablished
+        );
     }
 }

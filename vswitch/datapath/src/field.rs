@@ -165,7 +165,11 @@ impl MatchKey {
         if p.bits == 128 {
             ((self.0[p.word] as u128) << 64) | self.0[p.word + 1] as u128
         } else {
-            let m = if p.bits == 64 { u64::MAX } else { (1u64 << p.bits) - 1 };
+            let m = if p.bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << p.bits) - 1
+            };
             ((self.0[p.word] >> p.shift) & m) as u128
         }
     }
@@ -178,7 +182,11 @@ impl MatchKey {
             self.0[p.word] = (value >> 64) as u64;
             self.0[p.word + 1] = value as u64;
         } else {
-            let m = if p.bits == 64 { u64::MAX } else { (1u64 << p.bits) - 1 };
+            let m = if p.bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << p.bits) - 1
+            };
             let w = &mut self.0[p.word];
             *w = (*w & !(m << p.shift)) | ((value as u64 & m) << p.shift);
         }
@@ -348,7 +356,11 @@ pub fn ipv4_mapped(addr: std::net::Ipv4Addr) -> u128 {
 /// Mask for an IPv4 prefix of `len` bits, in mapped form.
 pub fn ipv4_prefix_mask(len: u8) -> u128 {
     let len = u32::from(len.min(32));
-    let low = if len == 0 { 0 } else { (u32::MAX << (32 - len)) as u128 };
+    let low = if len == 0 {
+        0
+    } else {
+        (u32::MAX << (32 - len)) as u128
+    };
     (u128::MAX << 32) | low
 }
 

@@ -49,16 +49,35 @@ pub enum Action {
     /// Run another table now, then continue with the remaining actions.
     Resubmit(TableId),
     /// Clause `clause` of `n_clauses` of conjunctive match `id` (1-based, OVS style).
-    Conjunction { id: u32, clause: u8, n_clauses: u8 },
+    Conjunction {
+        id: u32,
+        clause: u8,
+        n_clauses: u8,
+    },
     /// Conntrack: with `table`, look the packet up and continue at `table` with
     /// `ct_state` set; with `commit`, create the connection entry.
-    Ct { commit: bool, zone: Zone, table: Option<TableId> },
+    Ct {
+        commit: bool,
+        zone: Zone,
+        table: Option<TableId>,
+    },
     /// Write `value` into bits `ofs..ofs+nbits` of `field`.
-    Load { field: Field, value: u128, ofs: u8, nbits: u8 },
+    Load {
+        field: Field,
+        value: u128,
+        ofs: u8,
+        nbits: u8,
+    },
     /// Set a whole field (registers, or packet fields the datapath can rewrite).
-    SetField { field: Field, value: u128 },
+    SetField {
+        field: Field,
+        value: u128,
+    },
     /// Copy one whole field into another of the same width.
-    Move { src: Field, dst: Field },
+    Move {
+        src: Field,
+        dst: Field,
+    },
     /// Send the packet to the control plane.
     Controller,
     /// A comment carried with the flow; no effect.
@@ -117,13 +136,26 @@ pub enum FlowError {
     #[error("{0} must be the last action of a flow")]
     NotLast(&'static str),
     #[error("match on {field} needs {needs}")]
-    Prerequisite { field: &'static str, needs: &'static str },
-    #[error("cannot rewrite {0}: the datapath rewrites only MAC addresses, ARP fields (in flows matching arp) and registers")]
+    Prerequisite {
+        field: &'static str,
+        needs: &'static str,
+    },
+    #[error(
+        "cannot rewrite {0}: the datapath rewrites only MAC addresses, ARP fields (in flows matching arp) and registers"
+    )]
     NotRewritable(&'static str),
     #[error("move:{src}->{dst}: fields differ in width")]
-    MoveWidth { src: &'static str, dst: &'static str },
+    MoveWidth {
+        src: &'static str,
+        dst: &'static str,
+    },
     #[error("load into bits {ofs}..{end} does not fit in {field} ({bits} bits)", end = *ofs as u32 + *nbits as u32)]
-    LoadRange { field: &'static str, ofs: u8, nbits: u8, bits: u32 },
+    LoadRange {
+        field: &'static str,
+        ofs: u8,
+        nbits: u8,
+        bits: u32,
+    },
     #[error("register reg{0} does not exist (reg0-reg7)")]
     BadRegister(u8),
 }
@@ -161,7 +193,11 @@ impl FlowEntry {
     /// The conjunction clauses this flow contributes to, if it is conjunctive.
     pub fn conjunctions(&self) -> impl Iterator<Item = (u32, u8, u8)> + '_ {
         self.actions.iter().filter_map(|a| match a {
-            Action::Conjunction { id, clause, n_clauses } => Some((*id, *clause, *n_clauses)),
+            Action::Conjunction {
+                id,
+                clause,
+                n_clauses,
+            } => Some((*id, *clause, *n_clauses)),
             _ => None,
         })
     }
@@ -195,8 +231,13 @@ impl FlowEntry {
         let last = self.actions.len().saturating_sub(1);
         for (i, a) in self.actions.iter().enumerate() {
             match a {
-                Action::Conjunction { id, clause, n_clauses } => {
-                    if !(2..=64).contains(n_clauses) || *clause == 0 || clause > n_clauses {
+                Action::Conjunction {
+                    id,
+                    clause,
+                    n_clauses,
+                } => {
+                    let valid = (2..=64).contains(n_clauses) && *clause >= 1 && clause <= n_clauses;
+                    if !valid {
                         return Err(FlowError::BadConjunction {
                             id: *id,
                             clause: *clause,
@@ -210,7 +251,10 @@ impl FlowEntry {
                         return Err(FlowError::BadTable(to.0));
                     }
                     if to.0 <= table {
-                        return Err(FlowError::GotoBackwards { from: table, to: to.0 });
+                        return Err(FlowError::GotoBackwards {
+                            from: table,
+                            to: to.0,
+                        });
                     }
                     if i != last {
                         return Err(FlowError::NotLast("goto_table"));
@@ -219,7 +263,11 @@ impl FlowEntry {
                 Action::Resubmit(to) if to.0 > TableId::MAX => {
                     return Err(FlowError::BadTable(to.0));
                 }
-                Action::Ct { table: Some(t), zone, .. } => {
+                Action::Ct {
+                    table: Some(t),
+                    zone,
+                    ..
+                } => {
                     if t.0 > TableId::MAX {
                         return Err(FlowError::BadTable(t.0));
                     }
@@ -231,7 +279,9 @@ impl FlowEntry {
                 Action::Ct { zone, .. } => check_zone(*zone)?,
                 Action::Drop if i != last => return Err(FlowError::NotLast("drop")),
                 Action::SetField { field, .. } => check_rewrite(*field, arp)?,
-                Action::Load { field, ofs, nbits, .. } => {
+                Action::Load {
+                    field, ofs, nbits, ..
+                } => {
                     check_rewrite(*field, arp)?;
                     let bits = field.bits();
                     if *nbits == 0 || u32::from(*ofs) + u32::from(*nbits) > bits {
@@ -245,10 +295,10 @@ impl FlowEntry {
                 }
                 Action::Move { src, dst } => {
                     check_rewrite(*dst, arp)?;
-                    if let Field::Reg(n) = src {
-                        if *n as usize >= crate::field::NREGS {
-                            return Err(FlowError::BadRegister(*n));
-                        }
+                    if let Field::Reg(n) = src
+                        && *n as usize >= crate::field::NREGS
+                    {
+                        return Err(FlowError::BadRegister(*n));
                     }
                     if src.bits() != dst.bits() {
                         return Err(FlowError::MoveWidth {
@@ -267,29 +317,58 @@ impl FlowEntry {
         use crate::ofctl::field_name;
         let m = &self.matcher;
         let (dl_type, dl_mask) = m.get(Field::DlType);
-        let dl_type = if dl_mask == 0xffff { Some(dl_type as u16) } else { None };
+        let dl_type = if dl_mask == 0xffff {
+            Some(dl_type as u16)
+        } else {
+            None
+        };
         let is_ip = matches!(dl_type, Some(ether_type::IPV4 | ether_type::IPV6));
         let is_arp = dl_type == Some(ether_type::ARP);
         let (proto, proto_mask) = m.get(Field::NwProto);
-        let proto = if proto_mask == 0xff && is_ip { Some(proto as u8) } else { None };
+        let proto = if proto_mask == 0xff && is_ip {
+            Some(proto as u8)
+        } else {
+            None
+        };
         let need = |field: Field, ok: bool, needs: &'static str| {
             if m.has(field) && !ok {
-                Err(FlowError::Prerequisite { field: field_name(field), needs })
+                Err(FlowError::Prerequisite {
+                    field: field_name(field),
+                    needs,
+                })
             } else {
                 Ok(())
             }
         };
-        need(Field::NwSrc, is_ip || is_arp, "dl_type=0x0800, 0x86dd or 0x0806")?;
-        need(Field::NwDst, is_ip || is_arp, "dl_type=0x0800, 0x86dd or 0x0806")?;
-        need(Field::NwProto, is_ip || is_arp, "dl_type=0x0800, 0x86dd or 0x0806")?;
+        need(
+            Field::NwSrc,
+            is_ip || is_arp,
+            "dl_type=0x0800, 0x86dd or 0x0806",
+        )?;
+        need(
+            Field::NwDst,
+            is_ip || is_arp,
+            "dl_type=0x0800, 0x86dd or 0x0806",
+        )?;
+        need(
+            Field::NwProto,
+            is_ip || is_arp,
+            "dl_type=0x0800, 0x86dd or 0x0806",
+        )?;
         need(Field::NwFrag, is_ip, "an IP dl_type")?;
         let l4 = matches!(
             proto,
-            Some(ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::ICMP | ip_proto::ICMPV6)
+            Some(
+                ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::ICMP | ip_proto::ICMPV6
+            )
         );
         need(Field::TpSrc, l4, "nw_proto tcp, udp, sctp, icmp or icmp6")?;
         need(Field::TpDst, l4, "nw_proto tcp, udp, sctp, icmp or icmp6")?;
-        need(Field::TcpFlags, proto == Some(ip_proto::TCP), "nw_proto=6 (tcp)")?;
+        need(
+            Field::TcpFlags,
+            proto == Some(ip_proto::TCP),
+            "nw_proto=6 (tcp)",
+        )?;
         need(Field::ArpSha, is_arp, "dl_type=0x0806 (arp)")?;
         need(Field::ArpTha, is_arp, "dl_type=0x0806 (arp)")?;
         if m.has(Field::ConjId) {
@@ -312,10 +391,10 @@ fn check_zone(zone: Zone) -> Result<(), FlowError> {
 /// `arp`: whether the flow matches ARP frames only (the `nw_*` fields are then ARP
 /// fields, which the datapath can rewrite; IP addresses it cannot).
 fn check_rewrite(field: Field, arp: bool) -> Result<(), FlowError> {
-    if let Field::Reg(n) = field {
-        if n as usize >= crate::field::NREGS {
-            return Err(FlowError::BadRegister(n));
-        }
+    if let Field::Reg(n) = field
+        && n as usize >= crate::field::NREGS
+    {
+        return Err(FlowError::BadRegister(n));
     }
     let arp_only = matches!(field, Field::NwSrc | Field::NwDst | Field::NwProto);
     if is_rewritable(field) && (arp || !arp_only) {
@@ -342,16 +421,26 @@ mod tests {
             clause: 1,
             n_clauses: 1,
         });
-        assert!(matches!(conj1.validate(), Err(FlowError::BadConjunction { .. })));
+        assert!(matches!(
+            conj1.validate(),
+            Err(FlowError::BadConjunction { .. })
+        ));
         let back = FlowEntry::new(40, 10, tcp()).action(Action::GotoTable(TableId(30)));
         assert_eq!(
             back.validate(),
             Err(FlowError::GotoBackwards { from: 40, to: 30 })
         );
         let no_proto = FlowEntry::new(0, 1, Match::any().with(Field::TpDst, 80));
-        assert!(matches!(no_proto.validate(), Err(FlowError::Prerequisite { .. })));
+        assert!(matches!(
+            no_proto.validate(),
+            Err(FlowError::Prerequisite { .. })
+        ));
         let mixed = FlowEntry::new(40, 10, tcp())
-            .action(Action::Conjunction { id: 1, clause: 1, n_clauses: 2 })
+            .action(Action::Conjunction {
+                id: 1,
+                clause: 1,
+                n_clauses: 2,
+            })
             .action(Action::Output(PortNo(1)));
         assert_eq!(mixed.validate(), Err(FlowError::MixedConjunction));
         let ok = FlowEntry::new(40, 10, tcp().with(Field::TpDst, 80))

@@ -12,9 +12,7 @@ use etherparse::{
     err::{Layer, packet::SliceError},
 };
 
-use crate::field::{
-    FRAG_ANY, FRAG_LATER, Field, MatchKey, ether_type, ip_proto, mac_value,
-};
+use crate::field::{FRAG_ANY, FRAG_LATER, Field, MatchKey, ether_type, ip_proto, mac_value};
 
 /// An OpenFlow-style port number.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
@@ -187,7 +185,133 @@ pub fn ip_to_wide(ip: IpAddr) -> [u8; 16] {
 ///
 /// Never fails: whatever could not be parsed is left zero and flagged in
 /// [`FlowKey::flags`].
+#[inline]
 pub fn parse(in_port: PortNo, frame: &[u8]) -> FlowKey {
+    match parse_fast(in_port, frame) {
+        Some(key) => key,
+        None => parse_general(in_port, frame),
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The common shapes (Ethernet, at most one VLAN tag, unfragmented IPv4 or IPv6
+/// without extension headers, TCP/UDP/ICMP with complete headers) parsed by hand:
+/// etherparse's general slicer costs more than the whole cache-hit budget. Anything
+/// unusual returns `None` and goes to [`parse_general`]; a property test checks that
+/// both agree on every frame this accepts.
+#[inline]
+fn parse_fast(in_port: PortNo, frame: &[u8]) -> Option<FlowKey> {
+    if frame.len() < 14 {
+        return None;
+    }
+    let mut key = FlowKey {
+        in_port,
+        ..FlowKey::default()
+    };
+    key.dl_dst.copy_from_slice(&frame[0..6]);
+    key.dl_src.copy_from_slice(&frame[6..12]);
+    let mut et = be16(frame, 12);
+    let mut off = 14;
+    if et == ether_type::VLAN {
+        if frame.len() < 18 {
+            return None;
+        }
+        key.vlan_tci = be16(frame, 14) | 0x1000;
+        et = be16(frame, 16);
+        off = 18;
+        if matches!(et, 0x8100 | 0x88a8 | 0x9100 | 0x88e5) {
+            return None;
+        }
+    }
+    key.dl_type = et;
+    let ip = &frame[off..];
+    let l4 = match et {
+        ether_type::IPV4 => {
+            if ip.len() < 20 || ip[0] >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(be16(ip, 2));
+            if ihl < 20 || total < ihl || total > ip.len() || be16(ip, 6) & 0x3fff != 0 {
+                return None;
+            }
+            key.nw_proto = ip[9];
+            if !matches!(key.nw_proto, ip_proto::TCP | ip_proto::UDP | ip_proto::ICMP) {
+                return None;
+            }
+            let mut src = [0u8; 4];
+            let mut dst = [0u8; 4];
+            src.copy_from_slice(&ip[12..16]);
+            dst.copy_from_slice(&ip[16..20]);
+            key.nw_src = v4(src);
+            key.nw_dst = v4(dst);
+            &ip[ihl..total]
+        }
+        ether_type::IPV6 => {
+            if ip.len() < 40 || ip[0] >> 4 != 6 {
+                return None;
+            }
+            let end = 40 + usize::from(be16(ip, 4));
+            key.nw_proto = ip[6];
+            if end > ip.len()
+                || !matches!(
+                    key.nw_proto,
+                    ip_proto::TCP | ip_proto::UDP | ip_proto::ICMPV6
+                )
+            {
+                return None;
+            }
+            key.nw_src.copy_from_slice(&ip[8..24]);
+            key.nw_dst.copy_from_slice(&ip[24..40]);
+            &ip[40..end]
+        }
+        _ => return None,
+    };
+    match key.nw_proto {
+        ip_proto::TCP => {
+            if l4.len() < 20 {
+                return None;
+            }
+            let hl = usize::from(l4[12] >> 4) * 4;
+            if hl < 20 || hl > l4.len() {
+                return None;
+            }
+            key.tcp_flags = (u16::from(l4[12] & 0x01) << 8) | u16::from(l4[13]);
+        }
+        ip_proto::UDP => {
+            let len = usize::from(be16(l4.get(..8)?, 4));
+            if len < 8 || len > l4.len() {
+                return None;
+            }
+        }
+        _ => {
+            // ICMP / ICMPv6: type, code, checksum, rest-of-header.
+            if l4.len() < 8 {
+                return None;
+            }
+            key.tp_src = u16::from(l4[0]);
+            key.tp_dst = u16::from(l4[1]);
+            let echo = if key.nw_proto == ip_proto::ICMP {
+                matches!(l4[0], 0 | 8 | 13 | 14)
+            } else {
+                matches!(l4[0], 128 | 129)
+            };
+            if echo {
+                key.icmp_id = be16(l4, 4);
+            }
+            return Some(key);
+        }
+    }
+    key.tp_src = be16(l4, 0);
+    key.tp_dst = be16(l4, 2);
+    Some(key)
+}
+
+/// The general parser: every shape etherparse knows, lax about truncation.
+pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
     let mut key = FlowKey {
         in_port,
         ..FlowKey::default()
@@ -306,17 +430,17 @@ pub fn parse(in_port: PortNo, frame: &[u8]) -> FlowKey {
         None => {
             // etherparse has no SCTP support; its common header is fixed:
             // ports (4), verification tag (4), checksum (4), then the first chunk.
-            if key.nw_proto == ip_proto::SCTP {
-                if let Some(p) = pkt.ip_payload() {
-                    let b = p.payload;
-                    if b.len() >= 4 {
-                        key.tp_src = u16::from_be_bytes([b[0], b[1]]);
-                        key.tp_dst = u16::from_be_bytes([b[2], b[3]]);
-                    }
-                    match b.get(12) {
-                        Some(chunk) if b.len() >= 16 => key.sctp_chunk = *chunk,
-                        _ => key.flags.0 |= KeyFlags::TRUNCATED,
-                    }
+            if key.nw_proto == ip_proto::SCTP
+                && let Some(p) = pkt.ip_payload()
+            {
+                let b = p.payload;
+                if b.len() >= 4 {
+                    key.tp_src = u16::from_be_bytes([b[0], b[1]]);
+                    key.tp_dst = u16::from_be_bytes([b[2], b[3]]);
+                }
+                match b.get(12) {
+                    Some(chunk) if b.len() >= 16 => key.sctp_chunk = *chunk,
+                    _ => key.flags.0 |= KeyFlags::TRUNCATED,
                 }
             }
         }
@@ -420,7 +544,50 @@ mod tests {
             .write(&mut f, etherparse::IpNumber(132), &sctp)
             .unwrap();
         let k = parse(PortNo(1), &f);
-        assert_eq!((k.nw_proto, k.tp_src, k.tp_dst, k.sctp_chunk), (132, 0x1234, 81, 1));
+        assert_eq!(
+            (k.nw_proto, k.tp_src, k.tp_dst, k.sctp_chunk),
+            (132, 0x1234, 81, 1)
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        #[test]
+        fn fast_path_agrees_with_etherparse(
+            kind in 0u8..6,
+            vlan in proptest::option::of(0u16..4095),
+            ports in proptest::prelude::any::<(u16, u16)>(),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            flips in proptest::collection::vec((12usize..80, proptest::prelude::any::<u8>()), 0..3),
+            cut in 0usize..130,
+        ) {
+            let mut f = Vec::new();
+            let (s, d) = ports;
+            match kind {
+                0 => PacketBuilder::ethernet2(A, B).ipv4([1, 2, 3, 4], [5, 6, 7, 8], 9).tcp(s, d, 1, 2).syn().write(&mut f, &payload).unwrap(),
+                1 => PacketBuilder::ethernet2(A, B).ipv4([1, 2, 3, 4], [5, 6, 7, 8], 9).udp(s, d).write(&mut f, &payload).unwrap(),
+                2 => PacketBuilder::ethernet2(A, B).ipv4([1, 2, 3, 4], [5, 6, 7, 8], 9).icmpv4_echo_request(s, d).write(&mut f, &payload).unwrap(),
+                3 => PacketBuilder::ethernet2(A, B).ipv6([1; 16], [2; 16], 9).tcp(s, d, 1, 2).ack(3).write(&mut f, &payload).unwrap(),
+                4 => PacketBuilder::ethernet2(A, B).ipv6([1; 16], [2; 16], 9).udp(s, d).write(&mut f, &payload).unwrap(),
+                _ => PacketBuilder::ethernet2(A, B).ipv6([1; 16], [2; 16], 9).icmpv6_echo_reply(s, d).write(&mut f, &payload).unwrap(),
+            }
+            if let Some(v) = vlan {
+                let tag = [0x81, 0x00, (v >> 8) as u8, v as u8];
+                f.splice(12..12, tag);
+            }
+            if flips.is_empty() {
+                proptest::prop_assert!(parse_fast(PortNo(1), &f).is_some(), "intact frame takes the fast path");
+            }
+            for (at, byte) in flips {
+                if let Some(x) = f.get_mut(at) { *x = byte; }
+            }
+            if cut > 20 {
+                f.truncate(cut);
+            }
+            if let Some(fast) = parse_fast(PortNo(1), &f) {
+                proptest::prop_assert_eq!(fast, parse_general(PortNo(1), &f), "frame {:02x?}", f);
+            }
+        }
     }
 
     #[test]

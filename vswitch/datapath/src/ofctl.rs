@@ -53,7 +53,9 @@ pub fn field_name(f: Field) -> &'static str {
         Field::ArpTha => "arp_tha",
         Field::CtState => "ct_state",
         Field::CtZone => "ct_zone",
-        Field::Reg(n) => ["reg0", "reg1", "reg2", "reg3", "reg4", "reg5", "reg6", "reg7"][n as usize & 7],
+        Field::Reg(n) => [
+            "reg0", "reg1", "reg2", "reg3", "reg4", "reg5", "reg6", "reg7",
+        ][n as usize & 7],
     }
 }
 
@@ -143,14 +145,18 @@ fn parse_mac(token: &str, s: &str) -> Result<u128, OfctlError> {
     }
     let mut mac = [0u8; 6];
     for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| bad(token, format!("`{s}` is not a MAC address")))?;
+        *b = u8::from_str_radix(p, 16)
+            .map_err(|_| bad(token, format!("`{s}` is not a MAC address")))?;
     }
     Ok(mac_value(mac))
 }
 
 fn fmt_mac(v: u128) -> String {
     let m = mac_bytes(v);
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// An address with optional `/len` or `/mask`, as (value, mask) of the wide field.
@@ -163,7 +169,13 @@ fn parse_addr(token: &str, s: &str) -> Result<(u128, u128), OfctlError> {
         let mask32: u32 = match suffix {
             None => u32::MAX,
             Some(m) => match m.parse::<u8>() {
-                Ok(len) if len <= 32 => if len == 0 { 0 } else { u32::MAX << (32 - len) },
+                Ok(len) if len <= 32 => {
+                    if len == 0 {
+                        0
+                    } else {
+                        u32::MAX << (32 - len)
+                    }
+                }
                 Ok(_) => return Err(bad(token, "IPv4 prefix length must be 0-32")),
                 Err(_) => u32::from(
                     m.parse::<Ipv4Addr>()
@@ -224,8 +236,18 @@ const FRAG_WORDS: [(&str, u128, u128); 5] = [
 
 fn flag_names(field: Field) -> Option<Vec<(u128, &'static str)>> {
     match field {
-        Field::CtState => Some(ct_state::NAMES.iter().map(|(b, n)| (u128::from(*b), *n)).collect()),
-        Field::TcpFlags => Some(tcp_flags::NAMES.iter().map(|(b, n)| (u128::from(*b), *n)).collect()),
+        Field::CtState => Some(
+            ct_state::NAMES
+                .iter()
+                .map(|(b, n)| (u128::from(*b), *n))
+                .collect(),
+        ),
+        Field::TcpFlags => Some(
+            tcp_flags::NAMES
+                .iter()
+                .map(|(b, n)| (u128::from(*b), *n))
+                .collect(),
+        ),
         _ => None,
     }
 }
@@ -258,10 +280,10 @@ fn parse_flags(token: &str, s: &str, names: &[(u128, &str)]) -> Result<(u128, u1
 
 fn parse_value(token: &str, field: Field, s: &str) -> Result<(u128, u128), OfctlError> {
     let full = field.full_mask();
-    if let Some(names) = flag_names(field) {
-        if s.starts_with(['+', '-']) {
-            return parse_flags(token, s, &names);
-        }
+    if let Some(names) = flag_names(field)
+        && s.starts_with(['+', '-'])
+    {
+        return parse_flags(token, s, &names);
     }
     match field {
         Field::DlSrc | Field::DlDst | Field::ArpSha | Field::ArpTha => {
@@ -316,7 +338,12 @@ fn fmt_value(field: Field, v: u128, m: u128) -> String {
             }
             out
         }
-        Field::InPort | Field::NwProto | Field::TpSrc | Field::TpDst | Field::CtZone | Field::ConjId
+        Field::InPort
+        | Field::NwProto
+        | Field::TpSrc
+        | Field::TpDst
+        | Field::CtZone
+        | Field::ConjId
             if m == full =>
         {
             v.to_string()
@@ -355,10 +382,12 @@ pub fn format_match(m: &Match) -> String {
     let mut skip_dl = false;
     let mut skip_proto = false;
     if dl_mask == 0xffff {
-        let with_proto = SHORTHANDS
+        let with_proto = SHORTHANDS.iter().find(|(_, t, p)| {
+            u128::from(*t) == dl && p.is_some_and(|p| proto_mask == 0xff && u128::from(p) == proto)
+        });
+        let plain = SHORTHANDS
             .iter()
-            .find(|(_, t, p)| u128::from(*t) == dl && p.is_some_and(|p| proto_mask == 0xff && u128::from(p) == proto));
-        let plain = SHORTHANDS.iter().find(|(_, t, p)| u128::from(*t) == dl && p.is_none());
+            .find(|(_, t, p)| u128::from(*t) == dl && p.is_none());
         if let Some((name, _, _)) = with_proto {
             parts.push(name.to_string());
             skip_dl = true;
@@ -395,8 +424,16 @@ impl fmt::Display for Action {
             Action::Drop => f.write_str("drop"),
             Action::GotoTable(t) => write!(f, "goto_table:{t}"),
             Action::Resubmit(t) => write!(f, "resubmit(,{t})"),
-            Action::Conjunction { id, clause, n_clauses } => write!(f, "conjunction({id},{clause}/{n_clauses})"),
-            Action::Ct { commit, zone, table } => {
+            Action::Conjunction {
+                id,
+                clause,
+                n_clauses,
+            } => write!(f, "conjunction({id},{clause}/{n_clauses})"),
+            Action::Ct {
+                commit,
+                zone,
+                table,
+            } => {
                 let mut args = Vec::new();
                 if *commit {
                     args.push("commit".to_string());
@@ -411,13 +448,31 @@ impl fmt::Display for Action {
                 }
                 write!(f, "ct({})", args.join(","))
             }
-            Action::Load { field, value, ofs, nbits } => {
-                write!(f, "load:0x{value:x}->{}[{}..{}]", field_name(*field), ofs, ofs + nbits - 1)
+            Action::Load {
+                field,
+                value,
+                ofs,
+                nbits,
+            } => {
+                write!(
+                    f,
+                    "load:0x{value:x}->{}[{}..{}]",
+                    field_name(*field),
+                    ofs,
+                    ofs + nbits - 1
+                )
             }
             Action::SetField { field, value } => {
-                write!(f, "set_field:{}->{}", fmt_value(*field, *value, field.full_mask()), field_name(*field))
+                write!(
+                    f,
+                    "set_field:{}->{}",
+                    fmt_value(*field, *value, field.full_mask()),
+                    field_name(*field)
+                )
             }
-            Action::Move { src, dst } => write!(f, "move:{}->{}", field_name(*src), field_name(*dst)),
+            Action::Move { src, dst } => {
+                write!(f, "move:{}->{}", field_name(*src), field_name(*dst))
+            }
             Action::Controller => f.write_str("controller"),
             Action::Note(text) => write!(f, "note:{text}"),
         }
@@ -429,7 +484,11 @@ pub fn format_actions(actions: &[Action]) -> String {
     if actions.is_empty() {
         return "drop".into();
     }
-    actions.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    actions
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl fmt::Display for FlowEntry {
@@ -483,13 +542,19 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
     if let Some(n) = t.strip_prefix("note:") {
         return Ok(Action::Note(n.into()));
     }
-    if let Some(inner) = t.strip_prefix("resubmit(").and_then(|r| r.strip_suffix(')')) {
+    if let Some(inner) = t
+        .strip_prefix("resubmit(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
         let table = inner
             .strip_prefix(',')
             .ok_or_else(|| bad(token, "resubmit takes (,TABLE)"))?;
         return Ok(Action::Resubmit(parse_table(token, table)?));
     }
-    if let Some(inner) = t.strip_prefix("conjunction(").and_then(|r| r.strip_suffix(')')) {
+    if let Some(inner) = t
+        .strip_prefix("conjunction(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
         let (id, kn) = inner
             .split_once(',')
             .ok_or_else(|| bad(token, "conjunction takes (ID,K/N)"))?;
@@ -521,14 +586,22 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
                 return Err(bad(token, format!("unknown ct argument `{arg}`")));
             }
         }
-        return Ok(Action::Ct { commit, zone, table });
+        return Ok(Action::Ct {
+            commit,
+            zone,
+            table,
+        });
     }
     if let Some(rest) = t.strip_prefix("load:") {
         let (v, dst) = rest
             .split_once("->")
             .ok_or_else(|| bad(token, "load takes VALUE->FIELD[START..END]"))?;
         let (name, range) = match dst.split_once('[') {
-            Some((n, r)) => (n, r.strip_suffix(']').ok_or_else(|| bad(token, "unclosed `[`"))?),
+            Some((n, r)) => (
+                n,
+                r.strip_suffix(']')
+                    .ok_or_else(|| bad(token, "unclosed `[`"))?,
+            ),
             None => (dst, ""),
         };
         let field = parse_field_ref(token, name)?;
@@ -544,11 +617,23 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
             (a, b - a + 1)
         };
         if ofs + nbits > field.bits() || nbits > 128 {
-            return Err(bad(token, format!("bit range does not fit in {}", field_name(field))));
+            return Err(bad(
+                token,
+                format!("bit range does not fit in {}", field_name(field)),
+            ));
         }
-        let max = if nbits >= 128 { u128::MAX } else { (1u128 << nbits) - 1 };
+        let max = if nbits >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << nbits) - 1
+        };
         let value = parse_int(token, v, max)?;
-        return Ok(Action::Load { field, value, ofs: ofs as u8, nbits: nbits as u8 });
+        return Ok(Action::Load {
+            field,
+            value,
+            ofs: ofs as u8,
+            nbits: nbits as u8,
+        });
     }
     if let Some(rest) = t.strip_prefix("set_field:") {
         let (v, dst) = rest
@@ -611,9 +696,13 @@ pub fn parse_match(s: &str) -> Result<(TableId, u16, Cookie, Match), OfctlError>
                 m.set_masked(Field::VlanTci, 0x1000 | vid, 0x1fff);
             }
             _ => {
-                let field = field_by_name(name).ok_or_else(|| bad(token, format!("unknown field `{name}`")))?;
+                let field = field_by_name(name)
+                    .ok_or_else(|| bad(token, format!("unknown field `{name}`")))?;
                 if seen.contains(&field) {
-                    return Err(bad(token, format!("{} is matched twice", field_name(field))));
+                    return Err(bad(
+                        token,
+                        format!("{} is matched twice", field_name(field)),
+                    ));
                 }
                 seen.push(field);
                 let (v, mask) = parse_value(token, field, value)?;
@@ -694,13 +783,19 @@ mod tests {
             " cookie=0x5, duration=3.2s, table=40, n_packets=3, n_bytes=180, priority=200,tcp,tp_dst=80 actions=goto_table:50",
         )
         .unwrap();
-        assert_eq!(f.to_string(), "cookie=0x5,table=40,priority=200,tcp,tp_dst=80,actions=goto_table:50");
+        assert_eq!(
+            f.to_string(),
+            "cookie=0x5,table=40,priority=200,tcp,tp_dst=80,actions=goto_table:50"
+        );
     }
 
     #[test]
     fn errors_quote_the_bad_token() {
         let e = parse_flow("table=0,tcp,tp_dst=99999,actions=drop").unwrap_err();
-        assert_eq!(e.to_string(), "bad token `tp_dst=99999`: 99999 is out of range (0-65535)");
+        assert_eq!(
+            e.to_string(),
+            "bad token `tp_dst=99999`: 99999 is out of range (0-65535)"
+        );
         let e = parse_flow("table=0,tcp,nw_src=10.0.0.300,actions=drop").unwrap_err();
         assert!(e.to_string().contains("`nw_src=10.0.0.300`"), "{e}");
         let e = parse_flow("table=0,bogus=1,actions=drop").unwrap_err();
@@ -709,8 +804,14 @@ mod tests {
         assert!(e.to_string().contains("`frobnicate`"), "{e}");
         assert_eq!(parse_flow("table=0,tcp"), Err(OfctlError::NoActions));
         let e = parse_flow("table=40,tcp,actions=conjunction(1,1/1)").unwrap_err();
-        assert!(matches!(e, OfctlError::Invalid(FlowError::BadConjunction { .. })));
+        assert!(matches!(
+            e,
+            OfctlError::Invalid(FlowError::BadConjunction { .. })
+        ));
         let e = parse_flow("table=40,actions=goto_table:10").unwrap_err();
-        assert!(matches!(e, OfctlError::Invalid(FlowError::GotoBackwards { .. })));
+        assert!(matches!(
+            e,
+            OfctlError::Invalid(FlowError::GotoBackwards { .. })
+        ));
     }
 }

@@ -24,11 +24,19 @@ pub const MAX_LOOKUPS: u32 = 4096;
 pub enum DpAction {
     Output(PortNo),
     /// Rewrite a packet field to this (already computed) value.
-    Rewrite { field: Field, value: u128 },
+    Rewrite {
+        field: Field,
+        value: u128,
+    },
     /// Create the conntrack entry for this packet's connection.
-    Commit { zone: u16 },
+    Commit {
+        zone: u16,
+    },
     /// Look the packet up in conntrack, then continue at `table`. Always last.
-    Recirc { zone: u16, table: TableId },
+    Recirc {
+        zone: u16,
+        table: TableId,
+    },
     Controller,
 }
 
@@ -96,7 +104,12 @@ struct Run<'a, O> {
 
 /// Runs `key` through `tables` starting at `start`; `key` is updated with every
 /// register or field the actions write.
-pub fn xlate<O: Observer>(tables: &FlowTables, key: &mut MatchKey, start: TableId, obs: &mut O) -> Xlate {
+pub fn xlate<O: Observer>(
+    tables: &FlowTables,
+    key: &mut MatchKey,
+    start: TableId,
+    obs: &mut O,
+) -> Xlate {
     let mut run = Run {
         tables,
         obs,
@@ -148,7 +161,11 @@ impl<O: Observer> Run<'_, O> {
                     Action::Conjunction { .. } => {
                         // Conjunctive flows never win a lookup (classify module).
                     }
-                    Action::Ct { commit, zone, table } => {
+                    Action::Ct {
+                        commit,
+                        zone,
+                        table,
+                    } => {
                         let zone = match zone {
                             Zone::Imm(z) => *z,
                             Zone::Reg(r) => key.get(Field::Reg(*r)) as u16,
@@ -162,7 +179,12 @@ impl<O: Observer> Run<'_, O> {
                             return Flow::Halt;
                         }
                     }
-                    Action::Load { field, value, ofs, nbits } => {
+                    Action::Load {
+                        field,
+                        value,
+                        ofs,
+                        nbits,
+                    } => {
                         let mask = ((1u128 << nbits) - 1) << ofs;
                         key.set_masked(*field, *value << ofs, mask);
                         self.rewrite(key, *field);
@@ -215,11 +237,17 @@ mod tests {
     fn goto_resubmit_load_output() {
         let t = tables(vec![
             FlowEntry::new(0, 1, Match::any())
-                .action(Action::Load { field: Field::Reg(0), value: 5, ofs: 0, nbits: 16 })
+                .action(Action::Load {
+                    field: Field::Reg(0),
+                    value: 5,
+                    ofs: 0,
+                    nbits: 16,
+                })
                 .action(Action::Resubmit(TableId(5)))
                 .action(Action::GotoTable(TableId(10))),
             FlowEntry::new(5, 1, Match::any()).action(Action::Output(PortNo(9))),
-            FlowEntry::new(10, 1, Match::any().with(Field::Reg(0), 5)).action(Action::Output(PortNo::IN_PORT)),
+            FlowEntry::new(10, 1, Match::any().with(Field::Reg(0), 5))
+                .action(Action::Output(PortNo::IN_PORT)),
         ]);
         let mut k = MatchKey::default();
         k.set(Field::InPort, 3);
@@ -232,21 +260,31 @@ mod tests {
 
     #[test]
     fn resubmit_loop_is_cut() {
-        let t = tables(vec![FlowEntry::new(1, 1, Match::any()).action(Action::Resubmit(TableId(1)))]);
+        let t = tables(vec![
+            FlowEntry::new(1, 1, Match::any()).action(Action::Resubmit(TableId(1))),
+        ]);
         let x = xlate(&t, &mut MatchKey::default(), TableId(1), &mut Silent);
         assert_eq!(x.end, End::LoopLimit);
     }
 
     #[test]
     fn ct_recirculates_and_miss_is_reported() {
-        let t = tables(vec![FlowEntry::new(0, 1, Match::any()).action(Action::Ct {
-            commit: false,
-            zone: Zone::Imm(4),
-            table: Some(TableId(30)),
-        })]);
+        let t = tables(vec![FlowEntry::new(0, 1, Match::any()).action(
+            Action::Ct {
+                commit: false,
+                zone: Zone::Imm(4),
+                table: Some(TableId(30)),
+            },
+        )]);
         let x = xlate(&t, &mut MatchKey::default(), TableId(0), &mut Silent);
         assert_eq!(x.end, End::Recirc);
-        assert_eq!(x.actions[0], DpAction::Recirc { zone: 4, table: TableId(30) });
+        assert_eq!(
+            x.actions[0],
+            DpAction::Recirc {
+                zone: 4,
+                table: TableId(30)
+            }
+        );
         let x = xlate(&t, &mut MatchKey::default(), TableId(30), &mut Silent);
         assert_eq!(x.end, End::Miss(TableId(30)));
     }

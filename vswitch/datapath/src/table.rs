@@ -105,7 +105,9 @@ impl FlowTables {
         entry.validate()?;
         let identity = entry.identity();
         if let Some(&id) = self.by_identity.get(&identity) {
-            let slot = self.flows[id.0 as usize].as_mut().expect("indexed flow exists");
+            let slot = self.flows[id.0 as usize]
+                .as_mut()
+                .expect("indexed flow exists");
             if *slot.entry != entry {
                 let table = &mut self.classifiers[usize::from(entry.table.0)];
                 let old_clauses = clauses(&slot.entry);
@@ -286,28 +288,56 @@ mod tests {
         let mut t = FlowTables::new();
         let m = Match::any().with(Field::InPort, 1);
         let a = t
-            .add(FlowEntry::new(0, 5, m).action(Action::Output(PortNo(2))), Time::ZERO)
+            .add(
+                FlowEntry::new(0, 5, m).action(Action::Output(PortNo(2))),
+                Time::ZERO,
+            )
             .unwrap();
         t.get(a).unwrap().totals.add(3, 300, 1);
         let b = t
-            .add(FlowEntry::new(0, 5, m).action(Action::Output(PortNo(3))), Time::ZERO)
+            .add(
+                FlowEntry::new(0, 5, m).action(Action::Output(PortNo(3))),
+                Time::ZERO,
+            )
             .unwrap();
         assert_eq!(a, b);
         assert_eq!(t.len(), 1);
         assert_eq!(t.get(a).unwrap().totals.packets.load(Relaxed), 3);
-        assert_eq!(t.get(a).unwrap().entry.actions[0], Action::Output(PortNo(3)));
+        assert_eq!(
+            t.get(a).unwrap().entry.actions[0],
+            Action::Output(PortNo(3))
+        );
     }
 
     #[test]
     fn apply_is_a_minimal_diff() {
         let mut t = FlowTables::new();
-        let f = |p: u32| FlowEntry::new(1, 10, Match::any().with(Field::InPort, p.into())).cookie(7);
+        let f =
+            |p: u32| FlowEntry::new(1, 10, Match::any().with(Field::InPort, p.into())).cookie(7);
         let other = FlowEntry::new(0, 1, Match::any()).cookie(1);
         t.add(other.clone(), Time::ZERO).unwrap();
-        let s = t.apply([f(1), f(2)], |e| e.cookie.0 == 7, Time::ZERO).unwrap();
-        assert_eq!(s, ApplyStats { added: 2, modified: 0, deleted: 0 });
-        let s = t.apply([f(2), f(3)], |e| e.cookie.0 == 7, Time::ZERO).unwrap();
-        assert_eq!(s, ApplyStats { added: 1, modified: 0, deleted: 1 });
+        let s = t
+            .apply([f(1), f(2)], |e| e.cookie.0 == 7, Time::ZERO)
+            .unwrap();
+        assert_eq!(
+            s,
+            ApplyStats {
+                added: 2,
+                modified: 0,
+                deleted: 0
+            }
+        );
+        let s = t
+            .apply([f(2), f(3)], |e| e.cookie.0 == 7, Time::ZERO)
+            .unwrap();
+        assert_eq!(
+            s,
+            ApplyStats {
+                added: 1,
+                modified: 0,
+                deleted: 1
+            }
+        );
         assert_eq!(t.len(), 3, "flows outside the owned set are untouched");
         let bad = FlowEntry::new(1, 1, Match::any()).action(Action::GotoTable(TableId(0)));
         assert!(t.apply([bad], |_| true, Time::ZERO).is_err());

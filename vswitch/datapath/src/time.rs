@@ -29,8 +29,14 @@ impl Time {
     pub fn since(self, earlier: Time) -> Duration {
         Duration::from_nanos(self.0.saturating_sub(earlier.0))
     }
+}
 
-    pub fn add(self, d: Duration) -> Time {
-        Time(self.0.saturating_add(d.as_nanos().min(u128::from(u64::MAX)) as u64))
+impl std::ops::Add<Duration> for Time {
+    type Output = Time;
+
+    /// Saturating.
+    fn add(self, d: Duration) -> Time {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Time(self.0.saturating_add(ns))
     }
 }

@@ -24,6 +24,16 @@ pub enum CtSource<'a> {
     Live(&'a Conntrack, Time),
 }
 
+/// A flow as a trace shows it.
+pub type FlowRef = (FlowId, Arc<FlowEntry>);
+
+/// A conjunctive match: its id and the clause flows that completed it.
+#[derive(Debug, Clone)]
+pub struct Conjunction {
+    pub id: u32,
+    pub members: Vec<FlowRef>,
+}
+
 /// One table visit.
 #[derive(Debug, Clone)]
 pub struct Step {
@@ -31,10 +41,9 @@ pub struct Step {
     /// Resubmit nesting depth.
     pub depth: u32,
     /// The flow that matched, `None` for a table miss.
-    pub flow: Option<(FlowId, Arc<FlowEntry>)>,
-    /// When the flow matched through a conjunction: its id and the clause flows
-    /// that completed it.
-    pub conjunction: Option<(u32, Vec<(FlowId, Arc<FlowEntry>)>)>,
+    pub flow: Option<FlowRef>,
+    /// When the flow matched through a conjunction.
+    pub conjunction: Option<Conjunction>,
     /// Registers and conntrack state at the visit.
     pub key: MatchKey,
 }
@@ -45,7 +54,10 @@ pub enum Outcome {
     Output(Vec<PortNo>),
     Punt,
     /// Dropped: by a flow (`Some`), a table miss, or a loop limit.
-    Drop { by: Option<FlowId>, end: End },
+    Drop {
+        by: Option<FlowId>,
+        end: End,
+    },
 }
 
 /// A complete trace.
@@ -74,7 +86,9 @@ impl Trace {
 
     /// Flows that matched, in order.
     pub fn matched(&self) -> impl Iterator<Item = &Arc<FlowEntry>> {
-        self.steps.iter().filter_map(|s| s.flow.as_ref().map(|(_, e)| e))
+        self.steps
+            .iter()
+            .filter_map(|s| s.flow.as_ref().map(|(_, e)| e))
     }
 }
 
@@ -84,7 +98,13 @@ struct Recorder<'a> {
 }
 
 impl Observer for Recorder<'_> {
-    fn visit(&mut self, table: TableId, key: &MatchKey, hit: Option<(Hit, &Installed)>, depth: u32) {
+    fn visit(
+        &mut self,
+        table: TableId,
+        key: &MatchKey,
+        hit: Option<(Hit, &Installed)>,
+        depth: u32,
+    ) {
         let flow = hit.map(|(h, i)| (h.flow, i.entry.clone()));
         let conjunction = hit.and_then(|(h, _)| h.conj_id).map(|id| {
             let members = self
@@ -93,7 +113,7 @@ impl Observer for Recorder<'_> {
                 .into_iter()
                 .map(|(fid, i)| (fid, i.entry.clone()))
                 .collect();
-            (id, members)
+            Conjunction { id, members }
         });
         self.steps.push(Step {
             table,

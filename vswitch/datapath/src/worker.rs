@@ -261,8 +261,11 @@ impl Datapath {
             })
             .collect();
         out.sort_by(|a, b| {
-            (a.entry.table, std::cmp::Reverse(a.entry.priority), a.id)
-                .cmp(&(b.entry.table, std::cmp::Reverse(b.entry.priority), b.id))
+            (a.entry.table, std::cmp::Reverse(a.entry.priority), a.id).cmp(&(
+                b.entry.table,
+                std::cmp::Reverse(b.entry.priority),
+                b.id,
+            ))
         });
         out
     }
@@ -271,7 +274,9 @@ impl Datapath {
     pub fn stats(&self) -> DatapathStats {
         let snap = self.snapshot();
         let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
-        let sum = |f: fn(&WorkerCell) -> &AtomicU64| workers.iter().map(|w| f(w).load(Relaxed)).sum::<u64>();
+        let sum = |f: fn(&WorkerCell) -> &AtomicU64| {
+            workers.iter().map(|w| f(w).load(Relaxed)).sum::<u64>()
+        };
         DatapathStats {
             generation: snap.generation,
             flows: snap.tables.len(),
@@ -284,7 +289,10 @@ impl Datapath {
             drops: DropReason::ALL
                 .iter()
                 .map(|r| {
-                    let n = workers.iter().map(|w| w.drops[r.index()].load(Relaxed)).sum();
+                    let n = workers
+                        .iter()
+                        .map(|w| w.drops[r.index()].load(Relaxed))
+                        .sum();
                     (*r, n)
                 })
                 .collect(),
@@ -380,8 +388,11 @@ impl Worker {
                 continue;
             }
             if let Some(f) = self.snap.tables.get(FlowId(i as u32)) {
-                f.totals
-                    .add(packets, slot.bytes.swap(0, Relaxed), slot.last_hit.load(Relaxed));
+                f.totals.add(
+                    packets,
+                    slot.bytes.swap(0, Relaxed),
+                    slot.last_hit.load(Relaxed),
+                );
             }
         }
     }
@@ -453,7 +464,11 @@ impl Worker {
                         key.set(field, value);
                     }
                     DpAction::Commit { zone } => {
-                        if dp.conntrack.commit(now, zone, &flow_key, frame.len()).is_err() {
+                        if dp
+                            .conntrack
+                            .commit(now, zone, &flow_key, frame.len())
+                            .is_err()
+                        {
                             ct_full = true;
                         }
                     }
@@ -462,7 +477,10 @@ impl Worker {
                 }
             }
             let Some((zone, table)) = recirc else { break };
-            if x.actions.iter().any(|a| matches!(a, DpAction::Rewrite { .. })) {
+            if x.actions
+                .iter()
+                .any(|a| matches!(a, DpAction::Rewrite { .. }))
+            {
                 flow_key = FlowKey {
                     in_port,
                     icmp_id: flow_key.icmp_id,
