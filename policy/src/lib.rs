@@ -1,1 +1,21 @@
-//! placeholder
+//! The vswitch policy compiler: Kubernetes NetworkPolicy -> flow entries.
+//!
+//! [`model`] holds the cluster (namespaces, pods, nodes, validated policies, built
+//! from k8s-openapi types with the API server's validation); [`compile`] turns it
+//! into conjunctive flows for the policy tables and keeps them up to date one change
+//! at a time; [`pipeline`] adds the base tables the switch runs around them;
+//! [`manifest`] loads YAML manifests; [`explain`] turns a datapath trace into a
+//! verdict naming the rule. No I/O except reading manifest files in [`manifest`].
+
+pub mod compile;
+pub mod error;
+pub mod explain;
+pub mod manifest;
+pub mod model;
+pub mod offline;
+pub mod pipeline;
+pub mod selector;
+
+pub use compile::{Change, Compiler, FlowDiff, Provenance};
+pub use error::{Error, FieldError};
+pub use model::{Cluster, Direction, ObjectKey, Policy, Protocol};

@@ -1,0 +1,90 @@
+//! From a datapath trace to a verdict that names the deciding rule.
+//!
+//! Owns the wording operators see: "allow" or "deny", and which policy rule (or
+//! default deny, or pipeline stage) decided it, from the cookies of the flows the
+//! packet matched.
+
+use datapath::flow::Cookie;
+use datapath::pipeline::End;
+use datapath::trace::{Outcome, Trace};
+
+use crate::compile::{AFTER_EGRESS, Compiler, EGRESS_TABLE, INGRESS_TABLE, Provenance};
+use crate::pipeline;
+
+/// What a cookie stands for, in words.
+pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
+    if let Some(p) = compiler.provenance(cookie) {
+        return p.to_string();
+    }
+    if let Some(d) = pipeline::describe(cookie) {
+        return d.to_string();
+    }
+    if cookie.0 == 0 {
+        "no cookie".to_string()
+    } else {
+        format!("cookie 0x{:x}", cookie.0)
+    }
+}
+
+/// An explained trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub allowed: bool,
+    /// The deciding rule(s), in words.
+    pub rule: String,
+    /// The provenance of each policy decision (egress, then ingress) when allowed,
+    /// or of the flow that dropped the packet.
+    pub rules: Vec<String>,
+}
+
+/// Explains `trace` with the compiler's provenance.
+pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
+    match &trace.outcome {
+        Outcome::Output(_) | Outcome::Punt => {
+            let mut rules = Vec::new();
+            for step in &trace.steps {
+                let Some((_, flow)) = &step.flow else {
+                    continue;
+                };
+                if step.table.0 != EGRESS_TABLE && step.table.0 != INGRESS_TABLE {
+                    continue;
+                }
+                let dir = if step.table.0 < AFTER_EGRESS {
+                    "egress"
+                } else {
+                    "ingress"
+                };
+                let what = match compiler.provenance(flow.cookie) {
+                    Some(p @ (Provenance::Rule { .. } | Provenance::NodeTraffic { .. })) => {
+                        p.to_string()
+                    }
+                    _ => format!("{dir} not isolated"),
+                };
+                rules.push(what);
+            }
+            let rule = if rules.is_empty() {
+                "established connection (conntrack)".to_string()
+            } else {
+                rules.join("; ")
+            };
+            Verdict {
+                allowed: true,
+                rule,
+                rules,
+            }
+        }
+        Outcome::Drop { by, end } => {
+            let rule = match (trace.deciding_flow(), end) {
+                (Some(f), _) => describe(compiler, f.cookie),
+                (None, End::Miss(t)) => format!("no flow matched in table {t}"),
+                (None, End::LoopLimit) => "pipeline loop limit".to_string(),
+                (None, _) => format!("dropped (flow {by:?})"),
+            };
+            Verdict {
+                allowed: false,
+                rules: vec![rule.clone()],
+                rule,
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Manifests: YAML files of Namespace, Pod, Node and NetworkPolicy objects.
+//!
+//! Owns reading a directory of manifests into validated model objects. Each file
+//! may hold several documents (and `List` objects). A bad file or object is
+//! reported with the file, the document, the object and the field; everything else
+//! still loads. This is the only module of the crate that touches the filesystem.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{Error, FieldError};
+use crate::model::{Cluster, Namespace, Node, Pod, Policy};
+
+/// Objects loaded from manifests, and what failed.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    pub nodes: Vec<Node>,
+    pub policies: Vec<Policy>,
+    pub errors: Vec<Error>,
+    /// (kind, namespace/name) -> where it was first defined, to report duplicates.
+    seen: HashMap<(String, String), String>,
+}
+
+impl Manifests {
+    /// Builds the cluster model.
+    pub fn to_cluster(&self) -> Cluster {
+        let mut c = Cluster::default();
+        for n in &self.namespaces {
+            c.upsert_namespace(n.clone());
+        }
+        for p in &self.pods {
+            c.upsert_pod(p.clone());
+        }
+        for n in &self.nodes {
+            c.upsert_node(n.clone());
+        }
+        for p in &self.policies {
+            c.upsert_policy(p.clone());
+        }
+        c
+    }
+}
+
+/// Manifest files in `dir` (recursively), sorted: `*.yaml`, `*.yml`, `*.json`.
+///
+/// Fails when `dir` cannot be read.
+pub fn files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|source| Error::Read {
+            path: d.clone(),
+            source,
+        })?;
+        for e in entries {
+            let e = e.map_err(|source| Error::Read {
+                path: d.clone(),
+                source,
+            })?;
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Loads every manifest under `dir` (or the single file `dir`).
+///
+/// Fails only when the path cannot be read at all; per-file and per-object
+/// problems are collected in [`Manifests::errors`].
+pub fn load(dir: &Path) -> Result<Manifests, Error> {
+    let mut m = Manifests::default();
+    let paths = if dir.is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        files(dir)?
+    };
+    for path in paths {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => load_str(&mut m, &path, &text),
+            Err(source) => m.errors.push(Error::Read { path, source }),
+        }
+    }
+    Ok(m)
+}
+
+/// Loads the documents of one file's text into `m`.
+pub fn load_str(m: &mut Manifests, path: &Path, text: &str) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(source) => {
+            m.errors.push(Error::Yaml {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            });
+            return;
+        }
+    };
+    for (i, doc) in docs.into_iter().enumerate() {
+        load_value(m, path, i + 1, doc);
+    }
+}
+
+fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
+    let doc_err = |message: String| Error::Document {
+        path: path.to_path_buf(),
+        index,
+        message,
+    };
+    if doc.is_null() {
+        return;
+    }
+    let Some(kind) = doc.get("kind").and_then(Value::as_str).map(str::to_string) else {
+        m.errors.push(doc_err("has no `kind`".into()));
+        return;
+    };
+    let in_file = |e: Error| Error::InFile {
+        path: path.to_path_buf(),
+        index,
+        source: Box::new(e),
+    };
+    let meta = |key: &str| {
+        doc.pointer(&format!("/metadata/{key}"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let object = match (meta("namespace"), meta("name")) {
+        (_, None) => "(unnamed)".to_string(),
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) if matches!(kind.as_str(), "Namespace" | "Node") => n,
+        (None, Some(n)) => format!("default/{n}"),
+    };
+    let here = format!("{}:{index}", path.display());
+    let mut first_time = |kind: &str, object: &str| -> Result<(), Error> {
+        match m.seen.get(&(kind.to_string(), object.to_string())) {
+            Some(first) => Err(Error::Invalid {
+                kind: static_kind(kind),
+                object: object.to_string(),
+                source: FieldError::new(
+                    "metadata.name",
+                    format!("duplicate: already defined at {first}"),
+                ),
+            }),
+            None => {
+                m.seen
+                    .insert((kind.to_string(), object.to_string()), here.clone());
+                Ok(())
+            }
+        }
+    };
+    let result: Result<(), Error> = match kind.as_str() {
+        "List" | "NamespaceList" | "PodList" | "NodeList" | "NetworkPolicyList" => {
+            let items = doc
+                .get("items")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                load_value(m, path, index, item);
+            }
+            Ok(())
+        }
+        "Namespace" => typed::<ApiNamespace>(&kind, &object, doc.clone())
+            .and_then(|o| Namespace::from_api(&o))
+            .and_then(|n| first_time(&kind, &object).map(|_| m.namespaces.push(n))),
+        "Pod" => typed::<ApiPod>(&kind, &object, doc.clone())
+            .and_then(|o| Pod::from_api(&o))
+            .and_then(|p| first_time(&kind, &object).map(|_| m.pods.push(p))),
+        "Node" => typed::<ApiNode>(&kind, &object, doc.clone())
+            .and_then(|o| Node::from_api(&o))
+            .and_then(|n| first_time(&kind, &object).map(|_| m.nodes.push(n))),
+        "NetworkPolicy" => typed::<NetworkPolicy>(&kind, &object, doc.clone())
+            .and_then(|o| Policy::from_api(&o))
+            .and_then(|p| first_time(&kind, &object).map(|_| m.policies.push(p))),
+        other => Err(doc_err(format!(
+            "unsupported kind {other:?} ({object}); expected Namespace, Pod, Node or NetworkPolicy"
+        ))),
+    };
+    if let Err(e) = result {
+        m.errors.push(match e {
+            e @ Error::Document { .. } => e,
+            e => in_file(e),
+        });
+    }
+}
+
+fn static_kind(kind: &str) -> &'static str {
+    match kind {
+        "Namespace" => "Namespace",
+        "Pod" => "Pod",
+        "Node" => "Node",
+        _ => "NetworkPolicy",
+    }
+}
+
+/// Deserializes into an API type, naming the field that does not fit.
+fn typed<T: DeserializeOwned>(kind: &str, object: &str, v: Value) -> Result<T, Error> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        Error::Invalid {
+            kind: static_kind(kind),
+            object: object.to_string(),
+            source: FieldError::new(
+                if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                e.inner().to_string(),
+            ),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Manifests {
+        let mut m = Manifests::default();
+        load_str(&mut m, Path::new("test.yaml"), text);
+        m
+    }
+
+    fn chain(e: &Error) -> String {
+        let mut out = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            src = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn multi_document_and_errors_name_file_object_field() {
+        let m = load_text(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {team: a}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {pod: a}}\n\
+             spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\n\
+             status: {podIP: 10.0.0.1}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: x}\n\
+             spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: typo, namespace: x}\n\
+             spec: {podSelector: {}, ingress: [{ports: [{port: [1]}]}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+        );
+        assert_eq!(m.namespaces.len(), 1);
+        assert_eq!(
+            m.namespaces[0]
+                .labels
+                .get("kubernetes.io/metadata.name")
+                .unwrap(),
+            "x"
+        );
+        assert_eq!(m.pods.len(), 1);
+        assert_eq!(m.pods[0].resolve("http", crate::Protocol::Tcp), Some(80));
+        assert_eq!(m.errors.len(), 3, "{:#?}", m.errors);
+        let e0 = chain(&m.errors[0]);
+        assert!(e0.contains("test.yaml: document 3"), "{e0}");
+        assert!(e0.contains("NetworkPolicy x/bad"), "{e0}");
+        assert!(
+            e0.contains("spec.ingress[0].from[0].ipBlock.except[0]"),
+            "{e0}"
+        );
+        let e1 = chain(&m.errors[1]);
+        assert!(e1.contains("spec.ingress[0].ports[0].port"), "{e1}");
+        assert!(chain(&m.errors[2]).contains("unsupported kind \"Service\""));
+    }
+
+    #[test]
+    fn malformed_yaml_and_duplicates() {
+        let m = load_text("kind: Namespace\nmetadata: {name: [unclosed\n");
+        assert!(matches!(m.errors[0], Error::Yaml { .. }));
+        let m = load_text(
+            "kind: Namespace\nmetadata: {name: x}\n---\nkind: Namespace\nmetadata: {name: x}\n",
+        );
+        assert_eq!(m.namespaces.len(), 1);
+        assert!(chain(&m.errors[0]).contains("duplicate: already defined at test.yaml:1"));
+    }
+}

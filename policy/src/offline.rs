@@ -1,0 +1,245 @@
+//! Offline mode: a cluster compiled into the switch's full pipeline, with no switch.
+//!
+//! Owns answering "would this packet be allowed, and by which rule" from objects
+//! alone. It builds the same flows vswitchd installs (base pipeline for a port per
+//! pod, plus the compiled policy flows), loads them into the datapath's tables and
+//! traces packets through the datapath's own code, assuming a new connection.
+
+use std::net::IpAddr;
+
+use datapath::field::{ct_state, ether_type, tcp_flags};
+use datapath::key::ip_to_wide;
+use datapath::trace::{CtSource, Trace, trace};
+use datapath::{FlowKey, FlowTables, PortNo, Time};
+
+use crate::compile::Compiler;
+use crate::error::Error;
+use crate::explain::{Verdict, explain};
+use crate::model::{Cluster, ObjectKey};
+use crate::pipeline::{
+    OFFLINE_GATEWAY, OFFLINE_GATEWAY_MAC, Topology, base_flows, offline_topology,
+};
+
+/// Source port of traced packets.
+pub const EPHEMERAL_PORT: u16 = 40000;
+
+/// One end of a traced packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Pod(ObjectKey),
+    /// An address; outside the cluster unless a pod has it.
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Pod(k) => write!(f, "{k}"),
+            Endpoint::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// L4 of a traced packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp(u16),
+    Udp(u16),
+    Sctp(u16),
+    /// ICMP / ICMPv6 echo request.
+    Icmp,
+}
+
+impl L4 {
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            L4::Tcp(_) => "tcp",
+            L4::Udp(_) => "udp",
+            L4::Sctp(_) => "sctp",
+            L4::Icmp => "icmp",
+        }
+    }
+
+    pub fn port(self) -> Option<u16> {
+        match self {
+            L4::Tcp(p) | L4::Udp(p) | L4::Sctp(p) => Some(p),
+            L4::Icmp => None,
+        }
+    }
+}
+
+/// A traced packet and its explanation.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    pub key: FlowKey,
+    pub trace: Trace,
+    pub verdict: Verdict,
+}
+
+/// One cell of a reachability matrix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    pub from: ObjectKey,
+    pub to: ObjectKey,
+    pub verdict: Verdict,
+}
+
+/// A compiled cluster, ready to trace.
+#[derive(Debug)]
+pub struct Offline {
+    pub compiler: Compiler,
+    pub topology: Topology,
+    pub tables: FlowTables,
+}
+
+impl Offline {
+    /// Compiles `cluster` into the full pipeline.
+    ///
+    /// Fails only if a compiled flow is rejected by the datapath (a bug).
+    pub fn new(cluster: Cluster) -> Result<Offline, Error> {
+        let topology = offline_topology(&cluster);
+        let compiler = Compiler::from_cluster(cluster);
+        let mut tables = FlowTables::new();
+        for f in base_flows(&topology).into_iter().chain(compiler.flows()) {
+            tables.add(f, Time::ZERO).map_err(Error::Flows)?;
+        }
+        Ok(Offline {
+            compiler,
+            topology,
+            tables,
+        })
+    }
+
+    fn port_of(&self, pod: &ObjectKey) -> Option<(PortNo, [u8; 6])> {
+        self.topology
+            .pods
+            .iter()
+            .find(|p| &p.pod == pod)
+            .map(|p| (p.port, p.mac))
+    }
+
+    /// The addresses of an endpoint.
+    fn ips(&self, e: &Endpoint) -> Result<Vec<IpAddr>, String> {
+        match e {
+            Endpoint::Ip(ip) => Ok(vec![*ip]),
+            Endpoint::Pod(k) => {
+                let pod = self
+                    .compiler
+                    .cluster()
+                    .pod(k)
+                    .ok_or_else(|| format!("no pod {k}"))?;
+                if pod.ips.is_empty() {
+                    return Err(format!("pod {k} has no IP (status.podIP)"));
+                }
+                Ok(pod.ips.clone())
+            }
+        }
+    }
+
+    /// The flow key of a new connection from `src` to `dst`.
+    ///
+    /// Fails when a pod does not exist or has no address of a family the other
+    /// end has.
+    pub fn packet(&self, src: &Endpoint, dst: &Endpoint, l4: L4) -> Result<FlowKey, String> {
+        let (sips, dips) = (self.ips(src)?, self.ips(dst)?);
+        let (s, d) = [false, true]
+            .iter()
+            .find_map(|&v6| {
+                let s = sips.iter().find(|ip| ip.is_ipv6() == v6)?;
+                let d = dips.iter().find(|ip| ip.is_ipv6() == v6)?;
+                Some((*s, *d))
+            })
+            .ok_or_else(|| format!("{src} and {dst} share no IP family"))?;
+        let endpoint_port = |e: &Endpoint, ip: IpAddr| {
+            let pod = match e {
+                Endpoint::Pod(k) => Some(k.clone()),
+                Endpoint::Ip(_) => self.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone()),
+            };
+            pod.and_then(|k| self.port_of(&k))
+                .unwrap_or((OFFLINE_GATEWAY, OFFLINE_GATEWAY_MAC))
+        };
+        let (in_port, dl_src) = endpoint_port(src, s);
+        let (_, dl_dst) = endpoint_port(dst, d);
+        let mut key = FlowKey {
+            in_port,
+            dl_src,
+            dl_dst,
+            dl_type: if s.is_ipv6() {
+                ether_type::IPV6
+            } else {
+                ether_type::IPV4
+            },
+            nw_src: ip_to_wide(s),
+            nw_dst: ip_to_wide(d),
+            ..FlowKey::default()
+        };
+        match l4 {
+            L4::Tcp(p) => {
+                key.nw_proto = 6;
+                key.tp_src = EPHEMERAL_PORT;
+                key.tp_dst = p;
+                key.tcp_flags = tcp_flags::SYN;
+            }
+            L4::Udp(p) => {
+                key.nw_proto = 17;
+                key.tp_src = EPHEMERAL_PORT;
+                key.tp_dst = p;
+            }
+            L4::Sctp(p) => {
+                key.nw_proto = 132;
+                key.tp_src = EPHEMERAL_PORT;
+                key.tp_dst = p;
+                key.sctp_chunk = 1;
+            }
+            L4::Icmp => {
+                key.nw_proto = if s.is_ipv6() { 58 } else { 1 };
+                key.tp_src = if s.is_ipv6() { 128 } else { 8 };
+                key.icmp_id = 1;
+            }
+        }
+        Ok(key)
+    }
+
+    /// Traces a new connection through the pipeline.
+    pub fn trace_key(&self, key: &FlowKey) -> Traced {
+        let t = trace(
+            &self.tables,
+            key,
+            CtSource::Assume(ct_state::TRK | ct_state::NEW),
+        );
+        let verdict = explain(&self.compiler, &t);
+        Traced {
+            key: *key,
+            trace: t,
+            verdict,
+        }
+    }
+
+    /// Traces a new connection from `src` to `dst`.
+    pub fn trace(&self, src: &Endpoint, dst: &Endpoint, l4: L4) -> Result<Traced, String> {
+        Ok(self.trace_key(&self.packet(src, dst, l4)?))
+    }
+
+    /// Every pod to every other pod (pods with an address).
+    pub fn reachability(&self, l4: L4) -> Vec<Reach> {
+        let pods: Vec<ObjectKey> = self.topology.pods.iter().map(|p| p.pod.clone()).collect();
+        let mut out = Vec::with_capacity(pods.len() * pods.len());
+        for from in &pods {
+            for to in &pods {
+                if from == to {
+                    continue;
+                }
+                let traced =
+                    self.trace(&Endpoint::Pod(from.clone()), &Endpoint::Pod(to.clone()), l4);
+                if let Ok(t) = traced {
+                    out.push(Reach {
+                        from: from.clone(),
+                        to: to.clone(),
+                        verdict: t.verdict,
+                    });
+                }
+            }
+        }
+        out
+    }
+}

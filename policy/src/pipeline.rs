@@ -1,0 +1,430 @@
+//! The base pipeline around the policy tables, for a given set of ports.
+//!
+//! Owns tables 0 (classifier), 10 (spoofguard), 20 (ARP responder), 30 (conntrack),
+//! the pass-through flows of 40/50, 60 (forwarding) and 70 (output). The daemon
+//! builds a [`Topology`] from its attached ports; offline mode builds one with a
+//! port per pod. Both then install `base_flows` plus the compiler's policy flows,
+//! so `flowctl --manifests` runs exactly the pipeline the switch runs.
+
+use std::net::IpAddr;
+
+use datapath::field::{Field, ether_type, ipv4_mapped, mac_value};
+use datapath::flow::{Action, Cookie, FlowEntry, TableId, Zone};
+use datapath::{Match, PortNo};
+
+use crate::compile::{AFTER_EGRESS, AFTER_INGRESS, EGRESS_TABLE, INGRESS_TABLE, KIND_PIPELINE};
+use crate::model::{Cluster, ObjectKey};
+
+pub const CLASSIFIER: u8 = 0;
+pub const SPOOFGUARD: u8 = 10;
+pub const ARP_RESPONDER: u8 = 20;
+pub const CONNTRACK: u8 = 30;
+pub const FORWARDING: u8 = 60;
+pub const OUTPUT: u8 = 70;
+
+/// `reg0` value of a packet from a pod port.
+pub const CLASS_POD: u128 = 1;
+/// `reg0` value of a packet from the gateway port.
+pub const CLASS_GATEWAY: u128 = 2;
+
+/// A pod attached to a switch port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodPort {
+    pub port: PortNo,
+    pub pod: ObjectKey,
+    pub mac: [u8; 6],
+    pub ips: Vec<IpAddr>,
+}
+
+/// The port towards the node (and beyond).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    pub port: PortNo,
+    pub mac: [u8; 6],
+    pub ips: Vec<IpAddr>,
+}
+
+/// What the base pipeline is built from.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Topology {
+    pub pods: Vec<PodPort>,
+    pub gateway: Option<Gateway>,
+    /// Conntrack zone of pod traffic.
+    pub zone: u16,
+}
+
+/// What base-pipeline cookies say: (cookie, description).
+const PURPOSES: [&str; 14] = [
+    "classifier: known port",
+    "classifier: unknown port",
+    "spoofguard: own MAC and IP",
+    "spoofguard: gateway",
+    "spoofguard: spoofed or unknown",
+    "arp responder: reply",
+    "arp responder: no broadcast",
+    "conntrack: lookup",
+    "conntrack: invalid",
+    "conntrack: established or related",
+    "policy: not isolated",
+    "forwarding: local pod",
+    "forwarding: via gateway",
+    "output",
+];
+
+fn cookie(purpose: &str) -> Cookie {
+    let i = PURPOSES
+        .iter()
+        .position(|p| *p == purpose)
+        .expect("known purpose");
+    Cookie(KIND_PIPELINE | i as u64)
+}
+
+/// What a base-pipeline cookie stands for.
+pub fn describe(c: Cookie) -> Option<&'static str> {
+    if c.0 & (0xff << 56) != KIND_PIPELINE {
+        return None;
+    }
+    PURPOSES.get((c.0 & 0xffff) as usize).copied()
+}
+
+fn flow(table: u8, priority: u16, m: Match, purpose: &str) -> FlowEntry {
+    FlowEntry::new(table, priority, m).cookie(cookie(purpose).0)
+}
+
+fn ip_of(ip: &IpAddr) -> (u16, u128) {
+    match ip {
+        IpAddr::V4(a) => (ether_type::IPV4, ipv4_mapped(*a)),
+        IpAddr::V6(a) => (ether_type::IPV6, u128::from(*a)),
+    }
+}
+
+fn goto(t: u8) -> Action {
+    Action::GotoTable(TableId(t))
+}
+
+/// The base flows for `topo`.
+pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
+    let mut out = Vec::new();
+    let zone = Zone::Imm(topo.zone);
+    let ip_any = [ether_type::IPV4, ether_type::IPV6];
+
+    // 0: classifier.
+    for p in &topo.pods {
+        out.push(
+            flow(
+                CLASSIFIER,
+                100,
+                Match::any().with(Field::InPort, p.port.0.into()),
+                "classifier: known port",
+            )
+            .action(Action::Load {
+                field: Field::Reg(0),
+                value: CLASS_POD,
+                ofs: 0,
+                nbits: 8,
+            })
+            .action(goto(SPOOFGUARD)),
+        );
+    }
+    if let Some(g) = &topo.gateway {
+        out.push(
+            flow(
+                CLASSIFIER,
+                100,
+                Match::any().with(Field::InPort, g.port.0.into()),
+                "classifier: known port",
+            )
+            .action(Action::Load {
+                field: Field::Reg(0),
+                value: CLASS_GATEWAY,
+                ofs: 0,
+                nbits: 8,
+            })
+            .action(goto(SPOOFGUARD)),
+        );
+    }
+    out.push(flow(
+        CLASSIFIER,
+        0,
+        Match::any(),
+        "classifier: unknown port",
+    ));
+
+    // 10: spoofguard.
+    for p in &topo.pods {
+        let port = Match::any()
+            .with(Field::InPort, p.port.0.into())
+            .with(Field::DlSrc, mac_value(p.mac));
+        for ip in &p.ips {
+            let (dl, addr) = ip_of(ip);
+            out.push(
+                flow(
+                    SPOOFGUARD,
+                    200,
+                    port.with(Field::DlType, dl.into()).with(Field::NwSrc, addr),
+                    "spoofguard: own MAC and IP",
+                )
+                .action(goto(CONNTRACK)),
+            );
+            if ip.is_ipv4() {
+                let arp = port
+                    .with(Field::DlType, ether_type::ARP.into())
+                    .with(Field::NwSrc, addr)
+                    .with(Field::ArpSha, mac_value(p.mac));
+                out.push(
+                    flow(SPOOFGUARD, 200, arp, "spoofguard: own MAC and IP")
+                        .action(goto(ARP_RESPONDER)),
+                );
+            }
+        }
+    }
+    if let Some(g) = &topo.gateway {
+        let port = Match::any().with(Field::InPort, g.port.0.into());
+        out.push(
+            flow(
+                SPOOFGUARD,
+                200,
+                port.with(Field::DlType, ether_type::ARP.into()),
+                "spoofguard: gateway",
+            )
+            .action(goto(ARP_RESPONDER)),
+        );
+        for dl in ip_any {
+            out.push(
+                flow(
+                    SPOOFGUARD,
+                    200,
+                    port.with(Field::DlType, dl.into()),
+                    "spoofguard: gateway",
+                )
+                .action(goto(CONNTRACK)),
+            );
+        }
+    }
+    out.push(flow(
+        SPOOFGUARD,
+        0,
+        Match::any(),
+        "spoofguard: spoofed or unknown",
+    ));
+
+    // 20: ARP responder, for every address the switch knows.
+    let known = topo
+        .pods
+        .iter()
+        .map(|p| (p.mac, &p.ips))
+        .chain(topo.gateway.iter().map(|g| (g.mac, &g.ips)));
+    for (mac, ips) in known {
+        for ip in ips.iter().filter(|ip| ip.is_ipv4()) {
+            let (_, addr) = ip_of(ip);
+            let m = Match::any()
+                .with(Field::DlType, ether_type::ARP.into())
+                .with(Field::NwProto, 1)
+                .with(Field::NwDst, addr);
+            out.push(
+                flow(ARP_RESPONDER, 100, m, "arp responder: reply")
+                    .action(Action::Move {
+                        src: Field::DlSrc,
+                        dst: Field::DlDst,
+                    })
+                    .action(Action::SetField {
+                        field: Field::DlSrc,
+                        value: mac_value(mac),
+                    })
+                    .action(Action::Load {
+                        field: Field::NwProto,
+                        value: 2,
+                        ofs: 0,
+                        nbits: 8,
+                    })
+                    .action(Action::Move {
+                        src: Field::ArpSha,
+                        dst: Field::ArpTha,
+                    })
+                    .action(Action::SetField {
+                        field: Field::ArpSha,
+                        value: mac_value(mac),
+                    })
+                    .action(Action::Move {
+                        src: Field::NwSrc,
+                        dst: Field::NwDst,
+                    })
+                    .action(Action::SetField {
+                        field: Field::NwSrc,
+                        value: addr,
+                    })
+                    .action(Action::Output(PortNo::IN_PORT)),
+            );
+        }
+    }
+    out.push(flow(
+        ARP_RESPONDER,
+        0,
+        Match::any(),
+        "arp responder: no broadcast",
+    ));
+
+    // 30: conntrack. Recirculates into itself with +trk set.
+    for dl in ip_any {
+        let ip = Match::any().with(Field::DlType, dl.into());
+        out.push(
+            flow(
+                CONNTRACK,
+                200,
+                ip.with_masked(Field::CtState, 0, 0x20),
+                "conntrack: lookup",
+            )
+            .action(Action::Ct {
+                commit: false,
+                zone,
+                table: Some(TableId(CONNTRACK)),
+            }),
+        );
+        out.push(flow(
+            CONNTRACK,
+            190,
+            ip.with_masked(Field::CtState, 0x30, 0x30),
+            "conntrack: invalid",
+        ));
+        for (state, mask) in [(0x22, 0x23), (0x24, 0x25)] {
+            out.push(
+                flow(
+                    CONNTRACK,
+                    180,
+                    ip.with_masked(Field::CtState, state, mask),
+                    "conntrack: established or related",
+                )
+                .action(goto(FORWARDING)),
+            );
+        }
+    }
+    out.push(flow(CONNTRACK, 0, Match::any(), "conntrack: lookup").action(goto(EGRESS_TABLE)));
+
+    // 40 / 50: what no policy flow decides passes.
+    out.push(
+        flow(EGRESS_TABLE, 0, Match::any(), "policy: not isolated").action(goto(AFTER_EGRESS)),
+    );
+    out.push(
+        flow(INGRESS_TABLE, 0, Match::any(), "policy: not isolated").action(goto(AFTER_INGRESS)),
+    );
+
+    // 60: forwarding.
+    for p in &topo.pods {
+        for ip in &p.ips {
+            let (dl, addr) = ip_of(ip);
+            out.push(
+                flow(
+                    FORWARDING,
+                    100,
+                    Match::any()
+                        .with(Field::DlType, dl.into())
+                        .with(Field::NwDst, addr),
+                    "forwarding: local pod",
+                )
+                .action(Action::Load {
+                    field: Field::Reg(1),
+                    value: p.port.0.into(),
+                    ofs: 0,
+                    nbits: 32,
+                })
+                .action(goto(OUTPUT)),
+            );
+        }
+    }
+    if let Some(g) = &topo.gateway {
+        for dl in ip_any {
+            out.push(
+                flow(
+                    FORWARDING,
+                    10,
+                    Match::any().with(Field::DlType, dl.into()),
+                    "forwarding: via gateway",
+                )
+                .action(Action::Load {
+                    field: Field::Reg(1),
+                    value: g.port.0.into(),
+                    ofs: 0,
+                    nbits: 32,
+                })
+                .action(goto(OUTPUT)),
+            );
+        }
+    }
+
+    // 70: output, committing new connections.
+    let ports = topo
+        .pods
+        .iter()
+        .map(|p| p.port)
+        .chain(topo.gateway.iter().map(|g| g.port));
+    for port in ports {
+        let m = Match::any().with(Field::Reg(1), port.0.into());
+        out.push(
+            flow(
+                OUTPUT,
+                100,
+                m.with_masked(Field::CtState, 0x21, 0x21),
+                "output",
+            )
+            .action(Action::Ct {
+                commit: true,
+                zone,
+                table: None,
+            })
+            .action(Action::Output(port)),
+        );
+        out.push(flow(OUTPUT, 90, m, "output").action(Action::Output(port)));
+    }
+    out
+}
+
+/// Gateway port of offline topologies.
+pub const OFFLINE_GATEWAY: PortNo = PortNo(0xfffe);
+/// Gateway MAC of offline topologies.
+pub const OFFLINE_GATEWAY_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 1];
+
+/// A MAC derived from a pod's first IP (`0a:58:` + IPv4, as OVN does), or from its
+/// key when it has no IPv4 address.
+pub fn pod_mac(key: &ObjectKey, ips: &[IpAddr]) -> [u8; 6] {
+    match ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(a) => Some(a.octets()),
+        IpAddr::V6(_) => None,
+    }) {
+        Some(o) => [0x0a, 0x58, o[0], o[1], o[2], o[3]],
+        None => {
+            let h = key
+                .to_string()
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+            let b = h.to_be_bytes();
+            [0x0a, 0x59, b[0], b[1], b[2], b[3]]
+        }
+    }
+}
+
+/// The topology offline mode uses: every pod with an IP on its own port (1, 2, ...
+/// in namespace/name order) and a gateway port for everything else.
+pub fn offline_topology(cluster: &Cluster) -> Topology {
+    let pods = cluster
+        .pods()
+        .filter(|p| !p.ips.is_empty())
+        .enumerate()
+        .map(|(i, p)| PodPort {
+            port: PortNo(i as u32 + 1),
+            pod: p.key.clone(),
+            mac: pod_mac(&p.key, &p.ips),
+            ips: p.ips.clone(),
+        })
+        .collect();
+    Topology {
+        pods,
+        gateway: Some(Gateway {
+            port: OFFLINE_GATEWAY,
+            mac: OFFLINE_GATEWAY_MAC,
+            ips: vec![],
+        }),
+        zone: 1,
+    }
+}
