@@ -42,6 +42,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
     match &trace.outcome {
         Outcome::Output(_) | Outcome::Punt => {
             let mut rules = Vec::new();
+            let mut deciding = Vec::new();
             for step in &trace.steps {
                 let Some((_, flow)) = &step.flow else {
                     continue;
@@ -49,23 +50,23 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 if step.table.0 != EGRESS_TABLE && step.table.0 != INGRESS_TABLE {
                     continue;
                 }
-                let dir = if step.table.0 < AFTER_EGRESS {
-                    "egress"
-                } else {
-                    "ingress"
-                };
-                let what = match compiler.provenance(flow.cookie) {
+                match compiler.provenance(flow.cookie) {
                     Some(p @ (Provenance::Rule { .. } | Provenance::NodeTraffic { .. })) => {
-                        p.to_string()
+                        rules.push(p.to_string());
+                        deciding.push(p.to_string());
                     }
-                    _ => format!("{dir} not isolated"),
-                };
-                rules.push(what);
+                    _ if step.table.0 < AFTER_EGRESS => {
+                        rules.push("source not isolated for egress".into())
+                    }
+                    _ => rules.push("destination not isolated for ingress".into()),
+                }
             }
-            let rule = if rules.is_empty() {
+            let rule = if !deciding.is_empty() {
+                deciding.join("; ")
+            } else if rules.is_empty() {
                 "established connection (conntrack)".to_string()
             } else {
-                rules.join("; ")
+                "no policy isolates source (egress) or destination (ingress)".to_string()
             };
             Verdict {
                 allowed: true,
