@@ -207,14 +207,13 @@ pub fn trace(o: &Offline, spec: &Spec, t: &Traced, json: bool, color: bool) -> S
                 if f.actions
                     .iter()
                     .any(|a| matches!(a, Action::Ct { table: Some(_), .. }))
+                    && let Some((zone, state)) = ct.next()
                 {
-                    if let Some((zone, state)) = ct.next() {
-                        let _ = writeln!(
-                            out,
-                            "{indent}          conntrack zone {zone}: {}",
-                            ct_state_text(*state)
-                        );
-                    }
+                    let _ = writeln!(
+                        out,
+                        "{indent}          conntrack zone {zone}: {}",
+                        ct_state_text(*state)
+                    );
                 }
             }
         }
