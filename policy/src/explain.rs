@@ -4,7 +4,9 @@
 //! default deny, or pipeline stage) decided it, from the cookies of the flows the
 //! packet matched.
 
+use datapath::field::Field;
 use datapath::flow::Cookie;
+use datapath::key::wide_to_ip;
 use datapath::pipeline::End;
 use datapath::trace::{Outcome, Trace};
 
@@ -13,8 +15,19 @@ use crate::pipeline;
 
 /// What a cookie stands for, in words.
 pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
-    if let Some(p) = compiler.provenance(cookie) {
-        return p.to_string();
+    let rules = compiler.rules(cookie);
+    match rules.len() {
+        0 => {}
+        1 => return rules[0].to_string(),
+        n => {
+            let shown: Vec<String> = rules.iter().take(3).map(ToString::to_string).collect();
+            let more = if n > 3 {
+                format!(" and {} more", n - 3)
+            } else {
+                String::new()
+            };
+            return format!("{}{more}", shown.join(", "));
+        }
     }
     if let Some(d) = pipeline::describe(cookie) {
         return d.to_string();
@@ -50,7 +63,19 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 if step.table.0 != EGRESS_TABLE && step.table.0 != INGRESS_TABLE {
                     continue;
                 }
-                match compiler.provenance(flow.cookie) {
+                // Flows shared by equivalent rules: name the one whose policy
+                // selects this packet's pod (destination for ingress, source for egress).
+                let field = if step.table.0 < AFTER_EGRESS {
+                    Field::NwSrc
+                } else {
+                    Field::NwDst
+                };
+                let ip = wide_to_ip(step.key.get(field).to_be_bytes());
+                let named = match compiler.cluster().pod_by_ip(ip) {
+                    Some(pod) => compiler.rule_for_pod(flow.cookie, pod),
+                    None => compiler.provenance(flow.cookie),
+                };
+                match named.or_else(|| compiler.provenance(flow.cookie)) {
                     Some(p @ (Provenance::Rule { .. } | Provenance::NodeTraffic { .. })) => {
                         rules.push(p.to_string());
                         deciding.push(p.to_string());

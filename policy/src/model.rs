@@ -161,7 +161,7 @@ type ApiRule = (
 );
 
 /// One entry of `from` / `to`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Peer {
     Pods {
         namespaces: NsSel,
@@ -175,7 +175,7 @@ pub enum Peer {
 }
 
 /// A port of a rule.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PortRef {
     /// Every port of the protocol.
     Any,
@@ -185,7 +185,7 @@ pub enum PortRef {
     Named(String),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortSpec {
     pub protocol: Protocol,
     pub port: PortRef,

@@ -21,8 +21,8 @@ use proptest::prelude::*;
 /// that own them, which do not depend on allocation history.
 fn normalize(c: &Compiler, f: &FlowEntry) -> String {
     let name = |id: u32| {
-        let (p, part) = c.conjunction_owner(id).expect("conjunction has an owner");
-        format!("{p}#{part}")
+        let (owner, part) = c.conjunction_owner(id).expect("conjunction has an owner");
+        format!("{owner}#{part}")
     };
     let mut m = f.matcher;
     let conj = m.get(Field::ConjId).0 as u32;
@@ -186,8 +186,9 @@ fn arb_pod() -> impl Strategy<Value = Pod> {
         any::<bool>(),
         any::<bool>(),
         0u8..2,
+        0u8..4,
     )
-        .prop_map(|(i, ns, app, fe, alt_port, node)| {
+        .prop_map(|(i, ns, app, fe, alt_port, node, stack)| {
             let mut labels = BTreeMap::from([("app".to_string(), app.to_string())]);
             if fe {
                 labels.insert("tier".into(), "fe".into());
@@ -196,7 +197,15 @@ fn arb_pod() -> impl Strategy<Value = Pod> {
             Pod {
                 key: ObjectKey::new(ns_name, format!("p{i}")),
                 labels,
-                ips: vec![format!("10.{ns}.0.{}", i + 1).parse().unwrap()],
+                // Mostly IPv4; some dual-stack, some IPv6-only.
+                ips: match stack {
+                    0 => vec![format!("fd00::{ns}:{}", i + 1).parse().unwrap()],
+                    1 => vec![
+                        format!("10.{ns}.0.{}", i + 1).parse().unwrap(),
+                        format!("fd00::{ns}:{}", i + 1).parse().unwrap(),
+                    ],
+                    _ => vec![format!("10.{ns}.0.{}", i + 1).parse().unwrap()],
+                },
                 node: Some(format!("n{node}")),
                 ports: vec![
                     NamedPort {

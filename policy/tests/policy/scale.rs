@@ -73,3 +73,65 @@ fn thousand_peers_thousand_pods_ten_ports_is_a_sum() {
     assert_eq!(deny_flows, 1000, "one default-deny flow per isolated pod");
     assert_eq!(flows.len(), 2011 + 1000);
 }
+
+#[test]
+fn equivalent_rules_share_flows_and_traces_name_the_right_one() {
+    use policy::offline::{Endpoint, L4, Offline};
+    let mut c = Cluster::default();
+    for (name, app, ip) in [
+        ("a", "web", "10.0.0.1"),
+        ("b", "db", "10.0.0.2"),
+        ("c", "client", "10.0.0.3"),
+    ] {
+        c.upsert_pod(Pod {
+            key: ObjectKey::new("ns", name),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            ips: vec![ip.parse().unwrap()],
+            node: None,
+            ports: vec![],
+        });
+    }
+    // Two policies, same rule (from app=client on 80), different pods selected.
+    for (policy, app) in [("allow-web", "web"), ("allow-db", "db")] {
+        c.upsert_policy(Policy {
+            key: ObjectKey::new("ns", policy),
+            pod_selector: sel("app", app),
+            ingress: Some(vec![Rule {
+                peers: Some(vec![Peer::Pods {
+                    namespaces: NsSel::Own,
+                    pods: sel("app", "client"),
+                }]),
+                ports: Some(vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: PortRef::Range { start: 80, end: 80 },
+                }]),
+            }]),
+            egress: None,
+        });
+    }
+    let o = Offline::new(c).unwrap();
+    let rule = |p: &str| Provenance::Rule {
+        policy: ObjectKey::new("ns", p),
+        direction: Direction::Ingress,
+        index: 0,
+    };
+    assert_eq!(
+        o.compiler.cookie(&rule("allow-web")),
+        o.compiler.cookie(&rule("allow-db")),
+        "one conjunction"
+    );
+    let flows = o.compiler.flows();
+    assert_eq!(
+        flows.iter().filter(|f| f.priority == 300).count(),
+        2 + 1 + 1 + 1,
+        "2 selected + 1 peer + 1 port + conj_id"
+    );
+    let client = Endpoint::Pod("ns/c".parse().unwrap());
+    let to = |p: &str| {
+        o.trace(&client, &Endpoint::Pod(p.parse().unwrap()), L4::Tcp(80))
+            .unwrap()
+            .verdict
+    };
+    assert_eq!(to("ns/a").rule, "ns/allow-web ingress rule 0");
+    assert_eq!(to("ns/b").rule, "ns/allow-db ingress rule 0");
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, builds, runs every test.
+# Usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing ${need_pkgs[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    else
+        echo "missing packages: ${need_pkgs[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust (rustup) first" >&2
+    exit 1
+fi
+
+echo "==> cargo test (workspace)"
+cargo test --workspace --all-targets --locked
+echo "==> benchmarks compile"
+cargo bench --workspace --no-run --locked >/dev/null
