@@ -288,20 +288,19 @@ fn parse_fast(in_port: PortNo, frame: &[u8]) -> Option<FlowKey> {
             }
         }
         _ => {
-            // ICMP / ICMPv6: type, code, checksum, rest-of-header.
-            if l4.len() < 8 {
+            // ICMP / ICMPv6 echo only (other types have type-specific header
+            // lengths): type, code, checksum, identifier, sequence.
+            let echo = if key.nw_proto == ip_proto::ICMP {
+                matches!(l4.first(), Some(0 | 8))
+            } else {
+                matches!(l4.first(), Some(128 | 129))
+            };
+            if !echo || l4.len() < 8 {
                 return None;
             }
             key.tp_src = u16::from(l4[0]);
             key.tp_dst = u16::from(l4[1]);
-            let echo = if key.nw_proto == ip_proto::ICMP {
-                matches!(l4[0], 0 | 8 | 13 | 14)
-            } else {
-                matches!(l4[0], 128 | 129)
-            };
-            if echo {
-                key.icmp_id = be16(l4, 4);
-            }
+            key.icmp_id = be16(l4, 4);
             return Some(key);
         }
     }
