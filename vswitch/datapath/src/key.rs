@@ -309,6 +309,28 @@ fn parse_fast(in_port: PortNo, frame: &[u8]) -> Option<FlowKey> {
     Some(key)
 }
 
+/// Whether the IPv6 extension headers `exts` (raw, starting with header type
+/// `next`) hold a fragment header with a non-zero offset.
+///
+/// Walks the raw bytes with bounds checks instead of etherparse's extension
+/// iterator: on laxly parsed, truncated headers that iterator reads out of bounds
+/// (etherparse 0.21, found by our fuzz target `frame`).
+fn ipv6_later_fragment(mut next: u8, exts: &[u8]) -> bool {
+    let mut at = 0usize;
+    loop {
+        let Some(h) = exts.get(at..at + 8) else { return false };
+        let len = match next {
+            // Fragment: offset in the top 13 bits of bytes 2-3.
+            44 => return u16::from_be_bytes([h[2], h[3]]) >> 3 != 0,
+            0 | 43 | 60 | 135 | 139 | 140 | 253 | 254 => (usize::from(h[1]) + 1) * 8,
+            51 => (usize::from(h[1]) + 2) * 4,
+            _ => return false,
+        };
+        next = h[0];
+        at += len;
+    }
+}
+
 /// The general parser: every shape etherparse knows, lax about truncation.
 pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
     let mut key = FlowKey {
@@ -366,10 +388,7 @@ pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
             key.nw_proto = ip.payload().ip_number.0;
             if ip.payload().fragmented {
                 key.nw_frag = FRAG_ANY;
-                let later = ip.extensions().clone().into_iter().any(|e| {
-                    matches!(e, etherparse::Ipv6ExtensionSlice::Fragment(f)
-                        if f.fragment_offset().value() != 0)
-                });
+                let later = ipv6_later_fragment(h.next_header().0, ip.extensions().slice());
                 if later {
                     key.nw_frag |= FRAG_LATER;
                 }
@@ -587,6 +606,31 @@ mod tests {
                 proptest::prop_assert_eq!(fast, parse_general(PortNo(1), &f), "frame {:02x?}", f);
             }
         }
+    }
+
+    #[test]
+    fn truncated_ipv6_extensions_found_by_fuzzing() {
+        // fuzz/artifacts/frame/crash-8684fdaf...: etherparse's extension iterator
+        // read out of bounds on this frame.
+        let frame = [
+            113u8, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 38, 8, 0, 106, 37, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44,
+            44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44,
+            0, 0, 74, 0, 1, 0, 0, 38, 8, 0, 106, 255, 255, 255, 255, 255, 6, 0, 255, 0, 106, 5, 0, 38, 8, 61, 106,
+            5, 199, 199, 0, 0, 0, 77, 0, 199,
+        ];
+        let _ = parse(PortNo(1), &frame);
+    }
+
+    #[test]
+    fn ipv6_fragment_offsets() {
+        // Hop-by-hop (8 bytes) then a fragment header with offset 185 (x8 bytes).
+        let mut exts = vec![44u8, 0, 0, 0, 0, 0, 0, 0];
+        exts.extend([17, 0, 0x05, 0xc8, 0, 0, 0, 1]);
+        assert!(ipv6_later_fragment(0, &exts));
+        exts[10] = 0;
+        exts[11] = 0x01; // offset 0, more fragments
+        assert!(!ipv6_later_fragment(0, &exts));
+        assert!(!ipv6_later_fragment(0, &exts[..12]), "truncated");
     }
 
     #[test]
