@@ -1416,6 +1416,16 @@ impl Compiler {
         diff.finish(&self.state)
     }
 
+    /// Validates a NetworkPolicy and applies it. When validation fails nothing
+    /// changes: the last valid version of the policy stays in force.
+    pub fn apply_network_policy(
+        &mut self,
+        np: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    ) -> Result<FlowDiff, crate::error::Error> {
+        let policy = Policy::from_api(np)?;
+        Ok(self.apply(Change::Policy(policy)))
+    }
+
     fn deny_units_in(&self, namespace: &str, work: &mut Work) {
         for pod in self.cluster.pods_in(namespace) {
             for dir in [Direction::Ingress, Direction::Egress] {

@@ -5,3 +5,4 @@ mod conformance;
 mod example;
 mod incremental;
 mod scale;
+mod semantics;

@@ -318,7 +318,9 @@ fn parse_fast(in_port: PortNo, frame: &[u8]) -> Option<FlowKey> {
 fn ipv6_later_fragment(mut next: u8, exts: &[u8]) -> bool {
     let mut at = 0usize;
     loop {
-        let Some(h) = exts.get(at..at + 8) else { return false };
+        let Some(h) = exts.get(at..at + 8) else {
+            return false;
+        };
         let len = match next {
             // Fragment: offset in the top 13 bits of bytes 2-3.
             44 => return u16::from_be_bytes([h[2], h[3]]) >> 3 != 0,
@@ -613,10 +615,10 @@ mod tests {
         // fuzz/artifacts/frame/crash-8684fdaf...: etherparse's extension iterator
         // read out of bounds on this frame.
         let frame = [
-            113u8, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 38, 8, 0, 106, 37, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44,
-            44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44,
-            0, 0, 74, 0, 1, 0, 0, 38, 8, 0, 106, 255, 255, 255, 255, 255, 6, 0, 255, 0, 106, 5, 0, 38, 8, 61, 106,
-            5, 199, 199, 0, 0, 0, 77, 0, 199,
+            113u8, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 38, 8, 0, 106, 37, 44, 44, 44, 44, 44, 44, 44, 44,
+            44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44, 44,
+            44, 44, 44, 44, 44, 44, 44, 0, 0, 74, 0, 1, 0, 0, 38, 8, 0, 106, 255, 255, 255, 255,
+            255, 6, 0, 255, 0, 106, 5, 0, 38, 8, 61, 106, 5, 199, 199, 0, 0, 0, 77, 0, 199,
         ];
         let _ = parse(PortNo(1), &frame);
     }
