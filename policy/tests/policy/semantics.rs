@@ -146,7 +146,7 @@ spec:
         );
     }
     assert!(
-        verdict(&o, "app/client", "app/web1", L4::Sctp(5060)).0 == false,
+        !verdict(&o, "app/client", "app/web1", L4::Sctp(5060)).0,
         "client egress is denied"
     );
     assert!(
