@@ -118,8 +118,10 @@ fn cache_hit_with_conntrack(bencher: Bencher) {
 }
 
 /// 10,000 flows over 50 distinct masks in a 6-table pipeline (tables 0, 10, 20, 30,
-/// 40, 50), each table ending in a catch-all that goes to the next.
-fn big_pipeline() -> Vec<FlowEntry> {
+/// 40, 50), each table ending in a catch-all that goes to the next. With `spread`,
+/// the 50 masks are divided among the tables (8 or 9 each); without, every table
+/// holds all 50 (the worst case for tuple space search).
+fn big_pipeline_with(spread: bool) -> Vec<FlowEntry> {
     let tables = [0u8, 10, 20, 30, 40, 50];
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -134,11 +136,18 @@ fn big_pipeline() -> Vec<FlowEntry> {
         // ~1667 flows per table; 50 masks overall: prefix lengths 8..=32 (25), with
         // and without an exact tp_dst.
         let mut added = 0;
-        for i in 0u32.. {
+        for i in 0u32..1_000_000 {
             if added == 1667 {
                 break;
             }
-            let mask_no = (n % 50) as u8;
+            let mask_no = if spread {
+                // Every sixth mask: table ti gets ti, ti+6, ti+12, ... (8 or 9 masks).
+                let k = (n as usize) % 9;
+                let m = ti + 6 * k;
+                (if m < 50 { m } else { ti }) as u8
+            } else {
+                (n % 50) as u8
+            };
             n += 1;
             let len = 8 + (mask_no % 25);
             let with_port = mask_no >= 25;
@@ -167,10 +176,20 @@ fn big_pipeline() -> Vec<FlowEntry> {
     out
 }
 
-/// Miss path: every packet misses a 4-entry cache and runs the 6-table pipeline.
+/// Miss path: every packet misses a 4-entry cache and runs the 6-table pipeline,
+/// all 50 masks in every table.
 #[divan::bench]
 fn miss_6_tables_10k_flows_50_masks(bencher: Bencher) {
-    let flows = big_pipeline();
+    miss_path(bencher, big_pipeline_with(false));
+}
+
+/// The same with the 50 masks spread over the 6 tables.
+#[divan::bench]
+fn miss_6_tables_10k_flows_50_masks_spread(bencher: Bencher) {
+    miss_path(bencher, big_pipeline_with(true));
+}
+
+fn miss_path(bencher: Bencher, flows: Vec<FlowEntry>) {
     let dp = Datapath::new(DatapathConfig {
         cache_entries: 4,
         ..DatapathConfig::default()
@@ -183,6 +202,12 @@ fn miss_6_tables_10k_flows_50_masks(bencher: Bencher) {
         .map(|t| snap.tables.classifier(TableId(*t)).n_masks())
         .sum();
     assert!(snap.tables.len() >= 10_000, "{} flows", snap.tables.len());
+    let distinct: std::collections::HashSet<_> = snap
+        .tables
+        .iter()
+        .map(|(_, f)| *f.entry.matcher.mask())
+        .collect();
+    assert!(distinct.len() >= 50, "{} distinct masks", distinct.len());
     assert!(masks >= 50, "{masks} masks");
     let mut w = dp.worker();
     w.begin_batch();

@@ -58,19 +58,21 @@ struct Bucket {
 
 #[derive(Clone, Debug)]
 struct Subtable {
-    mask: MatchKey,
-    /// Indices of the mask's non-zero words: only those are hashed and compared.
-    words: ArrayVec<u8, NWORDS>,
     max_priority: u16,
-    priorities: BTreeMap<u16, u32>,
+    /// The mask's non-zero words as (index, mask), packed: only those are hashed
+    /// and compared, and a lookup reads nothing else of the subtable.
+    words: ArrayVec<(u8, u64), NWORDS>,
     buckets: HashTable<Bucket>,
+    mask: MatchKey,
+    priorities: BTreeMap<u16, u32>,
 }
 
 /// Fixed seed: lookups must hash identically in every snapshot copy.
-fn hash_words(key: &MatchKey, words: &[u8], mask: &MatchKey) -> u64 {
+#[inline]
+fn hash_words(key: &MatchKey, words: &[(u8, u64)]) -> u64 {
     let mut h = foldhash::fast::FixedState::with_seed(0x9e37_79b9_7f4a_7c15).build_hasher();
-    for &w in words {
-        h.write_u64(key.0[w as usize] & mask.0[w as usize]);
+    for &(w, m) in words {
+        h.write_u64(key.0[w as usize] & m);
     }
     h.finish()
 }
@@ -79,6 +81,7 @@ impl Subtable {
     fn new(mask: MatchKey) -> Subtable {
         let words = (0..NWORDS as u8)
             .filter(|&w| mask.0[w as usize] != 0)
+            .map(|w| (w, mask.0[w as usize]))
             .collect();
         Subtable {
             mask,
@@ -91,11 +94,11 @@ impl Subtable {
 
     #[inline]
     fn find(&self, key: &MatchKey) -> Option<&Bucket> {
-        let hash = hash_words(key, &self.words, &self.mask);
+        let hash = hash_words(key, &self.words);
         self.buckets.find(hash, |b| {
             self.words
                 .iter()
-                .all(|&w| key.0[w as usize] & self.mask.0[w as usize] == b.value.0[w as usize])
+                .all(|&(w, m)| key.0[w as usize] & m == b.value.0[w as usize])
         })
     }
 }
@@ -158,13 +161,11 @@ impl Classifier {
         let st = &mut self.subtables[pos];
         *st.priorities.entry(priority).or_default() += 1;
         let value = *matcher.value();
-        let hash = hash_words(&value, &st.words, &st.mask);
-        let (words, smask) = (&st.words, st.mask);
-        let entry = st.buckets.entry(
-            hash,
-            |b| b.value == value,
-            |b| hash_words(&b.value, words, &smask),
-        );
+        let hash = hash_words(&value, &st.words);
+        let words = &st.words;
+        let entry = st
+            .buckets
+            .entry(hash, |b| b.value == value, |b| hash_words(&b.value, words));
         let mut bucket = entry.or_insert_with(|| Bucket {
             value,
             rules: SmallVec::new(),
@@ -197,7 +198,7 @@ impl Classifier {
         };
         let st = &mut self.subtables[pos];
         let value = *matcher.value();
-        let hash = hash_words(&value, &st.words, &st.mask);
+        let hash = hash_words(&value, &st.words);
         let Ok(mut entry) = st.buckets.find_entry(hash, |b| b.value == value) else {
             return false;
         };
