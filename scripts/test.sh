@@ -21,6 +21,6 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 echo "==> cargo test (workspace)"
-cargo test --workspace --all-targets --locked
-echo "==> benchmarks compile"
+cargo test --workspace --locked
+echo "==> benchmarks build"
 cargo bench --workspace --no-run --locked >/dev/null
