@@ -480,37 +480,35 @@ struct Flags {
 
 impl GroupInfo {
     fn flags(&self, g: &GroupKey) -> Flags {
-        let cidrs = g
-            .peers
-            .iter()
-            .flatten()
-            .any(|p| matches!(p, CanonPeer::Block { .. }));
-        Flags {
-            selected: !self.selected.is_empty(),
-            v4: !self.selected_v4.is_empty(),
-            v6: !self.selected_v6.is_empty(),
-            peers: cidrs || !self.peers.is_empty(),
-            owners: !self.owners.is_empty(),
-        }
+        self.flags_where(g, |set, _| !set.is_empty())
     }
 
     /// The flags once `pod` has roles `r`, without changing anything.
     fn flags_after(&self, g: &GroupKey, pod: &ObjectKey, r: Roles) -> Flags {
-        let nonempty = |set: &BTreeSet<ObjectKey>, on: bool| {
-            let others = set.len() - usize::from(set.contains(pod));
-            others > 0 || on
-        };
+        let has = [r.selected, r.selected_v4, r.selected_v6, r.peer, r.owner];
+        self.flags_where(g, |set, i| {
+            set.len() > usize::from(set.contains(pod)) || has[i]
+        })
+    }
+
+    /// Flags from a non-emptiness test on each set (selected, v4, v6, peers,
+    /// owners, in that order).
+    fn flags_where(
+        &self,
+        g: &GroupKey,
+        nonempty: impl Fn(&BTreeSet<ObjectKey>, usize) -> bool,
+    ) -> Flags {
         let cidrs = g
             .peers
             .iter()
             .flatten()
             .any(|p| matches!(p, CanonPeer::Block { .. }));
         Flags {
-            selected: nonempty(&self.selected, r.selected),
-            v4: nonempty(&self.selected_v4, r.selected_v4),
-            v6: nonempty(&self.selected_v6, r.selected_v6),
-            peers: cidrs || nonempty(&self.peers, r.peer),
-            owners: nonempty(&self.owners, r.owner),
+            selected: nonempty(&self.selected, 0),
+            v4: nonempty(&self.selected_v4, 1),
+            v6: nonempty(&self.selected_v6, 2),
+            peers: cidrs || nonempty(&self.peers, 3),
+            owners: nonempty(&self.owners, 4),
         }
     }
 
