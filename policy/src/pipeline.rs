@@ -109,38 +109,22 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     let ip_any = [ether_type::IPV4, ether_type::IPV6];
 
     // 0: classifier.
-    for p in &topo.pods {
+    let classes = topo
+        .pods
+        .iter()
+        .map(|p| (p.port, CLASS_POD))
+        .chain(topo.gateway.iter().map(|g| (g.port, CLASS_GATEWAY)));
+    for (port, class) in classes {
+        let m = Match::any().with(Field::InPort, port.0.into());
         out.push(
-            flow(
-                CLASSIFIER,
-                100,
-                Match::any().with(Field::InPort, p.port.0.into()),
-                "classifier: known port",
-            )
-            .action(Action::Load {
-                field: Field::Reg(0),
-                value: CLASS_POD,
-                ofs: 0,
-                nbits: 8,
-            })
-            .action(goto(SPOOFGUARD)),
-        );
-    }
-    if let Some(g) = &topo.gateway {
-        out.push(
-            flow(
-                CLASSIFIER,
-                100,
-                Match::any().with(Field::InPort, g.port.0.into()),
-                "classifier: known port",
-            )
-            .action(Action::Load {
-                field: Field::Reg(0),
-                value: CLASS_GATEWAY,
-                ofs: 0,
-                nbits: 8,
-            })
-            .action(goto(SPOOFGUARD)),
+            flow(CLASSIFIER, 100, m, "classifier: known port")
+                .action(Action::Load {
+                    field: Field::Reg(0),
+                    value: class,
+                    ofs: 0,
+                    nbits: 8,
+                })
+                .action(goto(SPOOFGUARD)),
         );
     }
     out.push(flow(
