@@ -1,0 +1,72 @@
+//! TAP devices: the switch holds each pod's TAP file descriptor.
+//!
+//! Owns creating, attaching to and deleting TAP devices (whole Ethernet frames, no
+//! packet-information header, offloads off so the kernel never hands us GSO
+//! super-frames). Reads and writes are non-blocking.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::sys;
+
+/// An open TAP device.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl Tap {
+    /// Creates the TAP device `name`, or attaches to it if it exists (a persistent
+    /// device after a restart). With `persist`, the device survives this process.
+    ///
+    /// Fails when `/dev/net/tun` cannot be opened (not root, no tun module), the
+    /// name is invalid, or the device exists with other flags.
+    pub fn open(name: &str, persist: bool) -> io::Result<Tap> {
+        let fd = sys::open_tun()?;
+        let name = sys::tunsetiff(fd.as_fd(), name, sys::IFF_TAP | sys::IFF_NO_PI)?;
+        sys::tunsetoffload(fd.as_fd(), 0)?;
+        sys::tunsetpersist(fd.as_fd(), persist)?;
+        Ok(Tap { fd, name })
+    }
+
+    /// Deletes a persistent TAP device (attaches and clears persistence; the device
+    /// goes away with the fd). Succeeds when the device does not exist.
+    pub fn delete(name: &str) -> io::Result<()> {
+        let fd = sys::open_tun()?;
+        match sys::tunsetiff(fd.as_fd(), name, sys::IFF_TAP | sys::IFF_NO_PI) {
+            Ok(_) => sys::tunsetpersist(fd.as_fd(), false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one frame; `Ok(None)` when none is waiting.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match sys::read(self.fd.as_fd(), buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes one frame. A full queue drops the frame (`Ok(false)`), as a NIC would.
+    pub fn send(&self, frame: &[u8]) -> io::Result<bool> {
+        match sys::write(self.fd.as_fd(), frame) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            // The device is down or its namespace went away: the frame is lost.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
