@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+# host-local, the IPAM plugin vswitch-cni delegates to (end-to-end tests).
+[ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need_pkgs+=(containernetworking-plugins)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> installing ${need_pkgs[*]}"

@@ -146,3 +146,12 @@ pub fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: setns takes an fd and a flag by value; it affects only this thread.
     check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
 }
+
+/// if_nametoindex(3) in the calling thread's network namespace: whether a device
+/// named `name` exists there.
+pub fn if_nametoindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}

@@ -40,6 +40,31 @@ impl Tap {
         }
     }
 
+    /// Attaches to the existing TAP device `name` inside the network namespace
+    /// `netns` (a path such as `/var/run/netns/NAME`): device names are looked up
+    /// in the caller's namespace, so this runs on a thread that joins `netns`. The
+    /// returned fd works from any thread.
+    ///
+    /// Fails when the namespace cannot be entered or has no device `name` (it is
+    /// never created there).
+    pub fn open_in(netns: &std::path::Path, name: &str) -> io::Result<Tap> {
+        let netns = netns.to_path_buf();
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&netns)?;
+            sys::setns_net(ns.as_fd())?;
+            if sys::if_nametoindex(&name).is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no device {name} in {}", netns.display()),
+                ));
+            }
+            Tap::open(&name, true)
+        })
+        .join()
+        .map_err(|_| io::Error::other("netns thread panicked"))?
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

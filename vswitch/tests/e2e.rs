@@ -257,3 +257,274 @@ fn pods_talk_through_the_switch_and_policy_is_enforced_per_packet() {
     );
     assert!(stats.packets > 20);
 }
+
+// ---- vswitchd and vswitch-cni, as a container runtime drives them -----------------
+
+use std::collections::HashMap as Map;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Instant;
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A vswitchd process, killed on drop.
+struct Daemon {
+    child: Option<Child>,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path, socket: &std::path::Path) -> Daemon {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_vswitchd"))
+            .args(["--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vswitchd starts");
+        let d = Daemon {
+            child: Some(child),
+            config: config.into(),
+            socket: socket.into(),
+        };
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "vswitchd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        *self = Daemon::start(&self.config.clone(), &self.socket.clone());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cni {
+    netconf: String,
+}
+
+impl Cni {
+    fn call(&self, command: &str, ns: &Netns, pod: &str) -> (bool, serde_json::Value) {
+        let (pns, pname) = pod.split_once('/').unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch-cni"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("{}-{pname}", ns.0))
+            .env("CNI_NETNS", format!("/var/run/netns/{}", ns.0))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={pns};K8S_POD_NAME={pname}"),
+            )
+            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("vswitch-cni runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.netconf.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (out.status.success(), v)
+    }
+}
+
+/// Pods attached through CNI, deleted (CNI DEL) on drop.
+struct Attached<'a> {
+    cni: &'a Cni,
+    pods: Vec<(&'a Netns, String)>,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        for (ns, pod) in &self.pods {
+            let _ = self.cni.call("DEL", ns, pod);
+        }
+    }
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn vswitchd_with_cni_manifests_and_restart() {
+    if Tap::open(&format!("vsc{}x", std::process::id() % 100_000), false).is_err() {
+        eprintln!("skipping: cannot create TAP devices");
+        return;
+    }
+    if !std::path::Path::new("/usr/lib/cni/host-local").exists()
+        && !std::path::Path::new("/opt/cni/bin/host-local").exists()
+    {
+        panic!(
+            "host-local IPAM plugin missing: install containernetworking-plugins (scripts/test.sh does)"
+        );
+    }
+    let id = format!("vsc{}", std::process::id() % 100_000);
+    let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-e2e-{}", std::process::id())));
+    let dir = tmp.0.clone();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    let socket = dir.join("vswitchd.sock");
+    let manifests = dir.join("manifests");
+    std::fs::write(
+        manifests.join("pods.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop, labels: {app: db}}\n",
+    )
+    .unwrap();
+    let policy = |ports: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: db, namespace: shop}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: db}}}}\n  policyTypes: [Ingress, Egress]\n\
+             \n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{ports}]}}]\n"
+        )
+    };
+    std::fs::write(manifests.join("policy.yaml"), policy("{port: 8080}")).unwrap();
+    let config = dir.join("vswitchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n",
+            socket.to_str().unwrap(),
+            dir.join("state").to_str().unwrap(),
+            manifests.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(&config, &socket);
+    let cni = Cni {
+        netconf: serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "vswitch",
+            "type": "vswitch-cni",
+            "socket": socket,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.97.0.0/24"}]], "dataDir": dir.join("ipam")},
+        })
+        .to_string(),
+    };
+    let web_ns = Netns::new(format!("{id}w"));
+    let db_ns = Netns::new(format!("{id}d"));
+    let mut attached = Attached {
+        cni: &cni,
+        pods: vec![],
+    };
+    let mut ip_of = Map::new();
+    for (ns, pod) in [(&web_ns, "shop/web"), (&db_ns, "shop/db")] {
+        let (ok, result) = cni.call("ADD", ns, pod);
+        assert!(ok, "CNI ADD {pod}: {result}");
+        attached.pods.push((ns, pod.to_string()));
+        let addr = result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        assert_eq!(result["interfaces"][0]["name"], "eth0");
+        ip_of.insert(pod, addr);
+    }
+    let (web, db) = (ip_of["shop/web"].clone(), ip_of["shop/db"].clone());
+    Lab::serve_tcp(&db_ns, &db, 8080);
+    Lab::serve_tcp(&db_ns, &db, 8081);
+    Lab::serve_tcp(&web_ns, &web, 9000);
+    assert!(
+        cni.call("CHECK", &db_ns, "shop/db").0,
+        "CHECK of an attached pod"
+    );
+
+    assert!(Lab::tcp(&web_ns, &db, 8080), "web -> db:8080 allowed");
+    assert!(!Lab::tcp(&web_ns, &db, 8081), "web -> db:8081 denied");
+    assert!(!Lab::tcp(&db_ns, &web, 9000), "db egress denied");
+
+    // A policy edit is enforced for new connections.
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        policy("{port: 8080}, {port: 8081}"),
+    )
+    .unwrap();
+    eventually("8081 allowed after the edit", || {
+        Lab::tcp(&web_ns, &db, 8081)
+    });
+    // An invalid edit is reported and the last good version stays.
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        policy("{port: 8080, endPort: 10}"),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        Lab::tcp(&web_ns, &db, 8081),
+        "last good policy still in force"
+    );
+    assert!(!Lab::tcp(&db_ns, &web, 9000), "and still isolating db");
+
+    // kill -9: nothing is forwarded while vswitchd is down...
+    daemon.kill9();
+    assert!(
+        !Lab::tcp(&web_ns, &db, 8080),
+        "nothing forwarded while vswitchd is down"
+    );
+    // ...and after a restart every port is back, under policy from the first packet.
+    daemon.restart();
+    eventually("ports reattached after restart", || {
+        Lab::tcp(&web_ns, &db, 8080)
+    });
+    assert!(
+        Lab::tcp(&web_ns, &db, 8081),
+        "policy from the manifests (last good file)"
+    );
+    assert!(
+        !Lab::tcp(&db_ns, &web, 9000),
+        "db still isolated after restart"
+    );
+
+    // DEL removes the port; a second DEL succeeds too.
+    assert!(cni.call("DEL", &db_ns, "shop/db").0);
+    assert!(cni.call("DEL", &db_ns, "shop/db").0, "DEL is idempotent");
+    attached.pods.retain(|(_, p)| p != "shop/db");
+    let ports = vswitch::control::request(&socket, &vswitch::control::Request::Ports).unwrap();
+    assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
+    drop(attached);
+    drop(daemon);
+    drop(tmp);
+}

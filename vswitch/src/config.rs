@@ -1,0 +1,153 @@
+//! vswitchd's configuration file (TOML).
+//!
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The control socket.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Where attached ports are recorded, to reattach them after a restart.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Standalone mode: a directory of manifests, watched for changes.
+    #[serde(default)]
+    pub manifests: Option<PathBuf>,
+    /// How often the manifest directory is checked, in milliseconds.
+    #[serde(default = "default_watch_ms")]
+    pub watch_interval_ms: u64,
+    /// The port towards the node: an internal TAP device in the host namespace.
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+    /// Maximum conntrack entries.
+    #[serde(default = "default_ct_max")]
+    pub conntrack_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// TAP device name (1-15 bytes).
+    pub name: String,
+    /// Gateway address with the pod subnet's prefix, e.g. `10.244.0.1/24`.
+    pub address: IpNet,
+    /// Other addresses of this node (for "traffic to the own node is allowed").
+    #[serde(default)]
+    pub node_addresses: Vec<IpAddr>,
+}
+
+fn default_socket() -> PathBuf {
+    crate::control::DEFAULT_SOCKET.into()
+}
+
+fn default_state_dir() -> PathBuf {
+    "/var/lib/vswitch".into()
+}
+
+fn default_watch_ms() -> u64 {
+    100
+}
+
+fn default_ct_max() -> usize {
+    262_144
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration in {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    ///
+    /// Fails on unreadable files, TOML errors, unknown keys, bad values (named),
+    /// a gateway name longer than 15 bytes, or a zero watch interval.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Config::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_string(),
+            message,
+        };
+        if let Some(g) = &c.gateway
+            && (g.name.is_empty() || g.name.len() > 15)
+        {
+            return Err(invalid(format!(
+                "gateway.name {:?} must be 1-15 bytes",
+                g.name
+            )));
+        }
+        if c.watch_interval_ms == 0 {
+            return Err(invalid("watch_interval_ms must be at least 1".into()));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::parse("manifests = \"/etc/vswitch/manifests\"\n", "t.toml").unwrap();
+        assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
+        assert_eq!(c.watch_interval_ms, 100);
+        let e = Config::parse("socket = \"/x\"\nsokcet = \"/y\"\n", "t.toml").unwrap_err();
+        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(
+            chain.contains("invalid configuration in t.toml") && chain.contains("sokcet"),
+            "{chain}"
+        );
+        let e = Config::parse(
+            "[gateway]\nname = \"vsw0\"\naddress = \"10.0.0.1/99\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("address"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[gateway]\nname = \"a-very-long-interface-name\"\naddress = \"10.0.0.1/24\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("1-15 bytes"));
+    }
+}

@@ -1,0 +1,572 @@
+//! vswitchd: the switch plus its sources of truth and its control socket.
+//!
+//! Owns start-up order (policy first, then ports, then forwarding: the first
+//! packet forwarded is already under policy), the manifest directory watcher (an
+//! invalid file or object is reported and its last good version stays in force),
+//! the state file that lets a restarted daemon reattach every port, and serving
+//! the control socket.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use datapath::{CtConfig, DatapathConfig};
+use policy::compile::Change;
+use policy::error::Error as PolicyError;
+use policy::manifest::{Manifests, files, load_str};
+use policy::model::{Namespace, Node, ObjectKey, Pod, Policy};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::control::{Request, Response, format_mac, parse_mac};
+use crate::switch::Switch;
+use crate::tap::Tap;
+
+/// The node this daemon runs on, in the cluster model.
+pub const LOCAL_NODE: &str = "local";
+
+/// One attached port, as the state file records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub pod: String,
+    /// The pod's network namespace (a path); `None`: the host namespace.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// The TAP device's name in that namespace.
+    pub ifname: String,
+    pub mac: String,
+    pub ips: Vec<IpAddr>,
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    pub config: Config,
+    pub switch: Arc<Switch>,
+    records: Mutex<Vec<PortRecord>>,
+}
+
+fn log(msg: impl std::fmt::Display) {
+    eprintln!("vswitchd: {msg}");
+}
+
+/// An error and its causes, `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+impl Daemon {
+    /// Builds the switch: manifests applied, gateway up, recorded ports reattached.
+    /// Packet threads are not started yet.
+    ///
+    /// Fails when the gateway cannot be created or configured.
+    pub fn start(config: Config, watch: &mut Option<ManifestWatch>) -> anyhow::Result<Arc<Daemon>> {
+        let switch = Switch::new(DatapathConfig {
+            conntrack: CtConfig {
+                max_entries: config.conntrack_max,
+                ..CtConfig::default()
+            },
+            ..DatapathConfig::default()
+        });
+        if let Some(w) = watch.as_mut() {
+            for change in w.poll() {
+                apply(&switch, change);
+            }
+        }
+        if let Some(g) = &config.gateway {
+            let tap = Tap::open(&g.name, false)
+                .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
+            run_ip(&["addr", "replace", &g.address.to_string(), "dev", &g.name])?;
+            run_ip(&["link", "set", &g.name, "up"])?;
+            let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", g.name))?;
+            let mac = parse_mac(mac_text.trim())
+                .ok_or_else(|| anyhow::anyhow!("gateway {} has no MAC", g.name))?;
+            switch.set_gateway(tap, mac, vec![g.address.addr()])?;
+            let mut addresses = vec![g.address.addr()];
+            addresses.extend(&g.node_addresses);
+            switch.apply(Change::Node(Node {
+                name: LOCAL_NODE.into(),
+                addresses,
+                pod_cidrs: vec![g.address.trunc()],
+            }))?;
+        }
+        let daemon = Arc::new(Daemon {
+            config,
+            switch,
+            records: Mutex::new(Vec::new()),
+        });
+        for r in daemon.load_state() {
+            match daemon.attach(&r) {
+                Ok(()) => log(format!("reattached {}", describe_port(&r))),
+                Err(e) => log(format!("cannot reattach {}: {e}", describe_port(&r))),
+            }
+        }
+        Ok(daemon)
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.config.state_dir.join("ports.json")
+    }
+
+    fn load_state(&self) -> Vec<PortRecord> {
+        let path = self.state_file();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                log(format!(
+                    "ignoring unreadable state file {}: {e}",
+                    path.display()
+                ));
+                vec![]
+            }),
+            Err(_) => vec![],
+        }
+    }
+
+    fn save_state(&self, records: &[PortRecord]) {
+        let path = self.state_file();
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.config.state_dir)?;
+            std::fs::write(&tmp, serde_json::to_vec_pretty(records).unwrap_or_default())?;
+            std::fs::rename(&tmp, &path)
+        };
+        if let Err(e) = write() {
+            log(format!("cannot write state file {}: {e}", path.display()));
+        }
+    }
+
+    /// Attaches the persistent TAP device `r.ifname` (in `r.netns`) as pod `r.pod`.
+    pub fn attach(&self, r: &PortRecord) -> Result<(), String> {
+        let pod: ObjectKey = r.pod.parse().map_err(|e: String| format!("bad pod: {e}"))?;
+        let mac = parse_mac(&r.mac).ok_or_else(|| format!("bad MAC address {:?}", r.mac))?;
+        if r.ips.is_empty() {
+            return Err("a port needs at least one IP address".into());
+        }
+        let tap = match &r.netns {
+            Some(ns) => Tap::open_in(Path::new(ns), &r.ifname),
+            None => Tap::open(&r.ifname, true),
+        }
+        .map_err(|e| format!("cannot open TAP device {}: {e}", r.ifname))?;
+        self.switch
+            .attach(tap, pod.clone(), mac, r.ips.clone())
+            .map_err(|e| chain(&e))?;
+        if self.config.gateway.is_some() {
+            // The pod runs on this node: own-node traffic is allowed for it.
+            let known = self
+                .switch
+                .with_compiler(|c| c.cluster().pod(&pod).cloned());
+            if let Some(mut p) = known {
+                p.node = Some(LOCAL_NODE.into());
+                let _ = self.switch.apply(Change::Pod(p));
+            }
+        }
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.retain(|x| x.pod != r.pod);
+        records.push(r.clone());
+        self.save_state(&records);
+        Ok(())
+    }
+
+    pub fn detach(&self, pod: &str) -> Result<(), String> {
+        let key: ObjectKey = pod.parse().map_err(|e: String| format!("bad pod: {e}"))?;
+        self.switch.detach(&key).map_err(|e| chain(&e))?;
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        records.retain(|x| x.pod != pod);
+        self.save_state(&records);
+        Ok(())
+    }
+
+    fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Attach {
+                pod,
+                netns,
+                ifname,
+                mac,
+                ips,
+            } => match self.attach(&PortRecord {
+                pod,
+                netns,
+                ifname,
+                mac,
+                ips,
+            }) {
+                Ok(()) => Response::ok(Value::Null),
+                Err(e) => Response::err(e),
+            },
+            Request::Detach { pod } => match self.detach(&pod) {
+                Ok(()) => Response::ok(Value::Null),
+                Err(e) => Response::err(e),
+            },
+            Request::Ports => {
+                let records = self
+                    .records
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                Response::ok(serde_json::to_value(records).unwrap_or_default())
+            }
+            Request::DumpFlows => {
+                let flows: Vec<Value> = self.switch.with_compiler(|c| {
+                    self.switch
+                        .datapath()
+                        .flow_stats()
+                        .into_iter()
+                        .map(|s| {
+                            json!({
+                                "flow": s.entry.to_string(),
+                                "n_packets": s.packets,
+                                "n_bytes": s.bytes,
+                                "rule": policy::explain::describe(c, s.entry.cookie),
+                            })
+                        })
+                        .collect()
+                });
+                Response::ok(Value::Array(flows))
+            }
+            Request::Stats => {
+                let s = self.switch.datapath().stats();
+                Response::ok(json!({
+                    "generation": s.generation,
+                    "flows": s.flows,
+                    "packets": s.packets,
+                    "bytes": s.bytes,
+                    "drops": s.drops.iter().map(|(r, n)| (r.name(), *n)).collect::<BTreeMap<_, _>>(),
+                    "cache": {"hits": s.cache.hits, "misses": s.cache.misses, "evictions": s.cache.evictions},
+                    "conntrack": {"entries": s.conntrack_entries, "max": s.conntrack_max, "full_drops": s.conntrack_full_drops},
+                }))
+            }
+        }
+    }
+
+    /// Serves the control socket (mode 0600), one thread per connection.
+    ///
+    /// Fails when the socket cannot be created.
+    pub fn serve(self: &Arc<Self>) -> anyhow::Result<()> {
+        let path = &self.config.socket;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    let me = me.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || me.connection(conn));
+                }
+            })?;
+        Ok(())
+    }
+
+    fn connection(&self, conn: UnixStream) {
+        let Ok(mut writer) = conn.try_clone() else {
+            return;
+        };
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { return };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => self.handle(req),
+                Err(e) => Response::err(format!("bad request: {e}")),
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_default();
+            out.push('\n');
+            if writer.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn run_ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Applies a change, logging (not failing) when flows cannot be installed.
+pub fn apply(switch: &Switch, change: Change) {
+    if let Err(e) = switch.apply(change) {
+        log(chain(&e));
+    }
+}
+
+/// The objects of one manifest file that are in force.
+#[derive(Debug, Default, Clone)]
+struct FileObjects {
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<ObjectKey, Pod>,
+    nodes: BTreeMap<String, Node>,
+    policies: BTreeMap<ObjectKey, Policy>,
+}
+
+impl From<&Manifests> for FileObjects {
+    fn from(m: &Manifests) -> FileObjects {
+        FileObjects {
+            namespaces: m
+                .namespaces
+                .iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            pods: m.pods.iter().map(|p| (p.key.clone(), p.clone())).collect(),
+            nodes: m
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            policies: m
+                .policies
+                .iter()
+                .map(|p| (p.key.clone(), p.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// (kind, object) of an object a manifest error rejected, when it names one.
+fn rejected(e: &PolicyError) -> Option<(&'static str, String)> {
+    match e {
+        PolicyError::InFile { source, .. } => rejected(source),
+        PolicyError::Invalid { kind, object, .. } => Some((kind, object.clone())),
+        _ => None,
+    }
+}
+
+/// Watches a manifest directory and turns its edits into changes.
+#[derive(Debug)]
+pub struct ManifestWatch {
+    dir: PathBuf,
+    /// Copies of the last version of each file that loaded cleanly, so that a
+    /// restarted daemon keeps enforcing them when a file has since gone bad.
+    last_good: Option<PathBuf>,
+    signature: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    files: HashMap<PathBuf, FileObjects>,
+    applied: FileObjects,
+}
+
+impl ManifestWatch {
+    /// Watches `dir`; with `state_dir`, remembers the last good version of every
+    /// file across restarts.
+    pub fn new(dir: &Path, state_dir: Option<&Path>) -> ManifestWatch {
+        let last_good = state_dir.map(|d| d.join("last-good"));
+        let mut files = HashMap::new();
+        if let Some(store) = &last_good {
+            for path in policy::manifest::files(dir).unwrap_or_default() {
+                if let Ok(text) = std::fs::read_to_string(store.join(Self::store_name(&path))) {
+                    let mut m = Manifests::default();
+                    load_str(&mut m, &path, &text);
+                    files.insert(path, FileObjects::from(&m));
+                }
+            }
+        }
+        ManifestWatch {
+            dir: dir.to_path_buf(),
+            last_good,
+            signature: Vec::new(),
+            files,
+            applied: FileObjects::default(),
+        }
+    }
+
+    fn store_name(path: &Path) -> String {
+        path.to_string_lossy().replace(['/', '\\'], "%")
+    }
+
+    fn remember(&self, path: &Path, text: &str) {
+        if let Some(store) = &self.last_good {
+            let _ = std::fs::create_dir_all(store);
+            let _ = std::fs::write(store.join(Self::store_name(path)), text);
+        }
+    }
+
+    fn current_signature(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+        files(&self.dir)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::metadata(&p).ok();
+                let (mtime, len) = meta.map_or((None, 0), |m| (m.modified().ok(), m.len()));
+                (p, mtime, len)
+            })
+            .collect()
+    }
+
+    /// The changes since the last call (all objects on the first call); reports
+    /// rejected files and objects, whose last good versions stay in force.
+    pub fn poll(&mut self) -> Vec<Change> {
+        let sig = self.current_signature();
+        if sig == self.signature {
+            return vec![];
+        }
+        self.signature = sig;
+        let mut next_files = HashMap::new();
+        for (path, _, _) in &self.signature {
+            let previous = self.files.get(path).cloned().unwrap_or_default();
+            let mut m = Manifests::default();
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    load_str(&mut m, path, &text);
+                    if m.errors.is_empty() {
+                        self.remember(path, &text);
+                    }
+                }
+                Err(e) => {
+                    log(format!(
+                        "cannot read {}: {e}; keeping its last good objects",
+                        path.display()
+                    ));
+                    next_files.insert(path.clone(), previous);
+                    continue;
+                }
+            }
+            let whole_file_failed = m
+                .errors
+                .iter()
+                .any(|e| matches!(e, PolicyError::Yaml { .. }));
+            for e in &m.errors {
+                log(format!("{} (last good version stays in force)", chain(e)));
+            }
+            if whole_file_failed {
+                next_files.insert(path.clone(), previous);
+                continue;
+            }
+            let mut objs = FileObjects::from(&m);
+            for (kind, object) in m.errors.iter().filter_map(rejected) {
+                match kind {
+                    "NetworkPolicy" => {
+                        if let Ok(k) = object.parse::<ObjectKey>()
+                            && let Some(p) = previous.policies.get(&k)
+                        {
+                            objs.policies.insert(k, p.clone());
+                        }
+                    }
+                    "Pod" => {
+                        if let Ok(k) = object.parse::<ObjectKey>()
+                            && let Some(p) = previous.pods.get(&k)
+                        {
+                            objs.pods.insert(k, p.clone());
+                        }
+                    }
+                    "Namespace" => {
+                        if let Some(n) = previous.namespaces.get(&object) {
+                            objs.namespaces.insert(object.clone(), n.clone());
+                        }
+                    }
+                    _ => {
+                        if let Some(n) = previous.nodes.get(&object) {
+                            objs.nodes.insert(object.clone(), n.clone());
+                        }
+                    }
+                }
+            }
+            next_files.insert(path.clone(), objs);
+        }
+        self.files = next_files;
+        let mut want = FileObjects::default();
+        for f in self.files.values() {
+            want.namespaces.extend(f.namespaces.clone());
+            want.pods.extend(f.pods.clone());
+            want.nodes.extend(f.nodes.clone());
+            want.policies.extend(f.policies.clone());
+        }
+        let mut changes = Vec::new();
+        diff(
+            &self.applied.namespaces,
+            &want.namespaces,
+            &mut changes,
+            Change::Namespace,
+            Change::NamespaceDeleted,
+        );
+        diff(
+            &self.applied.nodes,
+            &want.nodes,
+            &mut changes,
+            Change::Node,
+            Change::NodeDeleted,
+        );
+        diff(
+            &self.applied.pods,
+            &want.pods,
+            &mut changes,
+            Change::Pod,
+            Change::PodDeleted,
+        );
+        diff(
+            &self.applied.policies,
+            &want.policies,
+            &mut changes,
+            Change::Policy,
+            Change::PolicyDeleted,
+        );
+        self.applied = want;
+        changes
+    }
+
+    /// Polls forever, applying changes to `switch`.
+    pub fn run(mut self, switch: Arc<Switch>, every: Duration) {
+        loop {
+            std::thread::sleep(every);
+            for change in self.poll() {
+                apply(&switch, change);
+            }
+        }
+    }
+}
+
+fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    out: &mut Vec<Change>,
+    upsert: impl Fn(V) -> Change,
+    delete: impl Fn(K) -> Change,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            out.push(upsert(v.clone()));
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            out.push(delete(k.clone()));
+        }
+    }
+}
+
+/// Describes a port for logs.
+pub fn describe_port(r: &PortRecord) -> String {
+    let ns = r.netns.as_deref().unwrap_or("host");
+    format!("{} on {} in {ns} ({}, {:?})", r.pod, r.ifname, r.mac, r.ips)
+}
+
+/// A MAC for a pod from its first IPv4 address (`0a:58` + address, as OVN does).
+pub fn mac_for(pod: &ObjectKey, ips: &[IpAddr]) -> String {
+    format_mac(policy::pipeline::pod_mac(pod, ips))
+}
