@@ -16,8 +16,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use policy::manifest;
 use policy::offline::{L4, Offline};
 
-/// Where vswitchd listens by default.
-const DEFAULT_SOCKET: &str = "/run/vswitch/vswitchd.sock";
+use vswitch::control::{DEFAULT_SOCKET, Request, request};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,6 +62,10 @@ enum Command {
         /// Packet: protocol (tcp|udp|sctp|icmp), src=, dst=, tp_dst=.
         spec: String,
     },
+    /// Attached ports (live).
+    DumpPorts,
+    /// Datapath counters: packets, drops by reason, cache, conntrack (live).
+    Stats,
     /// Every pod to every pod, for one protocol and port.
     Reachability {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
@@ -100,15 +103,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let Some(dir) = &cli.manifests else {
-        if !cli.socket.exists() {
-            bail!(
-                "no running switch: control socket {} does not exist (start vswitchd, or use --manifests DIR for offline mode)",
-                cli.socket.display()
-            );
-        }
-        bail!(
-            "live mode is not available in this build of flowctl; use --manifests DIR for offline mode"
-        );
+        return live(&cli);
     };
     let (offline, had_errors) = offline(dir)?;
     let json = cli.output == Output::Json;
@@ -132,6 +127,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             render::reachability(&offline, l4, json, color)
         }
+        Command::DumpPorts | Command::Stats => {
+            bail!("dump-ports and stats need a running switch (drop --manifests)")
+        }
         Command::Completions { .. } => unreachable!("handled above"),
     };
     print!("{out}");
@@ -140,6 +138,96 @@ fn run(cli: Cli) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Live mode: ask vswitchd over its control socket.
+fn live(cli: &Cli) -> Result<ExitCode> {
+    if !cli.socket.exists() {
+        bail!(
+            "no running switch: control socket {} does not exist (start vswitchd, or use --manifests DIR for offline mode)",
+            cli.socket.display()
+        );
+    }
+    let ask = |req: &Request| {
+        request(&cli.socket, req).map_err(|e| anyhow::anyhow!(render::error_chain(&e)))
+    };
+    let json = cli.output == Output::Json;
+    let color = !json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let pretty = |v: &serde_json::Value| {
+        format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+    };
+    let out = match &cli.command {
+        Command::DumpFlows { table, cookie } => {
+            let flows = ask(&Request::DumpFlows)?;
+            let keep = |f: &&serde_json::Value| {
+                let text = f["flow"].as_str().unwrap_or("");
+                table.is_none_or(|t| text.contains(&format!("table={t},")))
+                    && cookie
+                        .as_deref()
+                        .is_none_or(|r| f["rule"].as_str().unwrap_or("").contains(r))
+            };
+            let kept: Vec<&serde_json::Value> = flows
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(keep)
+                .collect();
+            if json {
+                pretty(&serde_json::json!(kept))
+            } else {
+                kept.iter()
+                    .map(|f| {
+                        format!(
+                            "n_packets={}, n_bytes={}, {}  # {}\n",
+                            f["n_packets"],
+                            f["n_bytes"],
+                            f["flow"].as_str().unwrap_or(""),
+                            f["rule"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            }
+        }
+        Command::Trace { spec } => {
+            let spec = spec::parse(spec).map_err(|e| anyhow::anyhow!("bad trace spec: {e}"))?;
+            let v = ask(&Request::Trace {
+                src: spec.src.to_string(),
+                dst: spec.dst.to_string(),
+                protocol: spec.l4.protocol_name().into(),
+                port: spec.l4.port(),
+            })?;
+            if json {
+                pretty(&v)
+            } else {
+                render::trace_text(&v, color)
+            }
+        }
+        Command::DumpPorts => {
+            let v = ask(&Request::Ports)?;
+            if json {
+                pretty(&v)
+            } else {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        format!(
+                            "{:<30} {:<8} {} {}\n",
+                            p["pod"].as_str().unwrap_or(""),
+                            p["ifname"].as_str().unwrap_or(""),
+                            p["mac"].as_str().unwrap_or(""),
+                            p["ips"]
+                        )
+                    })
+                    .collect()
+            }
+        }
+        Command::Stats => pretty(&ask(&Request::Stats)?),
+        Command::Reachability { .. } => bail!("reachability runs offline: use --manifests DIR"),
+        Command::Completions { .. } => unreachable!("handled before"),
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {

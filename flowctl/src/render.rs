@@ -2,10 +2,6 @@
 
 use std::fmt::Write as _;
 
-use datapath::field::ct_state;
-use datapath::flow::Action;
-use datapath::key::wide_to_ip;
-use datapath::trace::Outcome;
 use policy::explain::describe;
 use policy::offline::{L4, Offline, Traced};
 use serde_json::{Value, json};
@@ -33,17 +29,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     while let Some(s) = src {
         let _ = write!(out, ": {s}");
         src = s.source();
-    }
-    out
-}
-
-pub fn ct_state_text(state: u8) -> String {
-    let mut out = String::new();
-    for (bit, name) in ct_state::NAMES {
-        if state & bit != 0 {
-            out.push('+');
-            out.push_str(name);
-        }
     }
     out
 }
@@ -87,138 +72,86 @@ pub fn dump_flows(o: &Offline, table: Option<u8>, rule: Option<&str>, json: bool
     out
 }
 
-fn endpoint_text(
-    o: &Offline,
-    ep: &policy::offline::Endpoint,
-    ip: std::net::IpAddr,
-    port: Option<u16>,
-) -> String {
-    let addr = match port {
-        Some(p) if ip.is_ipv6() => format!("[{ip}]:{p}"),
-        Some(p) => format!("{ip}:{p}"),
-        None => ip.to_string(),
-    };
-    match ep {
-        policy::offline::Endpoint::Pod(k) => format!("{k} ({addr})"),
-        policy::offline::Endpoint::Ip(_) => match o.compiler.cluster().pod_by_ip(ip) {
-            Some(p) => format!("{} ({addr})", p.key),
+/// Renders a trace view (see `policy::explain::trace_view`) as text.
+pub fn trace_text(v: &Value, color: bool) -> String {
+    let p = &v["packet"];
+    let end = |ip: &Value, port: &Value, pod: &Value| {
+        let ip = ip.as_str().unwrap_or("?");
+        let addr = match port.as_u64() {
+            Some(port) if ip.contains(':') => format!("[{ip}]:{port}"),
+            Some(port) => format!("{ip}:{port}"),
+            None => ip.to_string(),
+        };
+        match pod.as_str() {
+            Some(pod) => format!("{pod} ({addr})"),
             None => format!("{addr} (outside the cluster)"),
-        },
-    }
-}
-
-pub fn trace(o: &Offline, spec: &Spec, t: &Traced, json: bool, color: bool) -> String {
-    let k = &t.key;
-    let (sport, dport) = match spec.l4 {
-        L4::Icmp => (None, None),
-        _ => (Some(k.tp_src), Some(k.tp_dst)),
+        }
     };
-    let src = endpoint_text(o, &spec.src, wide_to_ip(k.nw_src), sport);
-    let dst = endpoint_text(o, &spec.dst, wide_to_ip(k.nw_dst), dport);
-    let outputs = match &t.trace.outcome {
-        Outcome::Output(p) => p.iter().map(|p| p.0).collect(),
-        _ => vec![],
-    };
-    if json {
-        let mut ct = t.trace.ct_lookups.iter();
-        let steps: Vec<Value> = t
-            .trace
-            .steps
-            .iter()
-            .map(|s| {
-                let flow = s.flow.as_ref().map(|(_, f)| f);
-                let has_ct = flow.is_some_and(|f| f.actions.iter().any(|a| matches!(a, Action::Ct { table: Some(_), .. })));
-                json!({
-                    "table": s.table.0,
-                    "depth": s.depth,
-                    "priority": flow.map(|f| f.priority),
-                    "flow": flow.map(|f| f.to_string()),
-                    "rule": flow.map(|f| describe(&o.compiler, f.cookie)),
-                    "conjunction": s.conjunction.as_ref().map(|c| json!({
-                        "id": c.id,
-                        "clauses": c.members.iter().map(|(_, m)| json!({
-                            "flow": m.to_string(),
-                            "rule": describe(&o.compiler, m.cookie),
-                        })).collect::<Vec<_>>(),
-                    })),
-                    "conntrack": if has_ct {
-                        ct.next().map(|(zone, state)| json!({"zone": zone, "state": ct_state_text(*state), "assumed": true}))
-                    } else { None },
-                })
-            })
-            .collect();
-        let v = json!({
-            "packet": {
-                "protocol": spec.l4.protocol_name(),
-                "src": spec.src.to_string(),
-                "dst": spec.dst.to_string(),
-                "src_ip": wide_to_ip(k.nw_src).to_string(),
-                "dst_ip": wide_to_ip(k.nw_dst).to_string(),
-                "tp_src": sport,
-                "tp_dst": dport,
-                "in_port": k.in_port.0,
-            },
-            "verdict": if t.verdict.allowed { "allow" } else { "deny" },
-            "rule": t.verdict.rule,
-            "rules": t.verdict.rules,
-            "output": outputs,
-            "steps": steps,
-        });
-        return format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
-    }
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} {} {src} -> {dst}",
+        "{} {} {} -> {}",
         paint(color, BOLD, "packet:"),
-        spec.l4.protocol_name()
+        p["protocol"].as_str().unwrap_or("?"),
+        end(&p["src_ip"], &p["tp_src"], &p["src_pod"]),
+        end(&p["dst_ip"], &p["tp_dst"], &p["dst_pod"]),
     );
-    let _ = writeln!(
-        out,
-        "{}",
-        paint(
-            color,
-            DIM,
-            "(a new connection; offline mode assumes conntrack +trk+new)"
-        )
-    );
-    let mut ct = t.trace.ct_lookups.iter();
-    for s in &t.trace.steps {
-        let indent = "    ".repeat(s.depth as usize);
-        match &s.flow {
+    let assumed = v["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|s| s["conntrack"]["assumed"].as_bool() == Some(true));
+    if assumed {
+        let _ = writeln!(
+            out,
+            "{}",
+            paint(
+                color,
+                DIM,
+                "(a new connection; offline mode assumes conntrack +trk+new)"
+            )
+        );
+    }
+    for s in v["steps"].as_array().into_iter().flatten() {
+        let indent = "    ".repeat(s["depth"].as_u64().unwrap_or(0) as usize);
+        let table = s["table"].as_u64().unwrap_or(0);
+        match s["flow"].as_str() {
             None => {
-                let _ = writeln!(out, "{indent}table={:<3} no match", s.table.0);
+                let _ = writeln!(out, "{indent}table={table:<3} no match");
             }
-            Some((_, f)) => {
-                let rule = describe(&o.compiler, f.cookie);
+            Some(flow) => {
+                let rule = s["rule"].as_str().unwrap_or("");
                 let _ = writeln!(
                     out,
-                    "{indent}table={:<3} {}  {}",
-                    s.table.0,
-                    f,
+                    "{indent}table={table:<3} {flow}  {}",
                     paint(color, DIM, &format!("# {rule}"))
                 );
-                if let Some(c) = &s.conjunction {
-                    let _ = writeln!(out, "{indent}          conjunction {} completed by:", c.id);
-                    for (_, m) in &c.members {
-                        let _ = writeln!(out, "{indent}            {m}");
-                    }
-                }
-                if f.actions
-                    .iter()
-                    .any(|a| matches!(a, Action::Ct { table: Some(_), .. }))
-                    && let Some((zone, state)) = ct.next()
-                {
+                if let Some(c) = s["conjunction"].as_object() {
                     let _ = writeln!(
                         out,
-                        "{indent}          conntrack zone {zone}: {}",
-                        ct_state_text(*state)
+                        "{indent}          conjunction {} completed by:",
+                        c["id"]
+                    );
+                    for clause in c["clauses"].as_array().into_iter().flatten() {
+                        let _ = writeln!(
+                            out,
+                            "{indent}            {}",
+                            clause["flow"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                if let Some(ct) = s["conntrack"].as_object() {
+                    let _ = writeln!(
+                        out,
+                        "{indent}          conntrack zone {}: {}",
+                        ct["zone"],
+                        ct["state"].as_str().unwrap_or("")
                     );
                 }
             }
         }
     }
-    let verdict = if t.verdict.allowed {
+    let verdict = if v["verdict"] == "allow" {
         paint(color, GREEN, "ALLOW")
     } else {
         paint(color, RED, "DENY")
@@ -227,21 +160,37 @@ pub fn trace(o: &Offline, spec: &Spec, t: &Traced, json: bool, color: bool) -> S
         out,
         "{} {verdict} by {}",
         paint(color, BOLD, "verdict:"),
-        t.verdict.rule
+        v["rule"].as_str().unwrap_or("")
     );
+    let outputs: Vec<String> = v["output"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| match o["pod"].as_str() {
+            Some(pod) => format!("{} ({pod})", o["port"]),
+            None => format!("{} (gateway)", o["port"]),
+        })
+        .collect();
     if !outputs.is_empty() {
-        let ports: Vec<String> = outputs
-            .iter()
-            .map(
-                |p| match o.topology.pods.iter().find(|pp| pp.port.0 == *p) {
-                    Some(pp) => format!("{p} ({})", pp.pod),
-                    None => format!("{p} (gateway)"),
-                },
-            )
-            .collect();
-        let _ = writeln!(out, "output: port {}", ports.join(", "));
+        let _ = writeln!(out, "output: port {}", outputs.join(", "));
     }
     out
+}
+
+pub fn trace(o: &Offline, spec: &Spec, t: &Traced, json: bool, color: bool) -> String {
+    let v = policy::explain::trace_view(
+        &o.compiler,
+        &o.topology,
+        &spec.src,
+        &spec.dst,
+        spec.l4,
+        t,
+        true,
+    );
+    if json {
+        return format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    trace_text(&v, color)
 }
 
 pub fn reachability(o: &Offline, l4: L4, json: bool, color: bool) -> String {

@@ -114,3 +114,97 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
         }
     }
 }
+
+/// `+new+trk` style text of a `ct_state`.
+pub fn ct_state_text(state: u8) -> String {
+    let mut out = String::new();
+    for (bit, name) in datapath::field::ct_state::NAMES {
+        if state & bit != 0 {
+            out.push('+');
+            out.push_str(name);
+        }
+    }
+    out
+}
+
+/// A trace as JSON, the one shape `flowctl` prints (offline or live) and renders
+/// as text: `packet`, `verdict`, `rule`, `rules`, `output`, `steps`.
+/// `assumed`: conntrack states were assumed (offline) rather than looked up.
+pub fn trace_view(
+    compiler: &Compiler,
+    topology: &crate::pipeline::Topology,
+    src: &crate::offline::Endpoint,
+    dst: &crate::offline::Endpoint,
+    l4: crate::offline::L4,
+    traced: &crate::offline::Traced,
+    assumed: bool,
+) -> serde_json::Value {
+    use datapath::flow::Action;
+    use serde_json::json;
+    let k = &traced.key;
+    let ports = match l4 {
+        crate::offline::L4::Icmp => (None, None),
+        _ => (Some(k.tp_src), Some(k.tp_dst)),
+    };
+    let name_of =
+        |ip: std::net::IpAddr| compiler.cluster().pod_by_ip(ip).map(|p| p.key.to_string());
+    let mut ct = traced.trace.ct_lookups.iter();
+    let steps: Vec<serde_json::Value> = traced
+        .trace
+        .steps
+        .iter()
+        .map(|s| {
+            let flow = s.flow.as_ref().map(|(_, f)| f);
+            let recirc = flow.is_some_and(|f| f.actions.iter().any(|a| matches!(a, Action::Ct { table: Some(_), .. })));
+            json!({
+                "table": s.table.0,
+                "depth": s.depth,
+                "priority": flow.map(|f| f.priority),
+                "flow": flow.map(|f| f.to_string()),
+                "rule": flow.map(|f| describe(compiler, f.cookie)),
+                "conjunction": s.conjunction.as_ref().map(|c| json!({
+                    "id": c.id,
+                    "clauses": c.members.iter().map(|(_, m)| json!({"flow": m.to_string(), "rule": describe(compiler, m.cookie)})).collect::<Vec<_>>(),
+                })),
+                "conntrack": if recirc {
+                    ct.next().map(|(zone, state)| json!({"zone": zone, "state": ct_state_text(*state), "assumed": assumed}))
+                } else {
+                    None
+                },
+            })
+        })
+        .collect();
+    let output: Vec<serde_json::Value> = match &traced.trace.outcome {
+        Outcome::Output(ports) => ports
+            .iter()
+            .map(|p| {
+                let pod = topology
+                    .pods
+                    .iter()
+                    .find(|x| x.port == *p)
+                    .map(|x| x.pod.to_string());
+                json!({"port": p.0, "pod": pod})
+            })
+            .collect(),
+        _ => vec![],
+    };
+    json!({
+        "packet": {
+            "protocol": l4.protocol_name(),
+            "src": src.to_string(),
+            "dst": dst.to_string(),
+            "src_ip": wide_to_ip(k.nw_src).to_string(),
+            "dst_ip": wide_to_ip(k.nw_dst).to_string(),
+            "src_pod": name_of(wide_to_ip(k.nw_src)),
+            "dst_pod": name_of(wide_to_ip(k.nw_dst)),
+            "tp_src": ports.0,
+            "tp_dst": ports.1,
+            "in_port": k.in_port.0,
+        },
+        "verdict": if traced.verdict.allowed { "allow" } else { "deny" },
+        "rule": traced.verdict.rule,
+        "rules": traced.verdict.rules,
+        "output": output,
+        "steps": steps,
+    })
+}

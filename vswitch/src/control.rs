@@ -35,6 +35,15 @@ pub enum Request {
     Detach { pod: String },
     /// The attached ports.
     Ports,
+    /// Trace a new connection: `src`/`dst` are `namespace/pod` or an IP address,
+    /// `protocol` tcp, udp, sctp or icmp.
+    Trace {
+        src: String,
+        dst: String,
+        protocol: String,
+        #[serde(default)]
+        port: Option<u16>,
+    },
     /// Flows with counters and the rule each comes from.
     DumpFlows,
     /// Datapath counters.

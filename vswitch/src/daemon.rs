@@ -219,6 +219,36 @@ impl Daemon {
                     .clone();
                 Response::ok(serde_json::to_value(records).unwrap_or_default())
             }
+            Request::Trace {
+                src,
+                dst,
+                protocol,
+                port,
+            } => {
+                let endpoint = |s: &str| -> Result<policy::offline::Endpoint, String> {
+                    match s.parse::<IpAddr>() {
+                        Ok(ip) => Ok(policy::offline::Endpoint::Ip(ip)),
+                        Err(_) => s.parse().map(policy::offline::Endpoint::Pod),
+                    }
+                };
+                let l4 = match (protocol.as_str(), port) {
+                    ("tcp", Some(p)) => Ok(policy::offline::L4::Tcp(p)),
+                    ("udp", Some(p)) => Ok(policy::offline::L4::Udp(p)),
+                    ("sctp", Some(p)) => Ok(policy::offline::L4::Sctp(p)),
+                    ("icmp", _) => Ok(policy::offline::L4::Icmp),
+                    (other, _) => Err(format!(
+                        "protocol {other:?} needs a port, or is not tcp, udp, sctp, icmp"
+                    )),
+                };
+                let result = (|| {
+                    let (src, dst, l4) = (endpoint(&src)?, endpoint(&dst)?, l4?);
+                    self.switch.trace(&src, &dst, l4)
+                })();
+                match result {
+                    Ok(v) => Response::ok(v),
+                    Err(e) => Response::err(e),
+                }
+            }
             Request::DumpFlows => {
                 let flows: Vec<Value> = self.switch.with_compiler(|c| {
                     self.switch

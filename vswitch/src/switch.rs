@@ -216,6 +216,42 @@ impl Switch {
         f(&self.control().compiler)
     }
 
+    /// Traces a new connection from `src` to `dst` against the live tables and
+    /// the live conntrack table (read only); returns the trace view
+    /// (`policy::explain::trace_view`).
+    ///
+    /// Fails when an endpoint is unknown or the two share no address family.
+    pub fn trace(
+        &self,
+        src: &policy::offline::Endpoint,
+        dst: &policy::offline::Endpoint,
+        l4: policy::offline::L4,
+    ) -> Result<serde_json::Value, String> {
+        let ctl = self.control();
+        let key = policy::offline::packet(ctl.compiler.cluster(), &ctl.topology, src, dst, l4)?;
+        let snap = self.dp.snapshot();
+        let trace = datapath::trace::trace(
+            &snap.tables,
+            &key,
+            datapath::trace::CtSource::Live(&self.dp.conntrack, self.now()),
+        );
+        let verdict = policy::explain::explain(&ctl.compiler, &trace);
+        let traced = policy::offline::Traced {
+            key,
+            trace,
+            verdict,
+        };
+        Ok(policy::explain::trace_view(
+            &ctl.compiler,
+            &ctl.topology,
+            src,
+            dst,
+            l4,
+            &traced,
+            false,
+        ))
+    }
+
     /// Starts a packet thread.
     pub fn spawn_packet_thread(self: &Arc<Self>, name: &str) -> Result<JoinHandle<()>, Error> {
         let me = self.clone();

@@ -476,6 +476,46 @@ fn vswitchd_with_cni_manifests_and_restart() {
     assert!(!Lab::tcp(&web_ns, &db, 8081), "web -> db:8081 denied");
     assert!(!Lab::tcp(&db_ns, &web, 9000), "db egress denied");
 
+    // Live trace through the control socket names the deciding rule.
+    let trace = |port: u16| {
+        vswitch::control::request(
+            &socket,
+            &vswitch::control::Request::Trace {
+                src: "shop/web".into(),
+                dst: "shop/db".into(),
+                protocol: "tcp".into(),
+                port: Some(port),
+            },
+        )
+        .unwrap()
+    };
+    let t = trace(8080);
+    assert_eq!(
+        (t["verdict"].as_str(), t["rule"].as_str()),
+        (Some("allow"), Some("shop/db ingress rule 0")),
+        "{t}"
+    );
+    let t = trace(8081);
+    assert_eq!(t["rule"], "default deny of shop/db (ingress)", "{t}");
+    let flows = vswitch::control::request(&socket, &vswitch::control::Request::DumpFlows).unwrap();
+    let hits = |rule: &str| -> u64 {
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["rule"] == rule)
+            .map(|f| f["n_packets"].as_u64().unwrap())
+            .sum()
+    };
+    assert!(
+        hits("shop/db ingress rule 0") > 0,
+        "allow flows counted packets"
+    );
+    assert!(
+        hits("default deny of shop/db (ingress)") > 0,
+        "deny flows counted packets"
+    );
+
     // A policy edit is enforced for new connections.
     std::fs::write(
         manifests.join("policy.yaml"),
