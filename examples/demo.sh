@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# vswitch demo: the example NetworkPolicy compiled into the switch's pipeline,
-# then real questions answered by tracing packets through the datapath code.
-# Usage: examples/demo.sh        (builds what it needs; no root required)
+# vswitch demo.
+#
+# As root: starts vswitchd with the example policy (examples/manifests), creates
+# three pods (network namespaces) through vswitch-cni with host-local IPAM, shows
+# allowed and denied connections with real traffic, then the live flows and a
+# trace naming the deciding policy. Cleans up on exit, also when interrupted.
+# Not root: the same policy compiled and traced offline.
+#
+# Usage: examples/demo.sh        (builds and installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,29 +15,158 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install Rust (rustup) first" >&2
     exit 1
 fi
-echo "==> building flowctl"
-cargo build --release --quiet -p flowctl
-flowctl=target/release/flowctl
-manifests=examples/manifests
 
-step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "$2"; }
+bold() { printf '\n\033[1m== %s\033[0m\n' "$1"; }
+show() { printf '$ %s\n' "$*"; "$@"; }
 
-step "The policy (examples/manifests/test-network-policy.yaml), compiled: tables 40 (egress) and 50 (ingress)" \
-    "flowctl --manifests $manifests dump-flows --cookie test-network-policy"
-$flowctl --manifests "$manifests" dump-flows --cookie test-network-policy
+offline_demo() {
+    local manifests=examples/manifests
+    bold "The policy (examples/manifests/test-network-policy.yaml), compiled: tables 40 (egress) and 50 (ingress)"
+    show target/release/flowctl --manifests "$manifests" dump-flows --cookie test-network-policy
+    bold "Allowed: a role=frontend pod in default to db on TCP 6379"
+    show target/release/flowctl --manifests "$manifests" trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
+    bold "Denied: 172.17.1.5 is inside the ipBlock's except"
+    show target/release/flowctl --manifests "$manifests" trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379
+    bold "Every pod to every pod on TCP 6379"
+    show target/release/flowctl --manifests "$manifests" reachability --port 6379
+}
 
-step "Allowed: a role=frontend pod in default to db on TCP 6379" \
-    "flowctl --manifests $manifests trace tcp,src=default/frontend,dst=default/db,tp_dst=6379"
-$flowctl --manifests "$manifests" trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
+echo "==> building vswitchd, vswitch-cni, flowctl"
+cargo build --release --quiet -p vswitch -p flowctl
 
-step "Denied: 172.17.1.5 is inside the ipBlock's except" \
-    "flowctl --manifests $manifests trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379"
-$flowctl --manifests "$manifests" trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379
+if [ "$(id -u)" != 0 ] || [ ! -c /dev/net/tun ]; then
+    echo "(not root, or no /dev/net/tun: showing the offline demo; run as root for real pods and traffic)"
+    offline_demo
+    exit 0
+fi
 
-step "Egress from db: only 10.0.0.0/24 on TCP 5978" \
-    "flowctl --manifests $manifests -o json trace tcp,src=default/db,dst=10.0.0.5,tp_dst=5978"
-$flowctl --manifests "$manifests" -o json trace tcp,src=default/db,dst=10.0.0.5,tp_dst=5978 | grep -E '^  "(verdict|rule)"'
+need=()
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+[ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need+=(containernetworking-plugins)
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "==> installing ${need[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 
-step "Every pod to every pod on TCP 6379" \
-    "flowctl --manifests $manifests reachability --port 6379"
-$flowctl --manifests "$manifests" reachability --port 6379
+bin="$PWD/target/release"
+work=$(mktemp -d /tmp/vswitch-demo.XXXXXX)
+tag="vsd$$"
+daemon_pid=""
+servers=()
+pods=(default/db default/frontend other/client)
+
+netconf() {
+    cat <<EOF
+{"cniVersion": "1.0.0", "name": "vswitch-demo", "type": "vswitch-cni",
+ "socket": "$work/vswitchd.sock",
+ "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.9.0/24"}]], "dataDir": "$work/ipam"}}
+EOF
+}
+
+cni() { # cni COMMAND NAMESPACE/POD
+    local ns=${2%/*} pod=${2#*/}
+    netconf | CNI_COMMAND=$1 CNI_CONTAINERID="$tag-$pod" CNI_NETNS="/var/run/netns/$tag-$pod" \
+        CNI_IFNAME=eth0 CNI_ARGS="K8S_POD_NAMESPACE=$ns;K8S_POD_NAME=$pod" \
+        CNI_PATH=/usr/lib/cni:/opt/cni/bin "$bin/vswitch-cni"
+}
+
+cleanup() {
+    set +e
+    for s in "${servers[@]}"; do kill "$s" 2>/dev/null; done
+    for p in "${pods[@]}"; do cni DEL "$p" >/dev/null 2>&1; done
+    [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+    for p in "${pods[@]}"; do ip netns del "$tag-${p#*/}" 2>/dev/null; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# The cluster: the example policy, and the pods it is about (IPs come from IPAM).
+mkdir -p "$work/manifests"
+cp examples/manifests/test-network-policy.yaml "$work/manifests/"
+cat > "$work/manifests/pods.yaml" <<'EOF'
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: other}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: default, labels: {role: db}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend, namespace: default, labels: {role: frontend}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: other, labels: {app: client}}
+EOF
+cat > "$work/vswitchd.toml" <<EOF
+socket = "$work/vswitchd.sock"
+state_dir = "$work/state"
+manifests = "$work/manifests"
+EOF
+
+bold "Starting vswitchd (standalone, manifests in $work/manifests)"
+"$bin/vswitchd" --config "$work/vswitchd.toml" &
+daemon_pid=$!
+for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
+
+bold "Three pods through vswitch-cni (CNI ADD, IPAM by host-local)"
+declare -A ip
+for p in "${pods[@]}"; do
+    ip netns add "$tag-${p#*/}"
+    if ! result=$(cni ADD "$p"); then
+        echo "CNI ADD $p failed: $result" >&2
+        exit 1
+    fi
+    ip[$p]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
+    printf '%-18s eth0 %s\n' "$p" "${ip[$p]}"
+done
+
+# Servers in db: redis-like on 6379, web on 80; a server in frontend on 80.
+serve() { # serve POD PORT
+    ip netns exec "$tag-${1#*/}" socat "TCP-LISTEN:$2,fork,reuseaddr" SYSTEM:'echo hello' </dev/null >/dev/null 2>&1 &
+    servers+=($!)
+}
+serve default/db 6379
+serve default/db 80
+serve default/frontend 80
+sleep 0.3
+
+try() { # try FROM TO PORT WHY
+    local from=$1 to=$2 port=$3 why=$4 out start took
+    start=$(date +%s%N)
+    if out=$(ip netns exec "$tag-${from#*/}" socat -T2 - "TCP:${ip[$to]}:$port,connect-timeout=2" </dev/null 2>/dev/null) && [ -n "$out" ]; then
+        printf '  \033[32mconnected\033[0m   %-17s -> %-17s tcp/%-5s %s\n' "$from" "$to" "$port" "$why"
+        return
+    fi
+    took=$(( ($(date +%s%N) - start) / 1000000 ))
+    if [ "$took" -ge 1500 ]; then # no answer at all: the switch dropped the SYN
+        printf '  \033[31mdropped\033[0m     %-17s -> %-17s tcp/%-5s %s\n' "$from" "$to" "$port" "$why"
+    else # an answer: the pod itself reset the connection
+        printf '  \033[33mreset\033[0m       %-17s -> %-17s tcp/%-5s %s\n' "$from" "$to" "$port" "$why"
+    fi
+}
+
+bold "Real traffic through the switch"
+try default/frontend default/db 6379 "(role=frontend in default: allowed)"
+try other/client default/db 6379 "(namespace other is not project=myproject: denied)"
+try default/frontend default/db 80 "(only TCP 6379 is allowed in: denied)"
+try default/db default/frontend 80 "(db egress only to 10.0.0.0/24:5978: denied)"
+try default/frontend other/client 80 "(no listener; the switch lets it through, the pod refuses)"
+
+flowctl="$bin/flowctl --socket $work/vswitchd.sock"
+bold "The live policy flows, with counters"
+show $flowctl dump-flows --table 50
+bold "Why was other/client denied? A trace against the live switch"
+show $flowctl trace tcp,src=other/client,dst=default/db,tp_dst=6379
+bold "And why was frontend allowed?"
+show $flowctl trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
+bold "Counters"
+show $flowctl stats

@@ -239,8 +239,21 @@ fn ipam(conf: &NetConf, raw: &[u8], env: &Env, command: &str) -> Result<Value, C
                 format!("{:?}", env.path),
             )
         })?;
+    // The pod's K8S_* arguments mean nothing to IPAM plugins, which reject
+    // unknown arguments unless told to ignore them.
+    let args = std::env::var("CNI_ARGS").unwrap_or_default();
+    let args = if args.split(';').any(|a| {
+        a.eq_ignore_ascii_case("IgnoreUnknown=1") || a.eq_ignore_ascii_case("IgnoreUnknown=true")
+    }) {
+        args
+    } else if args.is_empty() {
+        "IgnoreUnknown=1".to_string()
+    } else {
+        format!("IgnoreUnknown=1;{args}")
+    };
     let mut child = Command::new(&exe)
         .env("CNI_COMMAND", command)
+        .env("CNI_ARGS", args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

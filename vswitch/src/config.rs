@@ -151,3 +151,13 @@ mod tests {
         assert!(e.to_string().contains("1-15 bytes"));
     }
 }
+
+#[cfg(test)]
+mod example {
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vswitchd.toml");
+        let c = super::Config::load(std::path::Path::new(path)).unwrap();
+        assert_eq!(c.gateway.unwrap().name, "vsw0");
+    }
+}
