@@ -155,3 +155,41 @@ pub fn if_nametoindex(name: &str) -> Option<u32> {
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
 }
+
+/// Sends one raw Ethernet frame out of interface `ifname` (in the calling
+/// thread's network namespace) through an AF_PACKET socket: how a pod could try
+/// to spoof addresses.
+pub fn send_raw(ifname: &str, frame: &[u8]) -> io::Result<()> {
+    let index = if_nametoindex(ifname)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no device {ifname}")))?;
+    // SAFETY: socket has no memory preconditions.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value to start from.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    if frame.len() >= 6 {
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    }
+    // SAFETY: `frame` and `addr` are valid for the call; the length passed is the
+    // size of the sockaddr_ll we pass.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
