@@ -272,8 +272,8 @@ impl Switch {
         let mut ready = Vec::new();
         let mut last_sweep = self.now();
         while !self.stop.load(Relaxed) {
-            let ports = self.ports.load_full();
-            let fds: Vec<_> = ports.ports.iter().map(|(_, t)| t.as_fd()).collect();
+            let polled = self.ports.load_full();
+            let fds: Vec<_> = polled.ports.iter().map(|(_, t)| t.as_fd()).collect();
             if fds.is_empty() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
                 continue;
@@ -281,9 +281,12 @@ impl Switch {
             if sys::poll_readable(&fds, &mut ready, 50).is_err() {
                 continue;
             }
+            // Ports and flows may have changed while we waited: take both fresh
+            // (ports are published before flows, so these ports cover the flows).
+            let ports = self.ports.load_full();
             worker.begin_batch();
             let now = self.now();
-            for (i, (in_port, tap)) in ports.ports.iter().enumerate() {
+            for (i, (in_port, tap)) in polled.ports.iter().enumerate() {
                 if !ready.get(i).copied().unwrap_or(false) {
                     continue;
                 }
