@@ -908,3 +908,92 @@ fn ip_cmd_setup(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
     ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
     ip(&["-n", &ns.0, "link", "set", dev, "up"]);
 }
+
+#[test]
+fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
+    let pid = std::process::id() % 100_000;
+    if Tap::open(&format!("vsg{pid}x"), false).is_err() {
+        eprintln!("skipping: cannot create TAP devices");
+        return;
+    }
+    let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-gw-{}", std::process::id())));
+    let dir = tmp.0.clone();
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    let gw_name = format!("vsg{pid}");
+    let subnet = 100 + (pid % 50) as u8;
+    let gw_ip = format!("10.95.{subnet}.1");
+    std::fs::write(
+        dir.join("manifests/policy.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny-all, namespace: app}\n\
+         spec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
+    )
+    .unwrap();
+    let socket = dir.join("vswitchd.sock");
+    let config = dir.join("vswitchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n",
+            socket.to_str().unwrap(),
+            dir.join("state").to_str().unwrap(),
+            dir.join("manifests").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&config, &socket);
+    let cni = Cni {
+        netconf: serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "vswitch",
+            "type": "vswitch-cni",
+            "socket": socket,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("10.95.{subnet}.0/24"), "gateway": gw_ip}]], "dataDir": dir.join("ipam")},
+        })
+        .to_string(),
+    };
+    let ns = Netns::new(format!("vsg{pid}p"));
+    let (ok, result) = cni.call("ADD", &ns, "app/pod");
+    assert!(ok, "CNI ADD: {result}");
+    let attached = Attached {
+        cni: &cni,
+        pods: vec![(&ns, "app/pod".to_string())],
+    };
+    assert_eq!(result["ips"][0]["gateway"], gw_ip.as_str());
+    let pod_ip = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The node (host namespace, on the gateway address) and the pod each listen.
+    let node = TcpListener::bind(format!("{gw_ip}:7700")).expect("bind on the gateway address");
+    std::thread::spawn(move || {
+        for c in node.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = c.write_all(b"hello");
+        }
+    });
+    Lab::serve_tcp(&ns, &pod_ip, 8080);
+    let pod_to_node = {
+        let addr: SocketAddr = format!("{gw_ip}:7700").parse().unwrap();
+        ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok())
+    };
+    assert!(
+        pod_to_node,
+        "an isolated pod reaches its own node through the gateway"
+    );
+    let node_to_pod = TcpStream::connect_timeout(
+        &format!("{pod_ip}:8080").parse().unwrap(),
+        Duration::from_millis(1500),
+    )
+    .is_ok();
+    assert!(
+        node_to_pod,
+        "the node reaches an isolated pod (own-node traffic is always allowed)"
+    );
+    drop(attached);
+    drop(daemon);
+    drop(tmp);
+}
