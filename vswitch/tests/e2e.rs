@@ -265,6 +265,21 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Instant;
 
+/// Writes a vswitchd config under `dir` (socket, state and manifests there too)
+/// with `extra` appended; returns (config path, socket path).
+fn write_config(dir: &std::path::Path, extra: &str) -> (PathBuf, PathBuf) {
+    let socket = dir.join("vswitchd.sock");
+    let config = dir.join("vswitchd.toml");
+    let text = format!(
+        "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n{extra}",
+        socket.to_str().unwrap(),
+        dir.join("state").to_str().unwrap(),
+        dir.join("manifests").to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    (config, socket)
+}
+
 /// A temporary directory, removed on drop.
 struct TempDir(PathBuf);
 
@@ -403,7 +418,6 @@ fn vswitchd_with_cni_manifests_and_restart() {
     let dir = tmp.0.clone();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
-    let socket = dir.join("vswitchd.sock");
     let manifests = dir.join("manifests");
     std::fs::write(
         manifests.join("pods.yaml"),
@@ -420,17 +434,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
         )
     };
     std::fs::write(manifests.join("policy.yaml"), policy("{port: 8080}")).unwrap();
-    let config = dir.join("vswitchd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n",
-            socket.to_str().unwrap(),
-            dir.join("state").to_str().unwrap(),
-            manifests.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let (config, socket) = write_config(&dir, "");
     let mut daemon = Daemon::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
@@ -928,18 +932,10 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
          spec: {podSelector: {}, policyTypes: [Ingress, Egress]}\n",
     )
     .unwrap();
-    let socket = dir.join("vswitchd.sock");
-    let config = dir.join("vswitchd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n",
-            socket.to_str().unwrap(),
-            dir.join("state").to_str().unwrap(),
-            dir.join("manifests").to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let (config, socket) = write_config(
+        &dir,
+        &format!("[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n"),
+    );
     let daemon = Daemon::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
