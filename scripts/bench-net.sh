@@ -3,6 +3,7 @@
 # same topology, in one run (run by hand as root; not part of CI).
 #
 #   scripts/bench-net.sh [SECONDS]     (default 5 s per measurement)
+#   VSWITCH_OFFLOAD=true scripts/bench-net.sh   (TAP offloads: vnet header, TSO)
 #
 # Measures TCP throughput with 1 and 4 streams and the UDP packet rate with 64-byte
 # payloads (iperf3), then prints the ratios. Open vSwitch's userspace datapath is
@@ -59,7 +60,7 @@ done
 # vswitch: vswitchd and two pods through vswitch-cni (no policy: pure forwarding
 # through the full pipeline, conntrack included).
 mkdir -p "$work/manifests"
-printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\n' "$work/vswitchd.sock" "$work/state" "$work/manifests" >"$work/vswitchd.toml"
+printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-false}" >"$work/vswitchd.toml"
 "$bin/vswitchd" --config "$work/vswitchd.toml" 2>/dev/null &
 daemon_pid=$!
 for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done

@@ -318,10 +318,16 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     if let Some(g) = &topo.gateway {
         for dl in ip_any {
             out.push(
+                // Only pods leave through the gateway: the node's own frames
+                // (e.g. its IPv6 multicast) are not sent back to it.
                 flow(
                     FORWARDING,
                     10,
-                    Match::any().with(Field::DlType, dl.into()),
+                    Match::any().with(Field::DlType, dl.into()).with_masked(
+                        Field::Reg(0),
+                        CLASS_POD,
+                        0xff,
+                    ),
                     "forwarding: via gateway",
                 )
                 .action(Action::Load {

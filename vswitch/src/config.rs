@@ -29,6 +29,10 @@ pub struct Config {
     /// Maximum conntrack entries.
     #[serde(default = "default_ct_max")]
     pub conntrack_max: usize,
+    /// TAP offloads: a virtio-net header on every frame, TSO and checksum offload
+    /// carried between ports (much higher TCP throughput). Applies to every port.
+    #[serde(default)]
+    pub offload: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -156,8 +156,8 @@ impl Daemon {
             return Err("a port needs at least one IP address".into());
         }
         let tap = match &r.netns {
-            Some(ns) => Tap::open_in(Path::new(ns), &r.ifname),
-            None => Tap::open(&r.ifname, true),
+            Some(ns) => Tap::open_in(Path::new(ns), &r.ifname, self.config.offload),
+            None => Tap::open_with(&r.ifname, true, self.config.offload),
         }
         .map_err(|e| format!("cannot open TAP device {}: {e}", r.ifname))?;
         self.switch

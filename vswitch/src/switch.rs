@@ -26,8 +26,9 @@ use crate::tap::Tap;
 
 /// Frames read from one port before moving to the next.
 const BATCH: usize = 64;
-/// Largest frame a TAP device hands us (no offloads: the MTU, plus headers).
-const MAX_FRAME: usize = 65_535;
+/// Largest frame a TAP device hands us (a 64 KiB TSO segment), plus its
+/// virtio-net header.
+const MAX_FRAME: usize = 65_535 + crate::sys::VNET_HDR_LEN;
 
 /// Switch errors.
 #[derive(Debug, thiserror::Error)]
@@ -295,9 +296,14 @@ impl Switch {
                         Ok(Some(n)) => n,
                         Ok(None) | Err(_) => break,
                     };
-                    let verdict = worker.process(now, *in_port, &mut buf[..n]);
+                    // With offloads the virtio-net header goes through unchanged:
+                    // every port of a switch has the same header length.
+                    let hdr = tap.header_len().min(n);
+                    let verdict = worker.process(now, *in_port, &mut buf[hdr..n]);
                     for out in verdict.outputs {
-                        if let Some(t) = ports.get(*out) {
+                        if let Some(t) = ports.get(*out)
+                            && t.header_len() == hdr
+                        {
                             let _ = t.send(&buf[..n]);
                         }
                     }

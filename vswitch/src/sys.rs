@@ -14,6 +14,14 @@ pub const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `TUNSETOFFLOAD` flags: checksum offload, TSO for IPv4 / IPv6 / with ECN.
+pub const TUN_F_CSUM: libc::c_uint = 0x01;
+pub const TUN_F_TSO4: libc::c_uint = 0x02;
+pub const TUN_F_TSO6: libc::c_uint = 0x04;
+pub const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+/// `struct virtio_net_hdr_mrg_rxbuf`: what precedes each frame with IFF_VNET_HDR.
+pub const VNET_HDR_LEN: usize = 12;
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags.
 #[repr(C)]
@@ -81,6 +89,13 @@ pub fn tunsetpersist(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 pub fn tunsetoffload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, libc::c_ulong::from(flags)) })
+        .map(drop)
+}
+
+/// TUNSETVNETHDRSZ: the size of the virtio-net header before each frame.
+pub fn tunsetvnethdrsz(fd: BorrowedFd<'_>, size: libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is live for the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &size as *const libc::c_int) })
         .map(drop)
 }
 

@@ -14,6 +14,8 @@ use crate::sys;
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    /// Whether frames carry a virtio-net header (offloads on).
+    vnet_hdr: bool,
 }
 
 impl Tap {
@@ -23,11 +25,40 @@ impl Tap {
     /// Fails when `/dev/net/tun` cannot be opened (not root, no tun module), the
     /// name is invalid, or the device exists with other flags.
     pub fn open(name: &str, persist: bool) -> io::Result<Tap> {
+        Tap::open_with(name, persist, false)
+    }
+
+    /// Like [`Tap::open`]; with `offload`, each frame read or written is preceded
+    /// by a 12-byte virtio-net header and the kernel may hand over TCP segments up
+    /// to 64 KiB with checksums left to the receiver (TSO and checksum offload).
+    /// The header must then be passed on unchanged to a port with offload too.
+    pub fn open_with(name: &str, persist: bool, offload: bool) -> io::Result<Tap> {
         let fd = sys::open_tun()?;
-        let name = sys::tunsetiff(fd.as_fd(), name, sys::IFF_TAP | sys::IFF_NO_PI)?;
-        sys::tunsetoffload(fd.as_fd(), 0)?;
+        let mut flags = sys::IFF_TAP | sys::IFF_NO_PI;
+        if offload {
+            flags |= sys::IFF_VNET_HDR;
+        }
+        let name = sys::tunsetiff(fd.as_fd(), name, flags)?;
+        if offload {
+            sys::tunsetvnethdrsz(fd.as_fd(), sys::VNET_HDR_LEN as libc::c_int)?;
+            sys::tunsetoffload(
+                fd.as_fd(),
+                sys::TUN_F_CSUM | sys::TUN_F_TSO4 | sys::TUN_F_TSO6 | sys::TUN_F_TSO_ECN,
+            )?;
+        } else {
+            sys::tunsetoffload(fd.as_fd(), 0)?;
+        }
         sys::tunsetpersist(fd.as_fd(), persist)?;
-        Ok(Tap { fd, name })
+        Ok(Tap {
+            fd,
+            name,
+            vnet_hdr: offload,
+        })
+    }
+
+    /// Bytes of virtio-net header before each frame (0 without offload).
+    pub fn header_len(&self) -> usize {
+        if self.vnet_hdr { sys::VNET_HDR_LEN } else { 0 }
     }
 
     /// Deletes a persistent TAP device (attaches and clears persistence; the device
@@ -47,7 +78,7 @@ impl Tap {
     ///
     /// Fails when the namespace cannot be entered or has no device `name` (it is
     /// never created there).
-    pub fn open_in(netns: &std::path::Path, name: &str) -> io::Result<Tap> {
+    pub fn open_in(netns: &std::path::Path, name: &str, offload: bool) -> io::Result<Tap> {
         let netns = netns.to_path_buf();
         let name = name.to_string();
         std::thread::spawn(move || {
@@ -59,7 +90,7 @@ impl Tap {
                     format!("no device {name} in {}", netns.display()),
                 ));
             }
-            Tap::open(&name, true)
+            Tap::open_with(&name, true, offload)
         })
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?

@@ -434,7 +434,8 @@ fn vswitchd_with_cni_manifests_and_restart() {
         )
     };
     std::fs::write(manifests.join("policy.yaml"), policy("{port: 8080}")).unwrap();
-    let (config, socket) = write_config(&dir, "");
+    // With TAP offloads: the virtio-net header passes between ports.
+    let (config, socket) = write_config(&dir, "offload = true\n");
     let mut daemon = Daemon::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
