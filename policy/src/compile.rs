@@ -1177,16 +1177,14 @@ impl Compiler {
         Some((names.join(" + "), n % 2))
     }
 
-    /// Every flow, merged, sorted by table, priority and text.
+    /// Every flow, merged, in no particular order (the switch republishes them on
+    /// every change; whoever shows them sorts).
     pub fn flows(&self) -> Vec<FlowEntry> {
-        let mut out: Vec<FlowEntry> = self
-            .state
+        self.state
             .merged
             .iter()
             .filter_map(|(identity, contrib)| self.state.materialize(identity, contrib))
-            .collect();
-        out.sort_by_cached_key(|f| (f.table, std::cmp::Reverse(f.priority), f.to_string()));
-        out
+            .collect()
     }
 
     /// The flow currently compiled for `identity`.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::control::{Request, Response, format_mac, parse_mac};
+use crate::control::{Request, Response, parse_mac};
 use crate::switch::Switch;
 use crate::tap::Tap;
 
@@ -594,9 +594,4 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 pub fn describe_port(r: &PortRecord) -> String {
     let ns = r.netns.as_deref().unwrap_or("host");
     format!("{} on {} in {ns} ({}, {:?})", r.pod, r.ifname, r.mac, r.ips)
-}
-
-/// A MAC for a pod from its first IPv4 address (`0a:58` + address, as OVN does).
-pub fn mac_for(pod: &ObjectKey, ips: &[IpAddr]) -> String {
-    format_mac(policy::pipeline::pod_mac(pod, ips))
 }
