@@ -20,7 +20,8 @@ pub struct Config {
     /// Standalone mode: a directory of manifests, watched for changes.
     #[serde(default)]
     pub manifests: Option<PathBuf>,
-    /// How often the manifest directory is checked, in milliseconds.
+    /// How often the manifest directory is rescanned, in milliseconds (edits also
+    /// wake the watcher at once through inotify).
     #[serde(default = "default_watch_ms")]
     pub watch_interval_ms: u64,
     /// The port towards the node: an internal TAP device in the host namespace.
@@ -31,7 +32,8 @@ pub struct Config {
     pub conntrack_max: usize,
     /// TAP offloads: a virtio-net header on every frame, TSO and checksum offload
     /// carried between ports (much higher TCP throughput). Applies to every port.
-    #[serde(default)]
+    /// On by default.
+    #[serde(default = "default_offload")]
     pub offload: bool,
 }
 
@@ -53,6 +55,10 @@ fn default_socket() -> PathBuf {
 
 fn default_state_dir() -> PathBuf {
     "/var/lib/vswitch".into()
+}
+
+fn default_offload() -> bool {
+    true
 }
 
 fn default_watch_ms() -> u64 {
@@ -129,6 +135,7 @@ mod tests {
         let c = Config::parse("manifests = \"/etc/vswitch/manifests\"\n", "t.toml").unwrap();
         assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
         assert_eq!(c.watch_interval_ms, 100);
+        assert!(c.offload, "offloads are on by default");
         let e = Config::parse("socket = \"/x\"\nsokcet = \"/y\"\n", "t.toml").unwrap_err();
         let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(

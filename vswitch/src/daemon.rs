@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -82,12 +84,12 @@ impl Daemon {
             ..DatapathConfig::default()
         });
         if let Some(w) = watch.as_mut() {
-            for change in w.poll() {
-                apply(&switch, change);
-            }
+            apply(&switch, w.poll());
         }
         if let Some(g) = &config.gateway {
-            let tap = Tap::open(&g.name, false)
+            // Pods attached here run on this node: own-node traffic is theirs.
+            switch.set_local_node(LOCAL_NODE);
+            let tap = Tap::open_with(&g.name, false, config.offload)
                 .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
             run_ip(&["addr", "replace", &g.address.to_string(), "dev", &g.name])?;
             run_ip(&["link", "set", &g.name, "up"])?;
@@ -161,18 +163,8 @@ impl Daemon {
         }
         .map_err(|e| format!("cannot open TAP device {}: {e}", r.ifname))?;
         self.switch
-            .attach(tap, pod.clone(), mac, r.ips.clone())
+            .attach(tap, pod, mac, r.ips.clone())
             .map_err(|e| chain(&e))?;
-        if self.config.gateway.is_some() {
-            // The pod runs on this node: own-node traffic is allowed for it.
-            let known = self
-                .switch
-                .with_compiler(|c| c.cluster().pod(&pod).cloned());
-            if let Some(mut p) = known {
-                p.node = Some(LOCAL_NODE.into());
-                let _ = self.switch.apply(Change::Pod(p));
-            }
-        }
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
         records.retain(|x| x.pod != r.pod);
         records.push(r.clone());
@@ -211,14 +203,7 @@ impl Daemon {
                 Ok(()) => Response::ok(Value::Null),
                 Err(e) => Response::err(e),
             },
-            Request::Ports => {
-                let records = self
-                    .records
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                Response::ok(serde_json::to_value(records).unwrap_or_default())
-            }
+            Request::Ports => Response::ok(Value::Array(self.ports())),
             Request::Trace {
                 src,
                 dst,
@@ -267,19 +252,71 @@ impl Daemon {
                 });
                 Response::ok(Value::Array(flows))
             }
-            Request::Stats => {
-                let s = self.switch.datapath().stats();
-                Response::ok(json!({
-                    "generation": s.generation,
-                    "flows": s.flows,
-                    "packets": s.packets,
-                    "bytes": s.bytes,
-                    "drops": s.drops.iter().map(|(r, n)| (r.name(), *n)).collect::<BTreeMap<_, _>>(),
-                    "cache": {"hits": s.cache.hits, "misses": s.cache.misses, "evictions": s.cache.evictions},
-                    "conntrack": {"entries": s.conntrack_entries, "max": s.conntrack_max, "full_drops": s.conntrack_full_drops},
-                }))
-            }
+            Request::Stats => Response::ok(self.stats()),
         }
+    }
+
+    /// Every port with its counters: pod ports (with what they were attached
+    /// with) and the gateway.
+    pub fn ports(&self) -> Vec<Value> {
+        let records = self
+            .records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.switch
+            .port_counters()
+            .into_iter()
+            .map(|(no, pod, ifname, c)| {
+                let record = pod
+                    .as_ref()
+                    .and_then(|k| records.iter().find(|r| r.pod == k.to_string()));
+                json!({
+                    "port": no.0,
+                    "pod": pod.map(|k| k.to_string()),
+                    "kind": if record.is_some() { "pod" } else { "gateway" },
+                    "ifname": record.map_or(ifname, |r| r.ifname.clone()),
+                    "netns": record.and_then(|r| r.netns.clone()),
+                    "mac": record.map(|r| r.mac.clone()),
+                    "ips": record.map(|r| r.ips.clone()),
+                    "rx_packets": c.rx_packets.load(Relaxed),
+                    "rx_bytes": c.rx_bytes.load(Relaxed),
+                    "tx_packets": c.tx_packets.load(Relaxed),
+                    "tx_bytes": c.tx_bytes.load(Relaxed),
+                    "drops": c.drops().into_iter().collect::<BTreeMap<_, _>>(),
+                })
+            })
+            .collect()
+    }
+
+    /// Datapath and control-plane counters.
+    pub fn stats(&self) -> Value {
+        let s = self.switch.datapath().stats();
+        let r = self.switch.realisation();
+        let lookups = s.cache.hits + s.cache.misses;
+        json!({
+            "generation": s.generation,
+            "flows": s.flows,
+            "masks": s.masks,
+            "packets": s.packets,
+            "bytes": s.bytes,
+            "drops": s.drops.iter().map(|(r, n)| (r.name(), *n)).collect::<BTreeMap<_, _>>(),
+            "cache": {
+                "lookups": lookups,
+                "hits": s.cache.hits,
+                "misses": s.cache.misses,
+                "evictions": s.cache.evictions,
+                "hit_rate": if lookups == 0 { 0.0 } else { s.cache.hits as f64 / lookups as f64 },
+            },
+            "conntrack": {"entries": s.conntrack_entries, "max": s.conntrack_max, "full_drops": s.conntrack_full_drops},
+            "realisation": {
+                "generation": r.generation,
+                "flows_changed": r.flows_changed,
+                "compile_us": r.compile.as_micros() as u64,
+                "publish_us": r.publish.as_micros() as u64,
+                "at": r.at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
+            },
+        })
     }
 
     /// Serves the control socket (mode 0600), one thread per connection.
@@ -342,9 +379,13 @@ fn run_ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies a change, logging (not failing) when flows cannot be installed.
-pub fn apply(switch: &Switch, change: Change) {
-    if let Err(e) = switch.apply(change) {
+/// Applies changes as one generation, logging (not failing) when flows cannot
+/// be installed.
+pub fn apply(switch: &Switch, changes: Vec<Change>) {
+    if changes.is_empty() {
+        return;
+    }
+    if let Err(e) = switch.apply_all(changes) {
         log(chain(&e));
     }
 }
@@ -560,13 +601,47 @@ impl ManifestWatch {
         changes
     }
 
-    /// Polls forever, applying changes to `switch`.
+    /// Watches forever, applying changes to `switch` as one generation each time.
+    /// Edits wake it through inotify (a change is enforced within milliseconds);
+    /// the directory is also rescanned every `every`, which is all there is when
+    /// inotify is not available.
     pub fn run(mut self, switch: Arc<Switch>, every: Duration) {
+        let notify = crate::sys::inotify_init()
+            .inspect_err(|e| {
+                log(format!(
+                    "inotify unavailable ({e}); polling every {every:?}"
+                ))
+            })
+            .ok();
+        let mut buf = [0u8; 4096];
         loop {
-            std::thread::sleep(every);
-            for change in self.poll() {
-                apply(&switch, change);
+            match &notify {
+                Some(fd) => {
+                    // Watch every directory (new ones too); re-adding is a no-op.
+                    let mut dirs = vec![self.dir.clone()];
+                    while let Some(d) = dirs.pop() {
+                        let _ = crate::sys::inotify_watch_dir(fd.as_fd(), &d);
+                        if let Ok(entries) = std::fs::read_dir(&d) {
+                            dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+                        }
+                    }
+                    let mut ready = Vec::new();
+                    let woke = crate::sys::poll_readable(
+                        &[fd.as_fd()],
+                        &mut ready,
+                        every.as_millis().min(i32::MAX as u128) as i32,
+                    )
+                    .unwrap_or(0)
+                        > 0;
+                    if woke {
+                        // Let a burst of writes (an editor saving) settle, then drain.
+                        std::thread::sleep(Duration::from_millis(2));
+                        while matches!(crate::sys::read(fd.as_fd(), &mut buf), Ok(n) if n > 0) {}
+                    }
+                }
+                None => std::thread::sleep(every),
             }
+            apply(&switch, self.poll());
         }
     }
 }

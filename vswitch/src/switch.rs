@@ -10,25 +10,25 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use datapath::{Datapath, DatapathConfig, FlowEntry, PortNo, Time};
-use policy::compile::{Change, Compiler};
+use datapath::{Datapath, DatapathConfig, DropReason, FlowEntry, FlowIdentity, PortNo, Time};
+use policy::compile::{Change, Compiler, FlowDiff};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, base_flows};
 
-use crate::sys;
+use crate::sys::{self, VNET_HDR_LEN};
 use crate::tap::Tap;
 
 /// Frames read from one port before moving to the next.
 const BATCH: usize = 64;
 /// Largest frame a TAP device hands us (a 64 KiB TSO segment), plus its
 /// virtio-net header.
-const MAX_FRAME: usize = 65_535 + crate::sys::VNET_HDR_LEN;
+const MAX_FRAME: usize = 65_535 + VNET_HDR_LEN;
 
 /// Switch errors.
 #[derive(Debug, thiserror::Error)]
@@ -43,34 +43,140 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
+/// Why the switch itself (not the pipeline) dropped a frame on a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortDrop {
+    /// The output port's queue was full (the pod is not reading).
+    TxFull,
+    /// Writing to the output port failed.
+    TxError,
+    /// Reading from the port failed.
+    RxError,
+    /// A segmentation-offload frame was bound for a port without offloads.
+    OffloadMismatch,
+}
+
+impl PortDrop {
+    pub const ALL: [PortDrop; 4] = [
+        PortDrop::TxFull,
+        PortDrop::TxError,
+        PortDrop::RxError,
+        PortDrop::OffloadMismatch,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PortDrop::TxFull => "tx_full",
+            PortDrop::TxError => "tx_error",
+            PortDrop::RxError => "rx_error",
+            PortDrop::OffloadMismatch => "offload_mismatch",
+        }
+    }
+}
+
+/// Counters of one port; they live as long as the port is attached.
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames received on this port that the pipeline dropped, by reason.
+    pipeline_drops: [AtomicU64; DropReason::ALL.len()],
+    /// Frames the switch dropped on this port, by reason.
+    port_drops: [AtomicU64; PortDrop::ALL.len()],
+}
+
+impl PortCounters {
+    /// Drops by reason name (pipeline reasons and port reasons), zeros included.
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        DropReason::ALL
+            .iter()
+            .zip(&self.pipeline_drops)
+            .map(|(r, c)| (r.name(), c.load(Relaxed)))
+            .chain(
+                PortDrop::ALL
+                    .iter()
+                    .zip(&self.port_drops)
+                    .map(|(r, c)| (r.name(), c.load(Relaxed))),
+            )
+            .collect()
+    }
+
+    fn port_drop(&self, reason: PortDrop) {
+        self.port_drops[reason as usize].fetch_add(1, Relaxed);
+    }
+}
+
+/// One port as packet threads see it.
+#[derive(Debug, Clone)]
+struct Port {
+    no: PortNo,
+    tap: Arc<Tap>,
+    counters: Arc<PortCounters>,
+}
+
 /// The ports packet threads read and write.
 #[derive(Debug, Default)]
 struct PortSet {
-    ports: Vec<(PortNo, Arc<Tap>)>,
+    ports: Vec<Port>,
     by_no: HashMap<PortNo, usize>,
 }
 
 impl PortSet {
-    fn new(ports: Vec<(PortNo, Arc<Tap>)>) -> PortSet {
-        let by_no = ports
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _))| (*p, i))
-            .collect();
+    fn new(ports: Vec<Port>) -> PortSet {
+        let by_no = ports.iter().enumerate().map(|(i, p)| (p.no, i)).collect();
         PortSet { ports, by_no }
     }
 
-    fn get(&self, p: PortNo) -> Option<&Tap> {
-        self.by_no.get(&p).map(|&i| &*self.ports[i].1)
+    fn get(&self, p: PortNo) -> Option<&Port> {
+        self.by_no.get(&p).map(|&i| &self.ports[i])
     }
+}
+
+/// The last policy realisation: a change compiled and its flows published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Realisation {
+    /// Generation of the published tables.
+    pub generation: u64,
+    /// Flows added, modified or removed.
+    pub flows_changed: usize,
+    /// Time to compile the change(s).
+    pub compile: Duration,
+    /// Time to publish the flows (copy the tables, edit, swap).
+    pub publish: Duration,
+    /// When it was published (unix time).
+    pub at: Option<SystemTime>,
 }
 
 #[derive(Debug)]
 struct Control {
     compiler: Compiler,
     topology: Topology,
-    taps: Vec<(PortNo, Arc<Tap>)>,
+    ports: Vec<Port>,
     next_port: u32,
+    /// The base-pipeline flows installed, by identity.
+    base: HashMap<FlowIdentity, FlowEntry>,
+    /// Policy flow diffs compiled but not yet published, in order.
+    pending: Vec<FlowDiff>,
+    /// False after a failed publish: the next one reinstalls everything.
+    in_sync: bool,
+    /// Compile time accumulated since the last publish.
+    compile_time: Duration,
+    last: Realisation,
+    /// Node of pods attached here (own-node traffic), when known.
+    local_node: Option<String>,
+}
+
+impl Control {
+    fn compile(&mut self, change: Change) {
+        let t = Instant::now();
+        let diff = self.compiler.apply(change);
+        self.compile_time += t.elapsed();
+        if !diff.is_empty() {
+            self.pending.push(diff);
+        }
+    }
 }
 
 /// A running switch.
@@ -94,8 +200,14 @@ impl Switch {
                     zone: 1,
                     ..Topology::default()
                 },
-                taps: Vec::new(),
+                ports: Vec::new(),
                 next_port: 1,
+                base: HashMap::new(),
+                pending: Vec::new(),
+                in_sync: true,
+                compile_time: Duration::ZERO,
+                last: Realisation::default(),
+                local_node: None,
             }),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -115,20 +227,78 @@ impl Switch {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Builds the pipeline from the ports and the policy and publishes it as one
-    /// generation; then publishes the port set.
-    fn publish(&self, ctl: &Control) -> Result<u64, Error> {
-        let flows: Vec<FlowEntry> = base_flows(&ctl.topology)
+    /// Publishes the port set, then the flows: the base pipeline's diff against
+    /// what is installed plus the pending policy diffs, as one generation (after a
+    /// failed publish, every flow instead). Packet threads never see a flow that
+    /// outputs to a port they do not know.
+    fn publish(&self, ctl: &mut Control) -> Result<u64, Error> {
+        let started = Instant::now();
+        self.ports.store(Arc::new(PortSet::new(ctl.ports.clone())));
+        let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&ctl.topology)
             .into_iter()
-            .chain(ctl.compiler.flows())
+            .map(|f| (f.identity(), f))
             .collect();
+        let pending = std::mem::take(&mut ctl.pending);
         let now = self.now();
-        let (_, generation) = self
-            .dp
-            .update(now, |t| t.apply(flows, |_| true, now))
-            .map_err(Error::Flows)?;
-        self.ports.store(Arc::new(PortSet::new(ctl.taps.clone())));
-        Ok(generation)
+        let result = if ctl.in_sync {
+            self.dp.update(now, |t| {
+                let mut changed = 0;
+                for id in ctl.base.keys().filter(|id| !base.contains_key(id)) {
+                    changed += usize::from(t.remove(id));
+                }
+                for (id, f) in &base {
+                    if ctl.base.get(id) != Some(f) {
+                        t.add(f.clone(), now)?;
+                        changed += 1;
+                    }
+                }
+                for diff in &pending {
+                    for id in &diff.deleted {
+                        t.remove(id);
+                    }
+                    for f in diff.added.iter().chain(&diff.modified) {
+                        t.add(f.clone(), now)?;
+                    }
+                    changed += diff.len();
+                }
+                Ok(changed)
+            })
+        } else {
+            let flows: Vec<FlowEntry> =
+                base.values().cloned().chain(ctl.compiler.flows()).collect();
+            self.dp.update(now, |t| {
+                t.apply(flows, |_| true, now)
+                    .map(|s| s.added + s.modified + s.deleted)
+            })
+        };
+        match result {
+            Ok((changed, generation)) => {
+                ctl.base = base;
+                ctl.in_sync = true;
+                ctl.last = Realisation {
+                    generation,
+                    flows_changed: changed,
+                    compile: std::mem::take(&mut ctl.compile_time),
+                    publish: started.elapsed(),
+                    at: Some(SystemTime::now()),
+                };
+                Ok(generation)
+            }
+            Err(e) => {
+                ctl.in_sync = false;
+                Err(Error::Flows(e))
+            }
+        }
+    }
+
+    /// The last policy realisation.
+    pub fn realisation(&self) -> Realisation {
+        self.control().last
+    }
+
+    /// Marks pods attached from now on as running on `node` (own-node traffic).
+    pub fn set_local_node(&self, node: &str) {
+        self.control().local_node = Some(node.to_string());
     }
 
     /// Attaches a pod's TAP device with its MAC and addresses; the pod's labels
@@ -154,10 +324,15 @@ impl Switch {
             mac,
             ips: ips.clone(),
         });
-        ctl.taps.push((port, Arc::new(tap)));
+        ctl.ports.push(Port {
+            no: port,
+            tap: Arc::new(tap),
+            counters: Arc::default(),
+        });
         let known = ctl.compiler.cluster().pod(&pod).cloned();
         let record = Pod {
             ips,
+            node: ctl.local_node.clone(),
             ..known.unwrap_or(Pod {
                 key: pod,
                 labels: Default::default(),
@@ -166,8 +341,8 @@ impl Switch {
                 ports: vec![],
             })
         };
-        ctl.compiler.apply(Change::Pod(record));
-        self.publish(&ctl)?;
+        ctl.compile(Change::Pod(record));
+        self.publish(&mut ctl)?;
         Ok(port)
     }
 
@@ -178,9 +353,9 @@ impl Switch {
             return Err(Error::NotAttached(pod.clone()));
         };
         let port = ctl.topology.pods.remove(i).port;
-        ctl.taps.retain(|(p, _)| *p != port);
-        ctl.compiler.apply(Change::PodDeleted(pod.clone()));
-        self.publish(&ctl)?;
+        ctl.ports.retain(|p| p.no != port);
+        ctl.compile(Change::PodDeleted(pod.clone()));
+        self.publish(&mut ctl)?;
         Ok(())
     }
 
@@ -188,28 +363,60 @@ impl Switch {
     pub fn set_gateway(&self, tap: Tap, mac: [u8; 6], ips: Vec<IpAddr>) -> Result<PortNo, Error> {
         let mut ctl = self.control();
         let port = PortNo(0xfffe);
-        ctl.taps.retain(|(p, _)| *p != port);
-        ctl.taps.push((port, Arc::new(tap)));
+        ctl.ports.retain(|p| p.no != port);
+        ctl.ports.push(Port {
+            no: port,
+            tap: Arc::new(tap),
+            counters: Arc::default(),
+        });
         ctl.topology.gateway = Some(Gateway { port, mac, ips });
-        self.publish(&ctl)?;
+        self.publish(&mut ctl)?;
         Ok(port)
     }
 
     /// Applies a cluster change (policy, namespace, pod labels, node) and
-    /// republishes. A pod from the cluster keeps the addresses it was attached with.
+    /// republishes.
     pub fn apply(&self, change: Change) -> Result<u64, Error> {
+        self.apply_all([change])
+    }
+
+    /// Applies cluster changes and publishes them as one generation. A pod
+    /// attached here keeps the addresses it was attached with and its node.
+    pub fn apply_all(&self, changes: impl IntoIterator<Item = Change>) -> Result<u64, Error> {
         let mut ctl = self.control();
-        let change = match change {
-            Change::Pod(mut pod) => {
-                if let Some(p) = ctl.topology.pods.iter().find(|p| p.pod == pod.key) {
-                    pod.ips = p.ips.clone();
+        for change in changes {
+            let change = match change {
+                Change::Pod(mut pod) => {
+                    if let Some(p) = ctl.topology.pods.iter().find(|p| p.pod == pod.key) {
+                        pod.ips = p.ips.clone();
+                        if ctl.local_node.is_some() {
+                            pod.node = ctl.local_node.clone();
+                        }
+                    }
+                    Change::Pod(pod)
                 }
-                Change::Pod(pod)
-            }
-            other => other,
-        };
-        ctl.compiler.apply(change);
-        self.publish(&ctl)
+                other => other,
+            };
+            ctl.compile(change);
+        }
+        self.publish(&mut ctl)
+    }
+
+    /// Attached ports: (port, pod or `None` for the gateway, TAP name, counters).
+    pub fn port_counters(&self) -> Vec<(PortNo, Option<ObjectKey>, String, Arc<PortCounters>)> {
+        let ctl = self.control();
+        ctl.ports
+            .iter()
+            .map(|p| {
+                let pod = ctl
+                    .topology
+                    .pods
+                    .iter()
+                    .find(|x| x.port == p.no)
+                    .map(|x| x.pod.clone());
+                (p.no, pod, p.tap.name().to_string(), p.counters.clone())
+            })
+            .collect()
     }
 
     /// Runs `f` with the compiler (for provenance lookups).
@@ -269,14 +476,17 @@ impl Switch {
 
     fn packet_loop(&self) {
         let mut worker = self.dp.worker();
+        // Frames are read at offset VNET_HDR_LEN - (the port's header length), so
+        // the Ethernet frame always starts at VNET_HDR_LEN: a header can be
+        // stripped, or a blank one put in front, without copying.
         let mut buf = vec![0u8; MAX_FRAME];
         let mut ready = Vec::new();
         let mut last_sweep = self.now();
         while !self.stop.load(Relaxed) {
             let polled = self.ports.load_full();
-            let fds: Vec<_> = polled.ports.iter().map(|(_, t)| t.as_fd()).collect();
+            let fds: Vec<_> = polled.ports.iter().map(|p| p.tap.as_fd()).collect();
             if fds.is_empty() {
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
             if sys::poll_readable(&fds, &mut ready, 50).is_err() {
@@ -287,24 +497,55 @@ impl Switch {
             let ports = self.ports.load_full();
             worker.begin_batch();
             let now = self.now();
-            for (i, (in_port, tap)) in polled.ports.iter().enumerate() {
+            for (i, port) in polled.ports.iter().enumerate() {
                 if !ready.get(i).copied().unwrap_or(false) {
                     continue;
                 }
+                let hdr = port.tap.header_len();
+                let start = VNET_HDR_LEN - hdr;
                 for _ in 0..BATCH {
-                    let n = match tap.recv(&mut buf) {
-                        Ok(Some(n)) => n,
-                        Ok(None) | Err(_) => break,
+                    let n = match port.tap.recv(&mut buf[start..]) {
+                        Ok(Some(n)) if n >= hdr => n,
+                        Ok(None) => break,
+                        Ok(Some(_)) | Err(_) => {
+                            port.counters.port_drop(PortDrop::RxError);
+                            break;
+                        }
                     };
-                    // With offloads the virtio-net header goes through unchanged:
-                    // every port of a switch has the same header length.
-                    let hdr = tap.header_len().min(n);
-                    let verdict = worker.process(now, *in_port, &mut buf[hdr..n]);
+                    let end = start + n;
+                    let c = &port.counters;
+                    bump(&c.rx_packets, 1);
+                    bump(&c.rx_bytes, (n - hdr) as u64);
+                    // Whether the frame needs the header it came with (a TSO
+                    // segment, or a checksum left to the receiver).
+                    let offloaded = hdr > 0 && (buf[0] != 0 || buf[1] != 0);
+                    let verdict = worker.process(now, port.no, &mut buf[VNET_HDR_LEN..end]);
+                    if let Some(reason) = verdict.drop {
+                        c.pipeline_drops[reason as usize].fetch_add(1, Relaxed);
+                        continue;
+                    }
                     for out in verdict.outputs {
-                        if let Some(t) = ports.get(*out)
-                            && t.header_len() == hdr
-                        {
-                            let _ = t.send(&buf[..n]);
+                        let Some(to) = ports.get(*out) else { continue };
+                        let frame = match to.tap.header_len() {
+                            0 if offloaded => {
+                                to.counters.port_drop(PortDrop::OffloadMismatch);
+                                continue;
+                            }
+                            0 => &buf[VNET_HDR_LEN..end],
+                            _ => {
+                                if hdr == 0 {
+                                    buf[..VNET_HDR_LEN].fill(0);
+                                }
+                                &buf[..end]
+                            }
+                        };
+                        match to.tap.send(frame) {
+                            Ok(true) => {
+                                bump(&to.counters.tx_packets, 1);
+                                bump(&to.counters.tx_bytes, (end - VNET_HDR_LEN) as u64);
+                            }
+                            Ok(false) => to.counters.port_drop(PortDrop::TxFull),
+                            Err(_) => to.counters.port_drop(PortDrop::TxError),
                         }
                     }
                 }
@@ -315,4 +556,11 @@ impl Switch {
             }
         }
     }
+}
+
+/// Counter increment from packet threads (several may write one port's
+/// counters, so this is a real read-modify-write).
+#[inline(always)]
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Relaxed);
 }

@@ -208,3 +208,31 @@ pub fn send_raw(ifname: &str, frame: &[u8]) -> io::Result<()> {
         Ok(())
     }
 }
+
+/// An inotify instance (non-blocking): wakes the manifest watcher on edits.
+pub fn inotify_init() -> io::Result<OwnedFd> {
+    // SAFETY: inotify_init1 takes flags only and returns a new fd or -1.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by inotify_init1 and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Watches directory `dir` for entries created, deleted, moved or written.
+pub fn inotify_watch_dir(fd: BorrowedFd<'_>, dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mask = libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MODIFY
+        | libc::IN_CLOSE_WRITE
+        | libc::IN_MOVED_TO
+        | libc::IN_MOVED_FROM
+        | libc::IN_ATTRIB
+        | libc::IN_ONLYDIR;
+    // SAFETY: `path` is a NUL-terminated string live for the call.
+    check(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) }).map(|_| ())
+}

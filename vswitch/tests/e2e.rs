@@ -935,7 +935,7 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
     .unwrap();
     let (config, socket) = write_config(
         &dir,
-        &format!("[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n"),
+        &format!("offload = true\n[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n"),
     );
     let daemon = Daemon::start(&config, &socket);
     let cni = Cni {

@@ -24,7 +24,7 @@ pub use cache::{CacheStats, MicroflowCache};
 pub use classify::FlowId;
 pub use conntrack::{ConnInfo, Conntrack, CtConfig};
 pub use field::{Field, Match, MatchKey};
-pub use flow::{Action, Cookie, FlowEntry, FlowError, TableId, Zone};
+pub use flow::{Action, Cookie, FlowEntry, FlowError, FlowIdentity, TableId, Zone};
 pub use key::{FlowKey, PortNo, parse};
 pub use ofctl::{OfctlError, parse_flow};
 pub use table::{FlowTables, Snapshot};

@@ -172,8 +172,8 @@ pub struct FlowStat {
 #[derive(Debug)]
 pub struct Datapath {
     snapshot: ArcSwap<Snapshot>,
-    /// The control plane's editable copy; never touched by workers.
-    tables: Mutex<FlowTables>,
+    /// Serialises control-plane edits (each edits a copy of the snapshot).
+    editing: Mutex<()>,
     pub conntrack: Conntrack,
     workers: Mutex<Vec<Arc<WorkerCell>>>,
     config: DatapathConfig,
@@ -192,7 +192,7 @@ impl Datapath {
                 tables: FlowTables::new(),
                 published: Time::ZERO,
             }),
-            tables: Mutex::new(FlowTables::new()),
+            editing: Mutex::new(()),
             conntrack: Conntrack::new(config.conntrack.clone()),
             workers: Mutex::new(Vec::new()),
             config,
@@ -212,16 +212,18 @@ impl Datapath {
         now: Time,
         edit: impl FnOnce(&mut FlowTables) -> Result<T, E>,
     ) -> Result<(T, u64), E> {
-        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
-        let mut draft = tables.clone();
+        let _editing = self.editing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot.load_full();
+        // One copy per edit: the published snapshot is immutable, so the draft
+        // starts from it and becomes the next one.
+        let mut draft = current.tables.clone();
         let out = edit(&mut draft)?;
-        let generation = self.snapshot.load().generation + 1;
+        let generation = current.generation + 1;
         self.snapshot.store(Arc::new(Snapshot {
             generation,
-            tables: draft.clone(),
+            tables: draft,
             published: now,
         }));
-        *tables = draft;
         Ok((out, generation))
     }
 
