@@ -10,17 +10,14 @@
 #![allow(unsafe_code)] // the counting global allocator below
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
 use divan::Bencher;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::compile::{Change, Compiler};
-use policy::model::{
-    Cluster, NAMESPACE_NAME_LABEL, NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol,
-};
+use policy::model::ObjectKey;
+use policy::synthetic::{cluster, pod_labels};
 
 struct Counting;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -47,93 +44,8 @@ static GLOBAL: Counting = Counting;
 const NAMESPACES: usize = 1000;
 const PODS_PER_NS: usize = 10;
 
-fn labels(kv: &[(&str, String)]) -> BTreeMap<String, String> {
-    kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-}
-
-fn pod_labels(j: usize, tier_db: bool) -> BTreeMap<String, String> {
-    labels(&[
-        ("app", format!("a{}", j % 5)),
-        ("tier", if tier_db { "db".into() } else { "web".into() }),
-    ])
-}
-
-fn policy_yaml(ns: &str, i: usize, j: usize) -> String {
-    let team = format!("t{}", (i + 7) % 50);
-    let body = match j {
-        0 => "podSelector: {}\n  policyTypes: [Ingress]".to_string(),
-        1 => "podSelector: {}\n  ingress: [{from: [{podSelector: {}}]}]".to_string(),
-        2 => format!("podSelector: {{}}\n  ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{team: {team}}}}}}}]}}]"),
-        3 => "podSelector: {matchLabels: {app: a0}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: a3}}}], ports: [{port: 8080}]}]".to_string(),
-        4 => "podSelector: {matchLabels: {tier: web}}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/12, except: [172.16.5.0/24]}}], ports: [{port: 443}]}]".to_string(),
-        5 => "podSelector: {matchLabels: {app: a1}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {env: prod}}, podSelector: {matchLabels: {app: a4}}}], ports: [{port: http}]}]".to_string(),
-        6 => "podSelector: {matchLabels: {app: a2}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: a2}}}], ports: [{port: 30000, endPort: 32767}]}]".to_string(),
-        7 => format!(
-            "podSelector: {{matchLabels: {{tier: web}}}}\n  egress: [{{to: [{{namespaceSelector: {{matchLabels: {{team: {team}}}}}}}]}}, {{to: [{{namespaceSelector: {{matchLabels: {{{NAMESPACE_NAME_LABEL}: ns-0}}}}}}], ports: [{{port: 53, protocol: UDP}}]}}]"
-        ),
-        8 => "podSelector: {matchLabels: {tier: db}}\n  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/8}}], ports: [{port: 5432}]}]".to_string(),
-        _ => "podSelector: {matchLabels: {tier: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {env: dev}}, podSelector: {matchLabels: {tier: web}}}], ports: [{port: metrics}]}]".to_string(),
-    };
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{j}, namespace: {ns}}}\nspec:\n  {body}\n"
-    )
-}
-
-fn cluster() -> Cluster {
-    let mut c = Cluster::default();
-    for i in 0..NAMESPACES {
-        let name = format!("ns-{i}");
-        let mut l = labels(&[
-            ("team", format!("t{}", i % 50)),
-            (
-                "env",
-                if i % 2 == 0 {
-                    "prod".into()
-                } else {
-                    "dev".into()
-                },
-            ),
-        ]);
-        l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-        c.upsert_namespace(Namespace {
-            name: name.clone(),
-            labels: l,
-        });
-        for j in 0..PODS_PER_NS {
-            let k = i * PODS_PER_NS + j;
-            c.upsert_pod(Pod {
-                key: ObjectKey::new(&name, format!("pod-{j}")),
-                labels: pod_labels(j, j % 3 == 0),
-                ips: vec![
-                    format!("10.{}.{}.{}", 100 + (k >> 16), (k >> 8) & 255, k & 255)
-                        .parse()
-                        .unwrap(),
-                ],
-                node: Some(format!("node-{}", k % 100)),
-                ports: vec![
-                    NamedPort {
-                        name: "http".into(),
-                        port: 8080,
-                        protocol: Protocol::Tcp,
-                    },
-                    NamedPort {
-                        name: "metrics".into(),
-                        port: 9090,
-                        protocol: Protocol::Tcp,
-                    },
-                ],
-            });
-        }
-        for j in 0..10 {
-            let np: NetworkPolicy = serde_saphyr::from_str(&policy_yaml(&name, i, j)).unwrap();
-            c.upsert_policy(Policy::from_api(&np).unwrap());
-        }
-    }
-    c
-}
-
 fn main() {
-    let c = cluster();
+    let c = cluster(NAMESPACES, PODS_PER_NS);
     assert_eq!(c.pods().count(), NAMESPACES * PODS_PER_NS);
     assert_eq!(c.policies().count(), NAMESPACES * 10);
     let base = CURRENT.load(Relaxed);
@@ -161,7 +73,7 @@ fn main() {
 
 #[divan::bench(sample_count = 5)]
 fn full_compile_10k_pods_10k_policies(bencher: Bencher) {
-    let c = cluster();
+    let c = cluster(NAMESPACES, PODS_PER_NS);
     bencher
         .with_inputs(|| c.clone())
         .bench_values(|c| black_box(Compiler::from_cluster(c).len()));
@@ -170,7 +82,7 @@ fn full_compile_10k_pods_10k_policies(bencher: Bencher) {
 /// Relabels one pod (alternating two label sets): recompiles what it touches.
 #[divan::bench(sample_count = 50)]
 fn relabel_one_pod(bencher: Bencher) {
-    let mut compiler = Compiler::from_cluster(cluster());
+    let mut compiler = Compiler::from_cluster(cluster(NAMESPACES, PODS_PER_NS));
     let key = ObjectKey::new("ns-500", "pod-4");
     let mut pod = compiler.cluster().pod(&key).unwrap().clone();
     let mut flip = false;

@@ -15,6 +15,7 @@ pub mod model;
 pub mod offline;
 pub mod pipeline;
 pub mod selector;
+pub mod synthetic;
 
 pub use compile::{Change, Compiler, FlowDiff, Provenance};
 pub use error::{Error, FieldError};

@@ -191,11 +191,35 @@ pub struct Switch {
 
 impl Switch {
     pub fn new(config: DatapathConfig) -> Arc<Switch> {
+        Switch::build(config, Compiler::new())
+    }
+
+    /// A switch enforcing `cluster` from the start (compiled in one pass, not
+    /// object by object), with no ports yet.
+    ///
+    /// Fails when the compiled flows cannot be installed.
+    pub fn with_cluster(
+        config: DatapathConfig,
+        cluster: policy::model::Cluster,
+    ) -> Result<Arc<Switch>, Error> {
+        let started = Instant::now();
+        let compiler = Compiler::from_cluster(cluster);
+        let switch = Switch::build(config, compiler);
+        {
+            let mut ctl = switch.control();
+            ctl.compile_time = started.elapsed();
+            ctl.in_sync = false;
+            switch.publish(&mut ctl)?;
+        }
+        Ok(switch)
+    }
+
+    fn build(config: DatapathConfig, compiler: Compiler) -> Arc<Switch> {
         Arc::new(Switch {
             dp: Datapath::new(config),
             ports: ArcSwap::from_pointee(PortSet::default()),
             control: Mutex::new(Control {
-                compiler: Compiler::new(),
+                compiler,
                 topology: Topology {
                     zone: 1,
                     ..Topology::default()

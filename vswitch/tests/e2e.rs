@@ -521,12 +521,32 @@ fn vswitchd_with_cni_manifests_and_restart() {
         "deny flows counted packets"
     );
 
-    // A policy edit is enforced for new connections.
+    // A policy edit is enforced for new connections. How long the switch took to
+    // notice, compile and publish it is printed (a figure, not a check).
+    let realised = || {
+        vswitch::control::request(&socket, &vswitch::control::Request::Stats).unwrap()
+            ["realisation"]["generation"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = realised();
+    let edited = Instant::now();
     std::fs::write(
         manifests.join("policy.yaml"),
         policy("{port: 8080}, {port: 8081}"),
     )
     .unwrap();
+    while realised() == before {
+        assert!(
+            edited.elapsed() < Duration::from_secs(8),
+            "edit never realised"
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    eprintln!(
+        "manifest edit written -> flows published: {:.1} ms",
+        edited.elapsed().as_secs_f64() * 1e3
+    );
     eventually("8081 allowed after the edit", || {
         Lab::tcp(&web_ns, &db, 8081)
     });
