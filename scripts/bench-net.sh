@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Throughput between two pods on one node, vswitch against a Linux bridge, on the
-# same topology, in one run (run by hand as root; not part of CI).
+# Two pods on one node: vswitch against Open vSwitch's userspace datapath and a
+# Linux bridge, on the same topology, in one run (run by hand as root; not in CI).
 #
-#   scripts/bench-net.sh [SECONDS]     (default 5 s per measurement)
-#   VSWITCH_OFFLOAD=true scripts/bench-net.sh   (TAP offloads: vnet header, TSO)
+#   scripts/bench-net.sh [SECONDS]        (default 5 s per throughput measurement)
+#   VSWITCH_OFFLOAD=false scripts/bench-net.sh   (vswitch without TAP offloads)
 #
-# Measures TCP throughput with 1 and 4 streams and the UDP packet rate with 64-byte
-# payloads (iperf3), then prints the ratios. Open vSwitch's userspace datapath is
-# not measured yet (issue 4). Everything it creates is removed on exit.
+# Switches under test, each with two pod namespaces a and b:
+#   bridge   Linux bridge, veth pairs
+#   ovs      Open vSwitch, datapath_type=netdev, TAP ports moved into the pods
+#   ovs-tso  the same with other_config:userspace-tso-enable=true (its best)
+#   vswitch  vswitchd, pods attached through vswitch-cni, a NetworkPolicy in force
+#            (b admits ingress only from pods labelled role=client; a is one)
+# Measurements: TCP throughput 1 and 4 streams (iperf3), UDP 64-byte packet rate
+# (iperf3, received), ping RTT p50/p99 (1000 pings, 2 ms apart), sequential TCP
+# connections per second (vswitch/examples/crr.rs). Ratios are vswitch over each
+# baseline. Everything it creates is removed on exit, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -15,15 +22,19 @@ secs=${1:-5}
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v ovs-vswitchd >/dev/null || need+=(openvswitch-switch)
 [ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need+=(containernetworking-plugins)
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet -p vswitch
+cargo build --release --quiet -p vswitch --bins --example crr
 bin="$PWD/target/release"
+crr="$bin/examples/crr"
 tag="vsb$$"
 work=$(mktemp -d /tmp/vswitch-bench.XXXXXX)
 daemon_pid=""
+namespaces=()
 
 cni() { # cni COMMAND POD
     printf '{"cniVersion":"1.0.0","name":"bench","type":"vswitch-cni","socket":"%s","ipam":{"type":"host-local","ranges":[[{"subnet":"10.92.0.0/24"}]],"dataDir":"%s"}}' \
@@ -32,52 +43,139 @@ cni() { # cni COMMAND POD
             CNI_ARGS="K8S_POD_NAMESPACE=bench;K8S_POD_NAME=$2" CNI_PATH=/usr/lib/cni:/opt/cni/bin "$bin/vswitch-cni"
 }
 
+ovs_stop() { # ovs_stop DIR
+    local d=$1
+    for p in ovs-vswitchd ovsdb-server; do
+        [ -f "$d/$p.pid" ] && kill "$(cat "$d/$p.pid")" 2>/dev/null
+    done
+    sleep 0.3
+    return 0
+}
+
 cleanup() {
     set +e
-    pkill -f "iperf3 -s -p 52" 2>/dev/null
-    for p in a b; do cni DEL "$p" >/dev/null 2>&1; ip netns del "$tag-v$p" 2>/dev/null; ip netns del "$tag-l$p" 2>/dev/null; done
+    for ns in "${namespaces[@]}"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null
+    done
+    for p in a b; do cni DEL "$p" >/dev/null 2>&1; done
     [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+    for d in "$work"/ovs-*; do [ -d "$d" ] && ovs_stop "$d"; done
+    for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null; done
     ip link del "$tag-br" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+newns() { # newns NAME
+    ip netns add "$1"
+    namespaces+=("$1")
+    ip -n "$1" link set lo up
+}
+
+declare -A server # switch -> IP of pod b
+
 # Linux bridge with veth pairs.
-ip link add "$tag-br" type bridge
-ip link set "$tag-br" up
-n=1
-for p in a b; do
-    ip netns add "$tag-l$p"
-    ip link add "$tag-l$p" type veth peer name eth0 netns "$tag-l$p"
-    ip link set "$tag-l$p" master "$tag-br" up
-    ip -n "$tag-l$p" addr add "10.93.0.$n/24" dev eth0
-    ip -n "$tag-l$p" link set eth0 up
-    ip -n "$tag-l$p" link set lo up
-    n=$((n + 1))
-done
+setup_bridge() {
+    ip link add "$tag-br" type bridge
+    ip link set "$tag-br" up
+    local n=1
+    for p in a b; do
+        newns "$tag-l$p"
+        ip link add "$tag-l$p" type veth peer name eth0 netns "$tag-l$p"
+        ip link set "$tag-l$p" master "$tag-br" up
+        ip -n "$tag-l$p" addr add "10.93.0.$n/24" dev eth0
+        ip -n "$tag-l$p" link set eth0 up
+        n=$((n + 1))
+    done
+    server[bridge]=10.93.0.2
+}
 
-# vswitch: vswitchd and two pods through vswitch-cni (no policy: pure forwarding
-# through the full pipeline, conntrack included).
-mkdir -p "$work/manifests"
-printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-false}" >"$work/vswitchd.toml"
-"$bin/vswitchd" --config "$work/vswitchd.toml" 2>/dev/null &
-daemon_pid=$!
-for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
-declare -A vip
-for p in a b; do
-    ip netns add "$tag-v$p"
-    ip -n "$tag-v$p" link set lo up
-    vip[$p]=$(cni ADD "$p" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
-done
+# Open vSwitch, userspace datapath, in its own run directory. TSO: $2 = true|false.
+setup_ovs() { # setup_ovs NAME TSO SUBNET LETTER (LETTER: unique, for device names)
+    local name=$1 tso=$2 subnet=$3 letter=$4 d="$work/ovs-$1"
+    mkdir -p "$d"
+    export OVS_RUNDIR=$d OVS_DBDIR=$d OVS_LOGDIR=$d
+    ovsdb-tool create "$d/conf.db" /usr/share/openvswitch/vswitch.ovsschema
+    ovsdb-server "$d/conf.db" --remote="punix:$d/db.sock" --pidfile="$d/ovsdb-server.pid" \
+        --detach --log-file="$d/ovsdb-server.log" 2>/dev/null
+    local vsctl=(ovs-vsctl --db="unix:$d/db.sock")
+    "${vsctl[@]}" --no-wait init
+    "${vsctl[@]}" --no-wait set Open_vSwitch . "other_config:userspace-tso-enable=$tso"
+    ovs-vswitchd "unix:$d/db.sock" --pidfile="$d/ovs-vswitchd.pid" --detach --log-file="$d/ovs-vswitchd.log" 2>/dev/null
+    local br="${tag}o$name"
+    br=${br:0:15}
+    "${vsctl[@]}" add-br "$br" -- set bridge "$br" datapath_type=netdev
+    local n=1
+    for p in a b; do
+        local ns="$tag-$name-$p" dev="${tag}$letter$p"
+        "${vsctl[@]}" add-port "$br" "$dev" -- set interface "$dev" type=tap
+        for _ in $(seq 50); do ip link show "$dev" >/dev/null 2>&1 && break; sleep 0.05; done
+        newns "$ns"
+        ip link set "$dev" netns "$ns"
+        ip -n "$ns" addr add "$subnet.$n/24" dev "$dev"
+        ip -n "$ns" link set "$dev" up
+        n=$((n + 1))
+    done
+    ip link set "$br" up
+    unset OVS_RUNDIR OVS_DBDIR OVS_LOGDIR
+    server[$name]="$subnet.2"
+}
 
-# measure NETNS_PREFIX SERVER_IP ARGS... -> prints one number
-measure() {
-    local prefix=$1 server=$2
-    shift 2
-    ip netns exec "${prefix}b" iperf3 -s -p 5201 -1 -D >/dev/null 2>&1
+# vswitchd and two pods through vswitch-cni, with a NetworkPolicy in force.
+setup_vswitch() {
+    mkdir -p "$work/manifests"
+    cat >"$work/manifests/bench.yaml" <<'EOF'
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: bench, labels: {role: client}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: bench, labels: {role: server}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-only, namespace: bench}
+spec:
+  podSelector: {matchLabels: {role: server}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+EOF
+    printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' \
+        "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-true}" >"$work/vswitchd.toml"
+    "$bin/vswitchd" --config "$work/vswitchd.toml" 2>"$work/vswitchd.log" &
+    daemon_pid=$!
+    for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
+    for p in a b; do
+        newns "$tag-v$p"
+        local ip
+        ip=$(cni ADD "$p" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
+        [ "$p" = b ] && server[vswitch]=$ip
+    done
+    return 0
+}
+
+# Namespace of pod P of switch S.
+nsof() { # nsof SWITCH POD
+    case $1 in
+    bridge) echo "$tag-l$2" ;;
+    vswitch) echo "$tag-v$2" ;;
+    *) echo "$tag-$1-$2" ;;
+    esac
+}
+
+iperf() { # iperf SWITCH ARGS... -> one number
+    local s=$1
+    shift
+    ip netns exec "$(nsof "$s" b)" iperf3 -s -p 5201 -1 -D >/dev/null 2>&1
     sleep 0.3
-    ip netns exec "${prefix}a" iperf3 -c "$server" -p 5201 -t "$secs" -J "$@" 2>/dev/null |
+    ip netns exec "$(nsof "$s" a)" iperf3 -c "${server[$s]}" -p 5201 -t "$secs" -J "$@" 2>/dev/null |
         python3 -c 'import json,sys
 d=json.load(sys.stdin)["end"]
 s=d.get("sum", {})
@@ -87,15 +185,66 @@ else:  # TCP: received throughput, Gbit/s
     print(round(d["sum_received"]["bits_per_second"]/1e9,2))'
 }
 
-printf '\n%-32s %14s %14s %8s\n' "measurement" "linux bridge" "vswitch" "ratio"
-row() { # row NAME ARGS...
-    local name=$1
-    shift
-    local br vs
-    br=$(measure "$tag-l" 10.93.0.2 "$@")
-    vs=$(measure "$tag-v" "${vip[b]}" "$@")
-    printf '%-32s %14s %14s %8s\n' "$name" "$br" "$vs" "$(python3 -c "print(round($vs/$br,3) if $br else 0)")"
+rtt() { # rtt SWITCH p50|p99 -> microseconds (cached per switch)
+    local f="$work/rtt-$1"
+    if [ ! -f "$f" ]; then
+        ip netns exec "$(nsof "$1" a)" ping -c 1000 -i 0.002 -W 1 "${server[$1]}" |
+            sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' >"$f"
+    fi
+    python3 -c 'import sys
+v=sorted(float(x)*1000 for x in open(sys.argv[1]))
+q=float(sys.argv[2])
+print(round(v[min(len(v)-1,int(q*len(v)))]) if v else 0)' "$f" "$([ "$2" = p50 ] && echo 0.5 || echo 0.99)"
 }
-row "TCP, 1 stream (Gbit/s)"
-row "TCP, 4 streams (Gbit/s)" -P 4
-row "UDP 64 B, received (kpps)" -u -l 64 -b 0
+
+crr_rate() { # crr_rate SWITCH -> connections/s
+    local s=$1
+    ip netns exec "$(nsof "$s" b)" "$crr" server "${server[$s]}:5300" &
+    local pid=$!
+    sleep 0.3
+    ip netns exec "$(nsof "$s" a)" "$crr" client "${server[$s]}:5300" "$secs" || echo 0
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true
+}
+
+ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,2) if b else '-')" "$1" "$2"; }
+
+declare -A v # "switch measurement" -> value
+measures=(tcp1 tcp4 udp64 rtt50 rtt99 crr)
+measure_all() { # measure_all SWITCH
+    local s=$1
+    # Warm up ARP and the switch's caches.
+    ip netns exec "$(nsof "$s" a)" ping -c 2 -i 0.2 -W 1 "${server[$s]}" >/dev/null || {
+        echo "no connectivity through $s" >&2
+        exit 1
+    }
+    echo "measuring $s..." >&2
+    v[$s tcp1]=$(iperf "$s")
+    v[$s tcp4]=$(iperf "$s" -P 4)
+    v[$s udp64]=$(iperf "$s" -u -l 64 -b 0)
+    v[$s rtt50]=$(rtt "$s" p50)
+    v[$s rtt99]=$(rtt "$s" p99)
+    v[$s crr]=$(crr_rate "$s")
+}
+
+setup_bridge
+measure_all bridge
+# One Open vSwitch at a time, so the two never compete for the CPUs.
+setup_ovs ovs false 10.94.0 o
+measure_all ovs
+ovs_stop "$work/ovs-ovs"
+setup_ovs ovstso true 10.96.0 t
+measure_all ovstso
+ovs_stop "$work/ovs-ovstso"
+setup_vswitch
+measure_all vswitch
+
+names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s")
+printf '\n%-26s %10s %10s %10s %10s  %9s %9s\n' "measurement" "bridge" "ovs" "ovs+tso" "vswitch" "vs/ovstso" "vs/bridge"
+for i in "${!measures[@]}"; do
+    m=${measures[$i]}
+    printf '%-26s %10s %10s %10s %10s  %9s %9s\n' "${names[$i]}" "${v[bridge $m]}" "${v[ovs $m]}" "${v[ovstso $m]}" \
+        "${v[vswitch $m]}" "$(ratio "${v[vswitch $m]}" "${v[ovstso $m]}")" "$(ratio "${v[vswitch $m]}" "${v[bridge $m]}")"
+done
+echo
+echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, NetworkPolicy in force; the baselines run without policy."

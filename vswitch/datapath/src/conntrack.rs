@@ -84,7 +84,9 @@ impl Tuple {
         }
         let (sport, dport) = match key.nw_proto {
             ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP => (key.tp_src, key.tp_dst),
-            ip_proto::ICMP | ip_proto::ICMPV6 => (key.icmp_id, 0),
+            // Echo request and reply carry the same identifier: the same value
+            // on both sides keeps the tuple symmetric, so the reply finds it.
+            ip_proto::ICMP | ip_proto::ICMPV6 => (key.icmp_id, key.icmp_id),
             _ => (0, 0),
         };
         Some(Tuple {
@@ -287,7 +289,10 @@ fn embedded_tuple(frame: &[u8]) -> Option<Tuple> {
             u16::from_be_bytes([b[0], b[1]]),
             u16::from_be_bytes([b[2], b[3]]),
         ),
-        ip_proto::ICMP | ip_proto::ICMPV6 if b.len() >= 6 => (u16::from_be_bytes([b[4], b[5]]), 0),
+        ip_proto::ICMP | ip_proto::ICMPV6 if b.len() >= 6 => {
+            let id = u16::from_be_bytes([b[4], b[5]]);
+            (id, id)
+        }
         ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::ICMP | ip_proto::ICMPV6 => {
             return None;
         }
@@ -814,6 +819,33 @@ mod tests {
         let (rep, f2) = udp(B, A, 53, 5000);
         assert_eq!(ct.lookup(Time::ZERO, 0, &rep, &f2), TRK | EST | RPL);
         assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | EST);
+    }
+
+    #[test]
+    fn echo_reply_matches_its_request() {
+        let echo = |src, dst, reply: bool, id: u16| {
+            let b = PacketBuilder::ethernet2([2; 6], [4; 6]).ipv4(src, dst, 64);
+            let b = if reply {
+                b.icmpv4_echo_reply(id, 1)
+            } else {
+                b.icmpv4_echo_request(id, 1)
+            };
+            let mut f = Vec::new();
+            b.write(&mut f, &[0; 8]).unwrap();
+            (parse(PortNo(1), &f), f)
+        };
+        let ct = Conntrack::new(CtConfig::default());
+        let (req, f) = echo(A, B, false, 7);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | NEW);
+        ct.commit(Time::ZERO, 0, &req, f.len()).unwrap();
+        let (rep, f2) = echo(B, A, true, 7);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &rep, &f2), TRK | EST | RPL);
+        let (other, f3) = echo(B, A, true, 8);
+        assert_eq!(
+            ct.lookup(Time::ZERO, 0, &other, &f3),
+            TRK | INV,
+            "a reply to no request"
+        );
     }
 
     #[test]
