@@ -4,6 +4,8 @@
 #
 #   scripts/bench-net.sh [SECONDS]        (default 5 s per throughput measurement)
 #   VSWITCH_OFFLOAD=false scripts/bench-net.sh   (vswitch without TAP offloads)
+#   VSWITCH_BUSY_POLL_US=N scripts/bench-net.sh  (vswitchd's busy_poll_us; default: its own)
+#   SWITCHES="bridge vswitch" scripts/bench-net.sh (measure only these)
 #
 # Switches under test, each with two pod namespaces a and b:
 #   bridge   Linux bridge, veth pairs
@@ -149,6 +151,7 @@ spec:
 EOF
     printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' \
         "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-true}" >"$work/vswitchd.toml"
+    [ -n "${VSWITCH_BUSY_POLL_US:-}" ] && echo "busy_poll_us = $VSWITCH_BUSY_POLL_US" >>"$work/vswitchd.toml"
     "$bin/vswitchd" --config "$work/vswitchd.toml" 2>"$work/vswitchd.log" &
     daemon_pid=$!
     for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
@@ -207,7 +210,9 @@ crr_rate() { # crr_rate SWITCH -> connections/s
     wait "$pid" 2>/dev/null || true
 }
 
-ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,2) if b else '-')" "$1" "$2"; }
+ratio() { python3 -c "import sys
+try: a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,2) if b else '-')
+except ValueError: print('-')" "$1" "$2"; }
 
 declare -A v # "switch measurement" -> value
 measures=(tcp1 tcp4 udp64 rtt50 rtt99 crr)
@@ -227,24 +232,34 @@ measure_all() { # measure_all SWITCH
     v[$s crr]=$(crr_rate "$s")
 }
 
-setup_bridge
-measure_all bridge
+only=" ${SWITCHES:-bridge ovs ovstso vswitch} "
+want() { [[ $only == *" $1 "* ]]; }
+if want bridge; then
+    setup_bridge
+    measure_all bridge
+fi
 # One Open vSwitch at a time, so the two never compete for the CPUs.
-setup_ovs ovs false 10.94.0 o
-measure_all ovs
-ovs_stop "$work/ovs-ovs"
-setup_ovs ovstso true 10.96.0 t
-measure_all ovstso
-ovs_stop "$work/ovs-ovstso"
-setup_vswitch
-measure_all vswitch
+if want ovs; then
+    setup_ovs ovs false 10.94.0 o
+    measure_all ovs
+    ovs_stop "$work/ovs-ovs"
+fi
+if want ovstso; then
+    setup_ovs ovstso true 10.96.0 t
+    measure_all ovstso
+    ovs_stop "$work/ovs-ovstso"
+fi
+if want vswitch; then
+    setup_vswitch
+    measure_all vswitch
+fi
 
 names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s")
 printf '\n%-26s %10s %10s %10s %10s  %9s %9s\n' "measurement" "bridge" "ovs" "ovs+tso" "vswitch" "vs/ovstso" "vs/bridge"
 for i in "${!measures[@]}"; do
     m=${measures[$i]}
-    printf '%-26s %10s %10s %10s %10s  %9s %9s\n' "${names[$i]}" "${v[bridge $m]}" "${v[ovs $m]}" "${v[ovstso $m]}" \
-        "${v[vswitch $m]}" "$(ratio "${v[vswitch $m]}" "${v[ovstso $m]}")" "$(ratio "${v[vswitch $m]}" "${v[bridge $m]}")"
+    printf '%-26s %10s %10s %10s %10s  %9s %9s\n' "${names[$i]}" "${v[bridge $m]:--}" "${v[ovs $m]:--}" "${v[ovstso $m]:--}" \
+        "${v[vswitch $m]:--}" "$(ratio "${v[vswitch $m]:--}" "${v[ovstso $m]:--}")" "$(ratio "${v[vswitch $m]:--}" "${v[bridge $m]:--}")"
 done
 echo
-echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, NetworkPolicy in force; the baselines run without policy."
+echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, busy_poll_us=${VSWITCH_BUSY_POLL_US:-default}, NetworkPolicy in force; the baselines run without policy."

@@ -35,6 +35,11 @@ pub struct Config {
     /// On by default.
     #[serde(default = "default_offload")]
     pub offload: bool,
+    /// After forwarding, the packet thread keeps polling its ports this long
+    /// (microseconds) before it sleeps: lower latency and higher connection
+    /// rates for some CPU. 0 turns it off.
+    #[serde(default = "default_busy_poll_us")]
+    pub busy_poll_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -55,6 +60,10 @@ fn default_socket() -> PathBuf {
 
 fn default_state_dir() -> PathBuf {
     "/var/lib/vswitch".into()
+}
+
+fn default_busy_poll_us() -> u64 {
+    200
 }
 
 fn default_offload() -> bool {
@@ -121,6 +130,12 @@ impl Config {
         }
         if c.watch_interval_ms == 0 {
             return Err(invalid("watch_interval_ms must be at least 1".into()));
+        }
+        if c.busy_poll_us > 10_000 {
+            return Err(invalid(format!(
+                "busy_poll_us = {} is more than 10000 (10 ms)",
+                c.busy_poll_us
+            )));
         }
         Ok(c)
     }

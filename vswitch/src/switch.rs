@@ -484,12 +484,17 @@ impl Switch {
         ))
     }
 
-    /// Starts a packet thread.
-    pub fn spawn_packet_thread(self: &Arc<Self>, name: &str) -> Result<JoinHandle<()>, Error> {
+    /// Starts a packet thread. After forwarding, it keeps polling its ports
+    /// without sleeping for `busy_poll` (lower latency for more CPU).
+    pub fn spawn_packet_thread(
+        self: &Arc<Self>,
+        name: &str,
+        busy_poll: Duration,
+    ) -> Result<JoinHandle<()>, Error> {
         let me = self.clone();
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || me.packet_loop())
+            .spawn(move || me.packet_loop(busy_poll))
             .map_err(Error::Thread)
     }
 
@@ -498,22 +503,50 @@ impl Switch {
         self.stop.store(true, Relaxed);
     }
 
-    fn packet_loop(&self) {
+    fn packet_loop(&self, busy_poll: Duration) {
         let mut worker = self.dp.worker();
         // Frames are read at offset VNET_HDR_LEN - (the port's header length), so
         // the Ethernet frame always starts at VNET_HDR_LEN: a header can be
         // stripped, or a blank one put in front, without copying.
         let mut buf = vec![0u8; MAX_FRAME];
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
+        let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
         let mut last_sweep = self.now();
+        let mut last_work = Instant::now();
         while !self.stop.load(Relaxed) {
-            let polled = self.ports.load_full();
-            let fds: Vec<_> = polled.ports.iter().map(|p| p.tap.as_fd()).collect();
-            if fds.is_empty() {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+            // (Re)register the ports when the set changed.
+            let current = self.ports.load_full();
+            if polled
+                .as_ref()
+                .is_none_or(|(p, _)| !Arc::ptr_eq(p, &current))
+            {
+                let epoll = match sys::Epoll::new() {
+                    Ok(e) => e,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                for (i, p) in current.ports.iter().enumerate() {
+                    let _ = epoll.add(p.tap.as_fd(), i as u64);
+                }
+                polled = Some((current, epoll));
             }
-            if sys::poll_readable(&fds, &mut ready, 50).is_err() {
+            let Some((ports_polled, epoll)) = &polled else {
+                continue;
+            };
+            // Right after traffic, spin briefly instead of sleeping: the answer to
+            // what was just forwarded usually comes within microseconds, and a
+            // sleeping thread takes tens of them to wake.
+            let spinning = last_work.elapsed() < busy_poll;
+            let timeout = if spinning { 0 } else { 50 };
+            if epoll.wait(&mut events, &mut ready, timeout).is_err() || ready.is_empty() {
+                if spinning {
+                    // Give the CPU to anything else runnable (the pods' own
+                    // threads, on a small node): spinning costs only idle time.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             // Ports and flows may have changed while we waited: take both fresh
@@ -521,10 +554,10 @@ impl Switch {
             let ports = self.ports.load_full();
             worker.begin_batch();
             let now = self.now();
-            for (i, port) in polled.ports.iter().enumerate() {
-                if !ready.get(i).copied().unwrap_or(false) {
+            for &i in &ready {
+                let Some(port) = ports_polled.ports.get(i as usize) else {
                     continue;
-                }
+                };
                 let hdr = port.tap.header_len();
                 let start = VNET_HDR_LEN - hdr;
                 for _ in 0..BATCH {
@@ -574,6 +607,7 @@ impl Switch {
                     }
                 }
             }
+            last_work = Instant::now();
             if now.since(last_sweep).as_secs() >= 1 {
                 self.dp.conntrack.sweep(now, 4096);
                 last_sweep = now;

@@ -236,3 +236,67 @@ pub fn inotify_watch_dir(fd: BorrowedFd<'_>, dir: &std::path::Path) -> io::Resul
     // SAFETY: `path` is a NUL-terminated string live for the call.
     check(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) }).map(|_| ())
 }
+
+/// An epoll instance: the packet thread's wait on every port at once.
+#[derive(Debug)]
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes flags only and returns a new fd or -1.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Reports `fd` readable (level-triggered) with `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event live for the call; both fds are open.
+        check(unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        })
+        .map(drop)
+    }
+
+    /// Waits up to `timeout_ms` (0: do not wait) and puts the tokens of readable
+    /// fds in `tokens`, reusing `events` as the kernel's buffer.
+    pub fn wait(
+        &self,
+        events: &mut [libc::epoll_event],
+        tokens: &mut Vec<u64>,
+        timeout_ms: i32,
+    ) -> io::Result<()> {
+        tokens.clear();
+        // SAFETY: `events` is a valid, writable array of `events.len()` entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len().min(i32::MAX as usize) as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        tokens.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}

@@ -97,7 +97,11 @@ fn lab() -> Option<Lab> {
         return None;
     }
     let switch = Switch::new(Default::default());
-    let thread = Some(switch.spawn_packet_thread("packets").unwrap());
+    let thread = Some(
+        switch
+            .spawn_packet_thread("packets", Duration::ZERO)
+            .unwrap(),
+    );
     let running = Running { switch, thread };
     let a = Netns::new(format!("{id}a"));
     let b = Netns::new(format!("{id}b"));
@@ -762,7 +766,11 @@ fn upstream_cases_over_real_traffic() {
     let model = &doc["model"];
     let switch = Switch::new(Default::default());
     let running = Running {
-        thread: Some(switch.spawn_packet_thread("packets").unwrap()),
+        thread: Some(
+            switch
+                .spawn_packet_thread("packets", Duration::ZERO)
+                .unwrap(),
+        ),
         switch,
     };
     let mut spaces: Vec<Netns> = Vec::new();

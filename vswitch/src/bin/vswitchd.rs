@@ -43,7 +43,9 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .map(|dir| ManifestWatch::new(dir, Some(&config.state_dir)));
     let interval = Duration::from_millis(config.watch_interval_ms);
     let daemon = Daemon::start(config, &mut watch)?;
-    let packets = daemon.switch.spawn_packet_thread("packets")?;
+    let packets = daemon
+        .switch
+        .spawn_packet_thread("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
     daemon.serve()?;
     if let Some(w) = watch {
         let switch = daemon.switch.clone();
