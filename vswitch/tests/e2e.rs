@@ -593,6 +593,21 @@ fn vswitchd_with_cni_manifests_and_restart() {
     attached.pods.retain(|(_, p)| p != "shop/db");
     let ports = vswitch::control::request(&socket, &vswitch::control::Request::Ports).unwrap();
     assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
+    // Nothing left behind: no flow for db's address or port, no device.
+    let flows = vswitch::control::request(&socket, &vswitch::control::Request::DumpFlows).unwrap();
+    let leftover: Vec<_> = flows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["flow"].as_str())
+        .filter(|f| f.contains(&format!("={db},")) || f.contains(&format!("={db} ")))
+        .collect();
+    assert!(leftover.is_empty(), "flows for db after DEL: {leftover:?}");
+    let link = Command::new("ip")
+        .args(["-n", &db_ns.0, "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!link.status.success(), "db's device is gone after DEL");
     drop(attached);
     drop(daemon);
     drop(tmp);
@@ -683,7 +698,7 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
         )
         .write(&mut arp)
         .unwrap();
-    send_raw(&lab.a, dev, arp);
+    send_raw(&lab.a, dev.clone(), arp);
     let start = std::time::Instant::now();
     while spoofguard_drops() == before && start.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(50));
@@ -692,6 +707,37 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
         spoofguard_drops() > before,
         "an ARP reply claiming b's address is dropped by spoofguard"
     );
+
+    // Garbage: truncated and malformed frames are dropped and counted on the
+    // port they came from, and the switch keeps forwarding.
+    let malformed = || -> u64 {
+        let ports = lab.running.switch.port_counters();
+        let (_, _, _, c) = ports.iter().find(|p| p.0 == datapath::PortNo(1)).unwrap();
+        c.drops().iter().find(|(r, _)| *r == "malformed").unwrap().1
+    };
+    let before = malformed();
+    let good = udp_frame(a_mac, b_mac, a_ip, b_ip, 7000);
+    let mut bad_version = good.clone();
+    bad_version[14] = 0x75; // IP version 7
+    let mut short_ihl = good.clone();
+    short_ihl[14] = 0x42; // header length 8 bytes
+    let truncated = good[..14 + 10].to_vec();
+    let mut wrong_total = good.clone();
+    wrong_total[16..18].copy_from_slice(&9000u16.to_be_bytes()); // longer than the frame
+    for junk in [bad_version, short_ihl, truncated, wrong_total] {
+        send_raw(&lab.a, dev.clone(), junk);
+    }
+    let start = std::time::Instant::now();
+    while malformed() < before + 4 && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        malformed(),
+        before + 4,
+        "each garbage frame counted as malformed"
+    );
+    send_raw(&lab.a, dev, good);
+    assert!(received(), "and the switch still forwards");
 
     // Named port "http" (8080 on b) and a range 9000-9010, for clients only.
     lab.running

@@ -376,6 +376,10 @@ pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
             key.nw_src = v4(h.source());
             key.nw_dst = v4(h.destination());
             key.nw_proto = h.protocol().0;
+            // The header claims more bytes than the frame holds.
+            if ip.payload().incomplete {
+                key.flags.0 |= KeyFlags::TRUNCATED;
+            }
             if ip.payload().fragmented {
                 key.nw_frag = FRAG_ANY;
                 if h.fragments_offset().value() != 0 {
@@ -388,6 +392,9 @@ pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
             key.nw_src = h.source();
             key.nw_dst = h.destination();
             key.nw_proto = ip.payload().ip_number.0;
+            if ip.payload().incomplete {
+                key.flags.0 |= KeyFlags::TRUNCATED;
+            }
             if ip.payload().fragmented {
                 key.nw_frag = FRAG_ANY;
                 let later = ipv6_later_fragment(h.next_header().0, ip.extensions().slice());
@@ -494,6 +501,30 @@ mod tests {
         assert_eq!((k.tp_src, k.tp_dst), (1234, 80));
         assert_eq!(k.tcp_flags, crate::field::tcp_flags::SYN);
         assert!(k.flags.is_clean());
+    }
+
+    #[test]
+    fn ip_length_beyond_the_frame_is_truncated() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut f, &[0; 8])
+            .unwrap();
+        assert!(parse(PortNo(1), &f).flags.is_clean());
+        f[16..18].copy_from_slice(&9000u16.to_be_bytes());
+        assert!(!parse(PortNo(1), &f).flags.is_clean(), "IPv4 total length");
+        let mut g = Vec::new();
+        PacketBuilder::ethernet2(A, B)
+            .ipv6([1; 16], [2; 16], 64)
+            .udp(1, 2)
+            .write(&mut g, &[0; 8])
+            .unwrap();
+        g[18..20].copy_from_slice(&9000u16.to_be_bytes());
+        assert!(
+            !parse(PortNo(1), &g).flags.is_clean(),
+            "IPv6 payload length"
+        );
     }
 
     #[test]
