@@ -4,6 +4,7 @@
 //! datapath code the switch runs and answers from the compiled tables; live mode
 //! talks to vswitchd's control socket. Text by default, `--output json` for scripts.
 
+mod live;
 mod render;
 mod spec;
 
@@ -62,10 +63,45 @@ enum Command {
         /// Packet: protocol (tcp|udp|sctp|icmp), src=, dst=, tp_dst=.
         spec: String,
     },
-    /// Attached ports (live).
+    /// Ports with their pods and counters: rx/tx, drops by reason (live).
     DumpPorts,
-    /// Datapath counters: packets, drops by reason, cache, conntrack (live).
+    /// Tracked connections (live).
+    DumpConntrack {
+        /// Only this conntrack zone.
+        #[arg(long)]
+        zone: Option<u16>,
+        /// `proto=tcp,ip=10.0.0.1,port=80,state=ESTABLISHED` (also src=, dst=,
+        /// sport=, dport=).
+        filter: Option<String>,
+    },
+    /// Counters: cache hit rate, tables, conntrack, drops, policy realisation (live).
     Stats,
+    /// Add a flow by hand, ovs-ofctl syntax (live; debugging only: it is not
+    /// policy, stays until del-flows or restart, and cannot replace a compiled flow).
+    AddFlow { flow: String },
+    /// Change the actions of a flow added by hand (live).
+    ModFlows { flow: String },
+    /// Delete the hand-added flow with this table, priority and match, or all
+    /// hand-added flows (live). Compiled flows cannot be deleted.
+    DelFlows { flow: Option<String> },
+    /// Flows ordered by packet rate, refreshed in place like top (live).
+    Watch {
+        /// Only this table.
+        #[arg(long)]
+        table: Option<u8>,
+        /// Only flows whose rule mentions RULE.
+        #[arg(long, value_name = "RULE")]
+        cookie: Option<String>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after N refreshes (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Flows shown.
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+    },
     /// Every pod to every pod, for one protocol and port.
     Reachability {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
@@ -127,8 +163,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             render::reachability(&offline, l4, json, color)
         }
-        Command::DumpPorts | Command::Stats => {
-            bail!("dump-ports and stats need a running switch (drop --manifests)")
+        Command::DumpPorts
+        | Command::DumpConntrack { .. }
+        | Command::Stats
+        | Command::AddFlow { .. }
+        | Command::ModFlows { .. }
+        | Command::DelFlows { .. }
+        | Command::Watch { .. } => {
+            bail!("this command needs a running switch (drop --manifests)")
         }
         Command::Completions { .. } => unreachable!("handled above"),
     };
@@ -159,33 +201,16 @@ fn live(cli: &Cli) -> Result<ExitCode> {
     let out = match &cli.command {
         Command::DumpFlows { table, cookie } => {
             let flows = ask(&Request::DumpFlows)?;
-            let keep = |f: &&serde_json::Value| {
-                let text = f["flow"].as_str().unwrap_or("");
-                table.is_none_or(|t| text.contains(&format!("table={t},")))
-                    && cookie
-                        .as_deref()
-                        .is_none_or(|r| f["rule"].as_str().unwrap_or("").contains(r))
-            };
             let kept: Vec<&serde_json::Value> = flows
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(keep)
+                .filter(|f| live::keep_flow(f, *table, cookie.as_deref()))
                 .collect();
             if json {
                 pretty(&serde_json::json!(kept))
             } else {
-                kept.iter()
-                    .map(|f| {
-                        format!(
-                            "n_packets={}, n_bytes={}, {}  # {}\n",
-                            f["n_packets"],
-                            f["n_bytes"],
-                            f["flow"].as_str().unwrap_or(""),
-                            f["rule"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect()
+                live::flows_text(&kept, color)
             }
         }
         Command::Trace { spec } => {
@@ -207,22 +232,101 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             if json {
                 pretty(&v)
             } else {
-                v.as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        format!(
-                            "{:<30} {:<8} {} {}\n",
-                            p["pod"].as_str().unwrap_or(""),
-                            p["ifname"].as_str().unwrap_or(""),
-                            p["mac"].as_str().unwrap_or(""),
-                            p["ips"]
-                        )
-                    })
-                    .collect()
+                live::ports_text(&v, color)
             }
         }
-        Command::Stats => pretty(&ask(&Request::Stats)?),
+        Command::DumpConntrack { zone, filter } => {
+            let v = ask(&Request::DumpConntrack {
+                zone: *zone,
+                filter: filter.clone(),
+            })?;
+            if json {
+                pretty(&v)
+            } else {
+                live::conntrack_text(&v, color)
+            }
+        }
+        Command::Stats => {
+            let v = ask(&Request::Stats)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::stats_text(&v, color)
+            }
+        }
+        Command::AddFlow { flow } => {
+            ask(&Request::AddFlow { flow: flow.clone() })?;
+            eprintln!(
+                "flowctl: flow added by hand (not policy; it stays until del-flows or a vswitchd restart)"
+            );
+            String::new()
+        }
+        Command::ModFlows { flow } => {
+            ask(&Request::ModFlows { flow: flow.clone() })?;
+            String::new()
+        }
+        Command::DelFlows { flow } => {
+            let v = ask(&Request::DelFlows { flow: flow.clone() })?;
+            if json {
+                pretty(&v)
+            } else {
+                format!("{} flow(s) deleted\n", v["deleted"])
+            }
+        }
+        Command::Watch {
+            table,
+            cookie,
+            interval,
+            count,
+            limit,
+        } => {
+            if !(*interval > 0.0 && interval.is_finite()) {
+                bail!("--interval must be a positive number of seconds");
+            }
+            let mut previous = std::collections::HashMap::new();
+            let mut n = 0u64;
+            loop {
+                let flows = ask(&Request::DumpFlows)?;
+                let kept: Vec<&serde_json::Value> = flows
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| live::keep_flow(f, *table, cookie.as_deref()))
+                    .collect();
+                let frame = if json {
+                    format!("{}\n", serde_json::json!(kept))
+                } else {
+                    let clear = if std::io::stdout().is_terminal() {
+                        "\x1b[H\x1b[2J"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "{clear}flowctl watch: {} flows, every {interval}s (Ctrl-C to stop)\n{}",
+                        kept.len(),
+                        live::watch_frame(&kept, &previous, *interval, *limit, color)
+                    )
+                };
+                print!("{frame}");
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                previous = kept
+                    .iter()
+                    .map(|f| {
+                        (
+                            f["flow"].as_str().unwrap_or("").to_string(),
+                            f["n_packets"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect();
+                n += 1;
+                if count.is_some_and(|c| n >= c) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs_f64(*interval));
+            }
+            String::new()
+        }
         Command::Reachability { .. } => bail!("reachability runs offline: use --manifests DIR"),
         Command::Completions { .. } => unreachable!("handled before"),
     };

@@ -10,11 +10,11 @@ use crate::spec::Spec;
 
 const GREEN: &str = "\x1b[32m";
 const RED: &str = "\x1b[31m";
-const DIM: &str = "\x1b[2m";
-const BOLD: &str = "\x1b[1m";
+pub(crate) const DIM: &str = "\x1b[2m";
+pub(crate) const BOLD: &str = "\x1b[1m";
 const RESET: &str = "\x1b[0m";
 
-fn paint(color: bool, code: &str, s: &str) -> String {
+pub(crate) fn paint(color: bool, code: &str, s: &str) -> String {
     if color {
         format!("{code}{s}{RESET}")
     } else {
@@ -110,6 +110,18 @@ pub fn trace_text(v: &Value, color: bool) -> String {
                 DIM,
                 "(a new connection; offline mode assumes conntrack +trk+new)"
             )
+        );
+    } else if let Some(kind) = v["connection"].as_str() {
+        let what = match kind {
+            "new" => "a new connection",
+            "established" => "part of an established connection: policy is not consulted again",
+            "related" => "related to a tracked connection",
+            _ => "invalid for conntrack: dropped",
+        };
+        let _ = writeln!(
+            out,
+            "{}",
+            paint(color, DIM, &format!("(live conntrack: {what})"))
         );
     }
     for s in v["steps"].as_array().into_iter().flatten() {

@@ -54,6 +54,13 @@ pub mod priority {
 const KIND_UNIT: u64 = 0x01 << 56;
 /// Cookies of base-pipeline flows (see `pipeline`).
 pub const KIND_PIPELINE: u64 = 0x02 << 56;
+/// Cookies of flows an operator added by hand (`flowctl add-flow`).
+pub const KIND_MANUAL: u64 = 0x03 << 56;
+
+/// Whether a flow was added by hand rather than compiled.
+pub fn is_manual(cookie: Cookie) -> bool {
+    cookie.0 & (0xff << 56) == KIND_MANUAL
+}
 
 /// Where a flow came from: what `flowctl` and the metrics name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

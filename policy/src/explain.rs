@@ -32,6 +32,9 @@ pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
     if let Some(d) = pipeline::describe(cookie) {
         return d.to_string();
     }
+    if crate::compile::is_manual(cookie) {
+        return "manual flow (flowctl add-flow; not policy)".to_string();
+    }
     if cookie.0 == 0 {
         "no cookie".to_string()
     } else {
@@ -127,6 +130,20 @@ pub fn ct_state_text(state: u8) -> String {
     out
 }
 
+/// What conntrack makes of a packet: `new`, `established`, `related` or `invalid`.
+pub fn connection_kind(state: u8) -> &'static str {
+    use datapath::field::ct_state::*;
+    if state & INV != 0 {
+        "invalid"
+    } else if state & EST != 0 {
+        "established"
+    } else if state & REL != 0 {
+        "related"
+    } else {
+        "new"
+    }
+}
+
 /// A trace as JSON, the one shape `flowctl` prints (offline or live) and renders
 /// as text: `packet`, `verdict`, `rule`, `rules`, `output`, `steps`.
 /// `assumed`: conntrack states were assumed (offline) rather than looked up.
@@ -201,6 +218,8 @@ pub fn trace_view(
             "tp_dst": ports.1,
             "in_port": k.in_port.0,
         },
+        "connection": traced.trace.ct_lookups.first().map(|(_, state)| connection_kind(*state)),
+        "conntrack_assumed": assumed,
         "verdict": if traced.verdict.allowed { "allow" } else { "deny" },
         "rule": traced.verdict.rule,
         "rules": traced.verdict.rules,

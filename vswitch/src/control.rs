@@ -46,8 +46,26 @@ pub enum Request {
     },
     /// Flows with counters and the rule each comes from.
     DumpFlows,
-    /// Datapath counters.
+    /// Tracked connections, optionally of one zone and matching `filter`
+    /// (comma-separated `proto=`, `src=`, `dst=`, `ip=` (either end), `port=`
+    /// (either end), `sport=`, `dport=`, `state=`).
+    DumpConntrack {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        zone: Option<u16>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<String>,
+    },
+    /// Datapath and control-plane counters.
     Stats,
+    /// Add a manual flow (ovs-ofctl syntax); kept until deleted or restart.
+    AddFlow { flow: String },
+    /// Change the actions of a manual flow.
+    ModFlows { flow: String },
+    /// Delete the manual flow with this table, priority and match, or all.
+    DelFlows {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        flow: Option<String>,
+    },
 }
 
 /// A response: `{"ok": true, "data": ...}` or `{"ok": false, "error": "..."}`.

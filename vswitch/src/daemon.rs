@@ -234,26 +234,89 @@ impl Daemon {
                     Err(e) => Response::err(e),
                 }
             }
-            Request::DumpFlows => {
-                let flows: Vec<Value> = self.switch.with_compiler(|c| {
-                    self.switch
-                        .datapath()
-                        .flow_stats()
-                        .into_iter()
-                        .map(|s| {
-                            json!({
-                                "flow": s.entry.to_string(),
-                                "n_packets": s.packets,
-                                "n_bytes": s.bytes,
-                                "rule": policy::explain::describe(c, s.entry.cookie),
-                            })
-                        })
-                        .collect()
-                });
-                Response::ok(Value::Array(flows))
+            Request::DumpFlows => Response::ok(Value::Array(self.flows())),
+            Request::DumpConntrack { zone, filter } => {
+                match ConnFilter::parse(filter.as_deref().unwrap_or("")) {
+                    Ok(f) => Response::ok(Value::Array(self.conntrack(zone, &f))),
+                    Err(e) => Response::err(e),
+                }
             }
+            Request::AddFlow { flow } => match self.switch.add_manual_flow(&flow, false) {
+                Ok(()) => Response::ok(Value::Null),
+                Err(e) => Response::err(chain(&e)),
+            },
+            Request::ModFlows { flow } => match self.switch.add_manual_flow(&flow, true) {
+                Ok(()) => Response::ok(Value::Null),
+                Err(e) => Response::err(chain(&e)),
+            },
+            Request::DelFlows { flow } => match self.switch.del_manual_flows(flow.as_deref()) {
+                Ok(n) => Response::ok(json!({ "deleted": n })),
+                Err(e) => Response::err(chain(&e)),
+            },
             Request::Stats => Response::ok(self.stats()),
         }
+    }
+
+    /// Every flow with its counters, age and the rule its cookie names.
+    pub fn flows(&self) -> Vec<Value> {
+        let now = self.switch.now();
+        let mut stats = self.switch.datapath().flow_stats();
+        stats.sort_by(|a, b| {
+            (a.entry.table, std::cmp::Reverse(a.entry.priority))
+                .cmp(&(b.entry.table, std::cmp::Reverse(b.entry.priority)))
+                .then_with(|| a.entry.to_string().cmp(&b.entry.to_string()))
+        });
+        self.switch.with_compiler(|c| {
+            stats
+                .into_iter()
+                .map(|s| {
+                    let e = &s.entry;
+                    let duration = now.since(s.created).as_secs_f64();
+                    json!({
+                        "table": e.table.0,
+                        "priority": e.priority,
+                        "cookie": format!("0x{:x}", e.cookie.0),
+                        "match": datapath::ofctl::format_match(&e.matcher),
+                        "actions": datapath::ofctl::format_actions(&e.actions),
+                        "flow": e.to_string(),
+                        "n_packets": s.packets,
+                        "n_bytes": s.bytes,
+                        "duration_s": (duration * 1000.0).round() / 1000.0,
+                        "idle_age_s": s.last_hit.map_or(duration, |t| now.since(t).as_secs_f64()).floor(),
+                        "manual": policy::compile::is_manual(e.cookie),
+                        "rule": policy::explain::describe(c, e.cookie),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Tracked connections of `zone` (all zones: `None`) that pass `filter`.
+    pub fn conntrack(&self, zone: Option<u16>, filter: &ConnFilter) -> Vec<Value> {
+        let now = self.switch.now();
+        self.switch
+            .datapath()
+            .conntrack
+            .dump(now, zone)
+            .into_iter()
+            .filter(|c| filter.accepts(c))
+            .map(|c| {
+                let o = &c.orig;
+                json!({
+                    "zone": c.zone,
+                    "proto": proto_name(o.proto),
+                    "src": datapath::key::wide_to_ip(o.src),
+                    "dst": datapath::key::wide_to_ip(o.dst),
+                    "sport": o.sport,
+                    "dport": o.dport,
+                    "state": c.state.name(),
+                    "timeout_s": c.expires_in.as_secs(),
+                    "age_s": c.age.as_secs(),
+                    "packets": {"orig": c.packets[0], "reply": c.packets[1]},
+                    "bytes": {"orig": c.bytes[0], "reply": c.bytes[1]},
+                })
+            })
+            .collect()
     }
 
     /// Every port with its counters: pod ports (with what they were attached
@@ -293,6 +356,20 @@ impl Daemon {
     pub fn stats(&self) -> Value {
         let s = self.switch.datapath().stats();
         let r = self.switch.realisation();
+        let mut tables: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
+        for f in self.switch.datapath().flow_stats() {
+            let t = tables.entry(f.entry.table.0).or_default();
+            t.0 += 1;
+            t.1 += f.packets;
+        }
+        let misses: BTreeMap<u8, u64> = s.table_misses.iter().map(|(t, n)| (t.0, *n)).collect();
+        let tables: Vec<Value> = tables
+            .into_iter()
+            .map(|(t, (flows, matched))| {
+                let missed = misses.get(&t).copied().unwrap_or(0);
+                json!({"table": t, "flows": flows, "matched": matched, "missed": missed, "lookups": matched + missed})
+            })
+            .collect();
         let lookups = s.cache.hits + s.cache.misses;
         json!({
             "generation": s.generation,
@@ -309,7 +386,9 @@ impl Daemon {
                 "hit_rate": if lookups == 0 { 0.0 } else { s.cache.hits as f64 / lookups as f64 },
             },
             "conntrack": {"entries": s.conntrack_entries, "max": s.conntrack_max, "full_drops": s.conntrack_full_drops},
+            "tables": tables,
             "realisation": {
+                "at_rfc3339": r.at.map(rfc3339),
                 "generation": r.generation,
                 "flows_changed": r.flows_changed,
                 "compile_us": r.compile.as_micros() as u64,
@@ -364,6 +443,109 @@ impl Daemon {
                 return;
             }
         }
+    }
+}
+
+/// A time as RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T08:16:02.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), in 400-year eras.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The name of an IP protocol number.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        1 => "icmp".into(),
+        58 => "icmp6".into(),
+        p => format!("proto{p}"),
+    }
+}
+
+/// A conntrack dump filter: `proto=tcp,ip=10.0.0.1,port=80,state=ESTABLISHED`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConnFilter {
+    proto: Option<String>,
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    ip: Option<IpAddr>,
+    sport: Option<u16>,
+    dport: Option<u16>,
+    port: Option<u16>,
+    state: Option<String>,
+}
+
+impl ConnFilter {
+    /// Parses a filter; fails naming the term that is wrong.
+    pub fn parse(text: &str) -> Result<ConnFilter, String> {
+        let mut f = ConnFilter::default();
+        for term in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (k, v) = term
+                .split_once('=')
+                .ok_or_else(|| format!("filter term {term:?} is not key=value"))?;
+            let ip = || {
+                v.parse::<IpAddr>()
+                    .map_err(|_| format!("filter {k}={v}: not an IP address"))
+            };
+            let port = || {
+                v.parse::<u16>()
+                    .map_err(|_| format!("filter {k}={v}: not a port number"))
+            };
+            match k {
+                "proto" => f.proto = Some(v.to_ascii_lowercase()),
+                "src" => f.src = Some(ip()?),
+                "dst" => f.dst = Some(ip()?),
+                "ip" => f.ip = Some(ip()?),
+                "sport" => f.sport = Some(port()?),
+                "dport" => f.dport = Some(port()?),
+                "port" => f.port = Some(port()?),
+                "state" => f.state = Some(v.to_ascii_uppercase()),
+                other => {
+                    return Err(format!(
+                        "unknown filter key {other:?} (proto, src, dst, ip, sport, dport, port, state)"
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    fn accepts(&self, c: &datapath::ConnInfo) -> bool {
+        let o = &c.orig;
+        let (src, dst) = (
+            datapath::key::wide_to_ip(o.src),
+            datapath::key::wide_to_ip(o.dst),
+        );
+        self.proto
+            .as_ref()
+            .is_none_or(|p| *p == proto_name(o.proto))
+            && self.src.is_none_or(|ip| ip == src)
+            && self.dst.is_none_or(|ip| ip == dst)
+            && self.ip.is_none_or(|ip| ip == src || ip == dst)
+            && self.sport.is_none_or(|p| p == o.sport)
+            && self.dport.is_none_or(|p| p == o.dport)
+            && self.port.is_none_or(|p| p == o.sport || p == o.dport)
+            && self.state.as_ref().is_none_or(|s| s == c.state.name())
     }
 }
 
@@ -669,4 +851,28 @@ fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 pub fn describe_port(r: &PortRecord) -> String {
     let ns = r.netns.as_deref().unwrap_or("host");
     format!("{} on {} in {ns} ({}, {:?})", r.pod, r.ifname, r.mac, r.ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |s: u64| rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(1_795_681_442), "2026-11-26T08:24:02.000Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000Z");
+    }
+
+    #[test]
+    fn conntrack_filters() {
+        assert!(ConnFilter::parse("proto=tcp,ip=10.0.0.1,port=80,state=established").is_ok());
+        let e = ConnFilter::parse("ip=10.0.0").unwrap_err();
+        assert!(e.contains("ip=10.0.0") && e.contains("IP address"), "{e}");
+        let e = ConnFilter::parse("colour=red").unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        assert!(ConnFilter::parse("port").unwrap_err().contains("key=value"));
+    }
 }

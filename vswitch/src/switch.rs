@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use datapath::{Datapath, DatapathConfig, DropReason, FlowEntry, FlowIdentity, PortNo, Time};
-use policy::compile::{Change, Compiler, FlowDiff};
+use policy::compile::{Change, Compiler, FlowDiff, KIND_MANUAL, is_manual};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, base_flows};
 
@@ -41,6 +41,14 @@ pub enum Error {
     Flows(#[source] datapath::flow::FlowError),
     #[error("failed to start the packet thread")]
     Thread(#[source] std::io::Error),
+    #[error("bad flow")]
+    BadFlow(#[source] datapath::OfctlError),
+    #[error(
+        "a compiled flow has the same table, priority and match; use another priority to override it"
+    )]
+    CompiledFlow,
+    #[error("no manual flow with this table, priority and match (add it with add-flow)")]
+    NoManualFlow,
 }
 
 /// Why the switch itself (not the pipeline) dropped a frame on a port.
@@ -166,6 +174,8 @@ struct Control {
     last: Realisation,
     /// Node of pods attached here (own-node traffic), when known.
     local_node: Option<String>,
+    /// Flows added by hand (`flowctl add-flow`), kept across recompiles.
+    manual: HashMap<FlowIdentity, FlowEntry>,
 }
 
 impl Control {
@@ -232,6 +242,7 @@ impl Switch {
                 compile_time: Duration::ZERO,
                 last: Realisation::default(),
                 local_node: None,
+                manual: HashMap::new(),
             }),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -313,6 +324,80 @@ impl Switch {
                 Err(Error::Flows(e))
             }
         }
+    }
+
+    /// Adds (or with `modify`, changes the actions of) a manual flow, given in
+    /// ovs-ofctl syntax. Manual flows are for debugging: their cookie is marked
+    /// manual, they stay until deleted or vswitchd restarts, and never replace a
+    /// compiled flow (a compiled flow added later with the same table, priority
+    /// and match replaces them).
+    ///
+    /// Fails on a flow that does not parse or validate, one that collides with
+    /// a compiled flow, and (with `modify`) when no such manual flow exists.
+    pub fn add_manual_flow(&self, text: &str, modify: bool) -> Result<(), Error> {
+        let mut flow = datapath::parse_flow(text).map_err(Error::BadFlow)?;
+        flow.cookie = datapath::Cookie(KIND_MANUAL | (flow.cookie.0 & ((1 << 56) - 1)));
+        let id = flow.identity();
+        let mut ctl = self.control();
+        // Adding over an existing manual flow replaces it, like ovs-ofctl.
+        if modify && !ctl.manual.contains_key(&id) {
+            return Err(Error::NoManualFlow);
+        }
+        let snap = self.dp.snapshot();
+        if let Some(existing) = snap.tables.find(&id).and_then(|i| snap.tables.get(i))
+            && !is_manual(existing.entry.cookie)
+        {
+            return Err(Error::CompiledFlow);
+        }
+        let now = self.now();
+        self.dp
+            .update(now, |t| t.add(flow.clone(), now))
+            .map_err(Error::Flows)?;
+        ctl.manual.insert(id, flow);
+        Ok(())
+    }
+
+    /// Deletes manual flows: the one with the table, priority and match of
+    /// `spec` (ovs-ofctl syntax, actions optional), or all of them. Returns how
+    /// many were deleted. Compiled flows cannot be deleted (that would change
+    /// what policy enforces); fails when `spec` does not parse.
+    pub fn del_manual_flows(&self, spec: Option<&str>) -> Result<usize, Error> {
+        let mut ctl = self.control();
+        let doomed: Vec<FlowIdentity> = match spec {
+            None => ctl.manual.keys().cloned().collect(),
+            Some(text) => {
+                let text = if text.contains("actions=") {
+                    text.to_string()
+                } else {
+                    format!("{text},actions=drop")
+                };
+                let flow = datapath::parse_flow(&text).map_err(Error::BadFlow)?;
+                let id = flow.identity();
+                if !ctl.manual.contains_key(&id) {
+                    return Err(Error::NoManualFlow);
+                }
+                vec![id]
+            }
+        };
+        let now = self.now();
+        self.dp
+            .update(now, |t| {
+                for id in &doomed {
+                    let manual = t
+                        .find(id)
+                        .and_then(|i| t.get(i))
+                        .is_some_and(|f| is_manual(f.entry.cookie));
+                    if manual {
+                        t.remove(id);
+                    }
+                }
+                Ok::<_, datapath::FlowError>(())
+            })
+            .map_err(Error::Flows)?;
+        for id in &doomed {
+            ctl.manual.remove(id);
+        }
+        Ok(doomed.len())
     }
 
     /// The last policy realisation.

@@ -77,6 +77,8 @@ pub struct Verdict<'a> {
     pub drop: Option<DropReason>,
     /// The flow that decided a drop, when one did.
     pub decided_by: Option<FlowId>,
+    /// The frame started a connection (conntrack committed it as new).
+    pub committed: bool,
 }
 
 /// One flow's counters in one worker. Single writer (the worker).
@@ -114,6 +116,8 @@ struct WorkerCell {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     cache_evictions: AtomicU64,
+    /// Packets that matched no flow, by the table where the lookup failed.
+    table_misses: Box<[AtomicU64]>,
 }
 
 /// Single-writer increment: a plain load and store, no read-modify-write.
@@ -154,6 +158,8 @@ pub struct DatapathStats {
     pub conntrack_entries: usize,
     pub conntrack_max: usize,
     pub conntrack_full_drops: u64,
+    /// Packets that matched no flow in a table, for tables with any.
+    pub table_misses: Vec<(TableId, u64)>,
 }
 
 /// A flow with its merged counters.
@@ -307,6 +313,15 @@ impl Datapath {
             conntrack_entries: self.conntrack.len(),
             conntrack_max: self.conntrack.config().max_entries,
             conntrack_full_drops: self.conntrack.stats.full_drops.load(Relaxed),
+            table_misses: (0..=TableId::MAX)
+                .filter_map(|t| {
+                    let n: u64 = workers
+                        .iter()
+                        .map(|w| w.table_misses[usize::from(t)].load(Relaxed))
+                        .sum();
+                    (n > 0).then_some((TableId(t), n))
+                })
+                .collect(),
         }
     }
 
@@ -323,6 +338,7 @@ impl Datapath {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cache_evictions: AtomicU64::new(0),
+            table_misses: (0..=TableId::MAX).map(|_| AtomicU64::new(0)).collect(),
         });
         self.workers
             .lock()
@@ -404,6 +420,11 @@ impl Worker {
         self.snap.generation
     }
 
+    /// A flow of the tables this worker runs (e.g. the one that decided a drop).
+    pub fn flow(&self, id: FlowId) -> Option<&FlowEntry> {
+        self.snap.tables.get(id).map(|f| &*f.entry)
+    }
+
     /// Cache counters of this worker.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats
@@ -434,6 +455,7 @@ impl Worker {
         let mut last = None;
         let mut end = End::Done;
         let mut ct_full = false;
+        let mut committed = false;
         for pass in 0.. {
             if pass == MAX_PASSES {
                 return drop_verdict(cell, outputs, DropReason::LoopLimit, last);
@@ -466,12 +488,9 @@ impl Worker {
                         key.set(field, value);
                     }
                     DpAction::Commit { zone } => {
-                        if dp
-                            .conntrack
-                            .commit(now, zone, &flow_key, frame.len())
-                            .is_err()
-                        {
-                            ct_full = true;
+                        match dp.conntrack.commit(now, zone, &flow_key, frame.len()) {
+                            Ok(_) => committed = true,
+                            Err(_) => ct_full = true,
                         }
                     }
                     DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
@@ -504,7 +523,10 @@ impl Worker {
         }
         if outputs.is_empty() {
             let reason = match end {
-                End::Miss(_) => DropReason::NoMatch,
+                End::Miss(t) => {
+                    bump(&cell.table_misses[usize::from(t.0)], 1);
+                    DropReason::NoMatch
+                }
                 End::LoopLimit => DropReason::LoopLimit,
                 End::Done | End::Recirc => DropReason::Flow,
             };
@@ -517,6 +539,7 @@ impl Worker {
             punt,
             drop: None,
             decided_by: None,
+            committed,
         }
     }
 }
@@ -534,6 +557,7 @@ fn drop_verdict<'a>(
         punt: false,
         drop: Some(reason),
         decided_by,
+        committed: false,
     }
 }
 
