@@ -130,6 +130,22 @@ pub enum Change {
     PolicyDeleted(ObjectKey),
 }
 
+impl Change {
+    /// `kind name` of the object changed, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::Namespace(n) => format!("namespace {}", n.name),
+            Change::NamespaceDeleted(n) => format!("namespace {n} deleted"),
+            Change::Pod(p) => format!("pod {}", p.key),
+            Change::PodDeleted(k) => format!("pod {k} deleted"),
+            Change::Node(n) => format!("node {}", n.name),
+            Change::NodeDeleted(n) => format!("node {n} deleted"),
+            Change::Policy(p) => format!("networkpolicy {}", p.key),
+            Change::PolicyDeleted(k) => format!("networkpolicy {k} deleted"),
+        }
+    }
+}
+
 /// A rule of a policy: (policy, direction, index).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleRef {

@@ -51,6 +51,9 @@ pub struct Verdict {
     /// The provenance of each policy decision (egress, then ingress) when allowed,
     /// or of the flow that dropped the packet.
     pub rules: Vec<String>,
+    /// The deciding policy rules, default denies or own-node allowances, as
+    /// data (empty when no policy decided: not isolated, or conntrack).
+    pub decided_by: Vec<Provenance>,
 }
 
 /// Explains `trace` with the compiler's provenance.
@@ -59,6 +62,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
         Outcome::Output(_) | Outcome::Punt => {
             let mut rules = Vec::new();
             let mut deciding = Vec::new();
+            let mut decided_by = Vec::new();
             for step in &trace.steps {
                 let Some((_, flow)) = &step.flow else {
                     continue;
@@ -82,6 +86,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                     Some(p @ (Provenance::Rule { .. } | Provenance::NodeTraffic { .. })) => {
                         rules.push(p.to_string());
                         deciding.push(p.to_string());
+                        decided_by.push(p);
                     }
                     _ if step.table.0 < AFTER_EGRESS => {
                         rules.push("source not isolated for egress".into())
@@ -100,6 +105,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 allowed: true,
                 rule,
                 rules,
+                decided_by,
             }
         }
         Outcome::Drop { by, end } => {
@@ -109,10 +115,17 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 (None, End::LoopLimit) => "pipeline loop limit".to_string(),
                 (None, _) => format!("dropped (flow {by:?})"),
             };
+            let decided_by = trace
+                .deciding_flow()
+                .and_then(|f| compiler.provenance(f.cookie))
+                .filter(|p| matches!(p, Provenance::DefaultDeny { .. } | Provenance::Rule { .. }))
+                .into_iter()
+                .collect();
             Verdict {
                 allowed: false,
                 rules: vec![rule.clone()],
                 rule,
+                decided_by,
             }
         }
     }

@@ -40,6 +40,12 @@ pub struct Config {
     /// rates for some CPU. 0 turns it off.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. `127.0.0.1:9478`.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// The audit log of denied (and optionally allowed) new connections.
+    #[serde(default)]
+    pub audit: Option<crate::audit::AuditConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -130,6 +136,13 @@ impl Config {
         }
         if c.watch_interval_ms == 0 {
             return Err(invalid("watch_interval_ms must be at least 1".into()));
+        }
+        if let Some(a) = &c.audit
+            && a.path.as_os_str().is_empty()
+        {
+            return Err(invalid(
+                "audit.path is empty (a file, or \"-\" for stdout)".into(),
+            ));
         }
         if c.busy_poll_us > 10_000 {
             return Err(invalid(format!(

@@ -55,7 +55,7 @@ pub struct Daemon {
 }
 
 fn log(msg: impl std::fmt::Display) {
-    eprintln!("vswitchd: {msg}");
+    tracing::warn!("{msg}");
 }
 
 /// An error and its causes, `a: b: c`.
@@ -112,7 +112,7 @@ impl Daemon {
         });
         for r in daemon.load_state() {
             match daemon.attach(&r) {
-                Ok(()) => log(format!("reattached {}", describe_port(&r))),
+                Ok(()) => tracing::info!(port = %describe_port(&r), "reattached"),
                 Err(e) => log(format!("cannot reattach {}: {e}", describe_port(&r))),
             }
         }
@@ -152,6 +152,7 @@ impl Daemon {
 
     /// Attaches the persistent TAP device `r.ifname` (in `r.netns`) as pod `r.pod`.
     pub fn attach(&self, r: &PortRecord) -> Result<(), String> {
+        let _span = tracing::info_span!("attach", pod = %r.pod, ifname = %r.ifname).entered();
         let pod: ObjectKey = r.pod.parse().map_err(|e: String| format!("bad pod: {e}"))?;
         let mac = parse_mac(&r.mac).ok_or_else(|| format!("bad MAC address {:?}", r.mac))?;
         if r.ips.is_empty() {
@@ -173,6 +174,7 @@ impl Daemon {
     }
 
     pub fn detach(&self, pod: &str) -> Result<(), String> {
+        let _span = tracing::info_span!("detach", pod).entered();
         let key: ObjectKey = pod.parse().map_err(|e: String| format!("bad pod: {e}"))?;
         self.switch.detach(&key).map_err(|e| chain(&e))?;
         let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());

@@ -3,12 +3,15 @@
 //!
 //! `sys` holds the kernel calls (the crate's only `unsafe`), `tap` the TAP devices,
 //! `switch` the running switch, `daemon` vswitchd (config, manifests, state,
-//! control socket), `control` the control-socket protocol, `cni` the plugin.
+//! control socket), `control` the control-socket protocol, `cni` the plugin,
+//! `audit` the audit log of connections, `metrics` the Prometheus endpoint.
 
+pub mod audit;
 pub mod cni;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
 pub mod switch;
 pub mod sys;
 pub mod tap;

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use datapath::{Datapath, DatapathConfig, DropReason, FlowEntry, FlowIdentity, PortNo, Time};
-use policy::compile::{Change, Compiler, FlowDiff, KIND_MANUAL, is_manual};
+use policy::compile::{
+    Change, Compiler, EGRESS_TABLE, FlowDiff, INGRESS_TABLE, KIND_MANUAL, is_manual,
+};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, base_flows};
 
@@ -180,6 +182,7 @@ struct Control {
 
 impl Control {
     fn compile(&mut self, change: Change) {
+        let _span = tracing::debug_span!("compile", change = change.describe()).entered();
         let t = Instant::now();
         let diff = self.compiler.apply(change);
         self.compile_time += t.elapsed();
@@ -189,10 +192,28 @@ impl Control {
     }
 }
 
+/// A new connection the pipeline allowed (committed) or a policy table denied:
+/// what the audit log and the per-rule metrics are made of.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEvent {
+    pub key: datapath::FlowKey,
+    pub allowed: bool,
+    pub at: SystemTime,
+}
+
+/// Where packet threads send connection events (bounded: when the consumer
+/// falls behind, events are counted as lost, never waited for).
+#[derive(Debug)]
+struct EventSink {
+    tx: std::sync::mpsc::SyncSender<ConnEvent>,
+    lost: AtomicU64,
+}
+
 /// A running switch.
 #[derive(Debug)]
 pub struct Switch {
     dp: Arc<Datapath>,
+    events: std::sync::OnceLock<EventSink>,
     ports: ArcSwap<PortSet>,
     control: Mutex<Control>,
     stop: AtomicBool,
@@ -227,6 +248,7 @@ impl Switch {
     fn build(config: DatapathConfig, compiler: Compiler) -> Arc<Switch> {
         Arc::new(Switch {
             dp: Datapath::new(config),
+            events: std::sync::OnceLock::new(),
             ports: ArcSwap::from_pointee(PortSet::default()),
             control: Mutex::new(Control {
                 compiler,
@@ -267,6 +289,7 @@ impl Switch {
     /// failed publish, every flow instead). Packet threads never see a flow that
     /// outputs to a port they do not know.
     fn publish(&self, ctl: &mut Control) -> Result<u64, Error> {
+        let _span = tracing::debug_span!("publish").entered();
         let started = Instant::now();
         self.ports.store(Arc::new(PortSet::new(ctl.ports.clone())));
         let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&ctl.topology)
@@ -310,6 +333,17 @@ impl Switch {
             Ok((changed, generation)) => {
                 ctl.base = base;
                 ctl.in_sync = true;
+                let compile = ctl.compile_time;
+                metrics::histogram!("vswitch_policy_compile_seconds").record(compile.as_secs_f64());
+                metrics::histogram!("vswitch_policy_realisation_seconds")
+                    .record((compile + started.elapsed()).as_secs_f64());
+                tracing::debug!(
+                    generation,
+                    flows_changed = changed,
+                    compile_us = compile.as_micros() as u64,
+                    publish_us = started.elapsed().as_micros() as u64,
+                    "published"
+                );
                 ctl.last = Realisation {
                     generation,
                     flows_changed: changed,
@@ -398,6 +432,67 @@ impl Switch {
             ctl.manual.remove(id);
         }
         Ok(doomed.len())
+    }
+
+    /// Sends connection events to the returned receiver from now on (at most
+    /// `capacity` waiting). Call before starting packet threads; once only.
+    pub fn connection_events(
+        &self,
+        capacity: usize,
+    ) -> Option<std::sync::mpsc::Receiver<ConnEvent>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        self.events
+            .set(EventSink {
+                tx,
+                lost: AtomicU64::new(0),
+            })
+            .ok()
+            .map(|()| rx)
+    }
+
+    /// Connection events dropped because their consumer fell behind.
+    pub fn events_lost(&self) -> u64 {
+        self.events.get().map_or(0, |e| e.lost.load(Relaxed))
+    }
+
+    fn emit(&self, frame: &[u8], in_port: PortNo, allowed: bool) {
+        if let Some(sink) = self.events.get() {
+            let event = ConnEvent {
+                key: datapath::parse(in_port, frame),
+                allowed,
+                at: SystemTime::now(),
+            };
+            if sink.tx.try_send(event).is_err() {
+                sink.lost.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Explains the first packet of a connection against the current tables
+    /// (conntrack assumed new): the verdict with the deciding rules, and the
+    /// pods at both ends when known.
+    pub fn explain_new(
+        &self,
+        key: &datapath::FlowKey,
+    ) -> (
+        policy::explain::Verdict,
+        Option<ObjectKey>,
+        Option<ObjectKey>,
+    ) {
+        use datapath::field::ct_state::{NEW, TRK};
+        let snap = self.dp.snapshot();
+        let trace = datapath::trace::trace(
+            &snap.tables,
+            key,
+            datapath::trace::CtSource::Assume(TRK | NEW),
+        );
+        let ctl = self.control();
+        let pod = |ip| ctl.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
+        (
+            policy::explain::explain(&ctl.compiler, &trace),
+            pod(key.src_ip()),
+            pod(key.dst_ip()),
+        )
     }
 
     /// The last policy realisation.
@@ -664,7 +759,17 @@ impl Switch {
                     let verdict = worker.process(now, port.no, &mut buf[VNET_HDR_LEN..end]);
                     if let Some(reason) = verdict.drop {
                         c.pipeline_drops[reason as usize].fetch_add(1, Relaxed);
+                        let by_policy = verdict
+                            .decided_by
+                            .and_then(|id| worker.flow(id))
+                            .is_some_and(|f| matches!(f.table.0, EGRESS_TABLE | INGRESS_TABLE));
+                        if by_policy {
+                            self.emit(&buf[VNET_HDR_LEN..end], port.no, false);
+                        }
                         continue;
+                    }
+                    if verdict.committed {
+                        self.emit(&buf[VNET_HDR_LEN..end], port.no, true);
                     }
                     for out in verdict.outputs {
                         let Some(to) = ports.get(*out) else { continue };

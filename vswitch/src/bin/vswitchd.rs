@@ -1,34 +1,60 @@
 //! vswitchd: runs the switch on this node.
 //!
-//! `vswitchd --config FILE`. Applies the manifests, brings up the gateway,
-//! reattaches recorded ports, then forwards and serves the control socket.
+//! `vswitchd --config FILE [--log-format text|json]`. Applies the manifests,
+//! brings up the gateway, reattaches recorded ports, then forwards and serves the
+//! control socket (and, when configured, metrics and the audit log).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Parser, ValueEnum};
 use vswitch::config::Config;
 use vswitch::daemon::{Daemon, ManifestWatch};
 
-fn usage() -> ExitCode {
-    eprintln!("usage: vswitchd --config FILE");
-    ExitCode::from(2)
+#[derive(Parser, Debug)]
+#[command(
+    name = "vswitchd",
+    version,
+    about = "The vswitch daemon (see examples/vswitchd.toml)"
+)]
+struct Cli {
+    /// The configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Log lines as text or as JSON objects (one per line). Levels come from
+    /// RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config_path = match args.as_slice() {
-        [flag, path] if flag == "--config" => PathBuf::from(path),
-        [flag] if flag == "--help" || flag == "-h" => {
-            println!("vswitchd --config FILE   (see examples/vswitchd.toml)");
-            return ExitCode::SUCCESS;
-        }
-        _ => return usage(),
-    };
-    match run(config_path) {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+    match run(cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vswitchd: {e:#}");
+            tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
@@ -43,6 +69,18 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .map(|dir| ManifestWatch::new(dir, Some(&config.state_dir)));
     let interval = Duration::from_millis(config.watch_interval_ms);
     let daemon = Daemon::start(config, &mut watch)?;
+    let wants_events = daemon.config.metrics_address.is_some() || daemon.config.audit.is_some();
+    if wants_events && let Some(events) = daemon.switch.connection_events(16_384) {
+        let switch = daemon.switch.clone();
+        let audit = daemon.config.audit.clone();
+        std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || vswitch::audit::run(switch, events, audit))?;
+    }
+    if let Some(address) = daemon.config.metrics_address {
+        vswitch::metrics::start(address, daemon.switch.clone())?;
+        tracing::info!(%address, "serving metrics on /metrics");
+    }
     let packets = daemon
         .switch
         .spawn_packet_thread("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
@@ -53,10 +91,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .name("manifests".into())
             .spawn(move || w.run(switch, interval))?;
     }
-    eprintln!(
-        "vswitchd: ready, control socket {}",
-        daemon.config.socket.display()
-    );
+    tracing::info!(socket = %daemon.config.socket.display(), "ready");
     let _ = packets.join();
     Ok(())
 }

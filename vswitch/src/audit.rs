@@ -1,0 +1,413 @@
+//! The audit log and per-rule connection counts.
+//!
+//! Owns turning connection events from the packet threads (a new connection
+//! committed, or a first packet dropped by a policy table) into JSON lines naming
+//! the deciding rule, deduplicated to one line per connection tuple per second,
+//! written to a size-rotated file or stdout; and counting connections per
+//! policy rule for the metrics (bounded label sets). Explaining an event runs
+//! the trace machinery against the current tables on this thread, never on a
+//! packet thread.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::UNIX_EPOCH;
+
+use policy::compile::Provenance;
+use policy::model::ObjectKey;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::daemon::{proto_name, rfc3339};
+use crate::switch::{ConnEvent, Switch};
+
+/// `[audit]` in the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The log file; `-` for stdout.
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this many bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` is the newest).
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+    /// Log denied new connections.
+    #[serde(default = "yes")]
+    pub denied: bool,
+    /// Log allowed new connections.
+    #[serde(default)]
+    pub allowed: bool,
+    /// Per-namespace overrides of `denied` / `allowed`, by the namespace of the
+    /// deciding policy (or of the pods at either end when no policy decided).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceAudit>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceAudit {
+    pub denied: Option<bool>,
+    pub allowed: Option<bool>,
+}
+
+fn default_max_bytes() -> u64 {
+    10 << 20
+}
+
+fn default_keep() -> u32 {
+    5
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AuditConfig {
+    /// Whether a connection decided in `namespaces` with this verdict is logged.
+    fn wants(&self, allowed: bool, namespaces: &[&str]) -> bool {
+        let global = if allowed { self.allowed } else { self.denied };
+        let mut any_override = false;
+        for ns in namespaces {
+            if let Some(o) = self.namespaces.get(*ns) {
+                let v = if allowed { o.allowed } else { o.denied };
+                if let Some(v) = v {
+                    if v {
+                        return true;
+                    }
+                    any_override = true;
+                }
+            }
+        }
+        global && !any_override
+    }
+}
+
+/// A log file rotated by size: `path` → `path.1` → ... → `path.{keep}`.
+#[derive(Debug)]
+pub struct Rotating {
+    path: PathBuf,
+    file: Option<File>,
+    size: u64,
+    max_bytes: u64,
+    keep: u32,
+}
+
+impl Rotating {
+    /// Opens (appends to) `path`; fails when it cannot be created.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32) -> std::io::Result<Rotating> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Rotating {
+            path: path.to_path_buf(),
+            file: Some(file),
+            size,
+            max_bytes: max_bytes.max(1),
+            keep,
+        })
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        p.into()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.file = None;
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                let from = self.rotated(n);
+                if from.exists() {
+                    std::fs::rename(&from, self.rotated(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.path, self.rotated(1))?;
+        }
+        self.file = Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?,
+        );
+        self.size = 0;
+        Ok(())
+    }
+
+    /// Appends one line, rotating first when it would not fit.
+    pub fn write_line(&mut self, line: &str) -> std::io::Result<()> {
+        let len = line.len() as u64 + 1;
+        if self.size > 0 && self.size + len > self.max_bytes {
+            self.rotate()?;
+        }
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => {
+                self.file = Some(
+                    OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&self.path)?,
+                );
+                self.file.as_mut().expect("just opened")
+            }
+        };
+        file.write_all(format!("{line}\n").as_bytes())?;
+        self.size += len;
+        Ok(())
+    }
+}
+
+/// Where audit lines go.
+#[derive(Debug)]
+enum Sink {
+    Stdout,
+    File(Rotating),
+}
+
+/// The most label sets `vswitch_policy_connections_total` gets; connections
+/// decided by rules beyond it are counted under `policy="other"`.
+pub const MAX_RULE_SERIES: usize = 2000;
+
+/// Consumes connection events: audit lines (when configured) and per-rule
+/// connection counts (always). Runs until the switch drops the sender.
+pub fn run(switch: Arc<Switch>, events: Receiver<ConnEvent>, config: Option<AuditConfig>) {
+    let mut sink = config.as_ref().map(|c| {
+        if c.path.as_os_str() == "-" {
+            Sink::Stdout
+        } else {
+            match Rotating::open(&c.path, c.max_bytes, c.keep) {
+                Ok(r) => Sink::File(r),
+                Err(e) => {
+                    tracing::error!(path = %c.path.display(), error = %e, "cannot open the audit log; audit lines go to stdout");
+                    Sink::Stdout
+                }
+            }
+        }
+    });
+    // (tuple, verdict) -> the second it was last logged.
+    let mut seen: HashMap<(Tuple, bool), u64> = HashMap::new();
+    let mut second = 0;
+    let mut series: HashSet<[String; 4]> = HashSet::new();
+    for event in events {
+        let now = event
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if now != second {
+            seen.retain(|_, s| *s == now);
+            second = now;
+        }
+        let tuple = Tuple::of(&event.key);
+        if seen.insert((tuple, event.allowed), now) == Some(now) {
+            continue;
+        }
+        let (verdict, src_pod, dst_pod) = switch.explain_new(&event.key);
+        count(&mut series, event.allowed, &verdict.decided_by, &dst_pod);
+        let (Some(config), Some(sink)) = (&config, &mut sink) else {
+            continue;
+        };
+        let namespaces = decision_namespaces(&verdict.decided_by, &src_pod, &dst_pod);
+        if !config.wants(event.allowed, &namespaces) {
+            continue;
+        }
+        let line = record(&event, &tuple, &verdict, &src_pod, &dst_pod).to_string();
+        let written = match sink {
+            Sink::Stdout => writeln!(std::io::stdout(), "{line}"),
+            Sink::File(f) => f.write_line(&line),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot write an audit line");
+        }
+    }
+}
+
+/// A connection's addresses and ports, as the first packet carried them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Tuple {
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+impl Tuple {
+    fn of(k: &datapath::FlowKey) -> Tuple {
+        let ports = matches!(k.nw_proto, 6 | 17 | 132);
+        Tuple {
+            proto: k.nw_proto,
+            src: k.nw_src,
+            dst: k.nw_dst,
+            sport: if ports { k.tp_src } else { k.icmp_id },
+            dport: if ports { k.tp_dst } else { 0 },
+        }
+    }
+}
+
+fn decision_namespaces<'a>(
+    decided_by: &'a [Provenance],
+    src: &'a Option<ObjectKey>,
+    dst: &'a Option<ObjectKey>,
+) -> Vec<&'a str> {
+    let from_rules: Vec<&str> = decided_by
+        .iter()
+        .filter_map(|p| match p {
+            Provenance::Rule { policy, .. } => Some(policy.namespace.as_str()),
+            Provenance::DefaultDeny { pod, .. } => Some(pod.namespace.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !from_rules.is_empty() {
+        return from_rules;
+    }
+    [src, dst]
+        .into_iter()
+        .flatten()
+        .map(|k| k.namespace.as_str())
+        .collect()
+}
+
+/// One audit line.
+fn record(
+    event: &ConnEvent,
+    t: &Tuple,
+    verdict: &policy::explain::Verdict,
+    src_pod: &Option<ObjectKey>,
+    dst_pod: &Option<ObjectKey>,
+) -> Value {
+    let k = &event.key;
+    let ports = matches!(k.nw_proto, 6 | 17 | 132);
+    let decisions: Vec<Value> = verdict
+        .decided_by
+        .iter()
+        .map(|p| match p {
+            Provenance::Rule {
+                policy,
+                direction,
+                index,
+            } => json!({"policy": policy.to_string(), "direction": direction.to_string(), "rule_index": index}),
+            Provenance::DefaultDeny { pod, direction } => {
+                json!({"default_deny_of": pod.to_string(), "direction": direction.to_string()})
+            }
+            other => json!({"other": other.to_string()}),
+        })
+        .collect();
+    json!({
+        "time": rfc3339(event.at),
+        "verdict": if event.allowed { "allow" } else { "deny" },
+        "protocol": proto_name(t.proto),
+        "src_ip": k.src_ip().to_string(),
+        "src_port": ports.then_some(k.tp_src),
+        "src_pod": src_pod.as_ref().map(ToString::to_string),
+        "dst_ip": k.dst_ip().to_string(),
+        "dst_port": ports.then_some(k.tp_dst),
+        "dst_pod": dst_pod.as_ref().map(ToString::to_string),
+        "rule": verdict.rule,
+        "decided_by": decisions,
+    })
+}
+
+/// Counts a connection under each deciding rule (or under `not-isolated`).
+fn count(
+    series: &mut HashSet<[String; 4]>,
+    allowed: bool,
+    decided_by: &[Provenance],
+    dst: &Option<ObjectKey>,
+) {
+    let verdict = if allowed { "allow" } else { "deny" };
+    let mut labels: Vec<[String; 4]> = decided_by
+        .iter()
+        .filter_map(|p| match p {
+            Provenance::Rule {
+                policy,
+                direction,
+                index,
+            } => Some([
+                policy.to_string(),
+                direction.to_string(),
+                index.to_string(),
+                verdict.into(),
+            ]),
+            Provenance::DefaultDeny { pod, direction } => Some([
+                format!("{}/*", pod.namespace),
+                direction.to_string(),
+                "default-deny".into(),
+                verdict.into(),
+            ]),
+            _ => None,
+        })
+        .collect();
+    if labels.is_empty() {
+        let ns = dst.as_ref().map_or("-", |k| k.namespace.as_str());
+        labels.push([
+            format!("{ns}/*"),
+            "-".into(),
+            "not-isolated".into(),
+            verdict.into(),
+        ]);
+    }
+    for l in labels {
+        let l = if series.contains(&l) || series.len() < MAX_RULE_SERIES {
+            series.insert(l.clone());
+            l
+        } else {
+            ["other".into(), l[1].clone(), "other".into(), l[3].clone()]
+        };
+        let [policy, direction, rule, verdict] = l;
+        metrics::counter!("vswitch_policy_connections_total",
+            "policy" => policy, "direction" => direction, "rule" => rule, "verdict" => verdict)
+        .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_the_newest_files() {
+        let dir = std::env::temp_dir().join(format!("vswitch-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.log");
+        let mut r = Rotating::open(&path, 25, 2).unwrap();
+        for i in 0..7 {
+            r.write_line(&format!("line number {i}")).unwrap();
+        }
+        // 14 bytes per line, 25 per file: one line per file.
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(&path), "line number 6\n");
+        assert_eq!(read(&dir.join("audit.log.1")), "line number 5\n");
+        assert_eq!(read(&dir.join("audit.log.2")), "line number 4\n");
+        assert!(
+            !dir.join("audit.log.3").exists(),
+            "only `keep` rotated files"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn namespace_overrides() {
+        let c: AuditConfig = toml::from_str(
+            "path = \"-\"\nallowed = false\n[namespaces.prod]\nallowed = true\n[namespaces.noisy]\ndenied = false\n",
+        )
+        .unwrap();
+        assert!(c.wants(false, &["default"]), "denied logged by default");
+        assert!(!c.wants(true, &["default"]), "allowed not by default");
+        assert!(c.wants(true, &["prod"]), "allowed in prod");
+        assert!(
+            !c.wants(false, &["noisy"]),
+            "denies in noisy are not logged"
+        );
+        assert!(toml::from_str::<AuditConfig>("path = \"-\"\nverbose = true\n").is_err());
+    }
+}

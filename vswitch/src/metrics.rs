@@ -1,0 +1,154 @@
+//! Prometheus metrics: the switch's counters, published on `metrics_address`.
+//!
+//! Owns the exporter (metrics-exporter-prometheus on its own thread) and a
+//! collector thread that copies the switch's own counters (kept per packet
+//! thread and per port, never through the metrics facade on the packet path)
+//! into Prometheus series once a second. Latency histograms and per-rule
+//! connection counts are recorded where they happen (`switch`, `audit`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::switch::Switch;
+
+/// Latency buckets (seconds) for realisation and compile time.
+const BUCKETS: [f64; 13] = [
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Starts the exporter on `address` and the collector thread.
+///
+/// Fails when the listener cannot be set up (address in use, no permission).
+pub fn start(address: SocketAddr, switch: Arc<Switch>) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(address)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {address}: {e}"))?;
+    describe();
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            loop {
+                collect(&switch);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })?;
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "vswitch_port_rx_packets_total",
+        "Frames received from a port"
+    );
+    describe_counter!("vswitch_port_rx_bytes_total", "Bytes received from a port");
+    describe_counter!("vswitch_port_tx_packets_total", "Frames sent to a port");
+    describe_counter!("vswitch_port_tx_bytes_total", "Bytes sent to a port");
+    describe_counter!(
+        "vswitch_port_drops_total",
+        "Frames dropped on a port, by reason (pipeline reasons are charged to the input port)"
+    );
+    describe_counter!(
+        "vswitch_table_lookups_total",
+        "Packets looked up in a table (cache hits included)"
+    );
+    describe_counter!(
+        "vswitch_table_matches_total",
+        "Packets that matched a flow in a table"
+    );
+    describe_gauge!("vswitch_table_flows", "Flows installed in a table");
+    describe_counter!("vswitch_microflow_cache_hits_total", "Microflow cache hits");
+    describe_counter!(
+        "vswitch_microflow_cache_misses_total",
+        "Microflow cache misses (full pipeline lookups)"
+    );
+    describe_counter!(
+        "vswitch_microflow_cache_evictions_total",
+        "Microflow cache entries evicted"
+    );
+    describe_counter!(
+        "vswitch_datapath_drops_total",
+        "Packets the pipeline dropped, by reason"
+    );
+    describe_gauge!("vswitch_conntrack_entries", "Tracked connections");
+    describe_gauge!("vswitch_conntrack_max_entries", "Conntrack table limit");
+    describe_counter!(
+        "vswitch_conntrack_full_drops_total",
+        "New connections dropped because the conntrack table was full"
+    );
+    describe_counter!(
+        "vswitch_policy_connections_total",
+        "New connections by deciding policy rule and verdict (one per connection tuple per second)"
+    );
+    describe_counter!(
+        "vswitch_connection_events_lost_total",
+        "Connection events lost because the audit consumer fell behind"
+    );
+    describe_histogram!(
+        "vswitch_policy_realisation_seconds",
+        "From a cluster change to its flows published (compile + publish)"
+    );
+    describe_histogram!(
+        "vswitch_policy_compile_seconds",
+        "Time compiling a batch of cluster changes"
+    );
+    describe_gauge!(
+        "vswitch_policy_generation",
+        "Generation of the published flow tables"
+    );
+}
+
+/// Copies the switch's counters into the metrics registry.
+pub fn collect(switch: &Switch) {
+    for (no, pod, _, c) in switch.port_counters() {
+        let port = no.0.to_string();
+        let pod = pod.map_or_else(|| "(gateway)".to_string(), |k| k.to_string());
+        let labels = [("port", port.clone()), ("pod", pod.clone())];
+        counter!("vswitch_port_rx_packets_total", &labels).absolute(c.rx_packets.load(Relaxed));
+        counter!("vswitch_port_rx_bytes_total", &labels).absolute(c.rx_bytes.load(Relaxed));
+        counter!("vswitch_port_tx_packets_total", &labels).absolute(c.tx_packets.load(Relaxed));
+        counter!("vswitch_port_tx_bytes_total", &labels).absolute(c.tx_bytes.load(Relaxed));
+        for (reason, n) in c.drops() {
+            counter!("vswitch_port_drops_total", "port" => port.clone(), "pod" => pod.clone(), "reason" => reason)
+                .absolute(n);
+        }
+    }
+    let dp = switch.datapath();
+    let s = dp.stats();
+    let mut tables: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
+    for f in dp.flow_stats() {
+        let t = tables.entry(f.entry.table.0).or_default();
+        t.0 += 1;
+        t.1 += f.packets;
+    }
+    for (t, _) in &s.table_misses {
+        tables.entry(t.0).or_default();
+    }
+    let misses: BTreeMap<u8, u64> = s.table_misses.iter().map(|(t, n)| (t.0, *n)).collect();
+    for (t, (flows, matched)) in tables {
+        let table = t.to_string();
+        let missed = misses.get(&t).copied().unwrap_or(0);
+        gauge!("vswitch_table_flows", "table" => table.clone()).set(flows as f64);
+        counter!("vswitch_table_matches_total", "table" => table.clone()).absolute(matched);
+        counter!("vswitch_table_lookups_total", "table" => table).absolute(matched + missed);
+    }
+    counter!("vswitch_microflow_cache_hits_total").absolute(s.cache.hits);
+    counter!("vswitch_microflow_cache_misses_total").absolute(s.cache.misses);
+    counter!("vswitch_microflow_cache_evictions_total").absolute(s.cache.evictions);
+    for (reason, n) in &s.drops {
+        counter!("vswitch_datapath_drops_total", "reason" => reason.name()).absolute(*n);
+    }
+    gauge!("vswitch_conntrack_entries").set(s.conntrack_entries as f64);
+    gauge!("vswitch_conntrack_max_entries").set(s.conntrack_max as f64);
+    counter!("vswitch_conntrack_full_drops_total").absolute(s.conntrack_full_drops);
+    counter!("vswitch_connection_events_lost_total").absolute(switch.events_lost());
+    gauge!("vswitch_policy_generation").set(s.generation as f64);
+}
