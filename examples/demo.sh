@@ -110,6 +110,8 @@ cat > "$work/vswitchd.toml" <<EOF
 socket = "$work/vswitchd.sock"
 state_dir = "$work/state"
 manifests = "$work/manifests"
+[audit]
+path = "$work/audit.log"
 EOF
 
 bold "Starting vswitchd (standalone, manifests in $work/manifests)"
@@ -168,5 +170,12 @@ bold "Why was other/client denied? A trace against the live switch"
 show $flowctl trace tcp,src=other/client,dst=default/db,tp_dst=6379
 bold "And why was frontend allowed?"
 show $flowctl trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
+bold "Ports, with counters and drops by reason"
+show $flowctl dump-ports
+bold "Connections conntrack is following"
+show $flowctl dump-conntrack proto=tcp
+bold "The audit log: every denied connection, with the deciding rule"
+sleep 0.5
+show cat "$work/audit.log"
 bold "Counters"
 show $flowctl stats

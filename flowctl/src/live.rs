@@ -19,10 +19,9 @@ pub fn table(color: bool, headers: &[&str], rows: &[Vec<String>]) -> String {
     let numeric: Vec<bool> = (0..headers.len())
         .map(|i| {
             !rows.is_empty()
-                && rows.iter().all(|r| {
-                    r.get(i)
-                        .is_some_and(|c| c.chars().all(|ch| ch.is_ascii_digit() || ch == '.'))
-                })
+                && rows
+                    .iter()
+                    .all(|r| r.get(i).is_some_and(|c| c.parse::<f64>().is_ok()))
         })
         .collect();
     let line = |cells: Vec<String>| {

@@ -1391,5 +1391,36 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     ] {
         assert!(body.contains(want), "metrics lack {want}:\n{body}");
     }
+    // Every series the shipped Grafana dashboard queries exists.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let mut names: Vec<&str> = dashboard
+        .match_indices("vswitch_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|n| {
+            n.ends_with("_total")
+                || n.ends_with("_bucket")
+                || n.ends_with("entries")
+                || n.ends_with("generation")
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for n in names {
+        assert!(
+            body.contains(n),
+            "the dashboard queries {n}, which vswitchd does not serve"
+        );
+    }
     drop(attached);
 }
