@@ -1273,6 +1273,20 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
             .all(|c| c["dst"] == server_ip.as_str()),
         "filter applied: {conns}"
     );
+    let top = flowctl(
+        &socket,
+        &[
+            "watch",
+            "--count",
+            "2",
+            "--interval",
+            "0.2",
+            "--table",
+            "50",
+        ],
+    );
+    assert_eq!(top.matches("flowctl watch:").count(), 2, "{top}");
+    assert!(top.contains("PKT/S") && top.contains(allow), "{top}");
     let stats = flowctl(&socket, &["stats"]);
     assert!(
         stats.contains("hit rate") && stats.contains("policy realisation"),
