@@ -76,6 +76,9 @@ enum Command {
     },
     /// Counters: cache hit rate, tables, conntrack, drops, policy realisation (live).
     Stats,
+    /// Whether the switch is ready (cluster state synced and enforced); exits 1
+    /// when not (a readiness probe).
+    Health,
     /// Add a flow by hand, ovs-ofctl syntax (live; debugging only: it is not
     /// policy, stays until del-flows or restart, and cannot replace a compiled flow).
     AddFlow { flow: String },
@@ -164,6 +167,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             render::reachability(&offline, l4, json, color)
         }
         Command::DumpPorts
+        | Command::Health
         | Command::DumpConntrack { .. }
         | Command::Stats
         | Command::AddFlow { .. }
@@ -253,6 +257,26 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             } else {
                 live::stats_text(&v, color)
             }
+        }
+        Command::Health => {
+            let v = ask(&Request::Health)?;
+            let ready = v["ready"].as_bool().unwrap_or(false);
+            if json {
+                print!("{}", pretty(&v));
+            } else {
+                println!(
+                    "{} (source {}, node {}, generation {})",
+                    if ready { "ready" } else { "not ready" },
+                    v["source"].as_str().unwrap_or("?"),
+                    v["node"].as_str().unwrap_or("?"),
+                    v["generation"]
+                );
+            }
+            return Ok(if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::AddFlow { flow } => {
             ask(&Request::AddFlow { flow: flow.clone() })?;

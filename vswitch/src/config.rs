@@ -46,6 +46,38 @@ pub struct Config {
     /// The audit log of denied (and optionally allowed) new connections.
     #[serde(default)]
     pub audit: Option<crate::audit::AuditConfig>,
+    /// Where the cluster state comes from: the manifest directory
+    /// (`"manifests"`, standalone) or the Kubernetes API server (`"kubernetes"`).
+    #[serde(default)]
+    pub source: Source,
+    /// This node's name (Kubernetes: `spec.nodeName` of the pods attached
+    /// here). Default: `$NODE_NAME`, else `local`.
+    #[serde(default = "default_node_name")]
+    pub node_name: String,
+    /// The API server connection (with `source = "kubernetes"`).
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Where the cluster state comes from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The manifest directory (`manifests`), watched.
+    #[default]
+    Manifests,
+    /// The Kubernetes API server: Namespaces, Pods, Nodes, NetworkPolicies.
+    Kubernetes,
+}
+
+/// `[kubernetes]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; without it, the in-cluster service account (or
+    /// `$KUBECONFIG` / `~/.kube/config`).
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -66,6 +98,13 @@ fn default_socket() -> PathBuf {
 
 fn default_state_dir() -> PathBuf {
     "/var/lib/vswitch".into()
+}
+
+fn default_node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| crate::daemon::LOCAL_NODE.to_string())
 }
 
 fn default_busy_poll_us() -> u64 {
@@ -143,6 +182,14 @@ impl Config {
             return Err(invalid(
                 "audit.path is empty (a file, or \"-\" for stdout)".into(),
             ));
+        }
+        if c.source == Source::Kubernetes && c.manifests.is_some() {
+            return Err(invalid(
+                "source = \"kubernetes\" and manifests are exclusive: the cluster state comes from one of them".into(),
+            ));
+        }
+        if c.node_name.is_empty() {
+            return Err(invalid("node_name is empty".into()));
         }
         if c.busy_poll_us > 10_000 {
             return Err(invalid(format!(

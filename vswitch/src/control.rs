@@ -57,6 +57,8 @@ pub enum Request {
     },
     /// Datapath and control-plane counters.
     Stats,
+    /// Readiness: whether the cluster state has been synced and enforced.
+    Health,
     /// Add a manual flow (ovs-ofctl syntax); kept until deleted or restart.
     AddFlow { flow: String },
     /// Change the actions of a manual flow.

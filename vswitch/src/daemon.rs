@@ -30,7 +30,7 @@ use crate::control::{Request, Response, parse_mac};
 use crate::switch::Switch;
 use crate::tap::Tap;
 
-/// The node this daemon runs on, in the cluster model.
+/// The name of this node when none is configured (standalone).
 pub const LOCAL_NODE: &str = "local";
 
 /// One attached port, as the state file records it.
@@ -52,6 +52,9 @@ pub struct Daemon {
     pub config: Config,
     pub switch: Arc<Switch>,
     records: Mutex<Vec<PortRecord>>,
+    /// The cluster state has been loaded (manifests) or fully synced from the
+    /// API server, compiled and published.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn log(msg: impl std::fmt::Display) {
@@ -86,9 +89,17 @@ impl Daemon {
         if let Some(w) = watch.as_mut() {
             apply(&switch, w.poll());
         }
-        if let Some(g) = &config.gateway {
+        let kubernetes = config.source == crate::config::Source::Kubernetes;
+        if kubernetes {
+            // Until a pod's object arrives from the API server its labels are
+            // unknown: its port stays cut off (fail closed).
+            switch.set_isolate_unknown(true);
+        }
+        if kubernetes || config.gateway.is_some() {
             // Pods attached here run on this node: own-node traffic is theirs.
-            switch.set_local_node(LOCAL_NODE);
+            switch.set_local_node(&config.node_name);
+        }
+        if let Some(g) = &config.gateway {
             let tap = Tap::open_with(&g.name, false, config.offload)
                 .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
             run_ip(&["addr", "replace", &g.address.to_string(), "dev", &g.name])?;
@@ -97,15 +108,10 @@ impl Daemon {
             let mac = parse_mac(mac_text.trim())
                 .ok_or_else(|| anyhow::anyhow!("gateway {} has no MAC", g.name))?;
             switch.set_gateway(tap, mac, vec![g.address.addr()])?;
-            let mut addresses = vec![g.address.addr()];
-            addresses.extend(&g.node_addresses);
-            switch.apply(Change::Node(Node {
-                name: LOCAL_NODE.into(),
-                addresses,
-                pod_cidrs: vec![g.address.trunc()],
-            }))?;
+            switch.apply(Change::Node(own_node(&config, None)))?;
         }
         let daemon = Arc::new(Daemon {
+            ready: Arc::new(std::sync::atomic::AtomicBool::new(!kubernetes)),
             config,
             switch,
             records: Mutex::new(Vec::new()),
@@ -256,6 +262,15 @@ impl Daemon {
                 Err(e) => Response::err(chain(&e)),
             },
             Request::Stats => Response::ok(self.stats()),
+            Request::Health => Response::ok(json!({
+                "ready": self.ready.load(Relaxed),
+                "source": match self.config.source {
+                    crate::config::Source::Manifests => "manifests",
+                    crate::config::Source::Kubernetes => "kubernetes",
+                },
+                "node": self.config.node_name,
+                "generation": self.switch.realisation().generation,
+            })),
         }
     }
 
@@ -446,6 +461,28 @@ impl Daemon {
             }
         }
     }
+}
+
+/// This node as the cluster model sees it: `api` (the Node object, when the API
+/// server has one) plus the gateway's address and subnet and `node_addresses`,
+/// so traffic between the node and its pods is always allowed.
+pub fn own_node(config: &Config, api: Option<Node>) -> Node {
+    let mut node = api.unwrap_or(Node {
+        name: config.node_name.clone(),
+        addresses: vec![],
+        pod_cidrs: vec![],
+    });
+    if let Some(g) = &config.gateway {
+        for a in std::iter::once(g.address.addr()).chain(g.node_addresses.iter().copied()) {
+            if !node.addresses.contains(&a) {
+                node.addresses.push(a);
+            }
+        }
+        if !node.pod_cidrs.contains(&g.address.trunc()) {
+            node.pod_cidrs.push(g.address.trunc());
+        }
+    }
+    node
 }
 
 /// A time as RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T08:16:02.123Z`.

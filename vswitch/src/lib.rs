@@ -11,6 +11,7 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod kubernetes;
 pub mod metrics;
 pub mod switch;
 pub mod sys;

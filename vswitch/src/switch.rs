@@ -178,6 +178,11 @@ struct Control {
     local_node: Option<String>,
     /// Flows added by hand (`flowctl add-flow`), kept across recompiles.
     manual: HashMap<FlowIdentity, FlowEntry>,
+    /// Whether a pod attached before its Pod object is known stays cut off
+    /// until it is (Kubernetes mode: fail closed) rather than running unlabelled.
+    isolate_unknown: bool,
+    /// Pods attached but not yet known to the cluster model (isolated).
+    unresolved: Vec<PodPort>,
 }
 
 impl Control {
@@ -265,6 +270,8 @@ impl Switch {
                 last: Realisation::default(),
                 local_node: None,
                 manual: HashMap::new(),
+                isolate_unknown: false,
+                unresolved: Vec::new(),
             }),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -505,8 +512,15 @@ impl Switch {
         self.control().local_node = Some(node.to_string());
     }
 
+    /// Pods attached before their Pod object is known get no flows (their frames
+    /// are dropped, nothing is forwarded to them) until it is.
+    pub fn set_isolate_unknown(&self, isolate: bool) {
+        self.control().isolate_unknown = isolate;
+    }
+
     /// Attaches a pod's TAP device with its MAC and addresses; the pod's labels
-    /// come from the cluster model (a pod not known yet has none until it is).
+    /// come from the cluster model. A pod not known yet runs without labels
+    /// until it is, or, with [`Switch::set_isolate_unknown`], gets no flows.
     ///
     /// Fails when the pod is already attached or the flows cannot be installed.
     pub fn attach(
@@ -517,23 +531,36 @@ impl Switch {
         ips: Vec<IpAddr>,
     ) -> Result<PortNo, Error> {
         let mut ctl = self.control();
-        if ctl.topology.pods.iter().any(|p| p.pod == pod) {
+        if ctl
+            .topology
+            .pods
+            .iter()
+            .chain(&ctl.unresolved)
+            .any(|p| p.pod == pod)
+        {
             return Err(Error::AlreadyAttached(pod));
         }
         let port = PortNo(ctl.next_port);
         ctl.next_port += 1;
-        ctl.topology.pods.push(PodPort {
-            port,
-            pod: pod.clone(),
-            mac,
-            ips: ips.clone(),
-        });
         ctl.ports.push(Port {
             no: port,
             tap: Arc::new(tap),
             counters: Arc::default(),
         });
+        let pod_port = PodPort {
+            port,
+            pod: pod.clone(),
+            mac,
+            ips: ips.clone(),
+        };
         let known = ctl.compiler.cluster().pod(&pod).cloned();
+        if known.is_none() && ctl.isolate_unknown {
+            tracing::warn!(%pod, "attached before its Pod object is known: isolated until it is");
+            ctl.unresolved.push(pod_port);
+            self.publish(&mut ctl)?;
+            return Ok(port);
+        }
+        ctl.topology.pods.push(pod_port);
         let record = Pod {
             ips,
             node: ctl.local_node.clone(),
@@ -553,6 +580,12 @@ impl Switch {
     /// Detaches a pod: its port and flows go away; its TAP fd is closed.
     pub fn detach(&self, pod: &ObjectKey) -> Result<(), Error> {
         let mut ctl = self.control();
+        if let Some(i) = ctl.unresolved.iter().position(|p| &p.pod == pod) {
+            let port = ctl.unresolved.remove(i).port;
+            ctl.ports.retain(|p| p.no != port);
+            self.publish(&mut ctl)?;
+            return Ok(());
+        }
         let Some(i) = ctl.topology.pods.iter().position(|p| &p.pod == pod) else {
             return Err(Error::NotAttached(pod.clone()));
         };
@@ -591,6 +624,12 @@ impl Switch {
         for change in changes {
             let change = match change {
                 Change::Pod(mut pod) => {
+                    // A pod attached before it was known: it gets its flows now.
+                    if let Some(i) = ctl.unresolved.iter().position(|p| p.pod == pod.key) {
+                        let resolved = ctl.unresolved.remove(i);
+                        tracing::info!(pod = %pod.key, "Pod object known: its port gets flows");
+                        ctl.topology.pods.push(resolved);
+                    }
                     if let Some(p) = ctl.topology.pods.iter().find(|p| p.pod == pod.key) {
                         pod.ips = p.ips.clone();
                         if ctl.local_node.is_some() {
@@ -598,6 +637,18 @@ impl Switch {
                         }
                     }
                     Change::Pod(pod)
+                }
+                // A deleted pod still attached here: with isolation on, its port
+                // is cut off until the pod comes back (or CNI DEL detaches it).
+                Change::PodDeleted(key) => {
+                    if ctl.isolate_unknown
+                        && let Some(i) = ctl.topology.pods.iter().position(|p| p.pod == key)
+                    {
+                        let gone = ctl.topology.pods.remove(i);
+                        tracing::warn!(pod = %key, "Pod object deleted while attached: isolated");
+                        ctl.unresolved.push(gone);
+                    }
+                    Change::PodDeleted(key)
                 }
                 other => other,
             };
@@ -616,6 +667,7 @@ impl Switch {
                     .topology
                     .pods
                     .iter()
+                    .chain(&ctl.unresolved)
                     .find(|x| x.port == p.no)
                     .map(|x| x.pod.clone());
                 (p.no, pod, p.tap.name().to_string(), p.counters.clone())

@@ -85,6 +85,20 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .switch
         .spawn_packet_thread("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
     daemon.serve()?;
+    if daemon.config.source == vswitch::config::Source::Kubernetes {
+        let (switch, config, ready) = (
+            daemon.switch.clone(),
+            daemon.config.clone(),
+            daemon.ready.clone(),
+        );
+        std::thread::Builder::new()
+            .name("kubernetes".into())
+            .spawn(move || {
+                if let Err(e) = vswitch::kubernetes::run(switch, config, ready) {
+                    tracing::error!("kubernetes source stopped: {e:#}");
+                }
+            })?;
+    }
     if let Some(w) = watch {
         let switch = daemon.switch.clone();
         std::thread::Builder::new()

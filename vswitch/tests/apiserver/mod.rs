@@ -1,0 +1,334 @@
+//! A small Kubernetes API server for tests: the real list/watch protocol for
+//! Namespaces, Pods, Nodes and NetworkPolicies, over plain HTTP/1.1.
+//!
+//! Lists are JSON `…List` objects with `metadata.resourceVersion`; `?watch=1`
+//! streams `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK` events (chunked, one JSON
+//! object per line) from the requested resourceVersion. The test can drop every
+//! open watch, compact the history (a watch from before it gets an `ERROR`
+//! event with a 410 Gone status, forcing a relist, as the real server does), and
+//! take the server down (connections refused) and up again.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Node,
+    NetworkPolicy,
+}
+
+impl Kind {
+    fn of_path(path: &str) -> Option<Kind> {
+        match path {
+            "/api/v1/namespaces" => Some(Kind::Namespace),
+            "/api/v1/pods" => Some(Kind::Pod),
+            "/api/v1/nodes" => Some(Kind::Node),
+            "/apis/networking.k8s.io/v1/networkpolicies" => Some(Kind::NetworkPolicy),
+            _ => None,
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "networking.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+            Kind::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<(Kind, String), Value>,
+    /// (resourceVersion, kind, event type, object)
+    events: Vec<(u64, Kind, &'static str, Value)>,
+    /// Watches from before this resourceVersion get 410 Gone.
+    oldest: u64,
+    /// Bumped to end every open watch.
+    epoch: u64,
+    /// Requests served, by kind and whether a watch.
+    pub lists: u64,
+    pub watches: u64,
+}
+
+/// The server; stops listening when dropped.
+pub struct ApiServer {
+    pub addr: SocketAddr,
+    state: Arc<(Mutex<State>, Condvar)>,
+    down: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        self.drop_watches();
+    }
+}
+
+impl ApiServer {
+    pub fn start() -> ApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let down = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, dn, sp) = (state.clone(), down.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                if dn.load(Ordering::SeqCst) {
+                    // Unreachable: the connection is closed without an answer.
+                    drop(conn);
+                    continue;
+                }
+                let st = st.clone();
+                std::thread::spawn(move || serve(conn, &st));
+            }
+        });
+        ApiServer {
+            addr,
+            state,
+            down,
+            stop,
+        }
+    }
+
+    /// A kubeconfig pointing at this server.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{}'}}\n\
+             users:\n- name: fake\n  user: {{token: test}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\n",
+            self.addr
+        )
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let (m, cv) = &*self.state;
+        let out = f(&mut m.lock().unwrap());
+        cv.notify_all();
+        out
+    }
+
+    /// Creates or replaces an object (`metadata.name`, and `metadata.namespace`
+    /// for namespaced kinds, identify it).
+    pub fn apply(&self, kind: Kind, mut obj: Value) {
+        self.with(|s| {
+            s.rv += 1;
+            let rv = s.rv;
+            obj["apiVersion"] = json!(kind.api_version());
+            obj["kind"] = json!(kind.name());
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let id = object_id(&obj);
+            obj["metadata"]["uid"] = json!(format!("uid-{}", id.replace('/', "-")));
+            let ty = if s.objects.contains_key(&(kind, id.clone())) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            s.objects.insert((kind, id), obj.clone());
+            s.events.push((rv, kind, ty, obj));
+        });
+    }
+
+    /// Deletes an object by `namespace/name` (or `name`).
+    pub fn delete(&self, kind: Kind, id: &str) {
+        self.with(|s| {
+            if let Some(mut obj) = s.objects.remove(&(kind, id.to_string())) {
+                s.rv += 1;
+                obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+                s.events.push((s.rv, kind, "DELETED", obj));
+            }
+        });
+    }
+
+    /// Ends every open watch (clients re-watch from their last resourceVersion).
+    pub fn drop_watches(&self) {
+        self.with(|s| s.epoch += 1);
+    }
+
+    /// Forgets the event history: a watch from an older resourceVersion gets
+    /// 410 Gone and the client must relist.
+    pub fn compact(&self) {
+        self.with(|s| {
+            s.oldest = s.rv + 1;
+            s.events.clear();
+        });
+    }
+
+    /// Unreachable (`true`): connections are closed unanswered, open watches end.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.drop_watches();
+        }
+    }
+
+    /// (lists, watches) served so far.
+    pub fn requests(&self) -> (u64, u64) {
+        self.with(|s| (s.lists, s.watches))
+    }
+}
+
+fn object_id(obj: &Value) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+fn serve(conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    // Skip the headers.
+    loop {
+        let mut h = String::new();
+        match reader.read_line(&mut h) {
+            Ok(0) | Err(_) => return,
+            Ok(_) if h == "\r\n" => break,
+            Ok(_) => {}
+        }
+    }
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let params: BTreeMap<&str, &str> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let mut out = conn;
+    let Some(kind) = Kind::of_path(path) else {
+        let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string();
+        let _ = write!(
+            out,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    };
+    let watch = matches!(params.get("watch"), Some(&"true") | Some(&"1"));
+    if !watch {
+        let body = {
+            let mut s = state.0.lock().unwrap();
+            s.lists += 1;
+            let items: Vec<&Value> = s
+                .objects
+                .iter()
+                .filter(|((k, _), _)| *k == kind)
+                .map(|(_, v)| v)
+                .collect();
+            json!({
+                "apiVersion": kind.api_version(),
+                "kind": format!("{}List", kind.name()),
+                "metadata": {"resourceVersion": s.rv.to_string()},
+                "items": items,
+            })
+            .to_string()
+        };
+        let _ = write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
+    let from: u64 = params
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let timeout = params
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    if write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return;
+    }
+    let chunk = |out: &mut TcpStream, v: &Value| {
+        let data = format!("{v}\n");
+        write!(out, "{:x}\r\n{data}\r\n", data.len()).and_then(|_| out.flush())
+    };
+    let (m, cv) = &**state;
+    let mut s = m.lock().unwrap();
+    s.watches += 1;
+    if from < s.oldest {
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("too old resource version: {from} ({})", s.oldest), "reason": "Expired", "code": 410}});
+        drop(s);
+        let _ = chunk(&mut out, &gone);
+        let _ = write!(out, "0\r\n\r\n");
+        return;
+    }
+    let epoch = s.epoch;
+    let mut sent = from;
+    let started = Instant::now();
+    let mut last_bookmark = Instant::now();
+    loop {
+        let pending: Vec<Value> = s
+            .events
+            .iter()
+            .filter(|(rv, k, _, _)| *rv > sent && *k == kind)
+            .map(|(_, _, ty, obj)| json!({"type": ty, "object": obj}))
+            .collect();
+        let bookmark = last_bookmark.elapsed() > Duration::from_millis(500);
+        let rv = s.rv;
+        drop(s);
+        for e in &pending {
+            if chunk(&mut out, e).is_err() {
+                return;
+            }
+        }
+        sent = rv;
+        if bookmark {
+            last_bookmark = Instant::now();
+            let b = json!({"type": "BOOKMARK", "object": {"apiVersion": kind.api_version(), "kind": kind.name(),
+                "metadata": {"resourceVersion": rv.to_string()}}});
+            if chunk(&mut out, &b).is_err() {
+                return;
+            }
+        }
+        s = m.lock().unwrap();
+        if s.epoch != epoch || started.elapsed() > timeout {
+            drop(s);
+            let _ = write!(out, "0\r\n\r\n");
+            return;
+        }
+        if s.rv == sent {
+            s = cv.wait_timeout(s, Duration::from_millis(200)).unwrap().0;
+            if s.epoch != epoch {
+                drop(s);
+                let _ = write!(out, "0\r\n\r\n");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! vswitchd fed by a Kubernetes API server (tests/apiserver: the real list/watch
+//! protocol): initial sync and readiness, pod add/relabel/delete, policy
+//! add/update/delete, namespace relabel, a dropped watch, 410 Gone, and the API
+//! server going away, each converging to the right verdicts on the live switch.
+//! Pods are TAP devices in the host namespace (root, as in CI).
+
+mod apiserver;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use apiserver::{ApiServer, Kind};
+use serde_json::{Value, json};
+use vswitch::Tap;
+use vswitch::control::{Request, request};
+
+fn ns(name: &str, labels: Value) -> Value {
+    json!({"metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, labels: Value, node: &str, ip: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x", "ports": [{"name": "pg", "containerPort": 5432}]}]},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn node(name: &str, ip: &str, cidr: &str) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+    })
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// vswitchd plus the TAP devices the test attached; all removed on drop.
+struct Node {
+    child: Child,
+    socket: PathBuf,
+    dir: PathBuf,
+    taps: Vec<String>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for t in &self.taps {
+            let _ = Tap::delete(t);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Node {
+    fn ask(&self, req: &Request) -> Result<Value, String> {
+        request(&self.socket, req).map_err(|e| e.to_string())
+    }
+
+    /// Attaches a persistent TAP (created here) as `pod` with `ip`.
+    fn attach(&mut self, pod: &str, ip: &str) {
+        let name = format!("vsk{}{}", std::process::id() % 10_000, self.taps.len());
+        drop(Tap::open(&name, true).expect("create TAP"));
+        self.taps.push(name.clone());
+        let n = self.taps.len();
+        self.ask(&Request::Attach {
+            pod: pod.into(),
+            netns: None,
+            ifname: name,
+            mac: format!("0a:58:00:00:00:{n:02x}"),
+            ips: vec![ip.parse().unwrap()],
+        })
+        .expect("attach");
+    }
+
+    /// (verdict, rule) of a new TCP connection.
+    fn verdict(&self, src: &str, dst: &str, port: u16) -> (String, String) {
+        match self.ask(&Request::Trace {
+            src: src.into(),
+            dst: dst.into(),
+            protocol: "tcp".into(),
+            port: Some(port),
+        }) {
+            Ok(v) => (
+                v["verdict"].as_str().unwrap_or("").into(),
+                v["rule"].as_str().unwrap_or("").into(),
+            ),
+            Err(e) => ("error".into(), e),
+        }
+    }
+
+    /// Waits until the trace gives `want` (verdict, rule substring).
+    fn converges(&self, what: &str, src: &str, dst: &str, port: u16, want: (&str, &str)) {
+        let start = Instant::now();
+        loop {
+            let (v, r) = self.verdict(src, dst, port);
+            if v == want.0 && r.contains(want.1) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{what}: {src} -> {dst}:{port} is {v} by {r:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Installed flows whose text contains `needle`.
+    fn flows_mentioning(&self, needle: &str) -> Vec<String> {
+        self.ask(&Request::DumpFlows)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|f| f["flow"].as_str())
+            .filter(|f| f.contains(needle))
+            .map(String::from)
+            .collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.ask(&Request::Health)
+            .map(|h| h["ready"] == true)
+            .unwrap_or(false)
+    }
+}
+
+fn start(api: &ApiServer, dir: &Path) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let socket = dir.join("vswitchd.sock");
+    let config = dir.join("vswitchd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nstate_dir = {:?}\nsource = \"kubernetes\"\nnode_name = \"node-a\"\n[kubernetes]\nkubeconfig = {:?}\n",
+            socket.to_str().unwrap(),
+            dir.join("state").to_str().unwrap(),
+            kubeconfig.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vswitchd"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "vswitchd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Node {
+        child,
+        socket,
+        dir: dir.into(),
+        taps: vec![],
+    }
+}
+
+#[test]
+fn vswitchd_converges_on_what_the_api_server_says() {
+    if Tap::open(&format!("vsk{}x", std::process::id() % 10_000), false).is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "end-to-end tests cannot run in CI: cannot create TAP devices"
+        );
+        eprintln!("skipping: cannot create TAP devices");
+        return;
+    }
+    let api = ApiServer::start();
+    // Down at first: vswitchd must not report ready before its first sync.
+    api.set_down(true);
+    api.apply(Kind::Namespace, ns("app", json!({"team": "a"})));
+    api.apply(Kind::Namespace, ns("other", json!({})));
+    api.apply(Kind::Node, node("node-a", "192.168.7.1", "10.60.0.0/24"));
+    api.apply(Kind::Node, node("node-b", "192.168.7.2", "10.60.1.0/24"));
+    api.apply(
+        Kind::Pod,
+        pod("app", "web", json!({"app": "web"}), "node-a", "10.60.0.1"),
+    );
+    api.apply(
+        Kind::Pod,
+        pod("app", "db", json!({"app": "db"}), "node-a", "10.60.0.2"),
+    );
+    api.apply(
+        Kind::Pod,
+        pod(
+            "other",
+            "client",
+            json!({"app": "client"}),
+            "node-b",
+            "10.60.1.1",
+        ),
+    );
+    api.apply(
+        Kind::NetworkPolicy,
+        policy(
+            "app",
+            "db",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": "pg"}]}]}),
+        ),
+    );
+
+    let dir = std::env::temp_dir().join(format!("vswitch-k8s-{}", std::process::id()));
+    let mut node_a = start(&api, &dir);
+    node_a.attach("app/web", "10.60.0.1");
+    node_a.attach("app/db", "10.60.0.2");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!node_a.ready(), "not ready before the API server answered");
+    // Attached before their Pod objects are known: cut off (fail closed), no
+    // flow forwards from or to them.
+    let (v, r) = node_a.verdict("app/web", "app/db", 5432);
+    assert_eq!(v, "error", "{r}");
+    assert!(node_a.flows_mentioning("10.60.0.").is_empty());
+
+    // Initial sync.
+    api.set_down(false);
+    let t = Instant::now();
+    while !node_a.ready() {
+        assert!(t.elapsed() < Duration::from_secs(15), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node_a.converges(
+        "initial sync",
+        "app/web",
+        "app/db",
+        5432,
+        ("allow", "app/db ingress rule 0"),
+    );
+    node_a.converges(
+        "initial sync",
+        "app/web",
+        "app/db",
+        80,
+        ("deny", "default deny of app/db"),
+    );
+
+    // Pod relabel: web is no longer app=web.
+    api.apply(
+        Kind::Pod,
+        pod("app", "web", json!({"app": "web2"}), "node-a", "10.60.0.1"),
+    );
+    node_a.converges(
+        "pod relabel",
+        "app/web",
+        "app/db",
+        5432,
+        ("deny", "default deny of app/db"),
+    );
+
+    // Policy update: allow app=web2 too.
+    api.apply(
+        Kind::NetworkPolicy,
+        policy(
+            "app",
+            "db",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                   "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web", "web2"]}]}}], "ports": [{"port": 5432}]}]}),
+        ),
+    );
+    node_a.converges(
+        "policy update",
+        "app/web",
+        "app/db",
+        5432,
+        ("allow", "app/db ingress rule 0"),
+    );
+
+    // Policy add, selecting by namespace labels; then a namespace relabel.
+    api.apply(
+        Kind::NetworkPolicy,
+        policy(
+            "app",
+            "db-from-team-b",
+            json!({"podSelector": {"matchLabels": {"app": "db"}},
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}], "ports": [{"port": 6379}]}]}),
+        ),
+    );
+    node_a.converges(
+        "policy add",
+        "app/web",
+        "app/db",
+        6379,
+        ("deny", "default deny of app/db"),
+    );
+    api.apply(Kind::Namespace, ns("app", json!({"team": "b"})));
+    node_a.converges(
+        "namespace relabel",
+        "app/web",
+        "app/db",
+        6379,
+        ("allow", "app/db-from-team-b ingress rule 0"),
+    );
+
+    // A dropped watch: the watchers resume from their resourceVersion.
+    let (_, watches) = api.requests();
+    api.drop_watches();
+    api.apply(Kind::Namespace, ns("app", json!({"team": "a"})));
+    node_a.converges(
+        "after a dropped watch",
+        "app/web",
+        "app/db",
+        6379,
+        ("deny", "default deny of app/db"),
+    );
+    assert!(api.requests().1 > watches, "watches were reopened");
+
+    // 410 Gone: a change made while no watch was open, then the history is
+    // compacted; only a relist can see it (here: a deletion).
+    api.apply(Kind::Namespace, ns("app", json!({"team": "b"})));
+    node_a.converges(
+        "namespace relabel back",
+        "app/web",
+        "app/db",
+        6379,
+        ("allow", "app/db-from-team-b"),
+    );
+    let (lists, _) = api.requests();
+    api.set_down(true);
+    api.delete(Kind::NetworkPolicy, "app/db-from-team-b");
+    api.compact();
+    std::thread::sleep(Duration::from_millis(500));
+    // While the API server is unreachable, the last known state stays in force.
+    let (v, r) = node_a.verdict("app/web", "app/db", 6379);
+    assert_eq!((v.as_str(), node_a.ready()), ("allow", true), "{r}");
+    api.set_down(false);
+    node_a.converges(
+        "relist after 410",
+        "app/web",
+        "app/db",
+        6379,
+        ("deny", "default deny of app/db"),
+    );
+    assert!(api.requests().0 > lists, "the watchers relisted");
+
+    // Policy delete: db is no longer isolated at all.
+    api.delete(Kind::NetworkPolicy, "app/db");
+    node_a.converges("policy delete", "app/web", "app/db", 80, ("allow", ""));
+
+    // Pod add: attached first, known later.
+    node_a.attach("app/cache", "10.60.0.3");
+    assert!(
+        node_a.flows_mentioning("10.60.0.3").is_empty(),
+        "unknown pod cut off"
+    );
+    api.apply(
+        Kind::Pod,
+        pod(
+            "app",
+            "cache",
+            json!({"app": "cache"}),
+            "node-a",
+            "10.60.0.3",
+        ),
+    );
+    node_a.converges("pod add", "app/cache", "app/db", 80, ("allow", ""));
+    // Pod delete while attached: cut off again.
+    api.delete(Kind::Pod, "app/cache");
+    node_a.converges("pod delete", "app/web", "app/cache", 80, ("error", "cache"));
+    assert!(
+        node_a.flows_mentioning("=10.60.0.3").is_empty(),
+        "deleted pod cut off"
+    );
+    let ports = node_a.ask(&Request::Ports).unwrap();
+    assert_eq!(
+        ports.as_array().unwrap().len(),
+        3,
+        "the port stays until CNI DEL: {ports}"
+    );
+}
