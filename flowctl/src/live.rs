@@ -141,9 +141,10 @@ pub fn ports_text(ports: &Value, color: bool) -> String {
         .flatten()
         .map(|p| {
             let (total, detail) = drops(&p["drops"]);
-            let who = match p["pod"].as_str() {
-                Some(pod) => pod.to_string(),
-                None => format!("({})", text(&p["kind"])),
+            let who = match (p["pod"].as_str(), p["node"].as_str()) {
+                (Some(pod), _) => pod.to_string(),
+                (None, Some(node)) => format!("(tunnel to {node})"),
+                (None, None) => format!("({})", text(&p["kind"])),
             };
             let ips = p["ips"]
                 .as_array()

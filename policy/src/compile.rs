@@ -274,7 +274,8 @@ fn ip_match(field: Field, ip: IpAddr) -> Match {
     }
 }
 
-fn net_match(field: Field, net: IpNet) -> Match {
+/// Matches `field` (an address) within `net`, with the right EtherType.
+pub(crate) fn net_match(field: Field, net: IpNet) -> Match {
     match net {
         IpNet::V4(n) => Match::any()
             .with(Field::DlType, ether_type::IPV4.into())

@@ -26,6 +26,16 @@ pub const OUTPUT: u8 = 70;
 pub const CLASS_POD: u128 = 1;
 /// `reg0` value of a packet from the gateway port.
 pub const CLASS_GATEWAY: u128 = 2;
+/// `reg0` value of a packet from a tunnel port (another node's pods).
+pub const CLASS_TUNNEL: u128 = 3;
+
+/// Another node, reached through a tunnel port: its pods' addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelPeer {
+    pub port: PortNo,
+    pub node: String,
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+}
 
 /// A pod attached to a switch port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,12 +59,14 @@ pub struct Gateway {
 pub struct Topology {
     pub pods: Vec<PodPort>,
     pub gateway: Option<Gateway>,
+    /// Other nodes, one tunnel port each.
+    pub tunnels: Vec<TunnelPeer>,
     /// Conntrack zone of pod traffic.
     pub zone: u16,
 }
 
 /// What base-pipeline cookies say: (cookie, description).
-const PURPOSES: [&str; 14] = [
+const PURPOSES: [&str; 20] = [
     "classifier: known port",
     "classifier: unknown port",
     "spoofguard: own MAC and IP",
@@ -69,6 +81,12 @@ const PURPOSES: [&str; 14] = [
     "forwarding: local pod",
     "forwarding: via gateway",
     "output",
+    "classifier: tunnel",
+    "spoofguard: tunnel (remote node's pods)",
+    "policy: egress enforced on the source node",
+    "policy: ingress enforced on the destination node",
+    "forwarding: remote node",
+    "forwarding: local pod from tunnel",
 ];
 
 fn cookie(purpose: &str) -> Cookie {
@@ -112,12 +130,21 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     let classes = topo
         .pods
         .iter()
-        .map(|p| (p.port, CLASS_POD))
-        .chain(topo.gateway.iter().map(|g| (g.port, CLASS_GATEWAY)));
-    for (port, class) in classes {
+        .map(|p| (p.port, CLASS_POD, "classifier: known port"))
+        .chain(
+            topo.gateway
+                .iter()
+                .map(|g| (g.port, CLASS_GATEWAY, "classifier: known port")),
+        )
+        .chain(
+            topo.tunnels
+                .iter()
+                .map(|t| (t.port, CLASS_TUNNEL, "classifier: tunnel")),
+        );
+    for (port, class, purpose) in classes {
         let m = Match::any().with(Field::InPort, port.0.into());
         out.push(
-            flow(CLASSIFIER, 100, m, "classifier: known port")
+            flow(CLASSIFIER, 100, m, purpose)
                 .action(Action::Load {
                     field: Field::Reg(0),
                     value: class,
@@ -180,6 +207,22 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     200,
                     port.with(Field::DlType, dl.into()),
                     "spoofguard: gateway",
+                )
+                .action(goto(CONNTRACK)),
+            );
+        }
+    }
+    // A remote node may only send its own pods' addresses.
+    for t in &topo.tunnels {
+        for net in &t.pod_cidrs {
+            let m =
+                crate::compile::net_match(Field::NwSrc, *net).with(Field::InPort, t.port.0.into());
+            out.push(
+                flow(
+                    SPOOFGUARD,
+                    200,
+                    m,
+                    "spoofguard: tunnel (remote node's pods)",
                 )
                 .action(goto(CONNTRACK)),
             );
@@ -284,6 +327,38 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     }
     out.push(flow(CONNTRACK, 0, Match::any(), "conntrack: lookup").action(goto(EGRESS_TABLE)));
 
+    // 40 / 50 across nodes: egress is enforced on the source node, ingress on
+    // the destination node, each exactly once.
+    if !topo.tunnels.is_empty() {
+        out.push(
+            flow(
+                EGRESS_TABLE,
+                1000,
+                Match::any().with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
+                "policy: egress enforced on the source node",
+            )
+            .action(goto(AFTER_EGRESS)),
+        );
+    }
+    for t in &topo.tunnels {
+        for net in &t.pod_cidrs {
+            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
+                Field::Reg(0),
+                CLASS_POD,
+                0xff,
+            );
+            out.push(
+                flow(
+                    INGRESS_TABLE,
+                    1000,
+                    m,
+                    "policy: ingress enforced on the destination node",
+                )
+                .action(goto(AFTER_INGRESS)),
+            );
+        }
+    }
+
     // 40 / 50: what no policy flow decides passes.
     out.push(
         flow(EGRESS_TABLE, 0, Match::any(), "policy: not isolated").action(goto(AFTER_EGRESS)),
@@ -293,6 +368,60 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     );
 
     // 60: forwarding.
+    // From another node: the frame was addressed to that node's gateway; it
+    // leaves here addressed to the pod, from this node's gateway (a router hop).
+    let router_mac = topo.gateway.as_ref().map_or(OFFLINE_GATEWAY_MAC, |g| g.mac);
+    for p in topo.pods.iter().filter(|_| !topo.tunnels.is_empty()) {
+        for ip in &p.ips {
+            let (dl, addr) = ip_of(ip);
+            out.push(
+                flow(
+                    FORWARDING,
+                    110,
+                    Match::any()
+                        .with(Field::DlType, dl.into())
+                        .with(Field::NwDst, addr)
+                        .with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
+                    "forwarding: local pod from tunnel",
+                )
+                .action(Action::SetField {
+                    field: Field::DlSrc,
+                    value: mac_value(router_mac),
+                })
+                .action(Action::SetField {
+                    field: Field::DlDst,
+                    value: mac_value(p.mac),
+                })
+                .action(Action::Load {
+                    field: Field::Reg(1),
+                    value: p.port.0.into(),
+                    ofs: 0,
+                    nbits: 32,
+                })
+                .action(goto(OUTPUT)),
+            );
+        }
+    }
+    for t in &topo.tunnels {
+        for net in &t.pod_cidrs {
+            // Only this node's pods send to other nodes (no transit).
+            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
+                Field::Reg(0),
+                CLASS_POD,
+                0xff,
+            );
+            out.push(
+                flow(FORWARDING, 50, m, "forwarding: remote node")
+                    .action(Action::Load {
+                        field: Field::Reg(1),
+                        value: t.port.0.into(),
+                        ofs: 0,
+                        nbits: 32,
+                    })
+                    .action(goto(OUTPUT)),
+            );
+        }
+    }
     for p in &topo.pods {
         for ip in &p.ips {
             let (dl, addr) = ip_of(ip);
@@ -346,7 +475,8 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
         .pods
         .iter()
         .map(|p| p.port)
-        .chain(topo.gateway.iter().map(|g| g.port));
+        .chain(topo.gateway.iter().map(|g| g.port))
+        .chain(topo.tunnels.iter().map(|t| t.port));
     for port in ports {
         let m = Match::any().with(Field::Reg(1), port.0.into());
         out.push(
@@ -415,6 +545,7 @@ pub fn offline_topology(cluster: &Cluster) -> Topology {
             mac: OFFLINE_GATEWAY_MAC,
             ips: vec![],
         }),
+        tunnels: vec![],
         zone: 1,
     }
 }

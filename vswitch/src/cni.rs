@@ -446,6 +446,17 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
         for (a, _) in &addrs {
             ip(&["-n", &ns, "addr", "add", &a.to_string(), "dev", &env.ifname])?;
         }
+        // Segments small enough to cross a tunnel to another node in one UDP
+        // datagram with their headers (best effort: older kernels lack it).
+        let _ = ip(&[
+            "-n",
+            &ns,
+            "link",
+            "set",
+            &env.ifname,
+            "gso_max_size",
+            "64000",
+        ]);
         ip(&["-n", &ns, "link", "set", &env.ifname, "up"])?;
         for (a, gw) in &addrs {
             if let Some(gw) = gw {

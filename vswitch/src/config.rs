@@ -57,6 +57,9 @@ pub struct Config {
     /// The API server connection (with `source = "kubernetes"`).
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Pods on other nodes, through a VXLAN tunnel to each node with pod CIDRs.
+    #[serde(default)]
+    pub tunnel: Option<TunnelConfig>,
 }
 
 /// Where the cluster state comes from.
@@ -68,6 +71,29 @@ pub enum Source {
     Manifests,
     /// The Kubernetes API server: Namespaces, Pods, Nodes, NetworkPolicies.
     Kubernetes,
+}
+
+/// `[tunnel]`: VXLAN over UDP between nodes.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// This node's address on the network between nodes (the UDP socket binds
+    /// it; peers are reached at their Node address of the same family).
+    pub local_address: IpAddr,
+    /// UDP port, the same on every node.
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+    /// VXLAN network identifier (24 bits), the same on every node.
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+}
+
+fn default_vxlan_port() -> u16 {
+    4789
+}
+
+fn default_vni() -> u32 {
+    1
 }
 
 /// `[kubernetes]`.
@@ -187,6 +213,17 @@ impl Config {
             return Err(invalid(
                 "source = \"kubernetes\" and manifests are exclusive: the cluster state comes from one of them".into(),
             ));
+        }
+        if let Some(t) = &c.tunnel {
+            if t.vni >= 1 << 24 {
+                return Err(invalid(format!(
+                    "tunnel.vni = {} does not fit in 24 bits",
+                    t.vni
+                )));
+            }
+            if t.port == 0 {
+                return Err(invalid("tunnel.port must not be 0".into()));
+            }
         }
         if c.node_name.is_empty() {
             return Err(invalid("node_name is empty".into()));

@@ -110,6 +110,16 @@ impl Daemon {
             switch.set_gateway(tap, mac, vec![g.address.addr()])?;
             switch.apply(Change::Node(own_node(&config, None)))?;
         }
+        if let Some(t) = &config.tunnel {
+            let socket = std::net::UdpSocket::bind((t.local_address, t.port)).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot bind the tunnel to {}:{}: {e}",
+                    t.local_address,
+                    t.port
+                )
+            })?;
+            switch.set_tunnel(socket, t.vni, t.port)?;
+        }
         let daemon = Arc::new(Daemon {
             ready: Arc::new(std::sync::atomic::AtomicBool::new(!kubernetes)),
             config,
@@ -366,6 +376,24 @@ impl Daemon {
                     "drops": c.drops().into_iter().collect::<BTreeMap<_, _>>(),
                 })
             })
+            .chain(self.switch.tunnel_counters().0.into_iter().map(|t| {
+                let (no, node, addr, c) = (t.no, t.node, t.addr, t.counters);
+                json!({
+                    "port": no.0,
+                    "pod": null,
+                    "kind": "tunnel",
+                    "node": node,
+                    "ifname": format!("vxlan:{addr}"),
+                    "netns": null,
+                    "mac": null,
+                    "ips": null,
+                    "rx_packets": c.rx_packets.load(Relaxed),
+                    "rx_bytes": c.rx_bytes.load(Relaxed),
+                    "tx_packets": c.tx_packets.load(Relaxed),
+                    "tx_bytes": c.tx_bytes.load(Relaxed),
+                    "drops": c.drops().into_iter().collect::<BTreeMap<_, _>>(),
+                })
+            }))
             .collect()
     }
 

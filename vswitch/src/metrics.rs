@@ -108,9 +108,25 @@ fn describe() {
 
 /// Copies the switch's counters into the metrics registry.
 pub fn collect(switch: &Switch) {
-    for (no, pod, _, c) in switch.port_counters() {
+    let (tunnels, rejected) = switch.tunnel_counters();
+    counter!("vswitch_tunnel_rx_rejected_total").absolute(rejected);
+    let ports = switch
+        .port_counters()
+        .into_iter()
+        .map(|(no, pod, _, c)| {
+            (
+                no,
+                pod.map_or_else(|| "(gateway)".to_string(), |k| k.to_string()),
+                c,
+            )
+        })
+        .chain(
+            tunnels
+                .into_iter()
+                .map(|t| (t.no, format!("(tunnel to {})", t.node), t.counters)),
+        );
+    for (no, pod, c) in ports {
         let port = no.0.to_string();
-        let pod = pod.map_or_else(|| "(gateway)".to_string(), |k| k.to_string());
         let labels = [("port", port.clone()), ("pod", pod.clone())];
         counter!("vswitch_port_rx_packets_total", &labels).absolute(c.rx_packets.load(Relaxed));
         counter!("vswitch_port_rx_bytes_total", &labels).absolute(c.rx_bytes.load(Relaxed));

@@ -31,6 +31,19 @@ const BATCH: usize = 64;
 /// Largest frame a TAP device hands us (a 64 KiB TSO segment), plus its
 /// virtio-net header.
 const MAX_FRAME: usize = 65_535 + VNET_HDR_LEN;
+/// Bytes kept free in front of every frame in the packet buffer: room for a
+/// virtio-net header and a VXLAN header, so headers are put in front or taken
+/// off without copying the frame.
+const HEADROOM: usize = 32;
+/// The VXLAN header.
+const VXLAN_LEN: usize = 8;
+/// VXLAN flags: the network identifier is valid.
+const VXLAN_I: u8 = 0x08;
+/// VXLAN flags, a reserved bit vswitch uses between its own nodes: a
+/// virtio-net header (segmentation/checksum offload) follows.
+const VXLAN_VNET: u8 = 0x01;
+/// Token of the tunnel socket in the packet thread's epoll set.
+const TUNNEL_TOKEN: u64 = u64::MAX;
 
 /// Switch errors.
 #[derive(Debug, thiserror::Error)]
@@ -126,17 +139,54 @@ struct Port {
     counters: Arc<PortCounters>,
 }
 
+/// The UDP socket other nodes' pods are reached through (VXLAN).
+#[derive(Debug)]
+pub struct TunnelIo {
+    socket: std::net::UdpSocket,
+    vni: u32,
+    port: u16,
+    /// Datagrams dropped: not VXLAN, another VNI, or from an unknown node.
+    pub rx_rejected: AtomicU64,
+}
+
+/// A tunnel port as reported: the node behind it, its address, counters.
+#[derive(Debug, Clone)]
+pub struct TunnelPort {
+    pub no: PortNo,
+    pub node: String,
+    pub addr: std::net::SocketAddr,
+    pub counters: Arc<PortCounters>,
+}
+
+/// A tunnel port: another node.
+#[derive(Debug, Clone)]
+struct Peer {
+    no: PortNo,
+    node: String,
+    addr: std::net::SocketAddr,
+    counters: Arc<PortCounters>,
+}
+
 /// The ports packet threads read and write.
 #[derive(Debug, Default)]
 struct PortSet {
     ports: Vec<Port>,
     by_no: HashMap<PortNo, usize>,
+    tunnel: Option<Arc<TunnelIo>>,
+    peers: HashMap<PortNo, Peer>,
+    peer_by_ip: HashMap<IpAddr, PortNo>,
 }
 
 impl PortSet {
-    fn new(ports: Vec<Port>) -> PortSet {
+    fn new(ports: Vec<Port>, tunnel: Option<Arc<TunnelIo>>, peers: &[Peer]) -> PortSet {
         let by_no = ports.iter().enumerate().map(|(i, p)| (p.no, i)).collect();
-        PortSet { ports, by_no }
+        PortSet {
+            ports,
+            by_no,
+            tunnel,
+            peers: peers.iter().map(|p| (p.no, p.clone())).collect(),
+            peer_by_ip: peers.iter().map(|p| (p.addr.ip(), p.no)).collect(),
+        }
     }
 
     fn get(&self, p: PortNo) -> Option<&Port> {
@@ -183,6 +233,67 @@ struct Control {
     isolate_unknown: bool,
     /// Pods attached but not yet known to the cluster model (isolated).
     unresolved: Vec<PodPort>,
+    tunnel: Option<Arc<TunnelIo>>,
+    /// Tunnel ports, one per other node with pods, kept across republication.
+    peers: Vec<Peer>,
+}
+
+/// First tunnel port number.
+const FIRST_TUNNEL_PORT: u32 = 0xf000;
+
+impl Control {
+    /// Tunnel peers from the cluster's nodes: every other node with pod CIDRs
+    /// and an address of the tunnel's family. Port numbers stay stable.
+    fn refresh_peers(&mut self) {
+        let Some(tunnel) = &self.tunnel else {
+            return;
+        };
+        let local = tunnel.socket.local_addr().map(|a| a.ip());
+        let v6 = local.as_ref().is_ok_and(IpAddr::is_ipv6);
+        let mut peers = Vec::new();
+        let mut tunnels = Vec::new();
+        for node in self.compiler.cluster().nodes() {
+            if Some(&node.name) == self.local_node.as_ref() || node.pod_cidrs.is_empty() {
+                continue;
+            }
+            let Some(addr) = node.addresses.iter().find(|a| a.is_ipv6() == v6) else {
+                continue;
+            };
+            let no = match self.peers.iter().find(|p| p.node == node.name) {
+                Some(p) => p.no,
+                None => {
+                    let used: std::collections::HashSet<PortNo> = self
+                        .peers
+                        .iter()
+                        .chain(&peers)
+                        .map(|p: &Peer| p.no)
+                        .collect();
+                    (FIRST_TUNNEL_PORT..)
+                        .map(PortNo)
+                        .find(|p| !used.contains(p))
+                        .expect("a free tunnel port")
+                }
+            };
+            let counters = self
+                .peers
+                .iter()
+                .find(|p| p.node == node.name)
+                .map_or_else(Arc::default, |p| p.counters.clone());
+            peers.push(Peer {
+                no,
+                node: node.name.clone(),
+                addr: std::net::SocketAddr::new(*addr, tunnel.port),
+                counters,
+            });
+            tunnels.push(policy::pipeline::TunnelPeer {
+                port: no,
+                node: node.name.clone(),
+                pod_cidrs: node.pod_cidrs.clone(),
+            });
+        }
+        self.peers = peers;
+        self.topology.tunnels = tunnels;
+    }
 }
 
 impl Control {
@@ -272,6 +383,8 @@ impl Switch {
                 manual: HashMap::new(),
                 isolate_unknown: false,
                 unresolved: Vec::new(),
+                tunnel: None,
+                peers: Vec::new(),
             }),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -298,7 +411,12 @@ impl Switch {
     fn publish(&self, ctl: &mut Control) -> Result<u64, Error> {
         let _span = tracing::debug_span!("publish").entered();
         let started = Instant::now();
-        self.ports.store(Arc::new(PortSet::new(ctl.ports.clone())));
+        ctl.refresh_peers();
+        self.ports.store(Arc::new(PortSet::new(
+            ctl.ports.clone(),
+            ctl.tunnel.clone(),
+            &ctl.peers,
+        )));
         let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&ctl.topology)
             .into_iter()
             .map(|f| (f.identity(), f))
@@ -596,6 +714,49 @@ impl Switch {
         Ok(())
     }
 
+    /// Reaches other nodes' pods through `socket` (VXLAN, network identifier
+    /// `vni`, peers' UDP port `port`), one tunnel port per node of the cluster
+    /// model with pod CIDRs.
+    ///
+    /// Fails when the socket cannot be made non-blocking or flows cannot be installed.
+    pub fn set_tunnel(
+        &self,
+        socket: std::net::UdpSocket,
+        vni: u32,
+        port: u16,
+    ) -> Result<(), Error> {
+        socket.set_nonblocking(true).map_err(Error::Thread)?;
+        let mut ctl = self.control();
+        ctl.tunnel = Some(Arc::new(TunnelIo {
+            socket,
+            vni,
+            port,
+            rx_rejected: AtomicU64::new(0),
+        }));
+        self.publish(&mut ctl)?;
+        Ok(())
+    }
+
+    /// Tunnel ports, and the datagrams rejected (not VXLAN, another VNI, or
+    /// from an unknown node).
+    pub fn tunnel_counters(&self) -> (Vec<TunnelPort>, u64) {
+        let ctl = self.control();
+        (
+            ctl.peers
+                .iter()
+                .map(|p| TunnelPort {
+                    no: p.no,
+                    node: p.node.clone(),
+                    addr: p.addr,
+                    counters: p.counters.clone(),
+                })
+                .collect(),
+            ctl.tunnel
+                .as_ref()
+                .map_or(0, |t| t.rx_rejected.load(Relaxed)),
+        )
+    }
+
     /// Sets the gateway port.
     pub fn set_gateway(&self, tap: Tap, mac: [u8; 6], ips: Vec<IpAddr>) -> Result<PortNo, Error> {
         let mut ctl = self.control();
@@ -737,10 +898,10 @@ impl Switch {
 
     fn packet_loop(&self, busy_poll: Duration) {
         let mut worker = self.dp.worker();
-        // Frames are read at offset VNET_HDR_LEN - (the port's header length), so
-        // the Ethernet frame always starts at VNET_HDR_LEN: a header can be
-        // stripped, or a blank one put in front, without copying.
-        let mut buf = vec![0u8; MAX_FRAME];
+        // Every frame sits at buf[start..end] with at least HEADROOM - VNET_HDR_LEN
+        // free bytes in front; a virtio-net header, when the frame came with one,
+        // sits right before it.
+        let mut buf = vec![0u8; MAX_FRAME + HEADROOM];
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
         let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
@@ -762,6 +923,9 @@ impl Switch {
                 };
                 for (i, p) in current.ports.iter().enumerate() {
                     let _ = epoll.add(p.tap.as_fd(), i as u64);
+                }
+                if let Some(t) = &current.tunnel {
+                    let _ = epoll.add(t.socket.as_fd(), TUNNEL_TOKEN);
                 }
                 polled = Some((current, epoll));
             }
@@ -786,67 +950,12 @@ impl Switch {
             let ports = self.ports.load_full();
             worker.begin_batch();
             let now = self.now();
-            for &i in &ready {
-                let Some(port) = ports_polled.ports.get(i as usize) else {
-                    continue;
-                };
-                let hdr = port.tap.header_len();
-                let start = VNET_HDR_LEN - hdr;
+            for &token in &ready {
                 for _ in 0..BATCH {
-                    let n = match port.tap.recv(&mut buf[start..]) {
-                        Ok(Some(n)) if n >= hdr => n,
-                        Ok(None) => break,
-                        Ok(Some(_)) | Err(_) => {
-                            port.counters.port_drop(PortDrop::RxError);
-                            break;
-                        }
+                    let Some(rx) = self.receive(ports_polled, token, &mut buf) else {
+                        break;
                     };
-                    let end = start + n;
-                    let c = &port.counters;
-                    bump(&c.rx_packets, 1);
-                    bump(&c.rx_bytes, (n - hdr) as u64);
-                    // Whether the frame needs the header it came with (a TSO
-                    // segment, or a checksum left to the receiver).
-                    let offloaded = hdr > 0 && (buf[0] != 0 || buf[1] != 0);
-                    let verdict = worker.process(now, port.no, &mut buf[VNET_HDR_LEN..end]);
-                    if let Some(reason) = verdict.drop {
-                        c.pipeline_drops[reason as usize].fetch_add(1, Relaxed);
-                        let by_policy = verdict
-                            .decided_by
-                            .and_then(|id| worker.flow(id))
-                            .is_some_and(|f| matches!(f.table.0, EGRESS_TABLE | INGRESS_TABLE));
-                        if by_policy {
-                            self.emit(&buf[VNET_HDR_LEN..end], port.no, false);
-                        }
-                        continue;
-                    }
-                    if verdict.committed {
-                        self.emit(&buf[VNET_HDR_LEN..end], port.no, true);
-                    }
-                    for out in verdict.outputs {
-                        let Some(to) = ports.get(*out) else { continue };
-                        let frame = match to.tap.header_len() {
-                            0 if offloaded => {
-                                to.counters.port_drop(PortDrop::OffloadMismatch);
-                                continue;
-                            }
-                            0 => &buf[VNET_HDR_LEN..end],
-                            _ => {
-                                if hdr == 0 {
-                                    buf[..VNET_HDR_LEN].fill(0);
-                                }
-                                &buf[..end]
-                            }
-                        };
-                        match to.tap.send(frame) {
-                            Ok(true) => {
-                                bump(&to.counters.tx_packets, 1);
-                                bump(&to.counters.tx_bytes, (end - VNET_HDR_LEN) as u64);
-                            }
-                            Ok(false) => to.counters.port_drop(PortDrop::TxFull),
-                            Err(_) => to.counters.port_drop(PortDrop::TxError),
-                        }
-                    }
+                    self.forward(&mut worker, &ports, now, rx, &mut buf);
                 }
             }
             last_work = Instant::now();
@@ -856,6 +965,171 @@ impl Switch {
             }
         }
     }
+
+    /// Reads one frame from the port or tunnel `token` names into `buf`;
+    /// `None` when none is waiting.
+    fn receive<'p>(&self, ports: &'p PortSet, token: u64, buf: &mut [u8]) -> Option<Received<'p>> {
+        if token == TUNNEL_TOKEN {
+            let tunnel = ports.tunnel.as_ref()?;
+            loop {
+                // VXLAN header [+ virtio-net header] + frame, read so that
+                // without the optional header the frame starts at HEADROOM - 12.
+                let at = HEADROOM - VNET_HDR_LEN - VXLAN_LEN;
+                let (n, from) = match tunnel.socket.recv_from(&mut buf[at..]) {
+                    Ok(x) => x,
+                    Err(_) => return None,
+                };
+                let h = &buf[at..at + n.min(VXLAN_LEN)];
+                let vni = h
+                    .get(4..7)
+                    .map(|v| u32::from_be_bytes([0, v[0], v[1], v[2]]));
+                let peer = ports
+                    .peer_by_ip
+                    .get(&from.ip())
+                    .and_then(|p| ports.peers.get(p));
+                let vnet = h.first().is_some_and(|f| f & VXLAN_VNET != 0);
+                let hdr = if vnet { VNET_HDR_LEN } else { 0 };
+                let valid =
+                    n >= VXLAN_LEN + hdr + 14 && h[0] & VXLAN_I != 0 && vni == Some(tunnel.vni);
+                let (true, Some(peer)) = (valid, peer) else {
+                    tunnel.rx_rejected.fetch_add(1, Relaxed);
+                    continue;
+                };
+                let start = at + VXLAN_LEN + hdr;
+                let c = &peer.counters;
+                bump(&c.rx_packets, 1);
+                bump(&c.rx_bytes, (n - VXLAN_LEN - hdr) as u64);
+                return Some(Received {
+                    in_port: peer.no,
+                    counters: &peer.counters,
+                    start,
+                    end: at + n,
+                    hdr,
+                });
+            }
+        }
+        let port = ports.ports.get(token as usize)?;
+        let hdr = port.tap.header_len();
+        let start = HEADROOM;
+        match port.tap.recv(&mut buf[start - hdr..]) {
+            Ok(Some(n)) if n >= hdr => {
+                let c = &port.counters;
+                bump(&c.rx_packets, 1);
+                bump(&c.rx_bytes, (n - hdr) as u64);
+                Some(Received {
+                    in_port: port.no,
+                    counters: &port.counters,
+                    start,
+                    end: start - hdr + n,
+                    hdr,
+                })
+            }
+            Ok(None) => None,
+            Ok(Some(_)) | Err(_) => {
+                port.counters.port_drop(PortDrop::RxError);
+                None
+            }
+        }
+    }
+
+    /// Runs one received frame through the pipeline and writes it out.
+    fn forward(
+        &self,
+        worker: &mut datapath::Worker,
+        ports: &PortSet,
+        now: Time,
+        rx: Received<'_>,
+        buf: &mut [u8],
+    ) {
+        let Received {
+            in_port,
+            counters,
+            start,
+            end,
+            hdr,
+        } = rx;
+        // Whether the frame needs the header it came with (a TSO segment, or a
+        // checksum left to the receiver).
+        let offloaded = hdr > 0 && (buf[start - hdr] != 0 || buf[start - hdr + 1] != 0);
+        let verdict = worker.process(now, in_port, &mut buf[start..end]);
+        if let Some(reason) = verdict.drop {
+            counters.pipeline_drops[reason as usize].fetch_add(1, Relaxed);
+            let by_policy = verdict
+                .decided_by
+                .and_then(|id| worker.flow(id))
+                .is_some_and(|f| matches!(f.table.0, EGRESS_TABLE | INGRESS_TABLE));
+            if by_policy {
+                self.emit(&buf[start..end], in_port, false);
+            }
+            return;
+        }
+        if verdict.committed {
+            self.emit(&buf[start..end], in_port, true);
+        }
+        let outputs: smallvec::SmallVec<[PortNo; 4]> = verdict.outputs.iter().copied().collect();
+        // Whether the bytes before the frame still hold its virtio-net header
+        // (a VXLAN header may be written over a header that carried nothing).
+        let mut header_intact = hdr > 0;
+        for out in outputs {
+            let len = (end - start) as u64;
+            let (sent, to_counters) = if let Some(peer) = ports.peers.get(&out) {
+                let Some(tunnel) = &ports.tunnel else {
+                    continue;
+                };
+                let (at, flags) = if offloaded {
+                    (start - VNET_HDR_LEN - VXLAN_LEN, VXLAN_I | VXLAN_VNET)
+                } else {
+                    header_intact = false;
+                    (start - VXLAN_LEN, VXLAN_I)
+                };
+                let vni = tunnel.vni.to_be_bytes();
+                buf[at..at + VXLAN_LEN]
+                    .copy_from_slice(&[flags, 0, 0, 0, vni[1], vni[2], vni[3], 0]);
+                let r = match tunnel.socket.send_to(&buf[at..end], peer.addr) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+                    Err(e) => Err(e),
+                };
+                (r, &peer.counters)
+            } else if let Some(to) = ports.get(out) {
+                let frame = match to.tap.header_len() {
+                    0 if offloaded => {
+                        to.counters.port_drop(PortDrop::OffloadMismatch);
+                        continue;
+                    }
+                    0 => &buf[start..end],
+                    n => {
+                        if !header_intact {
+                            buf[start - n..start].fill(0);
+                        }
+                        &buf[start - n..end]
+                    }
+                };
+                (to.tap.send(frame), &to.counters)
+            } else {
+                continue;
+            };
+            match sent {
+                Ok(true) => {
+                    bump(&to_counters.tx_packets, 1);
+                    bump(&to_counters.tx_bytes, len);
+                }
+                Ok(false) => to_counters.port_drop(PortDrop::TxFull),
+                Err(_) => to_counters.port_drop(PortDrop::TxError),
+            }
+        }
+    }
+}
+
+/// A frame just read: where it is in the buffer and where it came from.
+struct Received<'p> {
+    in_port: PortNo,
+    counters: &'p PortCounters,
+    /// The Ethernet frame is `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Length of the virtio-net header before it (0: none).
+    hdr: usize,
 }
 
 /// Counter increment from packet threads (several may write one port's
