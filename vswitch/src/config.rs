@@ -79,7 +79,9 @@ pub enum Source {
 pub struct TunnelConfig {
     /// This node's address on the network between nodes (the UDP socket binds
     /// it; peers are reached at their Node address of the same family).
-    pub local_address: IpAddr,
+    /// Default: `$NODE_IP` (the DaemonSet sets it from `status.hostIP`).
+    #[serde(default)]
+    pub local_address: Option<IpAddr>,
     /// UDP port, the same on every node.
     #[serde(default = "default_vxlan_port")]
     pub port: u16,
@@ -104,6 +106,10 @@ pub struct KubernetesConfig {
     /// `$KUBECONFIG` / `~/.kube/config`).
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+    /// Write the CNI network configuration for this node here once its pod
+    /// CIDR is known (e.g. `/etc/cni/net.d/10-vswitch.conflist`).
+    #[serde(default)]
+    pub cni_conf: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -112,7 +118,10 @@ pub struct GatewayConfig {
     /// TAP device name (1-15 bytes).
     pub name: String,
     /// Gateway address with the pod subnet's prefix, e.g. `10.244.0.1/24`.
-    pub address: IpNet,
+    /// With `source = "kubernetes"` it may be left out: the first address of
+    /// this node's `spec.podCIDR`.
+    #[serde(default)]
+    pub address: Option<IpNet>,
     /// Other addresses of this node (for "traffic to the own node is allowed").
     #[serde(default)]
     pub node_addresses: Vec<IpAddr>,
@@ -183,7 +192,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut c: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_string(),
             source,
         })?;
@@ -213,6 +222,24 @@ impl Config {
             return Err(invalid(
                 "source = \"kubernetes\" and manifests are exclusive: the cluster state comes from one of them".into(),
             ));
+        }
+        if let Some(g) = &c.gateway
+            && g.address.is_none()
+            && c.source != Source::Kubernetes
+        {
+            return Err(invalid(
+                "gateway.address is required (only with source = \"kubernetes\" does it come from the node's podCIDR)".into(),
+            ));
+        }
+        if let Some(t) = &mut c.tunnel
+            && t.local_address.is_none()
+        {
+            t.local_address = std::env::var("NODE_IP").ok().and_then(|v| v.parse().ok());
+            if t.local_address.is_none() {
+                return Err(invalid(
+                    "tunnel.local_address is not set and $NODE_IP holds no address".into(),
+                ));
+            }
         }
         if let Some(t) = &c.tunnel {
             if t.vni >= 1 << 24 {

@@ -99,24 +99,41 @@ impl Daemon {
             // Pods attached here run on this node: own-node traffic is theirs.
             switch.set_local_node(&config.node_name);
         }
+        let mut config = config;
+        if kubernetes && config.gateway.as_ref().is_some_and(|g| g.address.is_none()) {
+            // The gateway is the first address of this node's pod CIDR.
+            let cidr = crate::kubernetes::own_pod_cidr(&config)?;
+            let first = cidr
+                .hosts()
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("pod CIDR {cidr} has no host address"))?;
+            if let Some(g) = config.gateway.as_mut() {
+                g.address = Some(ipnet::IpNet::new(first, cidr.prefix_len())?);
+            }
+        }
         if let Some(g) = &config.gateway {
+            let address = g
+                .address
+                .ok_or_else(|| anyhow::anyhow!("gateway {} has no address", g.name))?;
             let tap = Tap::open_with(&g.name, false, config.offload)
                 .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
-            run_ip(&["addr", "replace", &g.address.to_string(), "dev", &g.name])?;
+            run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
             run_ip(&["link", "set", &g.name, "up"])?;
             let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", g.name))?;
             let mac = parse_mac(mac_text.trim())
                 .ok_or_else(|| anyhow::anyhow!("gateway {} has no MAC", g.name))?;
-            switch.set_gateway(tap, mac, vec![g.address.addr()])?;
+            switch.set_gateway(tap, mac, vec![address.addr()])?;
+            if let Some(path) = &config.kubernetes.cni_conf {
+                write_cni_conf(path, &config.socket, address)?;
+            }
             switch.apply(Change::Node(own_node(&config, None)))?;
         }
         if let Some(t) = &config.tunnel {
-            let socket = std::net::UdpSocket::bind((t.local_address, t.port)).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot bind the tunnel to {}:{}: {e}",
-                    t.local_address,
-                    t.port
-                )
+            let local = t
+                .local_address
+                .ok_or_else(|| anyhow::anyhow!("tunnel.local_address is not set"))?;
+            let socket = std::net::UdpSocket::bind((local, t.port)).map_err(|e| {
+                anyhow::anyhow!("cannot bind the tunnel to {local}:{}: {e}", t.port)
             })?;
             switch.set_tunnel(socket, t.vni, t.port)?;
         }
@@ -491,6 +508,32 @@ impl Daemon {
     }
 }
 
+/// Writes the CNI network configuration for pods of this node: vswitch-cni
+/// talking to `socket`, host-local IPAM over the gateway's subnet.
+fn write_cni_conf(path: &Path, socket: &Path, gateway: ipnet::IpNet) -> anyhow::Result<()> {
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "vswitch",
+        "plugins": [{
+            "type": "vswitch-cni",
+            "socket": socket,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": gateway.trunc().to_string(), "gateway": gateway.addr().to_string()}]],
+            },
+        }],
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&conf)?)?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| anyhow::anyhow!("cannot write CNI config {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), subnet = %gateway.trunc(), "wrote the CNI configuration");
+    Ok(())
+}
+
 /// This node as the cluster model sees it: `api` (the Node object, when the API
 /// server has one) plus the gateway's address and subnet and `node_addresses`,
 /// so traffic between the node and its pods is always allowed.
@@ -501,13 +544,16 @@ pub fn own_node(config: &Config, api: Option<Node>) -> Node {
         pod_cidrs: vec![],
     });
     if let Some(g) = &config.gateway {
-        for a in std::iter::once(g.address.addr()).chain(g.node_addresses.iter().copied()) {
+        let gateway = g.address.iter().map(|a| a.addr());
+        for a in gateway.chain(g.node_addresses.iter().copied()) {
             if !node.addresses.contains(&a) {
                 node.addresses.push(a);
             }
         }
-        if !node.pod_cidrs.contains(&g.address.trunc()) {
-            node.pod_cidrs.push(g.address.trunc());
+        if let Some(net) = g.address.map(|a| a.trunc())
+            && !node.pod_cidrs.contains(&net)
+        {
+            node.pod_cidrs.push(net);
         }
     }
     node

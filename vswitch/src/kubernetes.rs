@@ -306,6 +306,39 @@ async fn client(config: &Config) -> anyhow::Result<Client> {
     Client::try_from(kube_config).map_err(|e| anyhow::anyhow!("cannot build the API client: {e}"))
 }
 
+/// This node's pod CIDR (`spec.podCIDR` of its Node object), retried until the
+/// API server answers: until then nothing can be forwarded anyway.
+///
+/// Fails when no client can be built or the Node has no pod CIDR.
+pub fn own_pod_cidr(config: &Config) -> anyhow::Result<ipnet::IpNet> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = client(config).await?;
+        let nodes = Api::<ApiNode>::all(client);
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match nodes.get(&config.node_name).await {
+                Ok(node) => {
+                    let cidr = node
+                        .spec
+                        .and_then(|s| s.pod_cidr)
+                        .ok_or_else(|| anyhow::anyhow!("node {} has no spec.podCIDR", config.node_name))?;
+                    return cidr
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("node {}: bad podCIDR {cidr:?}: {e}", config.node_name));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %config.node_name, error = %e, "cannot read this node's pod CIDR yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                }
+            }
+        }
+    })
+}
+
 /// Watches the API server forever, applying changes to `switch`; sets `ready`
 /// once the first full sync of every kind is compiled and published.
 ///

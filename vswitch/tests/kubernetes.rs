@@ -131,7 +131,9 @@ impl Node {
     }
 }
 
-fn start(api: &ApiServer, dir: &Path) -> Node {
+/// `extra` goes before the `[kubernetes]` section (top-level keys, tables),
+/// `kube_extra` into it.
+fn start(api: &ApiServer, dir: &Path, extra: &str, kube_extra: &str) -> Node {
     std::fs::create_dir_all(dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
@@ -140,7 +142,7 @@ fn start(api: &ApiServer, dir: &Path) -> Node {
     std::fs::write(
         &config,
         format!(
-            "socket = {:?}\nstate_dir = {:?}\nsource = \"kubernetes\"\nnode_name = \"node-a\"\n[kubernetes]\nkubeconfig = {:?}\n",
+            "socket = {:?}\nstate_dir = {:?}\nsource = \"kubernetes\"\nnode_name = \"node-a\"\n{extra}\n[kubernetes]\nkubeconfig = {:?}\n{kube_extra}\n",
             socket.to_str().unwrap(),
             dir.join("state").to_str().unwrap(),
             kubeconfig.to_str().unwrap()
@@ -216,7 +218,7 @@ fn vswitchd_converges_on_what_the_api_server_says() {
     );
 
     let dir = std::env::temp_dir().join(format!("vswitch-k8s-{}", std::process::id()));
-    let mut node_a = start(&api, &dir);
+    let mut node_a = start(&api, &dir, "", "");
     node_a.attach("app/web", "10.60.0.1");
     node_a.attach("app/db", "10.60.0.2");
     std::thread::sleep(Duration::from_millis(500));
@@ -380,5 +382,47 @@ fn vswitchd_converges_on_what_the_api_server_says() {
         ports.as_array().unwrap().len(),
         3,
         "the port stays until CNI DEL: {ports}"
+    );
+}
+
+#[test]
+fn gateway_and_cni_config_come_from_the_node_object() {
+    let gw = format!("vsk{}g", std::process::id() % 10_000);
+    if Tap::open(&format!("{gw}x"), false).is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "end-to-end tests cannot run in CI: cannot create TAP devices"
+        );
+        eprintln!("skipping: cannot create TAP devices");
+        return;
+    }
+    let api = ApiServer::start();
+    api.apply(Kind::Node, node("node-a", "192.168.8.1", "10.62.0.0/24"));
+    let dir = std::env::temp_dir().join(format!("vswitch-k8s-gw-{}", std::process::id()));
+    let conf = dir.join("net.d/10-vswitch.conflist");
+    let node_a = start(
+        &api,
+        &dir,
+        &format!("[gateway]\nname = {gw:?}"),
+        &format!("cni_conf = {:?}", conf.to_str().unwrap()),
+    );
+    let t = Instant::now();
+    while !node_a.ready() {
+        assert!(t.elapsed() < Duration::from_secs(15), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+    let range = &written["plugins"][0]["ipam"]["ranges"][0][0];
+    assert_eq!(range["subnet"], "10.62.0.0/24", "{written}");
+    assert_eq!(range["gateway"], "10.62.0.1", "{written}");
+    assert_eq!(written["plugins"][0]["type"], "vswitch-cni");
+    let addr = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", &gw])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&addr.stdout).contains("10.62.0.1/24"),
+        "gateway address from the podCIDR: {}",
+        String::from_utf8_lossy(&addr.stdout)
     );
 }

@@ -222,6 +222,34 @@ fn serve(conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) {
         .filter_map(|kv| kv.split_once('='))
         .collect();
     let mut out = conn;
+    // GET of one object: `<collection>/<name>`.
+    if Kind::of_path(path).is_none()
+        && let Some((collection, name)) = path.rsplit_once('/')
+        && let Some(kind) = Kind::of_path(collection)
+    {
+        let found = state
+            .0
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(kind, name.to_string()))
+            .cloned();
+        let (status, body) = match found {
+            Some(obj) => ("200 OK", obj.to_string()),
+            None => (
+                "404 Not Found",
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+                       "message": format!("{} {name:?} not found", kind.name())})
+                .to_string(),
+            ),
+        };
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return;
+    }
     let Some(kind) = Kind::of_path(path) else {
         let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string();
         let _ = write!(
