@@ -8,6 +8,8 @@ need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 # host-local, the IPAM plugin vswitch-cni delegates to (end-to-end tests).
 [ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need_pkgs+=(containernetworking-plugins)
+# Validating deploy/: python3 with venv for kubernetes-validate.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> installing ${need_pkgs[*]}"
@@ -26,3 +28,5 @@ echo "==> cargo test (workspace)"
 cargo test --workspace --locked
 echo "==> benchmarks build"
 cargo bench --workspace --no-run --locked >/dev/null
+echo "==> deploy/ manifests"
+scripts/validate-deploy.sh

@@ -310,4 +310,21 @@ mod example {
         let c = super::Config::load(std::path::Path::new(path)).unwrap();
         assert_eq!(c.gateway.unwrap().name, "vsw0");
     }
+
+    /// The TOML the DaemonSet runs with (deploy/configmap.yaml) is valid, given
+    /// the $NODE_IP the DaemonSet provides.
+    #[test]
+    fn the_deployed_config_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/configmap.yaml");
+        let cm: k8s_openapi::api::core::v1::ConfigMap =
+            serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = &cm.data.unwrap()["vswitchd.toml"];
+        let text = text.replace("[tunnel]\n", "[tunnel]\nlocal_address = \"192.0.2.1\"\n");
+        let c = super::Config::parse(&text, "deploy/configmap.yaml").unwrap();
+        assert_eq!(c.source, super::Source::Kubernetes);
+        assert!(c.gateway.unwrap().address.is_none(), "from the podCIDR");
+        assert!(
+            c.kubernetes.cni_conf.is_some() && c.audit.is_some() && c.metrics_address.is_some()
+        );
+    }
 }
