@@ -120,6 +120,23 @@ fn goto(t: u8) -> Action {
     Action::GotoTable(TableId(t))
 }
 
+/// Forwarding decided: the output port goes into `reg1`, then table 70.
+trait ThenOutput {
+    fn then_output(self, port: PortNo) -> FlowEntry;
+}
+
+impl ThenOutput for FlowEntry {
+    fn then_output(self, port: PortNo) -> FlowEntry {
+        self.action(Action::Load {
+            field: Field::Reg(1),
+            value: port.0.into(),
+            ofs: 0,
+            nbits: 32,
+        })
+        .action(goto(OUTPUT))
+    }
+}
+
 /// The base flows for `topo`.
 pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     let mut out = Vec::new();
@@ -392,13 +409,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     field: Field::DlDst,
                     value: mac_value(p.mac),
                 })
-                .action(Action::Load {
-                    field: Field::Reg(1),
-                    value: p.port.0.into(),
-                    ofs: 0,
-                    nbits: 32,
-                })
-                .action(goto(OUTPUT)),
+                .then_output(p.port),
             );
         }
     }
@@ -410,16 +421,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 CLASS_POD,
                 0xff,
             );
-            out.push(
-                flow(FORWARDING, 50, m, "forwarding: remote node")
-                    .action(Action::Load {
-                        field: Field::Reg(1),
-                        value: t.port.0.into(),
-                        ofs: 0,
-                        nbits: 32,
-                    })
-                    .action(goto(OUTPUT)),
-            );
+            out.push(flow(FORWARDING, 50, m, "forwarding: remote node").then_output(t.port));
         }
     }
     for p in &topo.pods {
@@ -434,13 +436,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                         .with(Field::NwDst, addr),
                     "forwarding: local pod",
                 )
-                .action(Action::Load {
-                    field: Field::Reg(1),
-                    value: p.port.0.into(),
-                    ofs: 0,
-                    nbits: 32,
-                })
-                .action(goto(OUTPUT)),
+                .then_output(p.port),
             );
         }
     }
@@ -459,13 +455,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     ),
                     "forwarding: via gateway",
                 )
-                .action(Action::Load {
-                    field: Field::Reg(1),
-                    value: g.port.0.into(),
-                    ofs: 0,
-                    nbits: 32,
-                })
-                .action(goto(OUTPUT)),
+                .then_output(g.port),
             );
         }
     }

@@ -34,15 +34,6 @@ enum Event {
     Policy(Box<watcher::Result<watcher::Event<NetworkPolicy>>>),
 }
 
-/// An event moved out of its box to be matched; lives on the stack briefly.
-#[allow(clippy::large_enum_variant)]
-enum Unboxed {
-    Namespace(watcher::Result<watcher::Event<ApiNamespace>>),
-    Pod(watcher::Result<watcher::Event<ApiPod>>),
-    Node(watcher::Result<watcher::Event<ApiNode>>),
-    Policy(watcher::Result<watcher::Event<NetworkPolicy>>),
-}
-
 /// The kinds, in the order of `Mirror::synced`.
 const KINDS: [&str; 4] = ["Namespace", "Pod", "Node", "NetworkPolicy"];
 
@@ -135,147 +126,138 @@ fn checked<T>(kind: &str, name: &str, r: Result<T, policy::error::Error>) -> Opt
     .ok()
 }
 
+/// Folds one watcher event of a kind into its mirror and `out`: `conv` turns an
+/// API object into (key, model object or `None` when rejected), `fill` may add
+/// to a completed relist before it is applied.
+#[allow(clippy::too_many_arguments)]
+fn fold<A, K: Ord + Clone, V: PartialEq + Clone>(
+    kind: &mut Kind<K, V>,
+    synced: &mut bool,
+    event: watcher::Event<A>,
+    conv: impl Fn(&A) -> (K, Option<V>),
+    fill: impl FnOnce(&mut BTreeMap<K, V>),
+    upsert: impl Fn(V) -> Change,
+    delete: impl Fn(K) -> Change,
+    out: &mut Vec<Change>,
+) {
+    use watcher::Event as W;
+    match event {
+        W::Init => kind.init(),
+        W::InitApply(o) => {
+            let (k, v) = conv(&o);
+            kind.init_apply(k, v)
+        }
+        W::InitDone => {
+            if let Some(buf) = kind.relist.as_mut() {
+                fill(buf);
+            }
+            kind.init_done(upsert, delete, out);
+            *synced = true;
+        }
+        W::Apply(o) => {
+            if let (k, Some(v)) = conv(&o) {
+                kind.apply(k, v, upsert, out)
+            }
+        }
+        W::Delete(o) => kind.delete(conv(&o).0, delete, out),
+    }
+}
+
 impl Mirror {
     /// Folds one watcher event into `out`.
     fn handle(&mut self, config: &Config, event: Event, out: &mut Vec<Change>) {
-        use watcher::Event as W;
-        let event = match event {
-            Event::Namespace(e) => Unboxed::Namespace(*e),
-            Event::Pod(e) => Unboxed::Pod(*e),
-            Event::Node(e) => Unboxed::Node(*e),
-            Event::Policy(e) => Unboxed::Policy(*e),
-        };
+        let [ns_synced, pods_synced, nodes_synced, policies_synced] = &mut self.synced;
         match event {
-            Unboxed::Namespace(Ok(e)) => {
-                let (up, del) = (Change::Namespace, Change::NamespaceDeleted);
-                let conv = |o: &ApiNamespace| {
-                    let name = o.metadata.name.clone().unwrap_or_default();
-                    (
-                        name.clone(),
-                        checked("Namespace", &name, Namespace::from_api(o)),
-                    )
-                };
-                match e {
-                    W::Init => self.namespaces.init(),
-                    W::InitApply(o) => {
-                        let (k, v) = conv(&o);
-                        self.namespaces.init_apply(k, v)
-                    }
-                    W::InitDone => {
-                        self.namespaces.init_done(up, del, out);
-                        self.synced[0] = true;
-                    }
-                    W::Apply(o) => {
-                        if let (k, Some(v)) = conv(&o) {
-                            self.namespaces.apply(k, v, up, out)
-                        }
-                    }
-                    W::Delete(o) => self.namespaces.delete(conv(&o).0, del, out),
+            Event::Namespace(e) => match *e {
+                Ok(e) => fold(
+                    &mut self.namespaces,
+                    ns_synced,
+                    e,
+                    |o: &ApiNamespace| {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        let v = checked("Namespace", &name, Namespace::from_api(o));
+                        (name, v)
+                    },
+                    |_| {},
+                    Change::Namespace,
+                    Change::NamespaceDeleted,
+                    out,
+                ),
+                Err(e) => watch_error(KINDS[0], &e),
+            },
+            Event::Pod(e) => match *e {
+                Ok(e) => fold(
+                    &mut self.pods,
+                    pods_synced,
+                    e,
+                    |o: &ApiPod| {
+                        let key = key_of(&o.metadata);
+                        let v = checked("Pod", &key.to_string(), Pod::from_api(o));
+                        (key, v)
+                    },
+                    |_| {},
+                    Change::Pod,
+                    Change::PodDeleted,
+                    out,
+                ),
+                Err(e) => watch_error(KINDS[1], &e),
+            },
+            Event::Node(e) => match *e {
+                // This node never leaves the model: its gateway is still there.
+                Ok(watcher::Event::Delete(o))
+                    if o.metadata.name.as_deref() == Some(config.node_name.as_str()) =>
+                {
+                    self.nodes.apply(
+                        config.node_name.clone(),
+                        own_node(config, None),
+                        Change::Node,
+                        out,
+                    );
                 }
-            }
-            Unboxed::Pod(Ok(e)) => {
-                let (up, del) = (Change::Pod, Change::PodDeleted);
-                let conv = |o: &ApiPod| {
-                    let key = key_of(&o.metadata);
-                    (
-                        key.clone(),
-                        checked("Pod", &key.to_string(), Pod::from_api(o)),
-                    )
-                };
-                match e {
-                    W::Init => self.pods.init(),
-                    W::InitApply(o) => {
-                        let (k, v) = conv(&o);
-                        self.pods.init_apply(k, v)
-                    }
-                    W::InitDone => {
-                        self.pods.init_done(up, del, out);
-                        self.synced[1] = true;
-                    }
-                    W::Apply(o) => {
-                        if let (k, Some(v)) = conv(&o) {
-                            self.pods.apply(k, v, up, out)
-                        }
-                    }
-                    W::Delete(o) => self.pods.delete(conv(&o).0, del, out),
-                }
-            }
-            Unboxed::Node(Ok(e)) => {
-                let (up, del) = (Change::Node, Change::NodeDeleted);
-                // This node also carries the gateway: own-node traffic.
-                let conv = |o: &ApiNode| {
-                    let name = o.metadata.name.clone().unwrap_or_default();
-                    let node = checked("Node", &name, Node::from_api(o)).map(|n| {
-                        if n.name == config.node_name {
-                            own_node(config, Some(n))
-                        } else {
-                            n
-                        }
-                    });
-                    (name, node)
-                };
-                match e {
-                    W::Init => self.nodes.init(),
-                    W::InitApply(o) => {
-                        let (k, v) = conv(&o);
-                        self.nodes.init_apply(k, v)
-                    }
-                    W::InitDone => {
-                        // The own node never disappears from the model: the
-                        // gateway is still there.
-                        if let Some(buf) = self.nodes.relist.as_mut() {
-                            buf.entry(config.node_name.clone())
-                                .or_insert_with(|| own_node(config, None));
-                        }
-                        self.nodes.init_done(up, del, out);
-                        self.synced[2] = true;
-                    }
-                    W::Apply(o) => {
-                        if let (k, Some(v)) = conv(&o) {
-                            self.nodes.apply(k, v, up, out)
-                        }
-                    }
-                    W::Delete(o) => {
-                        let name = conv(&o).0;
-                        if name == config.node_name {
-                            self.nodes.apply(name, own_node(config, None), up, out);
-                        } else {
-                            self.nodes.delete(name, del, out);
-                        }
-                    }
-                }
-            }
-            Unboxed::Policy(Ok(e)) => {
-                let (up, del) = (Change::Policy, Change::PolicyDeleted);
-                let conv = |o: &NetworkPolicy| {
-                    let key = key_of(&o.metadata);
-                    (
-                        key.clone(),
-                        checked("NetworkPolicy", &key.to_string(), Policy::from_api(o)),
-                    )
-                };
-                match e {
-                    W::Init => self.policies.init(),
-                    W::InitApply(o) => {
-                        let (k, v) = conv(&o);
-                        self.policies.init_apply(k, v)
-                    }
-                    W::InitDone => {
-                        self.policies.init_done(up, del, out);
-                        self.synced[3] = true;
-                    }
-                    W::Apply(o) => {
-                        if let (k, Some(v)) = conv(&o) {
-                            self.policies.apply(k, v, up, out)
-                        }
-                    }
-                    W::Delete(o) => self.policies.delete(conv(&o).0, del, out),
-                }
-            }
-            Unboxed::Namespace(Err(e)) => watch_error(KINDS[0], &e),
-            Unboxed::Pod(Err(e)) => watch_error(KINDS[1], &e),
-            Unboxed::Node(Err(e)) => watch_error(KINDS[2], &e),
-            Unboxed::Policy(Err(e)) => watch_error(KINDS[3], &e),
+                Ok(e) => fold(
+                    &mut self.nodes,
+                    nodes_synced,
+                    e,
+                    |o: &ApiNode| {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        // This node also carries the gateway: own-node traffic.
+                        let node = checked("Node", &name, Node::from_api(o)).map(|n| {
+                            if n.name == config.node_name {
+                                own_node(config, Some(n))
+                            } else {
+                                n
+                            }
+                        });
+                        (name, node)
+                    },
+                    |relisted| {
+                        relisted
+                            .entry(config.node_name.clone())
+                            .or_insert_with(|| own_node(config, None));
+                    },
+                    Change::Node,
+                    Change::NodeDeleted,
+                    out,
+                ),
+                Err(e) => watch_error(KINDS[2], &e),
+            },
+            Event::Policy(e) => match *e {
+                Ok(e) => fold(
+                    &mut self.policies,
+                    policies_synced,
+                    e,
+                    |o: &NetworkPolicy| {
+                        let key = key_of(&o.metadata);
+                        let v = checked("NetworkPolicy", &key.to_string(), Policy::from_api(o));
+                        (key, v)
+                    },
+                    |_| {},
+                    Change::Policy,
+                    Change::PolicyDeleted,
+                    out,
+                ),
+                Err(e) => watch_error(KINDS[3], &e),
+            },
         }
     }
 }
