@@ -28,6 +28,10 @@ pub const CLASS_POD: u128 = 1;
 pub const CLASS_GATEWAY: u128 = 2;
 /// `reg0` value of a packet from a tunnel port (another node's pods).
 pub const CLASS_TUNNEL: u128 = 3;
+/// `ct_mark` of connections that entered the switch from the gateway: the
+/// node's kernel (e.g. kube-proxy's DNAT) saw them, so their replies go back
+/// through it to have the translation undone.
+pub const MARK_VIA_GATEWAY: u8 = 1;
 
 /// Another node, reached through a tunnel port: its pods' addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,12 +65,16 @@ pub struct Topology {
     pub gateway: Option<Gateway>,
     /// Other nodes, one tunnel port each.
     pub tunnels: Vec<TunnelPeer>,
+    /// Service (ClusterIP) ranges: translated by the node's kernel (kube-proxy),
+    /// so their policy is decided after translation, when the packet comes back
+    /// through the gateway.
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// Conntrack zone of pod traffic.
     pub zone: u16,
 }
 
 /// What base-pipeline cookies say: (cookie, description).
-const PURPOSES: [&str; 20] = [
+const PURPOSES: [&str; 23] = [
     "classifier: known port",
     "classifier: unknown port",
     "spoofguard: own MAC and IP",
@@ -87,6 +95,9 @@ const PURPOSES: [&str; 20] = [
     "policy: ingress enforced on the destination node",
     "forwarding: remote node",
     "forwarding: local pod from tunnel",
+    "policy: service traffic, decided after the node translates it",
+    "forwarding: reply through the node (it translated the connection)",
+    "output, remembering the node saw it",
 ];
 
 fn cookie(purpose: &str) -> Cookie {
@@ -118,6 +129,56 @@ fn ip_of(ip: &IpAddr) -> (u16, u128) {
 
 fn goto(t: u8) -> Action {
     Action::GotoTable(TableId(t))
+}
+
+/// The MAC that answers ARP for other nodes' pods.
+pub const REMOTE_ROUTER_MAC: [u8; 6] = [0x0a, 0x58, 0xff, 0xff, 0xff, 0xfe];
+
+/// The next hop the node routes another node's IPv4 pod CIDR through (its
+/// first address, on-link on the gateway); `None` for IPv6 CIDRs (no ARP).
+pub fn remote_next_hop(net: &ipnet::IpNet) -> Option<IpAddr> {
+    match net {
+        ipnet::IpNet::V4(n) => n.hosts().next().map(IpAddr::V4),
+        ipnet::IpNet::V6(_) => None,
+    }
+}
+
+/// Turns an ARP request for `addr` into the reply from `mac`, sent back where
+/// it came from.
+fn arp_reply(f: FlowEntry, mac: [u8; 6], addr: u128) -> FlowEntry {
+    let f = f
+        .action(Action::Move {
+            src: Field::DlSrc,
+            dst: Field::DlDst,
+        })
+        .action(Action::SetField {
+            field: Field::DlSrc,
+            value: mac_value(mac),
+        })
+        .action(Action::Load {
+            field: Field::NwProto,
+            value: 2,
+            ofs: 0,
+            nbits: 8,
+        })
+        .action(Action::Move {
+            src: Field::ArpSha,
+            dst: Field::ArpTha,
+        })
+        .action(Action::SetField {
+            field: Field::ArpSha,
+            value: mac_value(mac),
+        });
+    // The asked-for address becomes the sender; the asker the target.
+    f.action(Action::Move {
+        src: Field::NwSrc,
+        dst: Field::NwDst,
+    })
+    .action(Action::SetField {
+        field: Field::NwSrc,
+        value: addr,
+    })
+    .action(Action::Output(PortNo::IN_PORT))
 }
 
 /// Forwarding decided: the output port goes into `reg1`, then table 70.
@@ -265,40 +326,28 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 .with(Field::DlType, ether_type::ARP.into())
                 .with(Field::NwProto, 1)
                 .with(Field::NwDst, addr);
-            out.push(
-                flow(ARP_RESPONDER, 100, m, "arp responder: reply")
-                    .action(Action::Move {
-                        src: Field::DlSrc,
-                        dst: Field::DlDst,
-                    })
-                    .action(Action::SetField {
-                        field: Field::DlSrc,
-                        value: mac_value(mac),
-                    })
-                    .action(Action::Load {
-                        field: Field::NwProto,
-                        value: 2,
-                        ofs: 0,
-                        nbits: 8,
-                    })
-                    .action(Action::Move {
-                        src: Field::ArpSha,
-                        dst: Field::ArpTha,
-                    })
-                    .action(Action::SetField {
-                        field: Field::ArpSha,
-                        value: mac_value(mac),
-                    })
-                    .action(Action::Move {
-                        src: Field::NwSrc,
-                        dst: Field::NwDst,
-                    })
-                    .action(Action::SetField {
-                        field: Field::NwSrc,
-                        value: addr,
-                    })
-                    .action(Action::Output(PortNo::IN_PORT)),
-            );
+            out.push(arp_reply(
+                flow(ARP_RESPONDER, 100, m, "arp responder: reply"),
+                mac,
+                addr,
+            ));
+        }
+    }
+    // Other nodes' pods: the node routes to each remote pod CIDR through the
+    // gateway, via that CIDR's first address (`remote_next_hop`), answered
+    // here with one router MAC.
+    for t in &topo.tunnels {
+        for hop in t.pod_cidrs.iter().filter_map(remote_next_hop) {
+            let (_, addr) = ip_of(&hop);
+            let m = Match::any()
+                .with(Field::DlType, ether_type::ARP.into())
+                .with(Field::NwProto, 1)
+                .with(Field::NwDst, addr);
+            out.push(arp_reply(
+                flow(ARP_RESPONDER, 100, m, "arp responder: reply"),
+                REMOTE_ROUTER_MAC,
+                addr,
+            ));
         }
     }
     out.push(flow(
@@ -322,6 +371,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 commit: false,
                 zone,
                 table: Some(TableId(CONNTRACK)),
+                mark: None,
             }),
         );
         out.push(flow(
@@ -344,6 +394,29 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     }
     out.push(flow(CONNTRACK, 0, Match::any(), "conntrack: lookup").action(goto(EGRESS_TABLE)));
 
+    // 40 / 50, Services: a pod's packet to a ClusterIP goes to the node, whose
+    // kernel translates it and sends it back through the gateway; policy is
+    // decided then, on the real destination (egress matches the pod as source
+    // whatever the port it comes from).
+    for net in &topo.service_cidrs {
+        for (table, next) in [(EGRESS_TABLE, AFTER_EGRESS), (INGRESS_TABLE, AFTER_INGRESS)] {
+            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
+                Field::Reg(0),
+                CLASS_POD,
+                0xff,
+            );
+            out.push(
+                flow(
+                    table,
+                    1000,
+                    m,
+                    "policy: service traffic, decided after the node translates it",
+                )
+                .action(goto(next)),
+            );
+        }
+    }
+
     // 40 / 50 across nodes: egress is enforced on the source node, ingress on
     // the destination node, each exactly once.
     if !topo.tunnels.is_empty() {
@@ -359,20 +432,24 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     }
     for t in &topo.tunnels {
         for net in &t.pod_cidrs {
-            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
-                Field::Reg(0),
-                CLASS_POD,
-                0xff,
-            );
-            out.push(
-                flow(
-                    INGRESS_TABLE,
-                    1000,
-                    m,
-                    "policy: ingress enforced on the destination node",
-                )
-                .action(goto(AFTER_INGRESS)),
-            );
+            // From this node's pods, and from the node itself (a Service
+            // backend on another node, after the node's translation).
+            for class in [CLASS_POD, CLASS_GATEWAY] {
+                let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
+                    Field::Reg(0),
+                    class,
+                    0xff,
+                );
+                out.push(
+                    flow(
+                        INGRESS_TABLE,
+                        1000,
+                        m,
+                        "policy: ingress enforced on the destination node",
+                    )
+                    .action(goto(AFTER_INGRESS)),
+                );
+            }
         }
     }
 
@@ -415,13 +492,42 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     }
     for t in &topo.tunnels {
         for net in &t.pod_cidrs {
-            // Only this node's pods send to other nodes (no transit).
-            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
-                Field::Reg(0),
-                CLASS_POD,
-                0xff,
-            );
-            out.push(flow(FORWARDING, 50, m, "forwarding: remote node").then_output(t.port));
+            // This node's pods and the node itself send to other nodes; what
+            // came from a tunnel never goes back into one (no transit).
+            for class in [CLASS_POD, CLASS_GATEWAY] {
+                let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
+                    Field::Reg(0),
+                    class,
+                    0xff,
+                );
+                out.push(flow(FORWARDING, 50, m, "forwarding: remote node").then_output(t.port));
+            }
+        }
+    }
+    // Replies of connections the node's kernel saw go back through it.
+    if let Some(g) = &topo.gateway {
+        for class in [CLASS_POD, CLASS_TUNNEL] {
+            for (state, mask) in [(0x2a, 0x2a), (0x2c, 0x2c)] {
+                let m = Match::any()
+                    .with_masked(Field::Reg(0), class, 0xff)
+                    .with_masked(Field::CtState, state, mask)
+                    .with(Field::CtMark, MARK_VIA_GATEWAY.into());
+                // Addressed to the node, which would otherwise ignore a frame
+                // meant for a pod or another node's router.
+                out.push(
+                    flow(
+                        FORWARDING,
+                        120,
+                        m,
+                        "forwarding: reply through the node (it translated the connection)",
+                    )
+                    .action(Action::SetField {
+                        field: Field::DlDst,
+                        value: mac_value(g.mac),
+                    })
+                    .then_output(g.port),
+                );
+            }
         }
     }
     for p in &topo.pods {
@@ -469,6 +575,27 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
         .chain(topo.tunnels.iter().map(|t| t.port));
     for port in ports {
         let m = Match::any().with(Field::Reg(1), port.0.into());
+        if topo.gateway.is_some() {
+            out.push(
+                flow(
+                    OUTPUT,
+                    110,
+                    m.with_masked(Field::CtState, 0x21, 0x21).with_masked(
+                        Field::Reg(0),
+                        CLASS_GATEWAY,
+                        0xff,
+                    ),
+                    "output, remembering the node saw it",
+                )
+                .action(Action::Ct {
+                    commit: true,
+                    zone,
+                    table: None,
+                    mark: Some(MARK_VIA_GATEWAY),
+                })
+                .action(Action::Output(port)),
+            );
+        }
         out.push(
             flow(
                 OUTPUT,
@@ -480,6 +607,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 commit: true,
                 zone,
                 table: None,
+                mark: None,
             })
             .action(Action::Output(port)),
         );
@@ -536,6 +664,7 @@ pub fn offline_topology(cluster: &Cluster) -> Topology {
             ips: vec![],
         }),
         tunnels: vec![],
+        service_cidrs: vec![],
         zone: 1,
     }
 }

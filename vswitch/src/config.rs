@@ -60,6 +60,11 @@ pub struct Config {
     /// Pods on other nodes, through a VXLAN tunnel to each node with pod CIDRs.
     #[serde(default)]
     pub tunnel: Option<TunnelConfig>,
+    /// Service (ClusterIP) ranges, translated by kube-proxy in the node's
+    /// kernel: a pod's traffic to them goes to the node, and its policy is
+    /// decided on the translated packet when it comes back.
+    #[serde(default)]
+    pub service_cidrs: Vec<IpNet>,
 }
 
 /// Where the cluster state comes from.

@@ -122,11 +122,20 @@ impl Daemon {
             let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", g.name))?;
             let mac = parse_mac(mac_text.trim())
                 .ok_or_else(|| anyhow::anyhow!("gateway {} has no MAC", g.name))?;
+            // The node forwards back out of the gateway (Service translation):
+            // no ICMP redirects telling pods to bypass it.
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv4/conf/{}/send_redirects", g.name),
+                "0",
+            );
             switch.set_gateway(tap, mac, vec![address.addr()])?;
             if let Some(path) = &config.kubernetes.cni_conf {
                 write_cni_conf(path, &config.socket, address)?;
             }
             switch.apply(Change::Node(own_node(&config, None)))?;
+        }
+        if !config.service_cidrs.is_empty() {
+            switch.set_service_cidrs(config.service_cidrs.clone())?;
         }
         if let Some(t) = &config.tunnel {
             let local = t
@@ -581,6 +590,55 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+/// `proto` of the routes vswitchd installs on the node (other nodes' pod
+/// CIDRs through the gateway), so it can tell them from everyone else's.
+const ROUTE_PROTO: &str = "86";
+
+impl Daemon {
+    /// Keeps the node's routes to other nodes' pod CIDRs through the gateway in
+    /// step with the tunnel peers (checked every second): the node itself
+    /// reaches remote pods, e.g. a Service backend after kube-proxy's DNAT.
+    /// Does nothing without a gateway and a tunnel.
+    pub fn sync_routes_forever(self: Arc<Self>) {
+        let (Some(g), Some(_)) = (&self.config.gateway, &self.config.tunnel) else {
+            return;
+        };
+        // Routes of an earlier run may point at pod CIDRs that no longer exist.
+        let _ = run_ip(&["route", "flush", "proto", ROUTE_PROTO]);
+        let mut installed = std::collections::BTreeSet::new();
+        loop {
+            let wanted: std::collections::BTreeSet<ipnet::IpNet> = self
+                .switch
+                .tunnel_counters()
+                .0
+                .into_iter()
+                .flat_map(|t| t.pod_cidrs)
+                .collect();
+            for net in wanted.difference(&installed) {
+                // Through the CIDR's first address, which the switch answers
+                // ARP for (IPv6 CIDRs: directly on the gateway).
+                let hop = policy::pipeline::remote_next_hop(net);
+                let net = net.to_string();
+                let mut args = vec!["route", "replace", &net];
+                let hop_text = hop.map(|h| h.to_string());
+                if let Some(h) = &hop_text {
+                    args.extend(["via", h.as_str(), "onlink"]);
+                }
+                args.extend(["dev", &g.name, "proto", ROUTE_PROTO]);
+                match run_ip(&args) {
+                    Ok(()) => tracing::info!(%net, "route to another node's pods via the gateway"),
+                    Err(e) => tracing::warn!(%net, error = %e, "cannot add a route"),
+                }
+            }
+            for net in installed.difference(&wanted) {
+                let _ = run_ip(&["route", "del", &net.to_string(), "proto", ROUTE_PROTO]);
+            }
+            installed = wanted;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
 }
 
 /// The name of an IP protocol number.

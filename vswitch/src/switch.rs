@@ -155,6 +155,7 @@ pub struct TunnelPort {
     pub no: PortNo,
     pub node: String,
     pub addr: std::net::SocketAddr,
+    pub pod_cidrs: Vec<ipnet::IpNet>,
     pub counters: Arc<PortCounters>,
 }
 
@@ -164,6 +165,7 @@ struct Peer {
     no: PortNo,
     node: String,
     addr: std::net::SocketAddr,
+    pod_cidrs: Vec<ipnet::IpNet>,
     counters: Arc<PortCounters>,
 }
 
@@ -283,6 +285,7 @@ impl Control {
                 no,
                 node: node.name.clone(),
                 addr: std::net::SocketAddr::new(*addr, tunnel.port),
+                pod_cidrs: node.pod_cidrs.clone(),
                 counters,
             });
             tunnels.push(policy::pipeline::TunnelPeer {
@@ -748,6 +751,7 @@ impl Switch {
                     no: p.no,
                     node: p.node.clone(),
                     addr: p.addr,
+                    pod_cidrs: p.pod_cidrs.clone(),
                     counters: p.counters.clone(),
                 })
                 .collect(),
@@ -755,6 +759,15 @@ impl Switch {
                 .as_ref()
                 .map_or(0, |t| t.rx_rejected.load(Relaxed)),
         )
+    }
+
+    /// Service (ClusterIP) ranges: pods' traffic to them is decided after the
+    /// node's kernel translates it (see `policy::pipeline::Topology`).
+    pub fn set_service_cidrs(&self, cidrs: Vec<ipnet::IpNet>) -> Result<(), Error> {
+        let mut ctl = self.control();
+        ctl.topology.service_cidrs = cidrs;
+        self.publish(&mut ctl)?;
+        Ok(())
     }
 
     /// Sets the gateway port.

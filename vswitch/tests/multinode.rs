@@ -209,6 +209,7 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         &config,
         format!(
             "socket = {socket:?}\nstate_dir = {:?}\nmanifests = {manifests:?}\nnode_name = {name:?}\n\
+             service_cidrs = [\"10.96.0.0/12\"]\n\
              [gateway]\nname = \"{tag}g{letter}\"\naddress = \"{gw}/24\"\n\
              [tunnel]\nlocal_address = {underlay:?}\n",
             dir.join("state")
@@ -413,6 +414,42 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
     assert!(
         tcp(server, "10.61.0.10:9000"),
         "server -> client across nodes"
+    );
+
+    // Services, kube-proxy style: DNAT in node-a's kernel. The first hop to the
+    // ClusterIP goes to the node; policy is decided on the translated packet
+    // (ingress on the backend's node, egress on the client's); replies go back
+    // through the node to be untranslated.
+    let node_sh = |cmd: &str| {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &a.ns.0, "sh", "-c", cmd])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    node_sh(
+        "sysctl -qw net.ipv4.ip_forward=1 && \
+         iptables -t nat -A PREROUTING -d 10.96.0.10 -p tcp --dport 80 -j DNAT --to-destination 10.61.1.10:8080 && \
+         iptables -t nat -A PREROUTING -d 10.96.0.11 -p tcp --dport 80 -j DNAT --to-destination 10.61.0.10:9000",
+    );
+    let t = Instant::now();
+    while !tcp(client, "10.96.0.10:80") {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "client -> Service -> server on the other node"
+        );
+    }
+    assert!(
+        !tcp(stranger, "10.96.0.10:80"),
+        "the backend's ingress policy still applies"
+    );
+    assert!(
+        tcp(stranger, "10.96.0.11:80"),
+        "Service with a backend on the same node"
+    );
+    assert!(
+        !tcp(quiet, "10.96.0.11:80"),
+        "the client's egress policy still applies"
     );
 
     // Both nodes show the tunnel port with traffic.

@@ -176,6 +176,8 @@ struct Conn {
     created: Time,
     packets: [u64; 2],
     bytes: [u64; 2],
+    /// `ct_mark`, set on commit.
+    mark: u8,
 }
 
 /// A connection as `dump` reports it.
@@ -342,24 +344,30 @@ impl Conntrack {
     ///
     /// `frame` is read only for ICMP errors (to find the embedded connection).
     pub fn lookup(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> u8 {
+        self.lookup_marked(now, zone, key, frame).0
+    }
+
+    /// [`Conntrack::lookup`], also returning the connection's `ct_mark` (0 when
+    /// untracked, new or invalid; an ICMP error gets its connection's).
+    pub fn lookup_marked(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> (u8, u8) {
         use ct_state::*;
         self.stats.lookups.fetch_add(1, Relaxed);
         let Some(tuple) = Tuple::of(key) else {
             self.stats.invalid.fetch_add(1, Relaxed);
-            return TRK | INV;
+            return (TRK | INV, 0);
         };
         if is_icmp_error(key) {
             let related = embedded_tuple(frame).and_then(|inner| {
                 // The embedded packet travelled the other way.
                 let (ck, fwd) = inner.reverse().canon(zone);
                 let conn = self.map.get(&ck)?;
-                (conn.expires > now).then(|| fwd == conn.orig_is_a)
+                (conn.expires > now).then(|| (fwd == conn.orig_is_a, conn.mark))
             });
             return match related {
-                Some(orig_dir) => TRK | REL | if orig_dir { 0 } else { RPL },
+                Some((orig_dir, mark)) => (TRK | REL | if orig_dir { 0 } else { RPL }, mark),
                 None => {
                     self.stats.invalid.fetch_add(1, Relaxed);
-                    TRK | INV
+                    (TRK | INV, 0)
                 }
             };
         }
@@ -368,21 +376,22 @@ impl Conntrack {
             && conn.expires > now
         {
             let orig = fwd == conn.orig_is_a;
+            let mark = conn.mark;
             return match self.advance(&ck, &mut conn, now, key, orig, frame.len() as u64) {
-                Some(state) => state,
+                Some(state) => (state, mark),
                 None => {
                     self.stats.invalid.fetch_add(1, Relaxed);
-                    TRK | INV
+                    (TRK | INV, 0)
                 }
             };
         }
         // Unknown (or expired) connection: only an opening packet may start one.
         let opens = Self::opens(key);
         if opens {
-            TRK | NEW
+            (TRK | NEW, 0)
         } else {
             self.stats.invalid.fetch_add(1, Relaxed);
-            TRK | INV
+            (TRK | INV, 0)
         }
     }
 
@@ -390,12 +399,17 @@ impl Conntrack {
     /// changing any state (for trace). ICMP errors need the frame and are
     /// reported `+inv` here.
     pub fn peek(&self, now: Time, zone: u16, key: &FlowKey) -> u8 {
+        self.peek_marked(now, zone, key).0
+    }
+
+    /// [`Conntrack::peek`], also returning the connection's `ct_mark`.
+    pub fn peek_marked(&self, now: Time, zone: u16, key: &FlowKey) -> (u8, u8) {
         use ct_state::*;
         let Some(tuple) = Tuple::of(key) else {
-            return TRK | INV;
+            return (TRK | INV, 0);
         };
         if is_icmp_error(key) {
-            return TRK | INV;
+            return (TRK | INV, 0);
         }
         let (ck, fwd) = tuple.canon(zone);
         if let Some(conn) = self.map.get(&ck)
@@ -404,12 +418,13 @@ impl Conntrack {
             let mut copy = conn.clone();
             let orig = fwd == copy.orig_is_a;
             drop(conn);
-            return self.advance_copy(&mut copy, now, key, orig);
+            let mark = copy.mark;
+            return (self.advance_copy(&mut copy, now, key, orig), mark);
         }
         if Self::opens(key) {
-            TRK | NEW
+            (TRK | NEW, 0)
         } else {
-            TRK | INV
+            (TRK | INV, 0)
         }
     }
 
@@ -578,6 +593,19 @@ impl Conntrack {
     /// exists); `len` is the packet's length. Fails when the table is full;
     /// untrackable packets are ignored.
     pub fn commit(&self, now: Time, zone: u16, key: &FlowKey, len: usize) -> Result<(), CtFull> {
+        self.commit_marked(now, zone, key, len, None)
+    }
+
+    /// [`Conntrack::commit`], setting the connection's `ct_mark` when `mark` is
+    /// given (also on a connection already committed).
+    pub fn commit_marked(
+        &self,
+        now: Time,
+        zone: u16,
+        key: &FlowKey,
+        len: usize,
+        mark: Option<u8>,
+    ) -> Result<(), CtFull> {
         let Some(tuple) = Tuple::of(key) else {
             return Ok(());
         };
@@ -603,6 +631,7 @@ impl Conntrack {
             created: now,
             packets: [1, 0],
             bytes: [len as u64, 0],
+            mark: mark.unwrap_or(0),
         };
         match self.map.entry(ck) {
             dashmap::Entry::Occupied(mut e) => {
@@ -610,6 +639,8 @@ impl Conntrack {
                     *e.get_mut() = fresh;
                     self.schedule(ck, now + timeout);
                     self.stats.committed.fetch_add(1, Relaxed);
+                } else if let Some(m) = mark {
+                    e.get_mut().mark = m;
                 }
                 Ok(())
             }

@@ -62,6 +62,8 @@ pub enum Field {
     ArpTha,
     CtState,
     CtZone,
+    /// The connection's mark (8 bits here), set by `ct(commit,exec(set_field:N->ct_mark))`.
+    CtMark,
     Reg(u8),
 }
 
@@ -81,7 +83,7 @@ struct Place {
 
 impl Field {
     /// Every field, in canonical print order.
-    pub const ALL: [Field; 25] = [
+    pub const ALL: [Field; 26] = [
         Field::InPort,
         Field::DlSrc,
         Field::DlDst,
@@ -98,6 +100,7 @@ impl Field {
         Field::ArpTha,
         Field::CtState,
         Field::CtZone,
+        Field::CtMark,
         Field::Reg(0),
         Field::Reg(1),
         Field::Reg(2),
@@ -126,6 +129,7 @@ impl Field {
             Field::NwFrag => (7, 56, 8),
             Field::ArpSha => (8, 0, 48),
             Field::CtState => (8, 48, 8),
+            Field::CtMark => (8, 56, 8),
             Field::ArpTha => (9, 0, 48),
             Field::CtZone => (9, 48, 16),
             Field::Reg(n) => (10 + (n as usize & 7) / 2, (n as u32 & 1) * 32, 32),
@@ -152,7 +156,12 @@ impl Field {
     pub const fn is_metadata(self) -> bool {
         matches!(
             self,
-            Field::InPort | Field::ConjId | Field::CtState | Field::CtZone | Field::Reg(_)
+            Field::InPort
+                | Field::ConjId
+                | Field::CtState
+                | Field::CtZone
+                | Field::CtMark
+                | Field::Reg(_)
         )
     }
 }

@@ -60,6 +60,8 @@ pub enum Action {
         commit: bool,
         zone: Zone,
         table: Option<TableId>,
+        /// With `commit`: set the connection's `ct_mark`.
+        mark: Option<u8>,
     },
     /// Write `value` into bits `ofs..ofs+nbits` of `field`.
     Load {

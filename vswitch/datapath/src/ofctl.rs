@@ -53,6 +53,7 @@ pub fn field_name(f: Field) -> &'static str {
         Field::ArpTha => "arp_tha",
         Field::CtState => "ct_state",
         Field::CtZone => "ct_zone",
+        Field::CtMark => "ct_mark",
         Field::Reg(n) => [
             "reg0", "reg1", "reg2", "reg3", "reg4", "reg5", "reg6", "reg7",
         ][n as usize & 7],
@@ -79,6 +80,7 @@ fn field_by_name(name: &str) -> Option<Field> {
         "arp_tha" => Field::ArpTha,
         "ct_state" => Field::CtState,
         "ct_zone" => Field::CtZone,
+        "ct_mark" => Field::CtMark,
         _ => {
             let n = name.strip_prefix("reg")?.parse::<u8>().ok()?;
             if n < 8 {
@@ -343,6 +345,7 @@ fn fmt_value(field: Field, v: u128, m: u128) -> String {
         | Field::TpSrc
         | Field::TpDst
         | Field::CtZone
+        | Field::CtMark
         | Field::ConjId
             if m == full =>
         {
@@ -433,6 +436,7 @@ impl fmt::Display for Action {
                 commit,
                 zone,
                 table,
+                mark,
             } => {
                 let mut args = Vec::new();
                 if *commit {
@@ -445,6 +449,9 @@ impl fmt::Display for Action {
                 }
                 if let Some(t) = table {
                     args.push(format!("table={t}"));
+                }
+                if let Some(m) = mark {
+                    args.push(format!("exec(set_field:{m}->ct_mark)"));
                 }
                 write!(f, "ct({})", args.join(","))
             }
@@ -572,9 +579,15 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
         let mut commit = false;
         let mut zone = Zone::Imm(0);
         let mut table = None;
+        let mut mark = None;
         for arg in inner.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             if arg == "commit" {
                 commit = true;
+            } else if let Some(m) = arg
+                .strip_prefix("exec(set_field:")
+                .and_then(|r| r.strip_suffix("->ct_mark)"))
+            {
+                mark = Some(parse_int(token, m, 0xff)? as u8);
             } else if let Some(z) = arg.strip_prefix("zone=") {
                 zone = match z.strip_prefix("reg") {
                     Some(r) => Zone::Reg(parse_int(token, r, 7)? as u8),
@@ -586,10 +599,14 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
                 return Err(bad(token, format!("unknown ct argument `{arg}`")));
             }
         }
+        if mark.is_some() && !commit {
+            return Err(bad(token, "ct_mark is set only with commit"));
+        }
         return Ok(Action::Ct {
             commit,
             zone,
             table,
+            mark,
         });
     }
     if let Some(rest) = t.strip_prefix("load:") {

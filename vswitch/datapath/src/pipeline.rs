@@ -28,9 +28,10 @@ pub enum DpAction {
         field: Field,
         value: u128,
     },
-    /// Create the conntrack entry for this packet's connection.
+    /// Create the conntrack entry for this packet's connection (and set its mark).
     Commit {
         zone: u16,
+        mark: Option<u8>,
     },
     /// Look the packet up in conntrack, then continue at `table`. Always last.
     Recirc {
@@ -165,13 +166,14 @@ impl<O: Observer> Run<'_, O> {
                         commit,
                         zone,
                         table,
+                        mark,
                     } => {
                         let zone = match zone {
                             Zone::Imm(z) => *z,
                             Zone::Reg(r) => key.get(Field::Reg(*r)) as u16,
                         };
                         if *commit {
-                            self.x.actions.push(DpAction::Commit { zone });
+                            self.x.actions.push(DpAction::Commit { zone, mark: *mark });
                         }
                         if let Some(next) = table {
                             self.x.actions.push(DpAction::Recirc { zone, table: *next });
@@ -274,6 +276,7 @@ mod tests {
                 commit: false,
                 zone: Zone::Imm(4),
                 table: Some(TableId(30)),
+                mark: None,
             },
         )]);
         let x = xlate(&t, &mut MatchKey::default(), TableId(0), &mut Silent);

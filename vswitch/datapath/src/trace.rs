@@ -149,20 +149,21 @@ pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
             match *a {
                 DpAction::Output(p) => outputs.push(p),
                 DpAction::Rewrite { field, value } => key.set(field, value),
-                DpAction::Commit { zone } => commits.push(zone),
+                DpAction::Commit { zone, .. } => commits.push(zone),
                 DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
                 DpAction::Controller => punt = true,
             }
         }
         let Some((zone, table)) = recirc else { break };
         key.0[10..14].copy_from_slice(&x.regs);
-        let state = match ct {
-            CtSource::Assume(s) => s,
-            CtSource::Live(conntrack, now) => conntrack.peek(now, zone, packet),
+        let (state, mark) = match ct {
+            CtSource::Assume(s) => (s, 0),
+            CtSource::Live(conntrack, now) => conntrack.peek_marked(now, zone, packet),
         };
         ct_lookups.push((zone, state));
         key.set(Field::CtState, u128::from(state));
         key.set(Field::CtZone, u128::from(zone));
+        key.set(Field::CtMark, u128::from(mark));
         stage = table;
     }
     let outcome = if !outputs.is_empty() {

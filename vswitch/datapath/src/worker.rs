@@ -487,8 +487,11 @@ impl Worker {
                         rewrite(frame, &flow_key, field, value);
                         key.set(field, value);
                     }
-                    DpAction::Commit { zone } => {
-                        match dp.conntrack.commit(now, zone, &flow_key, frame.len()) {
+                    DpAction::Commit { zone, mark } => {
+                        match dp
+                            .conntrack
+                            .commit_marked(now, zone, &flow_key, frame.len(), mark)
+                        {
                             Ok(_) => committed = true,
                             Err(_) => ct_full = true,
                         }
@@ -510,9 +513,10 @@ impl Worker {
                 };
             }
             key.0[10..14].copy_from_slice(&x.regs);
-            let state = dp.conntrack.lookup(now, zone, &flow_key, frame);
+            let (state, mark) = dp.conntrack.lookup_marked(now, zone, &flow_key, frame);
             key.set(Field::CtState, u128::from(state));
             key.set(Field::CtZone, u128::from(zone));
+            key.set(Field::CtMark, u128::from(mark));
             stage = table;
         }
         if ct_full {

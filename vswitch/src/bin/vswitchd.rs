@@ -85,6 +85,12 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .switch
         .spawn_packet_thread("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
     daemon.serve()?;
+    {
+        let daemon = daemon.clone();
+        std::thread::Builder::new()
+            .name("routes".into())
+            .spawn(move || daemon.sync_routes_forever())?;
+    }
     if daemon.config.source == vswitch::config::Source::Kubernetes {
         let (switch, config, ready) = (
             daemon.switch.clone(),
