@@ -462,34 +462,6 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     );
 
     // 60: forwarding.
-    // From another node: the frame was addressed to that node's gateway; it
-    // leaves here addressed to the pod, from this node's gateway (a router hop).
-    let router_mac = topo.gateway.as_ref().map_or(OFFLINE_GATEWAY_MAC, |g| g.mac);
-    for p in topo.pods.iter().filter(|_| !topo.tunnels.is_empty()) {
-        for ip in &p.ips {
-            let (dl, addr) = ip_of(ip);
-            out.push(
-                flow(
-                    FORWARDING,
-                    110,
-                    Match::any()
-                        .with(Field::DlType, dl.into())
-                        .with(Field::NwDst, addr)
-                        .with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
-                    "forwarding: local pod from tunnel",
-                )
-                .action(Action::SetField {
-                    field: Field::DlSrc,
-                    value: mac_value(router_mac),
-                })
-                .action(Action::SetField {
-                    field: Field::DlDst,
-                    value: mac_value(p.mac),
-                })
-                .then_output(p.port),
-            );
-        }
-    }
     for t in &topo.tunnels {
         for net in &t.pod_cidrs {
             // This node's pods and the node itself send to other nodes; what
@@ -530,20 +502,36 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
             }
         }
     }
+    // Local pods. From another node, the frame was addressed to that node's
+    // gateway; it leaves here addressed to the pod, from this node's gateway (a
+    // router hop).
+    let router_mac = topo.gateway.as_ref().map_or(OFFLINE_GATEWAY_MAC, |g| g.mac);
     for p in &topo.pods {
         for ip in &p.ips {
             let (dl, addr) = ip_of(ip);
-            out.push(
-                flow(
-                    FORWARDING,
-                    100,
-                    Match::any()
-                        .with(Field::DlType, dl.into())
-                        .with(Field::NwDst, addr),
-                    "forwarding: local pod",
-                )
-                .then_output(p.port),
-            );
+            let to_pod = Match::any()
+                .with(Field::DlType, dl.into())
+                .with(Field::NwDst, addr);
+            out.push(flow(FORWARDING, 100, to_pod, "forwarding: local pod").then_output(p.port));
+            if !topo.tunnels.is_empty() {
+                out.push(
+                    flow(
+                        FORWARDING,
+                        110,
+                        to_pod.with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
+                        "forwarding: local pod from tunnel",
+                    )
+                    .action(Action::SetField {
+                        field: Field::DlSrc,
+                        value: mac_value(router_mac),
+                    })
+                    .action(Action::SetField {
+                        field: Field::DlDst,
+                        value: mac_value(p.mac),
+                    })
+                    .then_output(p.port),
+                );
+            }
         }
     }
     if let Some(g) = &topo.gateway {

@@ -19,45 +19,9 @@ use policy::compile::Change;
 use policy::model::{ObjectKey, Pod, Policy};
 use vswitch::{Switch, Tap, sys};
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        ip(&["netns", "add", &name]);
-        let ns = Netns(name);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace; sockets it creates live there.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("netns file");
-            sys::setns_net(ns.as_fd()).expect("setns");
-            f()
-        })
-        .join()
-        .expect("thread in netns")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
+use common::{Netns, ip, privileged};
 
 /// A switch with its packet thread, stopped on drop.
 struct Running {
@@ -84,16 +48,6 @@ struct Lab {
 const A_IP: &str = "10.99.0.1";
 const B_IP: &str = "10.99.0.2";
 
-/// Outside CI an unprivileged run skips the end-to-end tests; in CI (root, as
-/// .ci/run runs them) not being able to run them is a failure.
-fn skip_unless_privileged(why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "end-to-end tests cannot run in CI: {why}"
-    );
-    eprintln!("skipping end-to-end test: {why}");
-}
-
 fn lab() -> Option<Lab> {
     static N: AtomicU32 = AtomicU32::new(0);
     let id = format!(
@@ -102,8 +56,7 @@ fn lab() -> Option<Lab> {
         N.fetch_add(1, Ordering::Relaxed)
     );
     // Not root, or no TUN driver: nothing here can run.
-    if let Err(e) = Tap::open(&format!("{id}x"), false) {
-        skip_unless_privileged(&format!("cannot create TAP devices ({e})"));
+    if !privileged(&format!("{id}x")) {
         return None;
     }
     let switch = Switch::new(Default::default());
@@ -416,8 +369,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn vswitchd_with_cni_manifests_and_restart() {
-    if Tap::open(&format!("vsc{}x", std::process::id() % 100_000), false).is_err() {
-        skip_unless_privileged("cannot create TAP devices");
+    if !privileged(&format!("vsc{}x", std::process::id() % 100_000)) {
         return;
     }
     if !std::path::Path::new("/usr/lib/cni/host-local").exists()
@@ -814,8 +766,7 @@ fn probe(ns: &str, to: std::net::IpAddr, port: u16, udp: bool) -> JoinHandle<boo
 fn upstream_cases_over_real_traffic() {
     use serde_json::Value;
     let id = format!("vsu{}", std::process::id() % 100_000);
-    if Tap::open(&format!("{id}x"), false).is_err() {
-        skip_unless_privileged("cannot create TAP devices");
+    if !privileged(&format!("{id}x")) {
         return;
     }
     let doc: Value = serde_json::from_str(CASES).unwrap();
@@ -1001,8 +952,7 @@ fn ip_cmd_setup(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
 #[test]
 fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
     let pid = std::process::id() % 100_000;
-    if Tap::open(&format!("vsg{pid}x"), false).is_err() {
-        skip_unless_privileged("cannot create TAP devices");
+    if !privileged(&format!("vsg{pid}x")) {
         return;
     }
     let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-gw-{}", std::process::id())));
@@ -1117,8 +1067,7 @@ fn scrape(address: &str) -> String {
 #[test]
 fn operators_see_flows_ports_connections_audit_and_metrics() {
     let tag = format!("vso{}", std::process::id() % 100_000);
-    if Tap::open(&format!("{tag}x"), false).is_err() {
-        skip_unless_privileged("cannot create TAP devices");
+    if !privileged(&format!("{tag}x")) {
         return;
     }
     let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-obs-{}", std::process::id())));

@@ -5,29 +5,17 @@
 //! Pods are TAP devices in the host namespace (root, as in CI).
 
 mod apiserver;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Kind};
+use common::privileged;
 use serde_json::{Value, json};
 use vswitch::Tap;
 use vswitch::control::{Request, request};
-
-/// Whether TAP devices can be created (root): outside CI the tests skip
-/// without; in CI (root, as .ci/run runs them) that is a failure.
-fn privileged(probe: &str) -> bool {
-    if Tap::open(probe, false).is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "end-to-end tests cannot run in CI: cannot create TAP devices"
-    );
-    eprintln!("skipping: cannot create TAP devices");
-    false
-}
 
 fn ns(name: &str, labels: Value) -> Value {
     json!({"metadata": {"name": name, "labels": labels}})

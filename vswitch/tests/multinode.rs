@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,45 +12,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use vswitch::control::{Request, request};
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+mod common;
 
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    /// Runs `f` on a thread inside this namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            vswitch::sys::setns_net(ns.as_fd()).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
+use common::{Netns, ip, privileged};
 
 /// A node: its namespace and its vswitchd, killed on drop (before the
 /// namespace goes).
@@ -276,12 +239,7 @@ fn serve(ns: &Netns, addr: &'static str) {
 #[test]
 fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
     let tag = format!("vm{}", std::process::id() % 100_000);
-    if vswitch::Tap::open(&format!("{tag}x"), false).is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "end-to-end tests cannot run in CI: cannot create TAP devices"
-        );
-        eprintln!("skipping: cannot create TAP devices");
+    if !privileged(&format!("{tag}x")) {
         return;
     }
     let root = std::env::temp_dir().join(format!("vswitch-mn-{}", std::process::id()));
