@@ -152,6 +152,7 @@ impl Daemon {
             switch,
             records: Mutex::new(Vec::new()),
         });
+        daemon.load_conntrack();
         for r in daemon.load_state() {
             match daemon.attach(&r) {
                 Ok(()) => tracing::info!(port = %describe_port(&r), "reattached"),
@@ -163,6 +164,69 @@ impl Daemon {
 
     fn state_file(&self) -> PathBuf {
         self.config.state_dir.join("ports.json")
+    }
+
+    fn conntrack_file(&self) -> PathBuf {
+        self.config.state_dir.join("conntrack.json")
+    }
+
+    /// Saves the conntrack table for the next start (a graceful stop: call it
+    /// once packet threads have stopped). Established connections then survive
+    /// an upgrade or restart of vswitchd.
+    pub fn save_conntrack(&self) -> anyhow::Result<usize> {
+        let conns: Vec<SavedConnJson> = self
+            .switch
+            .datapath()
+            .conntrack
+            .export(self.switch.now())
+            .into_iter()
+            .map(SavedConnJson::from)
+            .collect();
+        let saved = json!({
+            "saved_at_ms": SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+            "connections": conns,
+        });
+        std::fs::create_dir_all(&self.config.state_dir)?;
+        let path = self.conntrack_file();
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&saved)?)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(conns_len(&saved))
+    }
+
+    /// Restores what [`Daemon::save_conntrack`] saved, minus the time spent
+    /// down, then removes the file (a later crash must not bring it back).
+    fn load_conntrack(&self) {
+        let path = self.conntrack_file();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let _ = std::fs::remove_file(&path);
+        let parsed: Result<Value, _> = serde_json::from_str(&text);
+        let Ok(v) = parsed else {
+            log(format!("ignoring unreadable {}", path.display()));
+            return;
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let down_ms = now_ms.saturating_sub(v["saved_at_ms"].as_u64().unwrap_or(now_ms));
+        let conns: Vec<datapath::conntrack::SavedConn> =
+            serde_json::from_value::<Vec<SavedConnJson>>(v["connections"].clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|c| c.into_saved(down_ms))
+                .collect();
+        let n = self
+            .switch
+            .datapath()
+            .conntrack
+            .import(self.switch.now(), conns);
+        tracing::info!(connections = n, down_ms, "conntrack restored");
     }
 
     fn load_state(&self) -> Vec<PortRecord> {
@@ -638,6 +702,66 @@ impl Daemon {
             installed = wanted;
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+}
+
+fn conns_len(v: &Value) -> usize {
+    v["connections"].as_array().map_or(0, Vec::len)
+}
+
+/// A saved connection in the state directory.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedConnJson {
+    zone: u16,
+    proto: u8,
+    a: (IpAddr, u16),
+    b: (IpAddr, u16),
+    orig_is_a: bool,
+    state: u8,
+    fin_seen: [bool; 2],
+    replied: bool,
+    expires_in_ms: u64,
+    packets: [u64; 2],
+    bytes: [u64; 2],
+    mark: u8,
+}
+
+impl From<datapath::conntrack::SavedConn> for SavedConnJson {
+    fn from(c: datapath::conntrack::SavedConn) -> SavedConnJson {
+        SavedConnJson {
+            zone: c.zone,
+            proto: c.proto,
+            a: (datapath::key::wide_to_ip(c.a.0), c.a.1),
+            b: (datapath::key::wide_to_ip(c.b.0), c.b.1),
+            orig_is_a: c.orig_is_a,
+            state: c.state.code(),
+            fin_seen: c.fin_seen,
+            replied: c.replied,
+            expires_in_ms: c.expires_in_ms,
+            packets: c.packets,
+            bytes: c.bytes,
+            mark: c.mark,
+        }
+    }
+}
+
+impl SavedConnJson {
+    /// Back to the datapath's form, `down_ms` later; `None` once expired.
+    fn into_saved(self, down_ms: u64) -> Option<datapath::conntrack::SavedConn> {
+        Some(datapath::conntrack::SavedConn {
+            zone: self.zone,
+            proto: self.proto,
+            a: (datapath::key::ip_to_wide(self.a.0), self.a.1),
+            b: (datapath::key::ip_to_wide(self.b.0), self.b.1),
+            orig_is_a: self.orig_is_a,
+            state: datapath::conntrack::ConnState::from_code(self.state)?,
+            fin_seen: self.fin_seen,
+            replied: self.replied,
+            expires_in_ms: self.expires_in_ms.checked_sub(down_ms).filter(|t| *t > 0)?,
+            packets: self.packets,
+            bytes: self.bytes,
+            mark: self.mark,
+        })
     }
 }
 

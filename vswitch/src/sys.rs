@@ -300,3 +300,39 @@ impl Epoll {
         Ok(())
     }
 }
+
+/// Blocks SIGTERM and SIGINT in the calling thread and the threads it starts
+/// afterwards, so that one thread can take them with [`wait_termination`].
+pub fn block_termination_signals() -> io::Result<()> {
+    // SAFETY: `set` is initialised by sigemptyset before use; pthread_sigmask reads
+    // it and writes no old mask (null), all within this call.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT (blocked beforehand); returns the signal.
+pub fn wait_termination() -> io::Result<i32> {
+    // SAFETY: `set` is initialised by sigemptyset; sigwait writes the signal
+    // number into `sig`, which outlives the call.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let mut sig: libc::c_int = 0;
+        let r = libc::sigwait(&set, &mut sig);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(sig)
+    }
+}

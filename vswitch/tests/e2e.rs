@@ -126,10 +126,15 @@ impl Lab {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut c) = conn else { return };
-                let mut buf = [0u8; 64];
-                if let Ok(n) = c.read(&mut buf) {
-                    let _ = c.write_all(&buf[..n]);
-                }
+                // Echo until the client closes.
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
             }
         });
     }
@@ -286,6 +291,31 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// SIGTERM, as a DaemonSet rollout does; waits for a clean exit.
+    fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                assert!(
+                    status.success(),
+                    "vswitchd exits cleanly on SIGTERM: {status}"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "vswitchd did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill9(&mut self) {
@@ -528,6 +558,29 @@ fn vswitchd_with_cni_manifests_and_restart() {
         "last good policy still in force"
     );
     assert!(!Lab::tcp(&db_ns, &web, 9000), "and still isolating db");
+
+    // A graceful restart (SIGTERM, as a rollout does) keeps established
+    // connections: conntrack is saved and restored. db may not open connections
+    // to web, so the stream continues only if conntrack remembers it.
+    let db_addr: SocketAddr = format!("{db}:8080").parse().unwrap();
+    let mut stream =
+        web_ns.run(move || TcpStream::connect_timeout(&db_addr, Duration::from_secs(2)).unwrap());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut echo = |word: &[u8]| -> Vec<u8> {
+        stream.write_all(word).unwrap();
+        let mut buf = vec![0u8; word.len()];
+        stream.read_exact(&mut buf).map(|_| buf).unwrap_or_default()
+    };
+    assert_eq!(echo(b"before"), b"before");
+    daemon.terminate();
+    daemon.restart();
+    assert_eq!(
+        echo(b"after"),
+        b"after",
+        "the established connection continues after a graceful restart"
+    );
 
     // kill -9: nothing is forwarded while vswitchd is down...
     daemon.kill9();

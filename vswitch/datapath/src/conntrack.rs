@@ -145,6 +145,30 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    const ALL: [ConnState; 12] = [
+        ConnState::TcpSynSent,
+        ConnState::TcpSynRecv,
+        ConnState::TcpEstablished,
+        ConnState::TcpClosing,
+        ConnState::TcpTimeWait,
+        ConnState::TcpClosed,
+        ConnState::SctpCookie,
+        ConnState::SctpEstablished,
+        ConnState::SctpClosing,
+        ConnState::SctpClosed,
+        ConnState::Unreplied,
+        ConnState::Replied,
+    ];
+
+    /// A stable number for saving the state.
+    pub fn code(self) -> u8 {
+        ConnState::ALL.iter().position(|s| *s == self).unwrap_or(0) as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<ConnState> {
+        ConnState::ALL.get(usize::from(code)).copied()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ConnState::TcpSynSent => "SYN_SENT",
@@ -220,6 +244,26 @@ impl std::fmt::Display for ConnInfo {
             self.bytes[1],
         )
     }
+}
+
+/// A connection as saved across a restart: everything the table keeps, with
+/// time as what is left rather than as an instant of this process's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedConn {
+    pub zone: u16,
+    pub proto: u8,
+    /// The two endpoints (address, port), canonical order.
+    pub a: ([u8; 16], u16),
+    pub b: ([u8; 16], u16),
+    pub orig_is_a: bool,
+    pub state: ConnState,
+    pub fin_seen: [bool; 2],
+    pub replied: bool,
+    /// Time left before expiry, in milliseconds.
+    pub expires_in_ms: u64,
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+    pub mark: u8,
 }
 
 /// Counters.
@@ -731,6 +775,67 @@ impl Conntrack {
         out
     }
 
+    /// Every live connection, for saving across a restart.
+    pub fn export(&self, now: Time) -> Vec<SavedConn> {
+        self.map
+            .iter()
+            .filter(|e| e.value().expires > now)
+            .map(|e| {
+                let (k, c) = (e.key(), e.value());
+                SavedConn {
+                    zone: k.zone,
+                    proto: k.proto,
+                    a: k.a,
+                    b: k.b,
+                    orig_is_a: c.orig_is_a,
+                    state: c.state,
+                    fin_seen: c.fin_seen,
+                    replied: c.replied,
+                    expires_in_ms: (c.expires.0 - now.0) / 1_000_000,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    mark: c.mark,
+                }
+            })
+            .collect()
+    }
+
+    /// Restores saved connections (up to `max_entries`; those already present
+    /// are left alone). Returns how many were restored.
+    pub fn import(&self, now: Time, saved: impl IntoIterator<Item = SavedConn>) -> usize {
+        let mut n = 0;
+        for s in saved {
+            if self.len.load(Relaxed) >= self.config.max_entries {
+                break;
+            }
+            let key = CanonKey {
+                zone: s.zone,
+                proto: s.proto,
+                a: s.a,
+                b: s.b,
+            };
+            let expires = now + Duration::from_millis(s.expires_in_ms);
+            if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
+                v.insert(Conn {
+                    orig_is_a: s.orig_is_a,
+                    state: s.state,
+                    fin_seen: s.fin_seen,
+                    replied: s.replied,
+                    expires,
+                    queued: expires,
+                    created: now,
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    mark: s.mark,
+                });
+                self.len.fetch_add(1, Relaxed);
+                self.schedule(key, expires);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Drops every entry.
     pub fn flush(&self) {
         self.map.clear();
@@ -850,6 +955,35 @@ mod tests {
         let (rep, f2) = udp(B, A, 53, 5000);
         assert_eq!(ct.lookup(Time::ZERO, 0, &rep, &f2), TRK | EST | RPL);
         assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | EST);
+    }
+
+    #[test]
+    fn saved_connections_survive_into_a_new_table() {
+        let ct = Conntrack::new(CtConfig::default());
+        let t0 = Time::from_secs(100);
+        let (syn, f) = tcp(A, B, 1000, 80, "S");
+        ct.lookup(t0, 1, &syn, &f);
+        ct.commit_marked(t0, 1, &syn, f.len(), Some(1)).unwrap();
+        let (synack, f2) = tcp(B, A, 80, 1000, "SA");
+        assert_eq!(ct.lookup(t0, 1, &synack, &f2), TRK | EST | RPL);
+        let saved = ct.export(t0);
+        assert_eq!(saved.len(), 1);
+        // Another process: its clock starts elsewhere.
+        let ct2 = Conntrack::new(CtConfig::default());
+        let t1 = Time::from_secs(5);
+        assert_eq!(ct2.import(t1, saved.clone()), 1);
+        assert_eq!(ct2.import(t1, saved), 0, "already there");
+        let (ack, f3) = tcp(A, B, 1000, 80, "A");
+        assert_eq!(ct2.lookup_marked(t1, 1, &ack, &f3), (TRK | EST, 1));
+        let (back, f5) = tcp(B, A, 80, 1000, "A");
+        assert_eq!(ct2.lookup(t1, 1, &back, &f5), TRK | EST | RPL);
+        // It expires as it would have.
+        let (_, f4) = tcp(A, B, 1000, 80, "A");
+        assert_eq!(ct2.sweep_all(t1 + Duration::from_secs(86_400 * 6)), 1);
+        assert_eq!(
+            ct2.lookup(t1 + Duration::from_secs(86_400 * 6), 1, &ack, &f4),
+            TRK | INV
+        );
     }
 
     #[test]

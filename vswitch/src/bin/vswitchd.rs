@@ -37,6 +37,12 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // SIGTERM/SIGINT are taken by one thread (below) for a graceful stop; every
+    // thread started from here on inherits the block.
+    if let Err(e) = vswitch::sys::block_termination_signals() {
+        eprintln!("vswitchd: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -111,7 +117,25 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .name("manifests".into())
             .spawn(move || w.run(switch, interval))?;
     }
+    {
+        let switch = daemon.switch.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = vswitch::sys::wait_termination() {
+                    tracing::info!(signal = sig, "stopping");
+                    switch.stop();
+                }
+            })?;
+    }
     tracing::info!(socket = %daemon.config.socket.display(), "ready");
     let _ = packets.join();
+    // Stopped by a signal: keep the connections for the next start. (After a
+    // crash or kill -9 there is nothing to keep: established connections are
+    // then dropped and reconnect.)
+    match daemon.save_conntrack() {
+        Ok(n) => tracing::info!(connections = n, "conntrack saved for the next start"),
+        Err(e) => tracing::error!("cannot save conntrack: {e:#}"),
+    }
     Ok(())
 }
