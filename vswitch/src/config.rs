@@ -236,6 +236,12 @@ impl Config {
                 "gateway.address is required (only with source = \"kubernetes\" does it come from the node's podCIDR)".into(),
             ));
         }
+        if c.tunnel.is_some() && c.gateway.is_none() {
+            return Err(invalid(
+                "[tunnel] needs [gateway]: pods reach other nodes' pods through their gateway"
+                    .into(),
+            ));
+        }
         if let Some(t) = &mut c.tunnel
             && t.local_address.is_none()
         {
@@ -280,6 +286,17 @@ mod tests {
         assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
         assert_eq!(c.watch_interval_ms, 100);
         assert!(c.offload, "offloads are on by default");
+        let e = Config::parse("[tunnel]\nlocal_address = \"192.0.2.1\"\n", "t.toml").unwrap_err();
+        assert!(
+            e.to_string().contains("t.toml") && format!("{e:?}").contains("needs [gateway]"),
+            "{e:?}"
+        );
+        let e = Config::parse(
+            "[gateway]\nname = \"g\"\naddress = \"10.0.0.1/24\"\n[tunnel]\nlocal_address = \"192.0.2.1\"\nvni = 16777216\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(format!("{e:?}").contains("24 bits"), "{e:?}");
         let e = Config::parse("socket = \"/x\"\nsokcet = \"/y\"\n", "t.toml").unwrap_err();
         let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(
