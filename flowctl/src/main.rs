@@ -202,6 +202,10 @@ fn live(cli: &Cli) -> Result<ExitCode> {
     let pretty = |v: &serde_json::Value| {
         format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
     };
+    // Asks, then prints the answer as JSON or as `text` renders it.
+    let view = |req: &Request, text: fn(&serde_json::Value, bool) -> String| {
+        ask(req).map(|v| if json { pretty(&v) } else { text(&v, color) })
+    };
     let out = match &cli.command {
         Command::DumpFlows { table, cookie } => {
             let flows = ask(&Request::DumpFlows)?;
@@ -219,45 +223,25 @@ fn live(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Trace { spec } => {
             let spec = spec::parse(spec).map_err(|e| anyhow::anyhow!("bad trace spec: {e}"))?;
-            let v = ask(&Request::Trace {
-                src: spec.src.to_string(),
-                dst: spec.dst.to_string(),
-                protocol: spec.l4.protocol_name().into(),
-                port: spec.l4.port(),
-            })?;
-            if json {
-                pretty(&v)
-            } else {
-                render::trace_text(&v, color)
-            }
+            view(
+                &Request::Trace {
+                    src: spec.src.to_string(),
+                    dst: spec.dst.to_string(),
+                    protocol: spec.l4.protocol_name().into(),
+                    port: spec.l4.port(),
+                },
+                render::trace_text,
+            )?
         }
-        Command::DumpPorts => {
-            let v = ask(&Request::Ports)?;
-            if json {
-                pretty(&v)
-            } else {
-                live::ports_text(&v, color)
-            }
-        }
-        Command::DumpConntrack { zone, filter } => {
-            let v = ask(&Request::DumpConntrack {
+        Command::DumpPorts => view(&Request::Ports, live::ports_text)?,
+        Command::DumpConntrack { zone, filter } => view(
+            &Request::DumpConntrack {
                 zone: *zone,
                 filter: filter.clone(),
-            })?;
-            if json {
-                pretty(&v)
-            } else {
-                live::conntrack_text(&v, color)
-            }
-        }
-        Command::Stats => {
-            let v = ask(&Request::Stats)?;
-            if json {
-                pretty(&v)
-            } else {
-                live::stats_text(&v, color)
-            }
-        }
+            },
+            live::conntrack_text,
+        )?,
+        Command::Stats => view(&Request::Stats, live::stats_text)?,
         Command::Health => {
             let v = ask(&Request::Health)?;
             let ready = v["ready"].as_bool().unwrap_or(false);
