@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Kind};
-use common::privileged;
+use common::{Netns, privileged};
 use serde_json::{Value, json};
 use vswitch::Tap;
 use vswitch::control::{Request, request};
@@ -417,4 +417,71 @@ fn gateway_and_cni_config_come_from_the_node_object() {
         "gateway address from the podCIDR: {}",
         String::from_utf8_lossy(&addr.stdout)
     );
+
+    // A pod as kubelet starts it: the runtime runs the plugin of the written
+    // conflist (name and cniVersion from the list), with the pod's identity in
+    // CNI_ARGS. (Only IPAM's dataDir is pointed into the test's directory.)
+    api.apply(Kind::Namespace, ns("web", json!({})));
+    api.apply(
+        Kind::Pod,
+        pod(
+            "web",
+            "front",
+            json!({"app": "front"}),
+            "node-a",
+            "10.62.0.2",
+        ),
+    );
+    let mut plugin = written["plugins"][0].clone();
+    plugin["name"] = written["name"].clone();
+    plugin["cniVersion"] = written["cniVersion"].clone();
+    plugin["ipam"]["dataDir"] = json!(dir.join("ipam"));
+    let pod_ns = Netns::new(format!("vsk{}p", std::process::id() % 10_000));
+    let cni = |command: &str| -> (bool, Value) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch-cni"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", "front-1")
+            .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns.0))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=front",
+            )
+            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(plugin.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        )
+    };
+    let (ok, result) = cni("ADD");
+    assert!(ok, "CNI ADD through the written conflist: {result}");
+    let ip = result["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.62.0."), "{result}");
+    assert_eq!(result["ips"][0]["gateway"], "10.62.0.1");
+    // The pod reaches its node through the gateway (own-node traffic).
+    let listener = std::net::TcpListener::bind("10.62.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reached = pod_ns.run(move || {
+        std::net::TcpStream::connect_timeout(
+            &format!("10.62.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .is_ok()
+    });
+    assert!(reached, "the pod reaches its node");
+    assert!(cni("DEL").0, "CNI DEL");
 }
