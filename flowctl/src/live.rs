@@ -97,6 +97,16 @@ pub fn keep_flow(f: &Value, table: Option<u8>, rule: Option<&str>) -> bool {
         && rule.is_none_or(|r| f["rule"].as_str().unwrap_or("").contains(r))
 }
 
+/// The flows of a `dump-flows` answer that pass `--table` and `--cookie`.
+pub fn kept_flows<'a>(flows: &'a Value, table: Option<u8>, rule: Option<&str>) -> Vec<&'a Value> {
+    flows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| keep_flow(f, table, rule))
+        .collect()
+}
+
 pub fn flows_text(flows: &[&Value], color: bool) -> String {
     let mut out = String::new();
     for f in flows {

@@ -209,12 +209,7 @@ fn live(cli: &Cli) -> Result<ExitCode> {
     let out = match &cli.command {
         Command::DumpFlows { table, cookie } => {
             let flows = ask(&Request::DumpFlows)?;
-            let kept: Vec<&serde_json::Value> = flows
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|f| live::keep_flow(f, *table, cookie.as_deref()))
-                .collect();
+            let kept = live::kept_flows(&flows, *table, cookie.as_deref());
             if json {
                 pretty(&serde_json::json!(kept))
             } else {
@@ -295,12 +290,7 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             let mut n = 0u64;
             loop {
                 let flows = ask(&Request::DumpFlows)?;
-                let kept: Vec<&serde_json::Value> = flows
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|f| live::keep_flow(f, *table, cookie.as_deref()))
-                    .collect();
+                let kept = live::kept_flows(&flows, *table, cookie.as_deref());
                 let frame = if json {
                     format!("{}\n", serde_json::json!(kept))
                 } else {

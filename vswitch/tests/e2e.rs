@@ -343,32 +343,15 @@ struct Cni {
 
 impl Cni {
     fn call(&self, command: &str, ns: &Netns, pod: &str) -> (bool, serde_json::Value) {
-        let (pns, pname) = pod.split_once('/').unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch-cni"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("{}-{pname}", ns.0))
-            .env("CNI_NETNS", format!("/var/run/netns/{}", ns.0))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={pns};K8S_POD_NAME={pname}"),
-            )
-            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("vswitch-cni runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(self.netconf.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-        (out.status.success(), v)
+        let pname = pod.split_once('/').unwrap().1;
+        common::cni(
+            None,
+            command,
+            ns,
+            &format!("{}-{pname}", ns.0),
+            pod,
+            &self.netconf,
+        )
     }
 }
 

@@ -437,34 +437,14 @@ fn gateway_and_cni_config_come_from_the_node_object() {
     plugin["cniVersion"] = written["cniVersion"].clone();
     plugin["ipam"]["dataDir"] = json!(dir.join("ipam"));
     let pod_ns = Netns::new(format!("vsk{}p", std::process::id() % 10_000));
-    let cni = |command: &str| -> (bool, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch-cni"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", "front-1")
-            .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns.0))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE=web;K8S_POD_NAME=front",
-            )
-            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(plugin.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+    let cni = |command: &str| {
+        common::cni(
+            None,
+            command,
+            &pod_ns,
+            "front-1",
+            "web/front",
+            &plugin.to_string(),
         )
     };
     let (ok, result) = cni("ADD");

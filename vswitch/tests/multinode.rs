@@ -35,44 +35,21 @@ impl Drop for NodeProc {
 impl NodeProc {
     /// CNI ADD/DEL of `pod` into `pod_ns`, with IPAM fixed to `addr`.
     fn cni(&self, command: &str, pod_ns: &Netns, pod: &str, addr: &str, gw: &str) -> Value {
-        let (pns, pname) = pod.split_once('/').unwrap();
         let netconf = json!({
             "cniVersion": "1.0.0", "name": "vswitch", "type": "vswitch-cni",
             "socket": self.socket,
             "ipam": {"type": "host-local", "dataDir": self.dir.join("ipam"),
                      "ranges": [[{"subnet": format!("{}.0/24", gw.rsplit_once('.').unwrap().0), "rangeStart": addr, "rangeEnd": addr, "gateway": gw}]]},
         });
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns.0,
-                env!("CARGO_BIN_EXE_vswitch-cni"),
-            ])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &pod_ns.0)
-            .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns.0))
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("K8S_POD_NAMESPACE={pns};K8S_POD_NAME={pname}"),
-            )
-            .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(netconf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        assert!(out.status.success(), "CNI {command} {pod}: {v}");
+        let (ok, v) = common::cni(
+            Some(&self.ns.0),
+            command,
+            pod_ns,
+            &pod_ns.0,
+            pod,
+            &netconf.to_string(),
+        );
+        assert!(ok, "CNI {command} {pod}: {v}");
         v
     }
 

@@ -65,3 +65,54 @@ pub fn privileged(probe: &str) -> bool {
         }
     }
 }
+
+/// Runs vswitch-cni as a container runtime does: `command` for pod
+/// `namespace/name` in `pod_ns`, network config `netconf` on stdin. With
+/// `node`, the plugin runs inside that node's network namespace. Returns
+/// whether it succeeded and what it printed.
+pub fn cni(
+    node: Option<&str>,
+    command: &str,
+    pod_ns: &Netns,
+    container: &str,
+    pod: &str,
+    netconf: &str,
+) -> (bool, serde_json::Value) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let (pns, pname) = pod.split_once('/').expect("namespace/name");
+    let exe = env!("CARGO_BIN_EXE_vswitch-cni");
+    let mut cmd = match node {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, exe]);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = cmd
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns.0))
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={pns};K8S_POD_NAME={pname}"),
+        )
+        .env("CNI_PATH", "/usr/lib/cni:/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("vswitch-cni runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(netconf.as_bytes())
+        .expect("netconf written");
+    let out = child.wait_with_output().expect("vswitch-cni finishes");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), v)
+}
