@@ -112,6 +112,37 @@ impl MicroflowCache {
         }
     }
 
+    /// The cached translation of `key` for `generation`, or the one `miss`
+    /// computes, stored first.
+    #[inline]
+    pub fn get_or_insert_with(
+        &mut self,
+        key: &CacheKey,
+        hash: u64,
+        generation: u64,
+        miss: impl FnOnce() -> Xlate,
+    ) -> &Xlate {
+        self.tick += 1;
+        let range = self.set(hash);
+        let start = range.start;
+        let tick = self.tick;
+        let found = self.ways[range]
+            .iter()
+            .position(|w| w.valid && w.hash == hash && w.generation == generation && w.key == *key);
+        match found {
+            Some(i) => {
+                let w = &mut self.ways[start + i];
+                w.last_used = tick;
+                self.stats.hits += 1;
+                &w.xlate
+            }
+            None => {
+                self.stats.misses += 1;
+                self.insert(*key, hash, generation, miss())
+            }
+        }
+    }
+
     /// Stores a translation, evicting the least recently used way of a full set.
     pub fn insert(&mut self, key: CacheKey, hash: u64, generation: u64, xlate: Xlate) -> &Xlate {
         let range = self.set(hash);

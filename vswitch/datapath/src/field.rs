@@ -67,6 +67,15 @@ pub enum Field {
     Reg(u8),
 }
 
+/// A mask of the low `n` bits (`n` up to 128).
+pub const fn low_bits(n: u32) -> u128 {
+    if n >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << n) - 1
+    }
+}
+
 /// `nw_frag` bit: the packet is a fragment.
 pub const FRAG_ANY: u8 = 0x01;
 /// `nw_frag` bit: the fragment is not the first one (no L4 header).
@@ -135,6 +144,33 @@ impl Field {
             Field::Reg(n) => (10 + (n as usize & 7) / 2, (n as u32 & 1) * 32, 32),
         };
         Place { word, shift, bits }
+    }
+
+    /// The canonical text name (ovs-ofctl spelling).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Field::InPort => "in_port",
+            Field::ConjId => "conj_id",
+            Field::DlSrc => "dl_src",
+            Field::DlDst => "dl_dst",
+            Field::DlType => "dl_type",
+            Field::VlanTci => "vlan_tci",
+            Field::NwSrc => "nw_src",
+            Field::NwDst => "nw_dst",
+            Field::NwProto => "nw_proto",
+            Field::NwFrag => "nw_frag",
+            Field::TpSrc => "tp_src",
+            Field::TpDst => "tp_dst",
+            Field::TcpFlags => "tcp_flags",
+            Field::ArpSha => "arp_sha",
+            Field::ArpTha => "arp_tha",
+            Field::CtState => "ct_state",
+            Field::CtZone => "ct_zone",
+            Field::CtMark => "ct_mark",
+            Field::Reg(n) => [
+                "reg0", "reg1", "reg2", "reg3", "reg4", "reg5", "reg6", "reg7",
+            ][n as usize & 7],
+        }
     }
 
     /// Width in bits.

@@ -288,7 +288,7 @@ impl FlowEntry {
                     let bits = field.bits();
                     if *nbits == 0 || u32::from(*ofs) + u32::from(*nbits) > bits {
                         return Err(FlowError::LoadRange {
-                            field: crate::ofctl::field_name(*field),
+                            field: field.name(),
                             ofs: *ofs,
                             nbits: *nbits,
                             bits,
@@ -304,8 +304,8 @@ impl FlowEntry {
                     }
                     if src.bits() != dst.bits() {
                         return Err(FlowError::MoveWidth {
-                            src: crate::ofctl::field_name(*src),
-                            dst: crate::ofctl::field_name(*dst),
+                            src: src.name(),
+                            dst: dst.name(),
                         });
                     }
                 }
@@ -316,7 +316,6 @@ impl FlowEntry {
     }
 
     fn validate_match(&self) -> Result<(), FlowError> {
-        use crate::ofctl::field_name;
         let m = &self.matcher;
         let (dl_type, dl_mask) = m.get(Field::DlType);
         let dl_type = if dl_mask == 0xffff {
@@ -335,7 +334,7 @@ impl FlowEntry {
         let need = |field: Field, ok: bool, needs: &'static str| {
             if m.has(field) && !ok {
                 Err(FlowError::Prerequisite {
-                    field: field_name(field),
+                    field: field.name(),
                     needs,
                 })
             } else {
@@ -402,7 +401,7 @@ fn check_rewrite(field: Field, arp: bool) -> Result<(), FlowError> {
     if is_rewritable(field) && (arp || !arp_only) {
         Ok(())
     } else {
-        Err(FlowError::NotRewritable(crate::ofctl::field_name(field)))
+        Err(FlowError::NotRewritable(field.name()))
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod classify;
 pub mod conntrack;
+mod exec;
 pub mod field;
 pub mod flow;
 pub mod key;

@@ -33,33 +33,6 @@ fn bad(token: &str, reason: impl Into<String>) -> OfctlError {
     }
 }
 
-/// The canonical text name of a field.
-pub fn field_name(f: Field) -> &'static str {
-    match f {
-        Field::InPort => "in_port",
-        Field::ConjId => "conj_id",
-        Field::DlSrc => "dl_src",
-        Field::DlDst => "dl_dst",
-        Field::DlType => "dl_type",
-        Field::VlanTci => "vlan_tci",
-        Field::NwSrc => "nw_src",
-        Field::NwDst => "nw_dst",
-        Field::NwProto => "nw_proto",
-        Field::NwFrag => "nw_frag",
-        Field::TpSrc => "tp_src",
-        Field::TpDst => "tp_dst",
-        Field::TcpFlags => "tcp_flags",
-        Field::ArpSha => "arp_sha",
-        Field::ArpTha => "arp_tha",
-        Field::CtState => "ct_state",
-        Field::CtZone => "ct_zone",
-        Field::CtMark => "ct_mark",
-        Field::Reg(n) => [
-            "reg0", "reg1", "reg2", "reg3", "reg4", "reg5", "reg6", "reg7",
-        ][n as usize & 7],
-    }
-}
-
 /// Field names accepted on input, with their aliases.
 fn field_by_name(name: &str) -> Option<Field> {
     Some(match name {
@@ -373,7 +346,7 @@ fn display_name(field: Field, m: &Match) -> &'static str {
         (Field::TpDst, ether_type::IPV6) if icmp => "icmpv6_code",
         (Field::TpSrc, _) if icmp => "icmp_type",
         (Field::TpDst, _) if icmp => "icmp_code",
-        _ => field_name(field),
+        _ => field.name(),
     }
 }
 
@@ -464,7 +437,7 @@ impl fmt::Display for Action {
                 write!(
                     f,
                     "load:0x{value:x}->{}[{}..{}]",
-                    field_name(*field),
+                    field.name(),
                     ofs,
                     ofs + nbits - 1
                 )
@@ -474,11 +447,11 @@ impl fmt::Display for Action {
                     f,
                     "set_field:{}->{}",
                     fmt_value(*field, *value, field.full_mask()),
-                    field_name(*field)
+                    field.name()
                 )
             }
             Action::Move { src, dst } => {
-                write!(f, "move:{}->{}", field_name(*src), field_name(*dst))
+                write!(f, "move:{}->{}", src.name(), dst.name())
             }
             Action::Controller => f.write_str("controller"),
             Action::Note(text) => write!(f, "note:{text}"),
@@ -636,7 +609,7 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
         if ofs + nbits > field.bits() || nbits > 128 {
             return Err(bad(
                 token,
-                format!("bit range does not fit in {}", field_name(field)),
+                format!("bit range does not fit in {}", field.name()),
             ));
         }
         let max = if nbits >= 128 {
@@ -716,10 +689,7 @@ pub fn parse_match(s: &str) -> Result<(TableId, u16, Cookie, Match), OfctlError>
                 let field = field_by_name(name)
                     .ok_or_else(|| bad(token, format!("unknown field `{name}`")))?;
                 if seen.contains(&field) {
-                    return Err(bad(
-                        token,
-                        format!("{} is matched twice", field_name(field)),
-                    ));
+                    return Err(bad(token, format!("{} is matched twice", field.name())));
                 }
                 seen.push(field);
                 let (v, mask) = parse_value(token, field, value)?;

@@ -187,7 +187,8 @@ impl<O: Observer> Run<'_, O> {
                         ofs,
                         nbits,
                     } => {
-                        let mask = ((1u128 << nbits) - 1) << ofs;
+                        // `nbits` may be 128 (a whole IPv6 address): no shift by the width.
+                        let mask = crate::field::low_bits(u32::from(*nbits)) << ofs;
                         key.set_masked(*field, *value << ofs, mask);
                         self.rewrite(key, *field);
                     }
@@ -258,6 +259,31 @@ mod tests {
         assert_eq!(x.hits.len(), 3);
         assert_eq!(x.end, End::Done);
         assert_eq!(x.regs[0] & 0xffff_ffff, 5);
+    }
+
+    #[test]
+    fn a_load_of_all_128_bits_writes_the_whole_field() {
+        // A load into a whole 128-bit field: the mask must not be computed by
+        // shifting by the field's width (a panic in the packet thread in debug
+        // builds, an empty mask in release ones).
+        let flow = crate::ofctl::parse_flow(
+            "table=0,priority=1,arp,actions=load:0xffff0a000001->arp_tpa,output:2",
+        )
+        .unwrap();
+        flow.validate().unwrap();
+        let t = tables(vec![flow]);
+        let mut k = MatchKey::default();
+        k.set(Field::DlType, 0x0806);
+        let x = xlate(&t, &mut k, TableId(0), &mut Silent);
+        assert_eq!(k.get(Field::NwDst), 0xffff_0a00_0001);
+        assert!(x.actions.iter().any(
+            |a| matches!(a, DpAction::Rewrite { field: Field::NwDst, value } if *value == 0xffff_0a00_0001)
+        ));
+        // Rewriting an IPv6 destination is refused when the flow is added.
+        let v6 = crate::ofctl::parse_flow(
+            "table=0,priority=1,ipv6,actions=load:0x20010db8000000000000000000000001->ipv6_dst,output:2",
+        );
+        assert!(v6.is_err() || v6.unwrap().validate().is_err());
     }
 
     #[test]

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use crate::classify::{FlowId, Hit};
 use crate::conntrack::Conntrack;
+use crate::exec::{self, Execute, Translate};
 use crate::field::{Field, MatchKey};
 use crate::flow::{FlowEntry, TableId};
 use crate::key::{FlowKey, PortNo};
-use crate::pipeline::{DpAction, End, Observer, xlate};
+use crate::pipeline::{End, Observer, Xlate, xlate};
 use crate::table::{FlowTables, Installed};
 use crate::time::Time;
 
@@ -125,62 +126,78 @@ impl Observer for Recorder<'_> {
     }
 }
 
-/// Traces `packet` through `tables`, starting at table 0.
-pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
-    let mut rec = Recorder {
-        tables,
-        steps: Vec::new(),
-    };
-    let mut key = packet.to_match_key();
-    let mut stage = TableId(0);
-    let mut ct_lookups = Vec::new();
-    let mut commits = Vec::new();
-    let mut outputs = Vec::new();
-    let mut punt = false;
-    let mut last = None;
-    let mut end = End::Done;
-    for _ in 0..4 {
-        let mut scratch = key;
-        let x = xlate(tables, &mut scratch, stage, &mut rec);
-        last = x.last.or(last);
-        end = x.end;
-        let mut recirc = None;
-        for a in &x.actions {
-            match *a {
-                DpAction::Output(p) => outputs.push(p),
-                DpAction::Rewrite { field, value } => key.set(field, value),
-                DpAction::Commit { zone, .. } => commits.push(zone),
-                DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
-                DpAction::Controller => punt = true,
-            }
-        }
-        let Some((zone, table)) = recirc else { break };
-        key.0[10..14].copy_from_slice(&x.regs);
-        let (state, mark) = match ct {
-            CtSource::Assume(s) => (s, 0),
-            CtSource::Live(conntrack, now) => conntrack.peek_marked(now, zone, packet),
-        };
-        ct_lookups.push((zone, state));
-        key.set(Field::CtState, u128::from(state));
-        key.set(Field::CtZone, u128::from(zone));
-        key.set(Field::CtMark, u128::from(mark));
-        stage = table;
+/// The translations of a trace: the pipeline with a recording observer, never
+/// the cache.
+struct Recording<'a> {
+    rec: Recorder<'a>,
+    last: Xlate,
+}
+
+impl Translate for Recording<'_> {
+    fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate {
+        let mut scratch = *key;
+        self.last = xlate(self.rec.tables, &mut scratch, stage, &mut self.rec);
+        &self.last
     }
+}
+
+/// The actions of a trace: conntrack read (or assumed), nothing written.
+struct Observed<'a> {
+    ct: CtSource<'a>,
+    lookups: Vec<(u16, u8)>,
+    commits: Vec<u16>,
+}
+
+impl Execute for Observed<'_> {
+    fn rewrite(&mut self, _: &FlowKey, _: Field, _: u128) {}
+
+    fn commit(&mut self, zone: u16, _: Option<u8>, _: &FlowKey) -> bool {
+        self.commits.push(zone);
+        true
+    }
+
+    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {
+        let (state, mark) = match self.ct {
+            CtSource::Assume(s) => (s, 0),
+            CtSource::Live(conntrack, now) => conntrack.peek_marked(now, zone, key),
+        };
+        self.lookups.push((zone, state));
+        (state, mark)
+    }
+}
+
+/// Traces `packet` through `tables`, starting at table 0, with the packet
+/// path's own loop (`exec::run`).
+pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
+    let mut t = Recording {
+        rec: Recorder {
+            tables,
+            steps: Vec::new(),
+        },
+        last: Xlate::default(),
+    };
+    let mut e = Observed {
+        ct,
+        lookups: Vec::new(),
+        commits: Vec::new(),
+    };
+    let mut outputs = Vec::new();
+    let ran = exec::run(&mut t, &mut e, packet, &mut outputs);
     let outcome = if !outputs.is_empty() {
         Outcome::Output(outputs)
-    } else if punt {
+    } else if ran.punt {
         Outcome::Punt
     } else {
-        let by = match end {
-            End::Done | End::Recirc => last,
+        let by = match ran.end {
+            End::Done | End::Recirc => ran.last,
             End::Miss(_) | End::LoopLimit => None,
         };
-        Outcome::Drop { by, end }
+        Outcome::Drop { by, end: ran.end }
     };
     Trace {
-        steps: rec.steps,
-        ct_lookups,
-        commits,
+        steps: t.rec.steps,
+        ct_lookups: e.lookups,
+        commits: e.commits,
         outcome,
     }
 }

@@ -18,15 +18,13 @@ use arc_swap::ArcSwap;
 use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
 use crate::conntrack::{Conntrack, CtConfig};
-use crate::field::{Field, ether_type};
+use crate::exec::{self, Execute, Translate};
+use crate::field::{Field, MatchKey, ether_type};
 use crate::flow::{FlowEntry, TableId};
 use crate::key::{FlowKey, PortNo, parse};
-use crate::pipeline::{DpAction, End, Silent, xlate};
+use crate::pipeline::{End, Silent, Xlate, xlate};
 use crate::table::{FlowTables, Snapshot};
 use crate::time::Time;
-
-/// Limit on conntrack recirculations of one packet.
-const MAX_PASSES: usize = 4;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -72,11 +70,16 @@ impl DropReason {
 pub struct Verdict<'a> {
     /// Ports to write the (possibly rewritten) frame to; empty when dropped.
     pub outputs: &'a [PortNo],
+    /// The frame as parsed on arrival (before any rewrite): what connection
+    /// events and the audit log are made of, with no second parse.
+    pub key: &'a FlowKey,
     /// Send a copy to the control plane.
     pub punt: bool,
     pub drop: Option<DropReason>,
     /// The flow that decided a drop, when one did.
     pub decided_by: Option<FlowId>,
+    /// A flow of one of [`DatapathConfig::policy_tables`] decided the drop.
+    pub policy: bool,
     /// The frame started a connection (conntrack committed it as new).
     pub committed: bool,
 }
@@ -132,6 +135,8 @@ pub struct DatapathConfig {
     /// Microflow cache entries per worker.
     pub cache_entries: usize,
     pub conntrack: CtConfig,
+    /// Tables whose drops are policy decisions ([`Verdict::policy`]).
+    pub policy_tables: Vec<TableId>,
 }
 
 impl Default for DatapathConfig {
@@ -139,6 +144,7 @@ impl Default for DatapathConfig {
         DatapathConfig {
             cache_entries: 8192,
             conntrack: CtConfig::default(),
+            policy_tables: Vec::new(),
         }
     }
 }
@@ -351,6 +357,7 @@ impl Datapath {
             cell,
             cache: MicroflowCache::new(self.config.cache_entries),
             outputs: Vec::with_capacity(256),
+            key: FlowKey::default(),
         }
     }
 }
@@ -364,6 +371,8 @@ pub struct Worker {
     cell: Arc<WorkerCell>,
     cache: MicroflowCache,
     outputs: Vec<PortNo>,
+    /// The key of the frame being processed.
+    key: FlowKey,
 }
 
 impl Drop for Worker {
@@ -440,127 +449,139 @@ impl Worker {
             cell,
             cache,
             outputs,
+            key,
         } = self;
         outputs.clear();
         let len = frame.len() as u64;
         bump(&cell.packets, 1);
         bump(&cell.bytes, len);
-        let mut flow_key = parse(in_port, frame);
-        if !flow_key.flags.is_clean() {
-            return drop_verdict(cell, outputs, DropReason::Malformed, None);
+        *key = parse(in_port, frame);
+        if !key.flags.is_clean() {
+            return drop_verdict(cell, snap, dp, outputs, key, DropReason::Malformed, None);
         }
-        let mut key = flow_key.to_match_key();
-        let mut stage = TableId(0);
-        let mut punt = false;
-        let mut last = None;
-        let mut end = End::Done;
-        let mut ct_full = false;
-        let mut committed = false;
-        for pass in 0.. {
-            if pass == MAX_PASSES {
-                return drop_verdict(cell, outputs, DropReason::LoopLimit, last);
-            }
-            let ck = CacheKey { key, stage };
-            let hash = ck.hash();
-            let x = match cache.get(&ck, hash, snap.generation) {
-                Some(x) => x,
-                None => {
-                    let mut scratch = key;
-                    let x = xlate(&snap.tables, &mut scratch, stage, &mut Silent);
-                    cache.insert(ck, hash, snap.generation, x)
-                }
-            };
-            for id in &x.hits {
-                if let Some(slot) = shard.slots.get(id.0 as usize) {
-                    bump(&slot.packets, 1);
-                    bump(&slot.bytes, len);
-                    slot.last_hit.store(now.0, Relaxed);
-                }
-            }
-            last = x.last.or(last);
-            end = x.end;
-            let mut recirc = None;
-            for a in &x.actions {
-                match *a {
-                    DpAction::Output(p) => outputs.push(p),
-                    DpAction::Rewrite { field, value } => {
-                        rewrite(frame, &flow_key, field, value);
-                        key.set(field, value);
-                    }
-                    DpAction::Commit { zone, mark } => {
-                        match dp
-                            .conntrack
-                            .commit_marked(now, zone, &flow_key, frame.len(), mark)
-                        {
-                            Ok(_) => committed = true,
-                            Err(_) => ct_full = true,
-                        }
-                    }
-                    DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
-                    DpAction::Controller => punt = true,
-                }
-            }
-            let Some((zone, table)) = recirc else { break };
-            if x.actions
-                .iter()
-                .any(|a| matches!(a, DpAction::Rewrite { .. }))
-            {
-                flow_key = FlowKey {
-                    in_port,
-                    icmp_id: flow_key.icmp_id,
-                    sctp_chunk: flow_key.sctp_chunk,
-                    ..FlowKey::from_match_key(&key)
-                };
-            }
-            key.0[10..14].copy_from_slice(&x.regs);
-            let (state, mark) = dp.conntrack.lookup_marked(now, zone, &flow_key, frame);
-            key.set(Field::CtState, u128::from(state));
-            key.set(Field::CtZone, u128::from(zone));
-            key.set(Field::CtMark, u128::from(mark));
-            stage = table;
-        }
-        if ct_full {
-            return drop_verdict(cell, outputs, DropReason::CtFull, last);
-        }
-        if punt {
-            bump(&cell.punts, 1);
-        }
-        if outputs.is_empty() {
-            let reason = match end {
+        let mut cached = Cached {
+            snap,
+            cache,
+            shard,
+            len,
+            now,
+        };
+        let mut live = Live {
+            conntrack: &dp.conntrack,
+            frame,
+            now,
+        };
+        let ran = exec::run(&mut cached, &mut live, key, outputs);
+        let reason = if ran.ct_full {
+            Some(DropReason::CtFull)
+        } else if ran.end == End::LoopLimit {
+            Some(DropReason::LoopLimit)
+        } else if outputs.is_empty() && !ran.punt {
+            Some(match ran.end {
                 End::Miss(t) => {
                     bump(&cell.table_misses[usize::from(t.0)], 1);
                     DropReason::NoMatch
                 }
-                End::LoopLimit => DropReason::LoopLimit,
-                End::Done | End::Recirc => DropReason::Flow,
-            };
-            if !punt {
-                return drop_verdict(cell, outputs, reason, last);
-            }
+                _ => DropReason::Flow,
+            })
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return drop_verdict(cell, snap, dp, outputs, key, reason, ran.last);
+        }
+        if ran.punt {
+            bump(&cell.punts, 1);
         }
         Verdict {
             outputs,
-            punt,
+            key,
+            punt: ran.punt,
             drop: None,
             decided_by: None,
-            committed,
+            policy: false,
+            committed: ran.committed,
         }
+    }
+}
+
+/// The packet path's translations: the microflow cache, the pipeline on a miss;
+/// every flow hit is counted.
+struct Cached<'a> {
+    snap: &'a Snapshot,
+    cache: &'a mut MicroflowCache,
+    shard: &'a ShardArray,
+    len: u64,
+    now: Time,
+}
+
+impl Translate for Cached<'_> {
+    #[inline]
+    fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate {
+        let ck = CacheKey { key: *key, stage };
+        let hash = ck.hash();
+        let (tables, generation) = (&self.snap.tables, self.snap.generation);
+        let x = self.cache.get_or_insert_with(&ck, hash, generation, || {
+            let mut scratch = *key;
+            xlate(tables, &mut scratch, stage, &mut Silent)
+        });
+        for id in &x.hits {
+            if let Some(slot) = self.shard.slots.get(id.0 as usize) {
+                bump(&slot.packets, 1);
+                bump(&slot.bytes, self.len);
+                slot.last_hit.store(self.now.0, Relaxed);
+            }
+        }
+        x
+    }
+}
+
+/// The packet path's actions: the frame's bytes and the live conntrack table.
+struct Live<'a> {
+    conntrack: &'a Conntrack,
+    frame: &'a mut [u8],
+    now: Time,
+}
+
+impl Execute for Live<'_> {
+    fn rewrite(&mut self, key: &FlowKey, field: Field, value: u128) {
+        rewrite(self.frame, key, field, value);
+    }
+
+    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> bool {
+        self.conntrack
+            .commit_marked(self.now, zone, key, self.frame.len(), mark)
+            .is_ok()
+    }
+
+    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {
+        self.conntrack
+            .lookup_marked(self.now, zone, key, self.frame)
     }
 }
 
 fn drop_verdict<'a>(
     cell: &WorkerCell,
+    snap: &Snapshot,
+    dp: &Datapath,
     outputs: &'a mut Vec<PortNo>,
+    key: &'a FlowKey,
     reason: DropReason,
     decided_by: Option<FlowId>,
 ) -> Verdict<'a> {
     outputs.clear();
     bump(&cell.drops[reason.index()], 1);
+    let policy = reason == DropReason::Flow
+        && decided_by
+            .and_then(|id| snap.tables.get(id))
+            .is_some_and(|f| dp.config.policy_tables.contains(&f.entry.table));
     Verdict {
         outputs,
+        key,
         punt: false,
         drop: Some(reason),
         decided_by,
+        policy,
         committed: false,
     }
 }

@@ -1,0 +1,114 @@
+//! Executing a packet: passes through the pipeline, with conntrack between them.
+//!
+//! Owns the one loop that both the packet path ([`crate::worker`]) and
+//! [`crate::trace`] run: translate a pass (from the microflow cache, or with a
+//! recording observer), carry out its actions, and when it ends in `ct(table=N)`
+//! look the packet up in conntrack and start the next pass at table N. Where a
+//! translation comes from and what its actions touch (frame bytes, the live
+//! conntrack table, or nothing) are the caller's, through [`Translate`] and
+//! [`Execute`]; the sequencing, the loop limit and the verdict are decided here
+//! once.
+
+use crate::classify::FlowId;
+use crate::field::{Field, MatchKey};
+use crate::flow::TableId;
+use crate::key::{FlowKey, PortNo};
+use crate::pipeline::{DpAction, End, Xlate};
+
+/// Limit on conntrack recirculations of one packet.
+pub const MAX_PASSES: usize = 4;
+
+/// Where a pass's translation comes from.
+pub(crate) trait Translate {
+    /// The translation of `key` starting at table `stage`.
+    fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate;
+}
+
+/// What carrying out a pass's actions touches.
+pub(crate) trait Execute {
+    /// A packet field was rewritten (the key already holds the new value).
+    fn rewrite(&mut self, key: &FlowKey, field: Field, value: u128);
+    /// `ct(commit)`: create the connection; `false` when the table is full.
+    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> bool;
+    /// `ct(table=N)`: the packet's `(ct_state, ct_mark)` in `zone`.
+    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8);
+}
+
+/// How a packet's passes ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ran {
+    /// The last flow whose actions ran: on a drop, the flow that decided it.
+    pub last: Option<FlowId>,
+    /// How the last pass ended ([`End::LoopLimit`] also when passes ran out).
+    pub end: End,
+    pub punt: bool,
+    /// A connection was committed.
+    pub committed: bool,
+    /// A commit was refused: the conntrack table is full.
+    pub ct_full: bool,
+}
+
+/// Runs `packet` through the pipeline: pass after pass, conntrack between them,
+/// outputs appended to `outputs`.
+pub(crate) fn run<T: Translate, E: Execute>(
+    t: &mut T,
+    e: &mut E,
+    packet: &FlowKey,
+    outputs: &mut Vec<PortNo>,
+) -> Ran {
+    let mut flow_key = *packet;
+    let mut key = packet.to_match_key();
+    let mut stage = TableId(0);
+    let mut ran = Ran {
+        last: None,
+        end: End::Done,
+        punt: false,
+        committed: false,
+        ct_full: false,
+    };
+    for _ in 0..MAX_PASSES {
+        let x = t.translate(&key, stage);
+        ran.last = x.last.or(ran.last);
+        ran.end = x.end;
+        let mut recirc = None;
+        let mut rewritten = false;
+        for a in &x.actions {
+            match *a {
+                DpAction::Output(p) => outputs.push(p),
+                DpAction::Rewrite { field, value } => {
+                    key.set(field, value);
+                    e.rewrite(&flow_key, field, value);
+                    rewritten = true;
+                }
+                DpAction::Commit { zone, mark } => {
+                    if e.commit(zone, mark, &flow_key) {
+                        ran.committed = true;
+                    } else {
+                        ran.ct_full = true;
+                    }
+                }
+                DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
+                DpAction::Controller => ran.punt = true,
+            }
+        }
+        let Some((zone, table)) = recirc else {
+            return ran;
+        };
+        if rewritten {
+            flow_key = FlowKey {
+                in_port: packet.in_port,
+                icmp_id: packet.icmp_id,
+                sctp_chunk: packet.sctp_chunk,
+                ..FlowKey::from_match_key(&key)
+            };
+        }
+        key.0[10..14].copy_from_slice(&x.regs);
+        let (state, mark) = e.lookup(zone, &flow_key);
+        key.set(Field::CtState, u128::from(state));
+        key.set(Field::CtZone, u128::from(zone));
+        key.set(Field::CtMark, u128::from(mark));
+        stage = table;
+    }
+    ran.end = End::LoopLimit;
+    ran
+}
