@@ -24,6 +24,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+echo "==> module circles"
+python3 scripts/module-cycles.py
 echo "==> cargo test (workspace)"
 cargo test --workspace --locked
 echo "==> benchmarks build"

@@ -1,10 +1,11 @@
 //! Text views of what the running switch reports: flows, ports, connections,
-//! counters. Each takes the control socket's JSON and returns aligned text.
+//! counters. Each takes the control protocol's typed view and returns aligned
+//! text.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-use serde_json::Value;
+use control::view::{ConnView, FlowView, PortView, StatsView};
 
 use crate::render::{BOLD, DIM, paint};
 
@@ -57,63 +58,48 @@ pub fn table(color: bool, headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn num(v: &Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// One flow as `ovs-ofctl dump-flows` prints it, then the rule it comes from.
-pub fn flow_line(f: &Value, color: bool) -> String {
-    let m = f["match"].as_str().unwrap_or("");
-    let m = if m.is_empty() {
+pub fn flow_line(f: &FlowView, color: bool) -> String {
+    let m = if f.matcher.is_empty() {
         String::new()
     } else {
-        format!(",{m}")
+        format!(",{}", f.matcher)
     };
     format!(
         " cookie={}, duration={}s, table={}, n_packets={}, n_bytes={}, idle_age={}, priority={}{m} actions={}  {}",
-        text(&f["cookie"]),
-        f["duration_s"].as_f64().unwrap_or(0.0),
-        num(&f["table"]),
-        num(&f["n_packets"]),
-        num(&f["n_bytes"]),
-        f["idle_age_s"].as_f64().unwrap_or(0.0) as u64,
-        num(&f["priority"]),
-        f["actions"].as_str().unwrap_or(""),
-        paint(color, DIM, &format!("# {}", text(&f["rule"]))),
+        f.cookie,
+        f.duration_s,
+        f.table,
+        f.n_packets,
+        f.n_bytes,
+        f.idle_age_s as u64,
+        f.priority,
+        f.actions,
+        paint(color, DIM, &format!("# {}", f.rule)),
     )
 }
 
 /// Whether a flow passes `--table` and `--cookie` (a substring of its rule).
-pub fn keep_flow(f: &Value, table: Option<u8>, rule: Option<&str>) -> bool {
-    table.is_none_or(|t| f["table"].as_u64() == Some(u64::from(t)))
-        && rule.is_none_or(|r| f["rule"].as_str().unwrap_or("").contains(r))
+pub fn keep_flow(f: &FlowView, table: Option<u8>, rule: Option<&str>) -> bool {
+    table.is_none_or(|t| f.table == t) && rule.is_none_or(|r| f.rule.contains(r))
 }
 
 /// The flows of a `dump-flows` answer that pass `--table` and `--cookie`.
-pub fn kept_flows<'a>(flows: &'a Value, table: Option<u8>, rule: Option<&str>) -> Vec<&'a Value> {
+pub fn kept_flows(flows: &[FlowView], table: Option<u8>, rule: Option<&str>) -> Vec<FlowView> {
     flows
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|f| keep_flow(f, table, rule))
+        .cloned()
         .collect()
 }
 
-pub fn flows_text(flows: &[&Value], color: bool) -> String {
+pub fn flows_text(flows: &[FlowView], color: bool) -> String {
     let mut out = String::new();
     for f in flows {
         out.push_str(&flow_line(f, color));
         out.push('\n');
     }
-    if flows.iter().any(|f| f["manual"] == true) {
+    if flows.iter().any(|f| f.manual) {
         out.push_str(&paint(
             color,
             DIM,
@@ -124,51 +110,60 @@ pub fn flows_text(flows: &[&Value], color: bool) -> String {
 }
 
 /// Non-zero drop counters, `reason=n,...` (or `-`).
-fn drops(d: &Value) -> (u64, String) {
-    let mut total = 0;
-    let mut parts = Vec::new();
-    if let Some(m) = d.as_object() {
-        for (k, v) in m {
-            let n = num(v);
-            if n > 0 {
-                total += n;
-                parts.push(format!("{k}={n}"));
-            }
-        }
-    }
-    let detail = if parts.is_empty() {
+fn drops(d: &BTreeMap<String, u64>) -> (u64, String) {
+    let nonzero: Vec<String> = d
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    let total = d.values().sum();
+    let detail = if nonzero.is_empty() {
         "-".to_string()
     } else {
-        parts.join(",")
+        nonzero.join(",")
     };
     (total, detail)
 }
 
-pub fn ports_text(ports: &Value, color: bool) -> String {
+pub fn ports_text(ports: &[PortView], color: bool) -> String {
     let rows: Vec<Vec<String>> = ports
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|p| {
-            let (total, detail) = drops(&p["drops"]);
-            let who = match (p["pod"].as_str(), p["node"].as_str()) {
-                (Some(pod), _) => pod.to_string(),
+            let (total, detail) = drops(&p.drops);
+            let who = match (&p.pod, &p.node) {
+                (Some(pod), _) => pod.clone(),
                 (None, Some(node)) => format!("(tunnel to {node})"),
-                (None, None) => format!("({})", text(&p["kind"])),
+                (None, None) => format!(
+                    "({})",
+                    serde_json::to_value(p.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                ),
             };
-            let ips = p["ips"]
-                .as_array()
-                .map(|a| a.iter().map(text).collect::<Vec<_>>().join(","))
-                .unwrap_or_else(|| "-".into());
+            let ips = p.ips.as_ref().map_or_else(
+                || "-".to_string(),
+                |a| {
+                    a.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+            );
+            let ifname = if p.up {
+                p.ifname.clone()
+            } else {
+                format!("{} (down)", p.ifname)
+            };
             vec![
-                num(&p["port"]).to_string(),
+                p.port.to_string(),
                 who,
-                text(&p["ifname"]),
+                ifname,
                 ips,
-                num(&p["rx_packets"]).to_string(),
-                num(&p["rx_bytes"]).to_string(),
-                num(&p["tx_packets"]).to_string(),
-                num(&p["tx_bytes"]).to_string(),
+                p.rx_packets.to_string(),
+                p.rx_bytes.to_string(),
+                p.tx_packets.to_string(),
+                p.tx_bytes.to_string(),
                 total.to_string(),
                 detail,
             ]
@@ -192,25 +187,23 @@ pub fn ports_text(ports: &Value, color: bool) -> String {
     )
 }
 
-pub fn conntrack_text(conns: &Value, color: bool) -> String {
+pub fn conntrack_text(conns: &[ConnView], color: bool) -> String {
     let rows: Vec<Vec<String>> = conns
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|c| {
+            let end = |ip: &std::net::IpAddr, port: u16| match ip {
+                std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
+                std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
+            };
             vec![
-                text(&c["proto"]),
-                format!("{}:{}", text(&c["src"]), num(&c["sport"])),
-                format!("{}:{}", text(&c["dst"]), num(&c["dport"])),
-                text(&c["state"]),
-                format!("{}s", num(&c["timeout_s"])),
-                format!(
-                    "{}/{}",
-                    num(&c["packets"]["orig"]),
-                    num(&c["packets"]["reply"])
-                ),
-                format!("{}/{}", num(&c["bytes"]["orig"]), num(&c["bytes"]["reply"])),
-                num(&c["zone"]).to_string(),
+                c.proto.clone(),
+                end(&c.src, c.sport),
+                end(&c.dst, c.dport),
+                c.state.clone(),
+                format!("{}s", c.timeout_s),
+                format!("{}/{}", c.packets.orig, c.packets.reply),
+                format!("{}/{}", c.bytes.orig, c.bytes.reply),
+                c.zone.to_string(),
             ]
         })
         .collect();
@@ -232,7 +225,7 @@ pub fn conntrack_text(conns: &Value, color: bool) -> String {
     out
 }
 
-pub fn stats_text(s: &Value, color: bool) -> String {
+pub fn stats_text(s: &StatsView, color: bool) -> String {
     let mut out = String::new();
     let mut section = |title: &str, rows: Vec<(String, String)>| {
         let _ = writeln!(out, "{}", paint(color, BOLD, title));
@@ -241,33 +234,27 @@ pub fn stats_text(s: &Value, color: bool) -> String {
             let _ = writeln!(out, "  {k:<w$}  {v}");
         }
     };
-    let c = &s["cache"];
+    let c = &s.cache;
     section(
         "datapath",
         vec![
-            ("packets".into(), num(&s["packets"]).to_string()),
-            ("bytes".into(), num(&s["bytes"]).to_string()),
-            (
-                "flows".into(),
-                format!("{} ({} masks)", num(&s["flows"]), num(&s["masks"])),
-            ),
-            ("generation".into(), num(&s["generation"]).to_string()),
+            ("packets".into(), s.packets.to_string()),
+            ("bytes".into(), s.bytes.to_string()),
+            ("flows".into(), format!("{} ({} masks)", s.flows, s.masks)),
+            ("generation".into(), s.generation.to_string()),
         ],
     );
     section(
         "microflow cache",
         vec![
-            ("lookups".into(), num(&c["lookups"]).to_string()),
-            (
-                "hit rate".into(),
-                format!("{:.1}%", c["hit_rate"].as_f64().unwrap_or(0.0) * 100.0),
-            ),
-            ("hits".into(), num(&c["hits"]).to_string()),
-            ("misses".into(), num(&c["misses"]).to_string()),
-            ("evictions".into(), num(&c["evictions"]).to_string()),
+            ("lookups".into(), c.lookups.to_string()),
+            ("hit rate".into(), format!("{:.1}%", c.hit_rate * 100.0)),
+            ("hits".into(), c.hits.to_string()),
+            ("misses".into(), c.misses.to_string()),
+            ("evictions".into(), c.evictions.to_string()),
         ],
     );
-    let ct = &s["conntrack"];
+    let ct = &s.conntrack;
     section(
         "conntrack",
         vec![
@@ -275,57 +262,54 @@ pub fn stats_text(s: &Value, color: bool) -> String {
                 "entries".into(),
                 format!(
                     "{} of {} ({:.1}%)",
-                    num(&ct["entries"]),
-                    num(&ct["max"]),
-                    num(&ct["entries"]) as f64 * 100.0 / num(&ct["max"]).max(1) as f64
+                    ct.entries,
+                    ct.max,
+                    ct.entries as f64 * 100.0 / ct.max.max(1) as f64
                 ),
             ),
-            (
-                "dropped when full".into(),
-                num(&ct["full_drops"]).to_string(),
-            ),
+            ("dropped when full".into(), ct.full_drops.to_string()),
         ],
     );
-    let drop_rows: Vec<(String, String)> = s["drops"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .map(|(k, v)| (k.clone(), num(v).to_string()))
-        .collect();
-    section("drops by reason", drop_rows);
-    let t_rows: Vec<(String, String)> = s["tables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            (
-                format!("table {}", num(&t["table"])),
-                format!(
-                    "{} flows, {} lookups, {} matched, {} missed",
-                    num(&t["flows"]),
-                    num(&t["lookups"]),
-                    num(&t["matched"]),
-                    num(&t["missed"])
-                ),
-            )
-        })
-        .collect();
-    section("tables", t_rows);
-    let r = &s["realisation"];
+    section(
+        "drops by reason",
+        s.drops
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+    );
+    section(
+        "tables",
+        s.tables
+            .iter()
+            .map(|t| {
+                (
+                    format!("table {}", t.table),
+                    format!(
+                        "{} flows, {} lookups, {} matched, {} missed",
+                        t.flows, t.lookups, t.matched, t.missed
+                    ),
+                )
+            })
+            .collect(),
+    );
+    let r = &s.realisation;
     section(
         "policy realisation",
         vec![
-            ("generation".into(), num(&r["generation"]).to_string()),
-            ("flows changed".into(), num(&r["flows_changed"]).to_string()),
+            ("generation".into(), r.generation.to_string()),
+            ("flows changed".into(), r.flows_changed.to_string()),
             (
                 "compile".into(),
-                format!("{:.3} ms", num(&r["compile_us"]) as f64 / 1e3),
+                format!("{:.3} ms", r.compile_us as f64 / 1e3),
             ),
             (
                 "publish".into(),
-                format!("{:.3} ms", num(&r["publish_us"]) as f64 / 1e3),
+                format!("{:.3} ms", r.publish_us as f64 / 1e3),
             ),
-            ("at".into(), text(&r["at_rfc3339"])),
+            (
+                "at".into(),
+                r.at_rfc3339.clone().unwrap_or_else(|| "-".into()),
+            ),
         ],
     );
     out
@@ -334,24 +318,22 @@ pub fn stats_text(s: &Value, color: bool) -> String {
 /// One refresh of `watch`: flows ordered by packets since the previous
 /// refresh (then by total), with the rate.
 pub fn watch_frame(
-    flows: &[&Value],
+    flows: &[FlowView],
     previous: &HashMap<String, u64>,
     interval_s: f64,
     limit: usize,
     color: bool,
 ) -> String {
-    let mut rows: Vec<(u64, &Value)> = flows
+    let mut rows: Vec<(u64, &FlowView)> = flows
         .iter()
         .map(|f| {
-            let key = f["flow"].as_str().unwrap_or("").to_string();
-            let now = num(&f["n_packets"]);
-            let before = previous.get(&key).copied().unwrap_or(now);
-            (now.saturating_sub(before), *f)
+            let before = previous.get(&f.flow).copied().unwrap_or(f.n_packets);
+            (f.n_packets.saturating_sub(before), f)
         })
         .collect();
     rows.sort_by(|a, b| {
         b.0.cmp(&a.0)
-            .then_with(|| num(&b.1["n_packets"]).cmp(&num(&a.1["n_packets"])))
+            .then_with(|| b.1.n_packets.cmp(&a.1.n_packets))
     });
     let table_rows: Vec<Vec<String>> = rows
         .iter()
@@ -359,14 +341,14 @@ pub fn watch_frame(
         .map(|(delta, f)| {
             vec![
                 format!("{:.0}", *delta as f64 / interval_s),
-                num(&f["n_packets"]).to_string(),
-                num(&f["n_bytes"]).to_string(),
-                num(&f["table"]).to_string(),
-                num(&f["priority"]).to_string(),
+                f.n_packets.to_string(),
+                f.n_bytes.to_string(),
+                f.table.to_string(),
+                f.priority.to_string(),
                 format!(
                     "{} {}",
-                    f["match"].as_str().unwrap_or(""),
-                    paint(color, DIM, &format!("# {}", text(&f["rule"])))
+                    f.matcher,
+                    paint(color, DIM, &format!("# {}", f.rule))
                 ),
             ]
         })

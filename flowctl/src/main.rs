@@ -15,9 +15,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use policy::manifest;
-use policy::offline::{L4, Offline};
+use policy::offline::Offline;
+use policy::probe::L4;
 
-use vswitch::control::{DEFAULT_SOCKET, Request, request};
+use control::view::{ConnView, Deleted, FlowView, HealthView, PortView, StatsView, TraceView};
+use control::{Client, ConnFilter, DEFAULT_SOCKET, Request, error_chain};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -125,7 +127,7 @@ fn offline(dir: &Path) -> Result<(Offline, bool)> {
     let m = manifest::load(dir)
         .with_context(|| format!("failed to load manifests from {}", dir.display()))?;
     for e in &m.errors {
-        eprintln!("flowctl: {}", render::error_chain(e));
+        eprintln!("flowctl: {}", error_chain(e));
     }
     let compiled = Offline::new(m.to_cluster()).context("failed to compile manifests")?;
     Ok((compiled, !m.errors.is_empty()))
@@ -194,64 +196,81 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             cli.socket.display()
         );
     }
-    let ask = |req: &Request| {
-        request(&cli.socket, req).map_err(|e| anyhow::anyhow!(render::error_chain(&e)))
+    let mut client =
+        Client::connect(&cli.socket, "flowctl").map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let mut ask = |req: &Request| -> Result<serde_json::Value> {
+        client
+            .call(req)
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))
     };
     let json = cli.output == Output::Json;
     let color = !json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let pretty = |v: &serde_json::Value| {
-        format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
-    };
-    // Asks, then prints the answer as JSON or as `text` renders it.
-    let view = |req: &Request, text: fn(&serde_json::Value, bool) -> String| {
-        ask(req).map(|v| if json { pretty(&v) } else { text(&v, color) })
-    };
     let out = match &cli.command {
         Command::DumpFlows { table, cookie } => {
-            let flows = ask(&Request::DumpFlows)?;
+            let flows: Vec<FlowView> = typed(ask(&Request::DumpFlows)?)?;
             let kept = live::kept_flows(&flows, *table, cookie.as_deref());
             if json {
-                pretty(&serde_json::json!(kept))
+                pretty(&kept)
             } else {
                 live::flows_text(&kept, color)
             }
         }
         Command::Trace { spec } => {
             let spec = spec::parse(spec).map_err(|e| anyhow::anyhow!("bad trace spec: {e}"))?;
-            view(
-                &Request::Trace {
-                    src: spec.src.to_string(),
-                    dst: spec.dst.to_string(),
-                    protocol: spec.l4.protocol_name().into(),
-                    port: spec.l4.port(),
-                },
-                render::trace_text,
-            )?
+            let v: TraceView = typed(ask(&Request::Trace {
+                src: spec.src,
+                dst: spec.dst,
+                l4: spec.l4,
+            })?)?;
+            if json {
+                pretty(&v)
+            } else {
+                render::trace_text(&v, color)
+            }
         }
-        Command::DumpPorts => view(&Request::Ports, live::ports_text)?,
-        Command::DumpConntrack { zone, filter } => view(
-            &Request::DumpConntrack {
+        Command::DumpPorts => {
+            let v: Vec<PortView> = typed(ask(&Request::Ports)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::ports_text(&v, color)
+            }
+        }
+        Command::DumpConntrack { zone, filter } => {
+            let filter = ConnFilter::parse(filter.as_deref().unwrap_or(""))
+                .map_err(|e| anyhow::anyhow!("bad filter: {e}"))?;
+            let v: Vec<ConnView> = typed(ask(&Request::DumpConntrack {
                 zone: *zone,
-                filter: filter.clone(),
-            },
-            live::conntrack_text,
-        )?,
-        Command::Stats => view(&Request::Stats, live::stats_text)?,
+                filter,
+            })?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::conntrack_text(&v, color)
+            }
+        }
+        Command::Stats => {
+            let v: StatsView = typed(ask(&Request::Stats)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::stats_text(&v, color)
+            }
+        }
         Command::Health => {
-            let v = ask(&Request::Health)?;
-            let ready = v["ready"].as_bool().unwrap_or(false);
+            let v: HealthView = typed(ask(&Request::Health)?)?;
             if json {
                 print!("{}", pretty(&v));
             } else {
                 println!(
                     "{} (source {}, node {}, generation {})",
-                    if ready { "ready" } else { "not ready" },
-                    v["source"].as_str().unwrap_or("?"),
-                    v["node"].as_str().unwrap_or("?"),
-                    v["generation"]
+                    if v.ready { "ready" } else { "not ready" },
+                    v.source,
+                    v.node,
+                    v.generation
                 );
             }
-            return Ok(if ready {
+            return Ok(if v.ready {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -269,11 +288,11 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             String::new()
         }
         Command::DelFlows { flow } => {
-            let v = ask(&Request::DelFlows { flow: flow.clone() })?;
+            let v: Deleted = typed(ask(&Request::DelFlows { flow: flow.clone() })?)?;
             if json {
                 pretty(&v)
             } else {
-                format!("{} flow(s) deleted\n", v["deleted"])
+                format!("{} flow(s) deleted\n", v.deleted)
             }
         }
         Command::Watch {
@@ -289,10 +308,10 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             let mut previous = std::collections::HashMap::new();
             let mut n = 0u64;
             loop {
-                let flows = ask(&Request::DumpFlows)?;
+                let flows: Vec<FlowView> = typed(ask(&Request::DumpFlows)?)?;
                 let kept = live::kept_flows(&flows, *table, cookie.as_deref());
                 let frame = if json {
-                    format!("{}\n", serde_json::json!(kept))
+                    format!("{}\n", serde_json::to_string(&kept).unwrap_or_default())
                 } else {
                     let clear = if std::io::stdout().is_terminal() {
                         "\x1b[H\x1b[2J"
@@ -308,15 +327,7 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 print!("{frame}");
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
-                previous = kept
-                    .iter()
-                    .map(|f| {
-                        (
-                            f["flow"].as_str().unwrap_or("").to_string(),
-                            f["n_packets"].as_u64().unwrap_or(0),
-                        )
-                    })
-                    .collect();
+                previous = kept.iter().map(|f| (f.flow.clone(), f.n_packets)).collect();
                 n += 1;
                 if count.is_some_and(|c| n >= c) {
                     break;
@@ -330,6 +341,16 @@ fn live(cli: &Cli) -> Result<ExitCode> {
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// An answer as pretty JSON, one line break at the end.
+fn pretty<T: serde::Serialize>(v: &T) -> String {
+    format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default())
+}
+
+/// An answer as its typed view.
+fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
+    serde_json::from_value(v).context("vswitchd sent an answer this flowctl cannot read")
 }
 
 fn main() -> ExitCode {

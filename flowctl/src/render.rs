@@ -2,8 +2,9 @@
 
 use std::fmt::Write as _;
 
-use policy::explain::describe;
-use policy::offline::{L4, Offline, Traced};
+use policy::explain::{TraceView, Traced, describe};
+use policy::offline::Offline;
+use policy::probe::L4;
 use serde_json::{Value, json};
 
 use crate::spec::Spec;
@@ -20,17 +21,6 @@ pub(crate) fn paint(color: bool, code: &str, s: &str) -> String {
     } else {
         s.to_string()
     }
-}
-
-/// An error with its causes, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let _ = write!(out, ": {s}");
-        src = s.source();
-    }
-    out
 }
 
 pub fn dump_flows(o: &Offline, table: Option<u8>, rule: Option<&str>, json: bool) -> String {
@@ -72,17 +62,16 @@ pub fn dump_flows(o: &Offline, table: Option<u8>, rule: Option<&str>, json: bool
     out
 }
 
-/// Renders a trace view (see `policy::explain::trace_view`) as text.
-pub fn trace_text(v: &Value, color: bool) -> String {
-    let p = &v["packet"];
-    let end = |ip: &Value, port: &Value, pod: &Value| {
-        let ip = ip.as_str().unwrap_or("?");
-        let addr = match port.as_u64() {
+/// Renders a trace view (offline or live) as text.
+pub fn trace_text(v: &TraceView, color: bool) -> String {
+    let p = &v.packet;
+    let end = |ip: &str, port: Option<u16>, pod: &Option<String>| {
+        let addr = match port {
             Some(port) if ip.contains(':') => format!("[{ip}]:{port}"),
             Some(port) => format!("{ip}:{port}"),
             None => ip.to_string(),
         };
-        match pod.as_str() {
+        match pod {
             Some(pod) => format!("{pod} ({addr})"),
             None => format!("{addr} (outside the cluster)"),
         }
@@ -92,16 +81,11 @@ pub fn trace_text(v: &Value, color: bool) -> String {
         out,
         "{} {} {} -> {}",
         paint(color, BOLD, "packet:"),
-        p["protocol"].as_str().unwrap_or("?"),
-        end(&p["src_ip"], &p["tp_src"], &p["src_pod"]),
-        end(&p["dst_ip"], &p["tp_dst"], &p["dst_pod"]),
+        p.protocol,
+        end(&p.src_ip, p.tp_src, &p.src_pod),
+        end(&p.dst_ip, p.tp_dst, &p.dst_pod),
     );
-    let assumed = v["steps"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|s| s["conntrack"]["assumed"].as_bool() == Some(true));
-    if assumed {
+    if v.conntrack_assumed {
         let _ = writeln!(
             out,
             "{}",
@@ -111,8 +95,8 @@ pub fn trace_text(v: &Value, color: bool) -> String {
                 "(a new connection; offline mode assumes conntrack +trk+new)"
             )
         );
-    } else if let Some(kind) = v["connection"].as_str() {
-        let what = match kind {
+    } else if let Some(kind) = &v.connection {
+        let what = match kind.as_str() {
             "new" => "a new connection",
             "established" => "part of an established connection: policy is not consulted again",
             "related" => "related to a tracked connection",
@@ -124,46 +108,37 @@ pub fn trace_text(v: &Value, color: bool) -> String {
             paint(color, DIM, &format!("(live conntrack: {what})"))
         );
     }
-    for s in v["steps"].as_array().into_iter().flatten() {
-        let indent = "    ".repeat(s["depth"].as_u64().unwrap_or(0) as usize);
-        let table = s["table"].as_u64().unwrap_or(0);
-        match s["flow"].as_str() {
+    for s in &v.steps {
+        let indent = "    ".repeat(s.depth as usize);
+        let table = s.table;
+        match &s.flow {
             None => {
                 let _ = writeln!(out, "{indent}table={table:<3} no match");
             }
             Some(flow) => {
-                let rule = s["rule"].as_str().unwrap_or("");
+                let rule = s.rule.as_deref().unwrap_or("");
                 let _ = writeln!(
                     out,
                     "{indent}table={table:<3} {flow}  {}",
                     paint(color, DIM, &format!("# {rule}"))
                 );
-                if let Some(c) = s["conjunction"].as_object() {
-                    let _ = writeln!(
-                        out,
-                        "{indent}          conjunction {} completed by:",
-                        c["id"]
-                    );
-                    for clause in c["clauses"].as_array().into_iter().flatten() {
-                        let _ = writeln!(
-                            out,
-                            "{indent}            {}",
-                            clause["flow"].as_str().unwrap_or("")
-                        );
+                if let Some(c) = &s.conjunction {
+                    let _ = writeln!(out, "{indent}          conjunction {} completed by:", c.id);
+                    for clause in &c.clauses {
+                        let _ = writeln!(out, "{indent}            {}", clause.flow);
                     }
                 }
-                if let Some(ct) = s["conntrack"].as_object() {
+                if let Some(ct) = &s.conntrack {
                     let _ = writeln!(
                         out,
                         "{indent}          conntrack zone {}: {}",
-                        ct["zone"],
-                        ct["state"].as_str().unwrap_or("")
+                        ct.zone, ct.state
                     );
                 }
             }
         }
     }
-    let verdict = if v["verdict"] == "allow" {
+    let verdict = if v.verdict == "allow" {
         paint(color, GREEN, "ALLOW")
     } else {
         paint(color, RED, "DENY")
@@ -172,15 +147,14 @@ pub fn trace_text(v: &Value, color: bool) -> String {
         out,
         "{} {verdict} by {}",
         paint(color, BOLD, "verdict:"),
-        v["rule"].as_str().unwrap_or("")
+        v.rule
     );
-    let outputs: Vec<String> = v["output"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|o| match o["pod"].as_str() {
-            Some(pod) => format!("{} ({pod})", o["port"]),
-            None => format!("{} (gateway)", o["port"]),
+    let outputs: Vec<String> = v
+        .output
+        .iter()
+        .map(|o| match &o.pod {
+            Some(pod) => format!("{} ({pod})", o.port),
+            None => format!("{} (gateway)", o.port),
         })
         .collect();
     if !outputs.is_empty() {

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use policy::offline::{Endpoint, L4};
+use policy::probe::{Endpoint, L4};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {

@@ -4,14 +4,18 @@
 //! default deny, or pipeline stage) decided it, from the cookies of the flows the
 //! packet matched.
 
+use datapath::FlowKey;
 use datapath::field::Field;
-use datapath::flow::Cookie;
+use datapath::flow::{Action, Cookie};
 use datapath::key::wide_to_ip;
 use datapath::pipeline::End;
 use datapath::trace::{Outcome, Trace};
+use serde::{Deserialize, Serialize};
 
-use crate::compile::{AFTER_EGRESS, Compiler, EGRESS_TABLE, INGRESS_TABLE, Provenance};
-use crate::pipeline;
+use crate::compile::{Compiler, Provenance};
+use crate::pipeline::{self, Topology};
+use crate::probe::{Endpoint, L4};
+use crate::tables::{AFTER_EGRESS, EGRESS_TABLE, INGRESS_TABLE};
 
 /// What a cookie stands for, in words.
 pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
@@ -32,7 +36,7 @@ pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
     if let Some(d) = pipeline::describe(cookie) {
         return d.to_string();
     }
-    if crate::compile::is_manual(cookie) {
+    if crate::cookie::is_manual(cookie) {
         return "manual flow (flowctl add-flow; not policy)".to_string();
     }
     if cookie.0 == 0 {
@@ -157,86 +161,192 @@ pub fn connection_kind(state: u8) -> &'static str {
     }
 }
 
-/// A trace as JSON, the one shape `flowctl` prints (offline or live) and renders
-/// as text: `packet`, `verdict`, `rule`, `rules`, `output`, `steps`.
-/// `assumed`: conntrack states were assumed (offline) rather than looked up.
+/// A traced packet and its explanation.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    pub key: FlowKey,
+    pub trace: Trace,
+    pub verdict: Verdict,
+}
+
+/// A trace as operators see it, offline or live: the one shape `flowctl`
+/// prints as JSON and renders as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceView {
+    pub packet: PacketView,
+    /// What conntrack made of the first lookup: `new`, `established`,
+    /// `related` or `invalid`.
+    pub connection: Option<String>,
+    /// Conntrack states were assumed (offline) rather than looked up.
+    pub conntrack_assumed: bool,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The deciding rule(s), in words.
+    pub rule: String,
+    pub rules: Vec<String>,
+    pub output: Vec<OutputView>,
+    pub steps: Vec<StepView>,
+}
+
+/// The traced packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PacketView {
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    pub src_ip: String,
+    pub dst_ip: String,
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+    pub tp_src: Option<u16>,
+    pub tp_dst: Option<u16>,
+    pub in_port: u32,
+}
+
+/// A port the packet leaves by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputView {
+    pub port: u32,
+    /// The pod behind it (`None`: the gateway or a tunnel).
+    pub pod: Option<String>,
+}
+
+/// One table visit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepView {
+    pub table: u8,
+    pub depth: u32,
+    pub priority: Option<u16>,
+    /// The flow that matched, ovs-ofctl syntax (`None`: a table miss).
+    pub flow: Option<String>,
+    pub rule: Option<String>,
+    pub conjunction: Option<ConjunctionView>,
+    /// The conntrack lookup this flow made.
+    pub conntrack: Option<CtLookupView>,
+}
+
+/// A conjunctive match and the clause flows that completed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConjunctionView {
+    pub id: u32,
+    pub clauses: Vec<ClauseView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClauseView {
+    pub flow: String,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtLookupView {
+    pub zone: u16,
+    /// `+new+trk` style.
+    pub state: String,
+    pub assumed: bool,
+}
+
+/// The view of a trace. `assumed`: conntrack states were assumed (offline)
+/// rather than looked up.
 pub fn trace_view(
     compiler: &Compiler,
-    topology: &crate::pipeline::Topology,
-    src: &crate::offline::Endpoint,
-    dst: &crate::offline::Endpoint,
-    l4: crate::offline::L4,
-    traced: &crate::offline::Traced,
+    topology: &Topology,
+    src: &Endpoint,
+    dst: &Endpoint,
+    l4: L4,
+    traced: &Traced,
     assumed: bool,
-) -> serde_json::Value {
-    use datapath::flow::Action;
-    use serde_json::json;
+) -> TraceView {
     let k = &traced.key;
     let ports = match l4 {
-        crate::offline::L4::Icmp => (None, None),
+        L4::Icmp => (None, None),
         _ => (Some(k.tp_src), Some(k.tp_dst)),
     };
     let name_of =
         |ip: std::net::IpAddr| compiler.cluster().pod_by_ip(ip).map(|p| p.key.to_string());
     let mut ct = traced.trace.ct_lookups.iter();
-    let steps: Vec<serde_json::Value> = traced
+    let steps = traced
         .trace
         .steps
         .iter()
         .map(|s| {
             let flow = s.flow.as_ref().map(|(_, f)| f);
-            let recirc = flow.is_some_and(|f| f.actions.iter().any(|a| matches!(a, Action::Ct { table: Some(_), .. })));
-            json!({
-                "table": s.table.0,
-                "depth": s.depth,
-                "priority": flow.map(|f| f.priority),
-                "flow": flow.map(|f| f.to_string()),
-                "rule": flow.map(|f| describe(compiler, f.cookie)),
-                "conjunction": s.conjunction.as_ref().map(|c| json!({
-                    "id": c.id,
-                    "clauses": c.members.iter().map(|(_, m)| json!({"flow": m.to_string(), "rule": describe(compiler, m.cookie)})).collect::<Vec<_>>(),
-                })),
-                "conntrack": if recirc {
-                    ct.next().map(|(zone, state)| json!({"zone": zone, "state": ct_state_text(*state), "assumed": assumed}))
+            let recirc = flow.is_some_and(|f| {
+                f.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Ct { table: Some(_), .. }))
+            });
+            StepView {
+                table: s.table.0,
+                depth: s.depth,
+                priority: flow.map(|f| f.priority),
+                flow: flow.map(|f| f.to_string()),
+                rule: flow.map(|f| describe(compiler, f.cookie)),
+                conjunction: s.conjunction.as_ref().map(|c| ConjunctionView {
+                    id: c.id,
+                    clauses: c
+                        .members
+                        .iter()
+                        .map(|(_, m)| ClauseView {
+                            flow: m.to_string(),
+                            rule: describe(compiler, m.cookie),
+                        })
+                        .collect(),
+                }),
+                conntrack: if recirc {
+                    ct.next().map(|(zone, state)| CtLookupView {
+                        zone: *zone,
+                        state: ct_state_text(*state),
+                        assumed,
+                    })
                 } else {
                     None
                 },
-            })
+            }
         })
         .collect();
-    let output: Vec<serde_json::Value> = match &traced.trace.outcome {
+    let output = match &traced.trace.outcome {
         Outcome::Output(ports) => ports
             .iter()
-            .map(|p| {
-                let pod = topology
+            .map(|p| OutputView {
+                port: p.0,
+                pod: topology
                     .pods
                     .iter()
                     .find(|x| x.port == *p)
-                    .map(|x| x.pod.to_string());
-                json!({"port": p.0, "pod": pod})
+                    .map(|x| x.pod.to_string()),
             })
             .collect(),
         _ => vec![],
     };
-    json!({
-        "packet": {
-            "protocol": l4.protocol_name(),
-            "src": src.to_string(),
-            "dst": dst.to_string(),
-            "src_ip": wide_to_ip(k.nw_src).to_string(),
-            "dst_ip": wide_to_ip(k.nw_dst).to_string(),
-            "src_pod": name_of(wide_to_ip(k.nw_src)),
-            "dst_pod": name_of(wide_to_ip(k.nw_dst)),
-            "tp_src": ports.0,
-            "tp_dst": ports.1,
-            "in_port": k.in_port.0,
+    TraceView {
+        packet: PacketView {
+            protocol: l4.protocol_name().to_string(),
+            src: src.to_string(),
+            dst: dst.to_string(),
+            src_ip: wide_to_ip(k.nw_src).to_string(),
+            dst_ip: wide_to_ip(k.nw_dst).to_string(),
+            src_pod: name_of(wide_to_ip(k.nw_src)),
+            dst_pod: name_of(wide_to_ip(k.nw_dst)),
+            tp_src: ports.0,
+            tp_dst: ports.1,
+            in_port: k.in_port.0,
         },
-        "connection": traced.trace.ct_lookups.first().map(|(_, state)| connection_kind(*state)),
-        "conntrack_assumed": assumed,
-        "verdict": if traced.verdict.allowed { "allow" } else { "deny" },
-        "rule": traced.verdict.rule,
-        "rules": traced.verdict.rules,
-        "output": output,
-        "steps": steps,
-    })
+        connection: traced
+            .trace
+            .ct_lookups
+            .first()
+            .map(|(_, state)| connection_kind(*state).to_string()),
+        conntrack_assumed: assumed,
+        verdict: if traced.verdict.allowed {
+            "allow"
+        } else {
+            "deny"
+        }
+        .to_string(),
+        rule: traced.verdict.rule.clone(),
+        rules: traced.verdict.rules.clone(),
+        output,
+        steps,
+    }
 }

@@ -8,14 +8,17 @@
 //! verdict naming the rule. No I/O except reading manifest files in [`manifest`].
 
 pub mod compile;
+pub mod cookie;
 pub mod error;
 pub mod explain;
 pub mod manifest;
 pub mod model;
 pub mod offline;
 pub mod pipeline;
+pub mod probe;
 pub mod selector;
 pub mod synthetic;
+pub mod tables;
 
 pub use compile::{Change, Compiler, FlowDiff, Provenance};
 pub use error::{Error, FieldError};

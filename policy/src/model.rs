@@ -43,6 +43,20 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// As `namespace/name` on the wire (the control protocol, JSON output).
+impl serde::Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ObjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for ObjectKey {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -12,26 +12,10 @@ use datapath::field::{Field, ether_type, ipv4_mapped, mac_value};
 use datapath::flow::{Action, Cookie, FlowEntry, TableId, Zone};
 use datapath::{Match, PortNo};
 
-use crate::compile::{AFTER_EGRESS, AFTER_INGRESS, EGRESS_TABLE, INGRESS_TABLE, KIND_PIPELINE};
+use crate::compile::{Compiler, net_match};
+use crate::cookie::CookieKind;
 use crate::model::{Cluster, ObjectKey};
-
-pub const CLASSIFIER: u8 = 0;
-pub const SPOOFGUARD: u8 = 10;
-pub const ARP_RESPONDER: u8 = 20;
-pub const CONNTRACK: u8 = 30;
-pub const FORWARDING: u8 = 60;
-pub const OUTPUT: u8 = 70;
-
-/// `reg0` value of a packet from a pod port.
-pub const CLASS_POD: u128 = 1;
-/// `reg0` value of a packet from the gateway port.
-pub const CLASS_GATEWAY: u128 = 2;
-/// `reg0` value of a packet from a tunnel port (another node's pods).
-pub const CLASS_TUNNEL: u128 = 3;
-/// `ct_mark` of connections that entered the switch from the gateway: the
-/// node's kernel (e.g. kube-proxy's DNAT) saw them, so their replies go back
-/// through it to have the translation undone.
-pub const MARK_VIA_GATEWAY: u8 = 1;
+use crate::tables::*;
 
 /// Another node, reached through a tunnel port: its pods' addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,51 +57,113 @@ pub struct Topology {
     pub zone: u16,
 }
 
-/// What base-pipeline cookies say: (cookie, description).
-const PURPOSES: [&str; 23] = [
-    "classifier: known port",
-    "classifier: unknown port",
-    "spoofguard: own MAC and IP",
-    "spoofguard: gateway",
-    "spoofguard: spoofed or unknown",
-    "arp responder: reply",
-    "arp responder: no broadcast",
-    "conntrack: lookup",
-    "conntrack: invalid",
-    "conntrack: established or related",
-    "policy: not isolated",
-    "forwarding: local pod",
-    "forwarding: via gateway",
-    "output",
-    "classifier: tunnel",
-    "spoofguard: tunnel (remote node's pods)",
-    "policy: egress enforced on the source node",
-    "policy: ingress enforced on the destination node",
-    "forwarding: remote node",
-    "forwarding: local pod from tunnel",
-    "policy: service traffic, decided after the node translates it",
-    "forwarding: reply through the node (it translated the connection)",
-    "output, remembering the node saw it",
-];
+/// What a base-pipeline flow is for; its cookie says it (the payload is the
+/// variant's number, stable across releases).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    ClassifierKnown,
+    ClassifierUnknown,
+    SpoofguardOwn,
+    SpoofguardGateway,
+    SpoofguardDrop,
+    ArpReply,
+    ArpNoBroadcast,
+    ConntrackLookup,
+    ConntrackInvalid,
+    ConntrackEstablished,
+    NotIsolated,
+    ForwardLocal,
+    ForwardGateway,
+    Output,
+    ClassifierTunnel,
+    SpoofguardTunnel,
+    EgressElsewhere,
+    IngressElsewhere,
+    ForwardRemote,
+    ForwardFromTunnel,
+    ServiceTraffic,
+    ReplyThroughNode,
+    OutputViaNode,
+}
 
-fn cookie(purpose: &str) -> Cookie {
-    let i = PURPOSES
-        .iter()
-        .position(|p| *p == purpose)
-        .expect("known purpose");
-    Cookie(KIND_PIPELINE | i as u64)
+impl Purpose {
+    const ALL: [Purpose; 23] = [
+        Purpose::ClassifierKnown,
+        Purpose::ClassifierUnknown,
+        Purpose::SpoofguardOwn,
+        Purpose::SpoofguardGateway,
+        Purpose::SpoofguardDrop,
+        Purpose::ArpReply,
+        Purpose::ArpNoBroadcast,
+        Purpose::ConntrackLookup,
+        Purpose::ConntrackInvalid,
+        Purpose::ConntrackEstablished,
+        Purpose::NotIsolated,
+        Purpose::ForwardLocal,
+        Purpose::ForwardGateway,
+        Purpose::Output,
+        Purpose::ClassifierTunnel,
+        Purpose::SpoofguardTunnel,
+        Purpose::EgressElsewhere,
+        Purpose::IngressElsewhere,
+        Purpose::ForwardRemote,
+        Purpose::ForwardFromTunnel,
+        Purpose::ServiceTraffic,
+        Purpose::ReplyThroughNode,
+        Purpose::OutputViaNode,
+    ];
+
+    /// In words, as traces and dumps show it.
+    pub const fn text(self) -> &'static str {
+        match self {
+            Purpose::ClassifierKnown => "classifier: known port",
+            Purpose::ClassifierUnknown => "classifier: unknown port",
+            Purpose::SpoofguardOwn => "spoofguard: own MAC and IP",
+            Purpose::SpoofguardGateway => "spoofguard: gateway",
+            Purpose::SpoofguardDrop => "spoofguard: spoofed or unknown",
+            Purpose::ArpReply => "arp responder: reply",
+            Purpose::ArpNoBroadcast => "arp responder: no broadcast",
+            Purpose::ConntrackLookup => "conntrack: lookup",
+            Purpose::ConntrackInvalid => "conntrack: invalid",
+            Purpose::ConntrackEstablished => "conntrack: established or related",
+            Purpose::NotIsolated => "policy: not isolated",
+            Purpose::ForwardLocal => "forwarding: local pod",
+            Purpose::ForwardGateway => "forwarding: via gateway",
+            Purpose::Output => "output",
+            Purpose::ClassifierTunnel => "classifier: tunnel",
+            Purpose::SpoofguardTunnel => "spoofguard: tunnel (remote node's pods)",
+            Purpose::EgressElsewhere => "policy: egress enforced on the source node",
+            Purpose::IngressElsewhere => "policy: ingress enforced on the destination node",
+            Purpose::ForwardRemote => "forwarding: remote node",
+            Purpose::ForwardFromTunnel => "forwarding: local pod from tunnel",
+            Purpose::ServiceTraffic => {
+                "policy: service traffic, decided after the node translates it"
+            }
+            Purpose::ReplyThroughNode => {
+                "forwarding: reply through the node (it translated the connection)"
+            }
+            Purpose::OutputViaNode => "output, remembering the node saw it",
+        }
+    }
+
+    pub fn cookie(self) -> Cookie {
+        CookieKind::Pipeline.cookie(self as u64)
+    }
+
+    /// The purpose of a base-pipeline cookie.
+    pub fn of(c: Cookie) -> Option<Purpose> {
+        let i = CookieKind::Pipeline.payload(c)?;
+        Purpose::ALL.get(usize::try_from(i).ok()?).copied()
+    }
 }
 
 /// What a base-pipeline cookie stands for.
 pub fn describe(c: Cookie) -> Option<&'static str> {
-    if c.0 & (0xff << 56) != KIND_PIPELINE {
-        return None;
-    }
-    PURPOSES.get((c.0 & 0xffff) as usize).copied()
+    Purpose::of(c).map(Purpose::text)
 }
 
-fn flow(table: u8, priority: u16, m: Match, purpose: &str) -> FlowEntry {
-    FlowEntry::new(table, priority, m).cookie(cookie(purpose).0)
+fn flow(table: u8, priority: u16, m: Match, purpose: Purpose) -> FlowEntry {
+    FlowEntry::new(table, priority, m).cookie(purpose.cookie().0)
 }
 
 fn ip_of(ip: &IpAddr) -> (u16, u128) {
@@ -198,26 +244,35 @@ impl ThenOutput for FlowEntry {
     }
 }
 
-/// The base flows for `topo`.
+/// The base flows for `topo`: every table but the compiled policy flows.
 pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     let mut out = Vec::new();
-    let zone = Zone::Imm(topo.zone);
-    let ip_any = [ether_type::IPV4, ether_type::IPV6];
+    classifier(topo, &mut out);
+    spoofguard(topo, &mut out);
+    arp_responder(topo, &mut out);
+    conntrack(topo, &mut out);
+    policy_exemptions(topo, &mut out);
+    forwarding(topo, &mut out);
+    output(topo, &mut out);
+    out
+}
 
+/// Table 0: every known port gets its class in `reg0`; unknown ports drop.
+fn classifier(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 0: classifier.
     let classes = topo
         .pods
         .iter()
-        .map(|p| (p.port, CLASS_POD, "classifier: known port"))
+        .map(|p| (p.port, CLASS_POD, Purpose::ClassifierKnown))
         .chain(
             topo.gateway
                 .iter()
-                .map(|g| (g.port, CLASS_GATEWAY, "classifier: known port")),
+                .map(|g| (g.port, CLASS_GATEWAY, Purpose::ClassifierKnown)),
         )
         .chain(
             topo.tunnels
                 .iter()
-                .map(|t| (t.port, CLASS_TUNNEL, "classifier: tunnel")),
+                .map(|t| (t.port, CLASS_TUNNEL, Purpose::ClassifierTunnel)),
         );
     for (port, class, purpose) in classes {
         let m = Match::any().with(Field::InPort, port.0.into());
@@ -236,9 +291,13 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
         CLASSIFIER,
         0,
         Match::any(),
-        "classifier: unknown port",
+        Purpose::ClassifierUnknown,
     ));
+}
 
+/// Table 10: a pod may send only its own MAC and addresses; a remote node only its pods' addresses.
+fn spoofguard(topo: &Topology, out: &mut Vec<FlowEntry>) {
+    let ip_any = [ether_type::IPV4, ether_type::IPV6];
     // 10: spoofguard.
     for p in &topo.pods {
         let port = Match::any()
@@ -251,7 +310,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     SPOOFGUARD,
                     200,
                     port.with(Field::DlType, dl.into()).with(Field::NwSrc, addr),
-                    "spoofguard: own MAC and IP",
+                    Purpose::SpoofguardOwn,
                 )
                 .action(goto(CONNTRACK)),
             );
@@ -261,8 +320,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     .with(Field::NwSrc, addr)
                     .with(Field::ArpSha, mac_value(p.mac));
                 out.push(
-                    flow(SPOOFGUARD, 200, arp, "spoofguard: own MAC and IP")
-                        .action(goto(ARP_RESPONDER)),
+                    flow(SPOOFGUARD, 200, arp, Purpose::SpoofguardOwn).action(goto(ARP_RESPONDER)),
                 );
             }
         }
@@ -274,7 +332,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 SPOOFGUARD,
                 200,
                 port.with(Field::DlType, ether_type::ARP.into()),
-                "spoofguard: gateway",
+                Purpose::SpoofguardGateway,
             )
             .action(goto(ARP_RESPONDER)),
         );
@@ -284,7 +342,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     SPOOFGUARD,
                     200,
                     port.with(Field::DlType, dl.into()),
-                    "spoofguard: gateway",
+                    Purpose::SpoofguardGateway,
                 )
                 .action(goto(CONNTRACK)),
             );
@@ -293,26 +351,15 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     // A remote node may only send its own pods' addresses.
     for t in &topo.tunnels {
         for net in &t.pod_cidrs {
-            let m =
-                crate::compile::net_match(Field::NwSrc, *net).with(Field::InPort, t.port.0.into());
-            out.push(
-                flow(
-                    SPOOFGUARD,
-                    200,
-                    m,
-                    "spoofguard: tunnel (remote node's pods)",
-                )
-                .action(goto(CONNTRACK)),
-            );
+            let m = net_match(Field::NwSrc, *net).with(Field::InPort, t.port.0.into());
+            out.push(flow(SPOOFGUARD, 200, m, Purpose::SpoofguardTunnel).action(goto(CONNTRACK)));
         }
     }
-    out.push(flow(
-        SPOOFGUARD,
-        0,
-        Match::any(),
-        "spoofguard: spoofed or unknown",
-    ));
+    out.push(flow(SPOOFGUARD, 0, Match::any(), Purpose::SpoofguardDrop));
+}
 
+/// Table 20: ARP requests for every address the switch knows are answered here; no broadcast crosses pods.
+fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 20: ARP responder, for every address the switch knows.
     let known = topo
         .pods
@@ -327,7 +374,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 .with(Field::NwProto, 1)
                 .with(Field::NwDst, addr);
             out.push(arp_reply(
-                flow(ARP_RESPONDER, 100, m, "arp responder: reply"),
+                flow(ARP_RESPONDER, 100, m, Purpose::ArpReply),
                 mac,
                 addr,
             ));
@@ -344,7 +391,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 .with(Field::NwProto, 1)
                 .with(Field::NwDst, addr);
             out.push(arp_reply(
-                flow(ARP_RESPONDER, 100, m, "arp responder: reply"),
+                flow(ARP_RESPONDER, 100, m, Purpose::ArpReply),
                 REMOTE_ROUTER_MAC,
                 addr,
             ));
@@ -354,9 +401,14 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
         ARP_RESPONDER,
         0,
         Match::any(),
-        "arp responder: no broadcast",
+        Purpose::ArpNoBroadcast,
     ));
+}
 
+/// Table 30: conntrack lookup (recirculating into 30 with `+trk`); invalid drops, established and related skip policy.
+fn conntrack(topo: &Topology, out: &mut Vec<FlowEntry>) {
+    let zone = Zone::Imm(topo.zone);
+    let ip_any = [ether_type::IPV4, ether_type::IPV6];
     // 30: conntrack. Recirculates into itself with +trk set.
     for dl in ip_any {
         let ip = Match::any().with(Field::DlType, dl.into());
@@ -365,7 +417,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 CONNTRACK,
                 200,
                 ip.with_masked(Field::CtState, 0, 0x20),
-                "conntrack: lookup",
+                Purpose::ConntrackLookup,
             )
             .action(Action::Ct {
                 commit: false,
@@ -378,7 +430,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
             CONNTRACK,
             190,
             ip.with_masked(Field::CtState, 0x30, 0x30),
-            "conntrack: invalid",
+            Purpose::ConntrackInvalid,
         ));
         for (state, mask) in [(0x22, 0x23), (0x24, 0x25)] {
             out.push(
@@ -386,34 +438,25 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                     CONNTRACK,
                     180,
                     ip.with_masked(Field::CtState, state, mask),
-                    "conntrack: established or related",
+                    Purpose::ConntrackEstablished,
                 )
                 .action(goto(FORWARDING)),
             );
         }
     }
-    out.push(flow(CONNTRACK, 0, Match::any(), "conntrack: lookup").action(goto(EGRESS_TABLE)));
+    out.push(flow(CONNTRACK, 0, Match::any(), Purpose::ConntrackLookup).action(goto(EGRESS_TABLE)));
+}
 
+/// Tables 40 and 50: what policy does not decide here (Service traffic, the other node's half of cross-node traffic) and the pass-through for what no policy flow decides.
+fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 40 / 50, Services: a pod's packet to a ClusterIP goes to the node, whose
     // kernel translates it and sends it back through the gateway; policy is
     // decided then, on the real destination (egress matches the pod as source
     // whatever the port it comes from).
     for net in &topo.service_cidrs {
         for (table, next) in [(EGRESS_TABLE, AFTER_EGRESS), (INGRESS_TABLE, AFTER_INGRESS)] {
-            let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
-                Field::Reg(0),
-                CLASS_POD,
-                0xff,
-            );
-            out.push(
-                flow(
-                    table,
-                    1000,
-                    m,
-                    "policy: service traffic, decided after the node translates it",
-                )
-                .action(goto(next)),
-            );
+            let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), CLASS_POD, 0xff);
+            out.push(flow(table, 1000, m, Purpose::ServiceTraffic).action(goto(next)));
         }
     }
 
@@ -425,7 +468,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 EGRESS_TABLE,
                 1000,
                 Match::any().with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
-                "policy: egress enforced on the source node",
+                Purpose::EgressElsewhere,
             )
             .action(goto(AFTER_EGRESS)),
         );
@@ -435,44 +478,33 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
             // From this node's pods, and from the node itself (a Service
             // backend on another node, after the node's translation).
             for class in [CLASS_POD, CLASS_GATEWAY] {
-                let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
-                    Field::Reg(0),
-                    class,
-                    0xff,
-                );
+                let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), class, 0xff);
                 out.push(
-                    flow(
-                        INGRESS_TABLE,
-                        1000,
-                        m,
-                        "policy: ingress enforced on the destination node",
-                    )
-                    .action(goto(AFTER_INGRESS)),
+                    flow(INGRESS_TABLE, 1000, m, Purpose::IngressElsewhere)
+                        .action(goto(AFTER_INGRESS)),
                 );
             }
         }
     }
 
     // 40 / 50: what no policy flow decides passes.
+    out.push(flow(EGRESS_TABLE, 0, Match::any(), Purpose::NotIsolated).action(goto(AFTER_EGRESS)));
     out.push(
-        flow(EGRESS_TABLE, 0, Match::any(), "policy: not isolated").action(goto(AFTER_EGRESS)),
+        flow(INGRESS_TABLE, 0, Match::any(), Purpose::NotIsolated).action(goto(AFTER_INGRESS)),
     );
-    out.push(
-        flow(INGRESS_TABLE, 0, Match::any(), "policy: not isolated").action(goto(AFTER_INGRESS)),
-    );
+}
 
+/// Table 60: the output port, into `reg1`.
+fn forwarding(topo: &Topology, out: &mut Vec<FlowEntry>) {
+    let ip_any = [ether_type::IPV4, ether_type::IPV6];
     // 60: forwarding.
     for t in &topo.tunnels {
         for net in &t.pod_cidrs {
             // This node's pods and the node itself send to other nodes; what
             // came from a tunnel never goes back into one (no transit).
             for class in [CLASS_POD, CLASS_GATEWAY] {
-                let m = crate::compile::net_match(Field::NwDst, *net).with_masked(
-                    Field::Reg(0),
-                    class,
-                    0xff,
-                );
-                out.push(flow(FORWARDING, 50, m, "forwarding: remote node").then_output(t.port));
+                let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), class, 0xff);
+                out.push(flow(FORWARDING, 50, m, Purpose::ForwardRemote).then_output(t.port));
             }
         }
     }
@@ -487,17 +519,12 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 // Addressed to the node, which would otherwise ignore a frame
                 // meant for a pod or another node's router.
                 out.push(
-                    flow(
-                        FORWARDING,
-                        120,
-                        m,
-                        "forwarding: reply through the node (it translated the connection)",
-                    )
-                    .action(Action::SetField {
-                        field: Field::DlDst,
-                        value: mac_value(g.mac),
-                    })
-                    .then_output(g.port),
+                    flow(FORWARDING, 120, m, Purpose::ReplyThroughNode)
+                        .action(Action::SetField {
+                            field: Field::DlDst,
+                            value: mac_value(g.mac),
+                        })
+                        .then_output(g.port),
                 );
             }
         }
@@ -512,14 +539,14 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
             let to_pod = Match::any()
                 .with(Field::DlType, dl.into())
                 .with(Field::NwDst, addr);
-            out.push(flow(FORWARDING, 100, to_pod, "forwarding: local pod").then_output(p.port));
+            out.push(flow(FORWARDING, 100, to_pod, Purpose::ForwardLocal).then_output(p.port));
             if !topo.tunnels.is_empty() {
                 out.push(
                     flow(
                         FORWARDING,
                         110,
                         to_pod.with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
-                        "forwarding: local pod from tunnel",
+                        Purpose::ForwardFromTunnel,
                     )
                     .action(Action::SetField {
                         field: Field::DlSrc,
@@ -547,13 +574,17 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                         CLASS_POD,
                         0xff,
                     ),
-                    "forwarding: via gateway",
+                    Purpose::ForwardGateway,
                 )
                 .then_output(g.port),
             );
         }
     }
+}
 
+/// Table 70: commit new connections, output.
+fn output(topo: &Topology, out: &mut Vec<FlowEntry>) {
+    let zone = Zone::Imm(topo.zone);
     // 70: output, committing new connections.
     let ports = topo
         .pods
@@ -573,7 +604,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                         CLASS_GATEWAY,
                         0xff,
                     ),
-                    "output, remembering the node saw it",
+                    Purpose::OutputViaNode,
                 )
                 .action(Action::Ct {
                     commit: true,
@@ -589,7 +620,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
                 OUTPUT,
                 100,
                 m.with_masked(Field::CtState, 0x21, 0x21),
-                "output",
+                Purpose::Output,
             )
             .action(Action::Ct {
                 commit: true,
@@ -599,8 +630,16 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
             })
             .action(Action::Output(port)),
         );
-        out.push(flow(OUTPUT, 90, m, "output").action(Action::Output(port)));
+        out.push(flow(OUTPUT, 90, m, Purpose::Output).action(Action::Output(port)));
     }
+}
+
+/// The whole table set for `topo` with `compiler`'s policy flows: what the
+/// switch installs after a full resync, what offline mode traces, what tests
+/// run. (Incremental publication applies the same flows as diffs.)
+pub fn assemble(topo: &Topology, compiler: &Compiler) -> Vec<FlowEntry> {
+    let mut out = base_flows(topo);
+    out.extend(compiler.flows());
     out
 }
 

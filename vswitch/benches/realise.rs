@@ -14,11 +14,11 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::compile::Change;
 use policy::model::{ObjectKey, Policy};
 use policy::synthetic::{cluster, pod_labels};
-use vswitch::switch::Switch;
+use vswitch::Realiser;
 
 fn main() {
     let t = std::time::Instant::now();
-    let switch = Switch::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
+    let switch = Realiser::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
     let r = switch.realisation();
     eprintln!(
         "initial realisation: {} flows, compile {:.0} ms, publish {:.0} ms, total {:.0} ms",
@@ -33,7 +33,7 @@ fn main() {
 /// Relabels one pod (alternating two label sets) and publishes the result.
 #[divan::bench(sample_count = 30)]
 fn relabel_one_pod(bencher: Bencher) {
-    let switch = Switch::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
+    let switch = Realiser::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
     let key = ObjectKey::new("ns-500", "pod-4");
     let mut pod = switch
         .with_compiler(|c| c.cluster().pod(&key).cloned())
@@ -56,7 +56,7 @@ fn relabel_one_pod(bencher: Bencher) {
 /// Adds a policy, then deletes it (two realisations per iteration).
 #[divan::bench(sample_count = 30)]
 fn add_then_delete_policy(bencher: Bencher) {
-    let switch = Switch::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
+    let switch = Realiser::with_cluster(DatapathConfig::default(), cluster(1000, 10)).unwrap();
     let np: NetworkPolicy = serde_saphyr::from_str(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: extra, namespace: ns-42}\n\
          spec: {podSelector: {matchLabels: {app: a1}}, ingress: [{from: [{namespaceSelector: {matchLabels: {env: prod}}}], ports: [{port: 9443}]}]}\n",

@@ -8,7 +8,7 @@
 //! the trace machinery against the current tables on this thread, never on a
 //! packet thread.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,76 +16,14 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::UNIX_EPOCH;
 
+use datapath::field::ip_proto;
 use policy::compile::Provenance;
 use policy::model::ObjectKey;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::daemon::{proto_name, rfc3339};
-use crate::switch::{ConnEvent, Switch};
-
-/// `[audit]` in the configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// The log file; `-` for stdout.
-    pub path: PathBuf,
-    /// Rotate when the file would grow past this many bytes.
-    #[serde(default = "default_max_bytes")]
-    pub max_bytes: u64,
-    /// Rotated files kept (`path.1` is the newest).
-    #[serde(default = "default_keep")]
-    pub keep: u32,
-    /// Log denied new connections.
-    #[serde(default = "yes")]
-    pub denied: bool,
-    /// Log allowed new connections.
-    #[serde(default)]
-    pub allowed: bool,
-    /// Per-namespace overrides of `denied` / `allowed`, by the namespace of the
-    /// deciding policy (or of the pods at either end when no policy decided).
-    #[serde(default)]
-    pub namespaces: BTreeMap<String, NamespaceAudit>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct NamespaceAudit {
-    pub denied: Option<bool>,
-    pub allowed: Option<bool>,
-}
-
-fn default_max_bytes() -> u64 {
-    10 << 20
-}
-
-fn default_keep() -> u32 {
-    5
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl AuditConfig {
-    /// Whether a connection decided in `namespaces` with this verdict is logged.
-    fn wants(&self, allowed: bool, namespaces: &[&str]) -> bool {
-        let global = if allowed { self.allowed } else { self.denied };
-        let mut any_override = false;
-        for ns in namespaces {
-            if let Some(o) = self.namespaces.get(*ns) {
-                let v = if allowed { o.allowed } else { o.denied };
-                if let Some(v) = v {
-                    if v {
-                        return true;
-                    }
-                    any_override = true;
-                }
-            }
-        }
-        global && !any_override
-    }
-}
+use crate::config::AuditConfig;
+use crate::forwarder::ConnEvent;
+use crate::realiser::Realiser;
 
 /// A log file rotated by size: `path` → `path.1` → ... → `path.{keep}`.
 #[derive(Debug)]
@@ -180,7 +118,7 @@ pub const MAX_RULE_SERIES: usize = 2000;
 
 /// Consumes connection events: audit lines (when configured) and per-rule
 /// connection counts (always). Runs until the switch drops the sender.
-pub fn run(switch: Arc<Switch>, events: Receiver<ConnEvent>, config: Option<AuditConfig>) {
+pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<AuditConfig>) {
     let mut sink = config.as_ref().map(|c| {
         if c.path.as_os_str() == "-" {
             Sink::Stdout
@@ -211,7 +149,7 @@ pub fn run(switch: Arc<Switch>, events: Receiver<ConnEvent>, config: Option<Audi
         if seen.insert((tuple, event.allowed), now) == Some(now) {
             continue;
         }
-        let (verdict, src_pod, dst_pod) = switch.explain_new(&event.key);
+        let (verdict, src_pod, dst_pod) = realiser.explain_new(&event.key);
         count(&mut series, event.allowed, &verdict.decided_by, &dst_pod);
         let (Some(config), Some(sink)) = (&config, &mut sink) else {
             continue;
@@ -305,7 +243,7 @@ fn record(
     json!({
         "time": rfc3339(event.at),
         "verdict": if event.allowed { "allow" } else { "deny" },
-        "protocol": proto_name(t.proto),
+        "protocol": ip_proto::name(t.proto),
         "src_ip": k.src_ip().to_string(),
         "src_port": ports.then_some(k.tp_src),
         "src_pod": src_pod.as_ref().map(ToString::to_string),
@@ -370,8 +308,41 @@ fn count(
     }
 }
 
+/// A time as RFC 3339 in UTC with milliseconds, e.g. `2026-11-26T08:16:02.123Z`.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian), in 400-year eras.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        let at = |s: u64| super::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(1_795_681_442), "2026-11-26T08:24:02.000Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59.000Z");
+    }
+
     use super::*;
 
     #[test]

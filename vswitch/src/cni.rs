@@ -16,8 +16,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::control::{self, Request};
 use crate::tap::Tap;
+use control::view::PortView;
+use control::{ControlError, Request, error_chain};
 
 pub const SUPPORTED: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -313,6 +314,11 @@ fn socket(conf: &NetConf) -> PathBuf {
         .unwrap_or_else(|| control::DEFAULT_SOCKET.into())
 }
 
+/// One request to vswitchd, as vswitch-cni.
+fn ask<T: serde::de::DeserializeOwned>(conf: &NetConf, req: &Request) -> Result<T, ControlError> {
+    control::request(&socket(conf), "vswitch-cni", req)
+}
+
 /// Runs one CNI command; returns what to print on success.
 pub fn run(vars: &HashMap<String, String>, stdin: &[u8]) -> Result<Value, (CniError, String)> {
     let fail = |e: CniError| (e, "1.0.0".to_string());
@@ -394,8 +400,8 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
     let key: policy::model::ObjectKey = pod
         .parse()
         .map_err(|e: String| CniError::new(code::INVALID_ENV, e, ""))?;
-    let mac = policy::pipeline::pod_mac(&key, &ips);
-    let mac_text = control::format_mac(mac);
+    let mac = control::Mac(policy::pipeline::pod_mac(&key, &ips));
+    let mac_text = mac.to_string();
     let tap = env.tap_name();
     // A persistent device: vswitchd attaches to it by name, and it survives a
     // vswitchd restart.
@@ -423,23 +429,23 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
         undo_tap();
         return Err(e);
     }
-    let req = Request::Attach {
-        pod: pod.clone(),
+    let req = Request::Attach(control::Attach {
+        pod: key.clone(),
         netns: Some(env.netns.clone()),
         ifname: env.ifname.clone(),
-        mac: mac_text.clone(),
+        mac,
         ips: ips.clone(),
-    };
-    if let Err(e) = control::request(&socket(conf), &req) {
+    });
+    if let Err(e) = ask::<()>(conf, &req) {
         undo_tap();
         let code = match e {
-            control::ControlError::Connect { .. } => code::TRY_LATER,
+            ControlError::Connect { .. } => code::TRY_LATER,
             _ => code::PLUGIN,
         };
         return Err(CniError::new(
             code,
             "vswitchd refused the port",
-            crate::daemon::chain(&e),
+            error_chain(&e),
         ));
     }
     let configure = || -> Result<(), CniError> {
@@ -481,7 +487,7 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
         Ok(())
     };
     if let Err(e) = configure() {
-        let _ = control::request(&socket(conf), &Request::Detach { pod: pod.clone() });
+        let _ = ask::<()>(conf, &Request::Detach { pod: key.clone() });
         undo_tap();
         return Err(e);
     }
@@ -512,16 +518,14 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
 
 fn del(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> {
     // Best effort and idempotent: whatever is already gone is fine.
-    if let Ok(pod) = env.pod() {
-        match control::request(&socket(conf), &Request::Detach { pod }) {
-            Ok(_)
-            | Err(control::ControlError::Refused(_))
-            | Err(control::ControlError::Connect { .. }) => {}
+    if let Some(pod) = env.pod().ok().and_then(|p| p.parse().ok()) {
+        match ask::<()>(conf, &Request::Detach { pod }) {
+            Ok(()) | Err(ControlError::Refused(_)) | Err(ControlError::Connect { .. }) => {}
             Err(e) => {
                 return Err(CniError::new(
                     code::PLUGIN,
                     "vswitchd failed to detach the port",
-                    crate::daemon::chain(&e),
+                    error_chain(&e),
                 ));
             }
         }
@@ -537,18 +541,9 @@ fn del(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> {
 
 fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let pod = env.pod()?;
-    let ports = control::request(&socket(conf), &Request::Ports).map_err(|e| {
-        CniError::new(
-            code::TRY_LATER,
-            "cannot ask vswitchd",
-            crate::daemon::chain(&e),
-        )
-    })?;
-    let attached = ports
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|p| p.get("pod").and_then(Value::as_str) == Some(pod.as_str()));
+    let ports: Vec<PortView> = ask(conf, &Request::Ports)
+        .map_err(|e| CniError::new(code::TRY_LATER, "cannot ask vswitchd", error_chain(&e)))?;
+    let attached = ports.iter().any(|p| p.pod.as_deref() == Some(pod.as_str()));
     if !attached {
         return Err(CniError::new(
             code::PLUGIN,

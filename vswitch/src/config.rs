@@ -5,8 +5,13 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use serde::Deserialize;
+
+/// The name of this node when none is configured (standalone).
+pub const LOCAL_NODE: &str = "local";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +50,7 @@ pub struct Config {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// The audit log of denied (and optionally allowed) new connections.
     #[serde(default)]
-    pub audit: Option<crate::audit::AuditConfig>,
+    pub audit: Option<AuditConfig>,
     /// Where the cluster state comes from: the manifest directory
     /// (`"manifests"`, standalone) or the Kubernetes API server (`"kubernetes"`).
     #[serde(default)]
@@ -60,6 +65,10 @@ pub struct Config {
     /// Pods on other nodes, through a VXLAN tunnel to each node with pod CIDRs.
     #[serde(default)]
     pub tunnel: Option<TunnelConfig>,
+    /// Besides root, members of this group (numeric gid) may use the control
+    /// socket (flowctl). Default: root only.
+    #[serde(default)]
+    pub control_group: Option<u32>,
     /// Service (ClusterIP) ranges, translated by kube-proxy in the node's
     /// kernel: a pod's traffic to them goes to the node, and its policy is
     /// decided on the translated packet when it comes back.
@@ -133,7 +142,7 @@ pub struct GatewayConfig {
 }
 
 fn default_socket() -> PathBuf {
-    crate::control::DEFAULT_SOCKET.into()
+    control::DEFAULT_SOCKET.into()
 }
 
 fn default_state_dir() -> PathBuf {
@@ -144,7 +153,7 @@ fn default_node_name() -> String {
     std::env::var("NODE_NAME")
         .ok()
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| crate::daemon::LOCAL_NODE.to_string())
+        .unwrap_or_else(|| LOCAL_NODE.to_string())
 }
 
 fn default_busy_poll_us() -> u64 {
@@ -161,6 +170,69 @@ fn default_watch_ms() -> u64 {
 
 fn default_ct_max() -> usize {
     262_144
+}
+
+/// `[audit]` in the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The log file; `-` for stdout.
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this many bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` is the newest).
+    #[serde(default = "default_keep")]
+    pub keep: u32,
+    /// Log denied new connections.
+    #[serde(default = "yes")]
+    pub denied: bool,
+    /// Log allowed new connections.
+    #[serde(default)]
+    pub allowed: bool,
+    /// Per-namespace overrides of `denied` / `allowed`, by the namespace of the
+    /// deciding policy (or of the pods at either end when no policy decided).
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceAudit>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceAudit {
+    pub denied: Option<bool>,
+    pub allowed: Option<bool>,
+}
+
+fn default_max_bytes() -> u64 {
+    10 << 20
+}
+
+fn default_keep() -> u32 {
+    5
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl AuditConfig {
+    /// Whether a connection decided in `namespaces` with this verdict is logged.
+    pub fn wants(&self, allowed: bool, namespaces: &[&str]) -> bool {
+        let global = if allowed { self.allowed } else { self.denied };
+        let mut any_override = false;
+        for ns in namespaces {
+            if let Some(o) = self.namespaces.get(*ns) {
+                let v = if allowed { o.allowed } else { o.denied };
+                if let Some(v) = v {
+                    if v {
+                        return true;
+                    }
+                    any_override = true;
+                }
+            }
+        }
+        global && !any_override
+    }
 }
 
 /// A configuration file that could not be used.
@@ -283,7 +355,7 @@ mod tests {
     #[test]
     fn defaults_and_errors() {
         let c = Config::parse("manifests = \"/etc/vswitch/manifests\"\n", "t.toml").unwrap();
-        assert_eq!(c.socket, PathBuf::from(crate::control::DEFAULT_SOCKET));
+        assert_eq!(c.socket, PathBuf::from(control::DEFAULT_SOCKET));
         assert_eq!(c.watch_interval_ms, 100);
         assert!(c.offload, "offloads are on by default");
         let e = Config::parse("[tunnel]\nlocal_address = \"192.0.2.1\"\n", "t.toml").unwrap_err();

@@ -22,9 +22,11 @@ use kube::{Api, Client};
 use policy::compile::Change;
 use policy::model::{Namespace, Node, ObjectKey, Pod, Policy};
 
+use control::error_chain as chain;
+
 use crate::config::Config;
-use crate::daemon::{chain, own_node};
-use crate::switch::Switch;
+use crate::gateway::own_node;
+use crate::realiser::Realiser;
 
 /// One event from any of the four watchers (boxed: API objects are large).
 enum Event {
@@ -321,12 +323,12 @@ pub fn own_pod_cidr(config: &Config) -> anyhow::Result<ipnet::IpNet> {
     })
 }
 
-/// Watches the API server forever, applying changes to `switch`; sets `ready`
+/// Watches the API server forever, applying changes to `realiser`; sets `ready`
 /// once the first full sync of every kind is compiled and published.
 ///
 /// Fails only when no client can be built (bad kubeconfig); connection
 /// failures are retried.
-pub fn run(switch: Arc<Switch>, config: Config, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -372,7 +374,7 @@ pub fn run(switch: Arc<Switch>, config: Config, ready: Arc<AtomicBool>) -> anyho
             }
             if !changes.is_empty() {
                 let n = changes.len();
-                match switch.apply_all(changes) {
+                match realiser.apply_all(changes) {
                     Ok(generation) => tracing::info!(changes = n, generation, "applied"),
                     Err(e) => tracing::error!(error = %chain(&e), "cannot install flows"),
                 }

@@ -1,21 +1,31 @@
-//! vswitchd's library: TAP ports, packet threads and the control plane around the
-//! datapath and the policy compiler, and the CNI plugin.
+//! vswitchd's library: the switch around the datapath and the policy compiler,
+//! and the CNI plugin.
 //!
-//! `sys` holds the kernel calls (the crate's only `unsafe`), `tap` the TAP devices,
-//! `switch` the running switch, `daemon` vswitchd (config, manifests, state,
-//! control socket), `control` the control-socket protocol, `cni` the plugin,
-//! `audit` the audit log of connections, `metrics` the Prometheus endpoint.
+//! Control plane: `realiser` (cluster state and ports -> published tables),
+//! fed by `manifests` or `kubernetes`; `daemon` (start-up, pods' ports),
+//! `server` (the control socket), `gateway` (the port towards the node),
+//! `state` (files kept across restarts), `config`. Data plane: `forwarder`
+//! (packet threads) over `port`s: `tap` devices and the `tunnel`. Around them:
+//! `audit` (the audit log), `metrics` (Prometheus), `cni` (the plugin), and
+//! `sys` (the kernel calls, the crate's only `unsafe`).
 
 pub mod audit;
 pub mod cni;
 pub mod config;
-pub mod control;
 pub mod daemon;
+pub mod forwarder;
+pub mod gateway;
 pub mod kubernetes;
+pub mod manifests;
 pub mod metrics;
-pub mod switch;
+pub mod port;
+pub mod realiser;
+pub mod server;
+pub mod state;
 pub mod sys;
 pub mod tap;
+pub mod tunnel;
 
-pub use switch::Switch;
+pub use forwarder::Forwarder;
+pub use realiser::Realiser;
 pub use tap::Tap;

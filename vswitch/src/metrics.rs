@@ -15,7 +15,8 @@ use std::time::Duration;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::switch::Switch;
+use crate::forwarder::Forwarder;
+use crate::realiser::{PortRole, Realiser};
 
 /// Latency buckets (seconds) for realisation and compile time.
 const BUCKETS: [f64; 13] = [
@@ -25,7 +26,11 @@ const BUCKETS: [f64; 13] = [
 /// Starts the exporter on `address` and the collector thread.
 ///
 /// Fails when the listener cannot be set up (address in use, no permission).
-pub fn start(address: SocketAddr, switch: Arc<Switch>) -> anyhow::Result<()> {
+pub fn start(
+    address: SocketAddr,
+    realiser: Arc<Realiser>,
+    forwarder: Arc<Forwarder>,
+) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(address)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
@@ -36,7 +41,7 @@ pub fn start(address: SocketAddr, switch: Arc<Switch>) -> anyhow::Result<()> {
         .name("metrics".into())
         .spawn(move || {
             loop {
-                collect(&switch);
+                collect(&realiser, &forwarder);
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;
@@ -107,26 +112,16 @@ fn describe() {
 }
 
 /// Copies the switch's counters into the metrics registry.
-pub fn collect(switch: &Switch) {
-    let (tunnels, rejected) = switch.tunnel_counters();
-    counter!("vswitch_tunnel_rx_rejected_total").absolute(rejected);
-    let ports = switch
-        .port_counters()
-        .into_iter()
-        .map(|(no, pod, _, c)| {
-            (
-                no,
-                pod.map_or_else(|| "(gateway)".to_string(), |k| k.to_string()),
-                c,
-            )
-        })
-        .chain(
-            tunnels
-                .into_iter()
-                .map(|t| (t.no, format!("(tunnel to {})", t.node), t.counters)),
-        );
-    for (no, pod, c) in ports {
-        let port = no.0.to_string();
+pub fn collect(realiser: &Realiser, forwarder: &Forwarder) {
+    counter!("vswitch_tunnel_rx_rejected_total").absolute(realiser.tunnel_rejected());
+    for p in realiser.ports() {
+        let pod = match p.role {
+            PortRole::Pod(k) => k.to_string(),
+            PortRole::Gateway => "(gateway)".to_string(),
+            PortRole::Tunnel { node, .. } => format!("(tunnel to {node})"),
+        };
+        let c = &p.counters;
+        let port = p.no.0.to_string();
         let labels = [("port", port.clone()), ("pod", pod.clone())];
         counter!("vswitch_port_rx_packets_total", &labels).absolute(c.rx_packets.load(Relaxed));
         counter!("vswitch_port_rx_bytes_total", &labels).absolute(c.rx_bytes.load(Relaxed));
@@ -137,7 +132,7 @@ pub fn collect(switch: &Switch) {
                 .absolute(n);
         }
     }
-    let dp = switch.datapath();
+    let dp = realiser.datapath();
     let s = dp.stats();
     let mut tables: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
     for f in dp.flow_stats() {
@@ -165,6 +160,6 @@ pub fn collect(switch: &Switch) {
     gauge!("vswitch_conntrack_entries").set(s.conntrack_entries as f64);
     gauge!("vswitch_conntrack_max_entries").set(s.conntrack_max as f64);
     counter!("vswitch_conntrack_full_drops_total").absolute(s.conntrack_full_drops);
-    counter!("vswitch_connection_events_lost_total").absolute(switch.events_lost());
+    counter!("vswitch_connection_events_lost_total").absolute(forwarder.events_lost());
     gauge!("vswitch_policy_generation").set(s.generation as f64);
 }

@@ -4,34 +4,51 @@
 //! Needs root (TAP devices, `ip netns`); skipped with a message otherwise. Every
 //! namespace and device is uniquely named and removed on drop, even on failure.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use control::{L4, Request};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::compile::Change;
 use policy::model::{ObjectKey, Pod, Policy};
-use vswitch::{Switch, Tap, sys};
+use vswitch::port::TapPort;
+use vswitch::{Forwarder, Realiser, Tap};
 
 mod common;
 
-use common::{Netns, ip, privileged};
+use common::{
+    Attached, Cni, Netns, TempDir, Vswitchd, eventually, flowctl, ip, privileged, probe, send_raw,
+    serve_tcp, tcp, udp, write_config,
+};
 
-/// A switch with its packet thread, stopped on drop.
+/// A switch (its realiser) with its packet thread, stopped on drop.
 struct Running {
-    switch: Arc<Switch>,
+    switch: Arc<Realiser>,
+    forwarder: Arc<Forwarder>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn new() -> Running {
+        let switch = Realiser::new(Default::default());
+        let forwarder = Forwarder::new(switch.published().clone());
+        let thread = Some(forwarder.spawn("packets", Duration::ZERO).unwrap());
+        Running {
+            switch,
+            forwarder,
+            thread,
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.switch.stop();
+        self.forwarder.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -59,13 +76,7 @@ fn lab() -> Option<Lab> {
     if !privileged(&format!("{id}x")) {
         return None;
     }
-    let switch = Switch::new(Default::default());
-    let thread = Some(
-        switch
-            .spawn_packet_thread("packets", Duration::ZERO)
-            .unwrap(),
-    );
-    let running = Running { switch, thread };
+    let running = Running::new();
     let a = Netns::new(format!("{id}a"));
     let b = Netns::new(format!("{id}b"));
     for (ns, addr, last, name, labels) in
@@ -94,7 +105,12 @@ fn lab() -> Option<Lab> {
         let key = ObjectKey::new("test", name);
         running
             .switch
-            .attach(tap, key.clone(), mac, vec![addr.parse().unwrap()])
+            .attach(
+                Arc::new(TapPort(tap)),
+                key.clone(),
+                mac,
+                vec![addr.parse().unwrap()],
+            )
             .unwrap();
         running
             .switch
@@ -118,101 +134,38 @@ impl Lab {
             .apply(Change::Policy(Policy::from_api(&np).unwrap()))
             .unwrap();
     }
-
-    /// A TCP echo server in `ns` on `port`, serving connections until dropped.
-    fn serve_tcp(ns: &Netns, addr: &str, port: u16) {
-        let addr: SocketAddr = format!("{addr}:{port}").parse().unwrap();
-        let listener = ns.run(move || TcpListener::bind(addr).expect("bind in netns"));
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut c) = conn else { return };
-                // Echo until the client closes.
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = c.read(&mut buf) {
-                        if n == 0 || c.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-    }
-
-    /// Whether a TCP connection from `ns` to `to:port` completes and echoes.
-    fn tcp(ns: &Netns, to: &str, port: u16) -> bool {
-        let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
-        ns.run(move || {
-            let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) else {
-                return false;
-            };
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut buf = [0u8; 5];
-            s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
-        })
-    }
-
-    /// Whether a UDP datagram from `from` reaches a socket in `to_ns` at `to:port`.
-    fn udp(from: &Netns, to_ns: &Netns, to: &str, port: u16) -> bool {
-        let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
-        let rx = to_ns.run(move || UdpSocket::bind(addr).expect("bind in netns"));
-        rx.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
-        let tx = from.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
-        // ARP may take the first datagram's turn; send a few.
-        for _ in 0..3 {
-            tx.send_to(b"datagram", addr).unwrap();
-            let mut buf = [0u8; 16];
-            if let Ok((n, _)) = rx.recv_from(&mut buf) {
-                return &buf[..n] == b"datagram";
-            }
-        }
-        false
-    }
 }
 
 #[test]
 fn pods_talk_through_the_switch_and_policy_is_enforced_per_packet() {
     let Some(lab) = lab() else { return };
-    Lab::serve_tcp(&lab.b, B_IP, 8080);
-    Lab::serve_tcp(&lab.b, B_IP, 8081);
-    Lab::serve_tcp(&lab.a, A_IP, 9000);
+    serve_tcp(&lab.b, B_IP, 8080);
+    serve_tcp(&lab.b, B_IP, 8081);
+    serve_tcp(&lab.a, A_IP, 9000);
 
     // No policy: everything flows, both ways, TCP and UDP.
-    assert!(
-        Lab::tcp(&lab.a, B_IP, 8080),
-        "a -> b tcp/8080 with no policy"
-    );
-    assert!(
-        Lab::tcp(&lab.b, A_IP, 9000),
-        "b -> a tcp/9000 with no policy"
-    );
-    assert!(
-        Lab::udp(&lab.a, &lab.b, B_IP, 5353),
-        "a -> b udp with no policy"
-    );
+    assert!(tcp(&lab.a, B_IP, 8080), "a -> b tcp/8080 with no policy");
+    assert!(tcp(&lab.b, A_IP, 9000), "b -> a tcp/9000 with no policy");
+    assert!(udp(&lab.a, &lab.b, B_IP, 5353), "a -> b udp with no policy");
 
     // Default deny for b, both directions.
     lab.policy(
         "metadata: {name: deny, namespace: test}\nspec: {podSelector: {matchLabels: {app: server}}, policyTypes: [Ingress, Egress]}\n",
     );
-    assert!(
-        !Lab::tcp(&lab.a, B_IP, 8080),
-        "a -> b denied by default deny"
-    );
-    assert!(!Lab::udp(&lab.a, &lab.b, B_IP, 5354), "udp denied too");
+    assert!(!tcp(&lab.a, B_IP, 8080), "a -> b denied by default deny");
+    assert!(!udp(&lab.a, &lab.b, B_IP, 5354), "udp denied too");
 
     // Allow clients on 8080 only; b's egress stays denied, yet replies pass.
     lab.policy(
         "metadata: {name: allow-clients, namespace: test}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n",
     );
     assert!(
-        Lab::tcp(&lab.a, B_IP, 8080),
+        tcp(&lab.a, B_IP, 8080),
         "a -> b tcp/8080 allowed, replies pass conntrack"
     );
-    assert!(!Lab::tcp(&lab.a, B_IP, 8081), "8081 is not allowed");
+    assert!(!tcp(&lab.a, B_IP, 8081), "8081 is not allowed");
     assert!(
-        !Lab::tcp(&lab.b, A_IP, 9000),
+        !tcp(&lab.b, A_IP, 9000),
         "b's new connections out are denied (egress)"
     );
 
@@ -233,152 +186,8 @@ fn pods_talk_through_the_switch_and_policy_is_enforced_per_packet() {
 // ---- vswitchd and vswitch-cni, as a container runtime drives them -----------------
 
 use std::collections::HashMap as Map;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+
 use std::time::Instant;
-
-/// Writes a vswitchd config under `dir` (socket, state and manifests there too)
-/// with `extra` appended; returns (config path, socket path).
-fn write_config(dir: &std::path::Path, extra: &str) -> (PathBuf, PathBuf) {
-    let socket = dir.join("vswitchd.sock");
-    let config = dir.join("vswitchd.toml");
-    let text = format!(
-        "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n{extra}",
-        socket.to_str().unwrap(),
-        dir.join("state").to_str().unwrap(),
-        dir.join("manifests").to_str().unwrap()
-    );
-    std::fs::write(&config, text).unwrap();
-    (config, socket)
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A vswitchd process, killed on drop.
-struct Daemon {
-    child: Option<Child>,
-    config: PathBuf,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path, socket: &std::path::Path) -> Daemon {
-        let _ = std::fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_vswitchd"))
-            .args(["--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("vswitchd starts");
-        let d = Daemon {
-            child: Some(child),
-            config: config.into(),
-            socket: socket.into(),
-        };
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "vswitchd did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        d
-    }
-
-    /// SIGTERM, as a DaemonSet rollout does; waits for a clean exit.
-    fn terminate(&mut self) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = c.try_wait() {
-                assert!(
-                    status.success(),
-                    "vswitchd exits cleanly on SIGTERM: {status}"
-                );
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "vswitchd did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill9();
-        *self = Daemon::start(&self.config.clone(), &self.socket.clone());
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-struct Cni {
-    netconf: String,
-}
-
-impl Cni {
-    fn call(&self, command: &str, ns: &Netns, pod: &str) -> (bool, serde_json::Value) {
-        let pname = pod.split_once('/').unwrap().1;
-        common::cni(
-            None,
-            command,
-            ns,
-            &format!("{}-{pname}", ns.0),
-            pod,
-            &self.netconf,
-        )
-    }
-}
-
-/// Pods attached through CNI, deleted (CNI DEL) on drop.
-struct Attached<'a> {
-    cni: &'a Cni,
-    pods: Vec<(&'a Netns, String)>,
-}
-
-impl Drop for Attached<'_> {
-    fn drop(&mut self) {
-        for (ns, pod) in &self.pods {
-            let _ = self.cni.call("DEL", ns, pod);
-        }
-    }
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(8),
-            "timed out waiting: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn vswitchd_with_cni_manifests_and_restart() {
@@ -393,7 +202,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
         );
     }
     let id = format!("vsc{}", std::process::id() % 100_000);
-    let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-e2e-{}", std::process::id())));
+    let tmp = TempDir::new("e2e");
     let dir = tmp.0.clone();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
@@ -415,7 +224,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
     std::fs::write(manifests.join("policy.yaml"), policy("{port: 8080}")).unwrap();
     // With TAP offloads: the virtio-net header passes between ports.
     let (config, socket) = write_config(&dir, "offload = true\n");
-    let mut daemon = Daemon::start(&config, &socket);
+    let mut daemon = Vswitchd::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
             "cniVersion": "1.0.0",
@@ -448,31 +257,20 @@ fn vswitchd_with_cni_manifests_and_restart() {
         ip_of.insert(pod, addr);
     }
     let (web, db) = (ip_of["shop/web"].clone(), ip_of["shop/db"].clone());
-    Lab::serve_tcp(&db_ns, &db, 8080);
-    Lab::serve_tcp(&db_ns, &db, 8081);
-    Lab::serve_tcp(&web_ns, &web, 9000);
+    serve_tcp(&db_ns, &db, 8080);
+    serve_tcp(&db_ns, &db, 8081);
+    serve_tcp(&web_ns, &web, 9000);
     assert!(
         cni.call("CHECK", &db_ns, "shop/db").0,
         "CHECK of an attached pod"
     );
 
-    assert!(Lab::tcp(&web_ns, &db, 8080), "web -> db:8080 allowed");
-    assert!(!Lab::tcp(&web_ns, &db, 8081), "web -> db:8081 denied");
-    assert!(!Lab::tcp(&db_ns, &web, 9000), "db egress denied");
+    assert!(tcp(&web_ns, &db, 8080), "web -> db:8080 allowed");
+    assert!(!tcp(&web_ns, &db, 8081), "web -> db:8081 denied");
+    assert!(!tcp(&db_ns, &web, 9000), "db egress denied");
 
     // Live trace through the control socket names the deciding rule.
-    let trace = |port: u16| {
-        vswitch::control::request(
-            &socket,
-            &vswitch::control::Request::Trace {
-                src: "shop/web".into(),
-                dst: "shop/db".into(),
-                protocol: "tcp".into(),
-                port: Some(port),
-            },
-        )
-        .unwrap()
-    };
+    let trace = |port: u16| common::trace(&socket, "shop/web", "shop/db", L4::Tcp(port)).unwrap();
     let t = trace(8080);
     assert_eq!(
         (t["verdict"].as_str(), t["rule"].as_str()),
@@ -481,7 +279,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
     );
     let t = trace(8081);
     assert_eq!(t["rule"], "default deny of shop/db (ingress)", "{t}");
-    let flows = vswitch::control::request(&socket, &vswitch::control::Request::DumpFlows).unwrap();
+    let flows = common::ask(&socket, &Request::DumpFlows).unwrap();
     let hits = |rule: &str| -> u64 {
         flows
             .as_array()
@@ -503,8 +301,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
     // A policy edit is enforced for new connections. How long the switch took to
     // notice, compile and publish it is printed (a figure, not a check).
     let realised = || {
-        vswitch::control::request(&socket, &vswitch::control::Request::Stats).unwrap()
-            ["realisation"]["generation"]
+        common::ask(&socket, &Request::Stats).unwrap()["realisation"]["generation"]
             .as_u64()
             .unwrap()
     };
@@ -526,9 +323,7 @@ fn vswitchd_with_cni_manifests_and_restart() {
         "manifest edit written -> flows published: {:.1} ms",
         edited.elapsed().as_secs_f64() * 1e3
     );
-    eventually("8081 allowed after the edit", || {
-        Lab::tcp(&web_ns, &db, 8081)
-    });
+    eventually("8081 allowed after the edit", || tcp(&web_ns, &db, 8081));
     // An invalid edit is reported and the last good version stays.
     std::fs::write(
         manifests.join("policy.yaml"),
@@ -536,11 +331,8 @@ fn vswitchd_with_cni_manifests_and_restart() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        Lab::tcp(&web_ns, &db, 8081),
-        "last good policy still in force"
-    );
-    assert!(!Lab::tcp(&db_ns, &web, 9000), "and still isolating db");
+    assert!(tcp(&web_ns, &db, 8081), "last good policy still in force");
+    assert!(!tcp(&db_ns, &web, 9000), "and still isolating db");
 
     // A graceful restart (SIGTERM, as a rollout does) keeps established
     // connections: conntrack is saved and restored. db may not open connections
@@ -568,31 +360,26 @@ fn vswitchd_with_cni_manifests_and_restart() {
     // kill -9: nothing is forwarded while vswitchd is down...
     daemon.kill9();
     assert!(
-        !Lab::tcp(&web_ns, &db, 8080),
+        !tcp(&web_ns, &db, 8080),
         "nothing forwarded while vswitchd is down"
     );
     // ...and after a restart every port is back, under policy from the first packet.
     daemon.restart();
-    eventually("ports reattached after restart", || {
-        Lab::tcp(&web_ns, &db, 8080)
-    });
+    eventually("ports reattached after restart", || tcp(&web_ns, &db, 8080));
     assert!(
-        Lab::tcp(&web_ns, &db, 8081),
+        tcp(&web_ns, &db, 8081),
         "policy from the manifests (last good file)"
     );
-    assert!(
-        !Lab::tcp(&db_ns, &web, 9000),
-        "db still isolated after restart"
-    );
+    assert!(!tcp(&db_ns, &web, 9000), "db still isolated after restart");
 
     // DEL removes the port; a second DEL succeeds too.
     assert!(cni.call("DEL", &db_ns, "shop/db").0);
     assert!(cni.call("DEL", &db_ns, "shop/db").0, "DEL is idempotent");
     attached.pods.retain(|(_, p)| p != "shop/db");
-    let ports = vswitch::control::request(&socket, &vswitch::control::Request::Ports).unwrap();
+    let ports = common::ask(&socket, &Request::Ports).unwrap();
     assert_eq!(ports.as_array().unwrap().len(), 1, "{ports}");
     // Nothing left behind: no flow for db's address or port, no device.
-    let flows = vswitch::control::request(&socket, &vswitch::control::Request::DumpFlows).unwrap();
+    let flows = common::ask(&socket, &Request::DumpFlows).unwrap();
     let leftover: Vec<_> = flows
         .as_array()
         .unwrap()
@@ -612,11 +399,6 @@ fn vswitchd_with_cni_manifests_and_restart() {
 }
 
 // ---- spoofing, named ports, port ranges ---------------------------------------------
-
-/// Sends `frame` out of the pod's interface from inside its namespace.
-fn send_raw(ns: &Netns, dev: String, frame: Vec<u8>) {
-    ns.run(move || sys::send_raw(&dev, &frame).expect("raw send"));
-}
 
 fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], port: u16) -> Vec<u8> {
     let mut f = Vec::new();
@@ -709,9 +491,9 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
     // Garbage: truncated and malformed frames are dropped and counted on the
     // port they came from, and the switch keeps forwarding.
     let malformed = || -> u64 {
-        let ports = lab.running.switch.port_counters();
-        let (_, _, _, c) = ports.iter().find(|p| p.0 == datapath::PortNo(1)).unwrap();
-        c.drops().iter().find(|(r, _)| *r == "malformed").unwrap().1
+        let ports = lab.running.switch.ports();
+        let p = ports.iter().find(|p| p.no == datapath::PortNo(1)).unwrap();
+        p.counters.drop_count("malformed")
     };
     let before = malformed();
     let good = udp_frame(a_mac, b_mac, a_ip, b_ip, 7000);
@@ -756,13 +538,13 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
         "metadata: {name: ports, namespace: test}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}, {port: 9000, endPort: 9010}]}]\n",
     );
     for port in [8080, 8081, 9000, 9005, 9010, 9011] {
-        Lab::serve_tcp(&lab.b, B_IP, port);
+        serve_tcp(&lab.b, B_IP, port);
     }
-    assert!(Lab::tcp(&lab.a, B_IP, 8080), "named port http");
-    assert!(!Lab::tcp(&lab.a, B_IP, 8081));
+    assert!(tcp(&lab.a, B_IP, 8080), "named port http");
+    assert!(!tcp(&lab.a, B_IP, 8081));
     for (port, want) in [(9000, true), (9005, true), (9010, true), (9011, false)] {
         assert_eq!(
-            Lab::tcp(&lab.a, B_IP, port),
+            tcp(&lab.a, B_IP, port),
             want,
             "range 9000-9010, port {port}"
         );
@@ -773,31 +555,6 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
 
 const CASES: &str = include_str!("../../policy/tests/data/netpol-cases.json");
 
-/// Whether a connection from `ns` to `to:port` works: TCP connects, or a UDP
-/// datagram is echoed back. Runs on its own thread (returned), inside `ns`.
-fn probe(ns: &str, to: std::net::IpAddr, port: u16, udp: bool) -> JoinHandle<bool> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let f = File::open(&path).expect("netns");
-        sys::setns_net(f.as_fd()).expect("setns");
-        let addr = SocketAddr::new(to, port);
-        if !udp {
-            return TcpStream::connect_timeout(&addr, Duration::from_millis(600)).is_ok();
-        }
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        for _ in 0..2 {
-            let _ = s.send_to(b"probe", addr);
-            let mut buf = [0u8; 8];
-            if s.recv_from(&mut buf).is_ok() {
-                return true;
-            }
-        }
-        false
-    })
-}
-
 #[test]
 fn upstream_cases_over_real_traffic() {
     use serde_json::Value;
@@ -807,15 +564,7 @@ fn upstream_cases_over_real_traffic() {
     }
     let doc: Value = serde_json::from_str(CASES).unwrap();
     let model = &doc["model"];
-    let switch = Switch::new(Default::default());
-    let running = Running {
-        thread: Some(
-            switch
-                .spawn_packet_thread("packets", Duration::ZERO)
-                .unwrap(),
-        ),
-        switch,
-    };
+    let running = Running::new();
     let mut spaces: Vec<Netns> = Vec::new();
     let mut ns_of = Map::new();
     let mut ips = Map::new();
@@ -830,11 +579,11 @@ fn upstream_cases_over_real_traffic() {
         ip_cmd_setup(&ns, &name, mac, &format!("{ip}/16"));
         running
             .switch
-            .attach(tap, key.clone(), mac, vec![ip])
+            .attach(Arc::new(TapPort(tap)), key.clone(), mac, vec![ip])
             .unwrap();
         // Servers on 80 and 81 (TCP), 80 (UDP echo).
         for port in [80u16, 81] {
-            Lab::serve_tcp(&ns, &ip.to_string(), port);
+            serve_tcp(&ns, &ip.to_string(), port);
         }
         let sock = ns.run(move || UdpSocket::bind(SocketAddr::new(ip, 80)).unwrap());
         std::thread::spawn(move || {
@@ -979,7 +728,7 @@ fn ip_cmd_setup(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
         "set",
         dev,
         "address",
-        &vswitch::control::format_mac(mac),
+        &control::Mac(mac).to_string(),
     ]);
     ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
     ip(&["-n", &ns.0, "link", "set", dev, "up"]);
@@ -991,7 +740,7 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
     if !privileged(&format!("vsg{pid}x")) {
         return;
     }
-    let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-gw-{}", std::process::id())));
+    let tmp = TempDir::new("gw");
     let dir = tmp.0.clone();
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
     let gw_name = format!("vsg{pid}");
@@ -1007,7 +756,7 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
         &dir,
         &format!("offload = true\n[gateway]\nname = {gw_name:?}\naddress = \"{gw_ip}/24\"\n"),
     );
-    let daemon = Daemon::start(&config, &socket);
+    let daemon = Vswitchd::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
             "cniVersion": "1.0.0",
@@ -1042,7 +791,7 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
             let _ = c.write_all(b"hello");
         }
     });
-    Lab::serve_tcp(&ns, &pod_ip, 8080);
+    serve_tcp(&ns, &pod_ip, 8080);
     let pod_to_node = {
         let addr: SocketAddr = format!("{gw_ip}:7700").parse().unwrap();
         ns.run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(1500)).is_ok())
@@ -1067,28 +816,6 @@ fn pods_reach_their_node_through_the_gateway_even_when_isolated() {
 
 // ---- observability: flows, ports, conntrack, audit log, metrics, live trace -------
 
-/// flowctl, built next to vswitchd by `cargo test --workspace` (scripts/test.sh).
-fn flowctl(socket: &std::path::Path, args: &[&str]) -> String {
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_vswitchd")).with_file_name("flowctl");
-    assert!(
-        exe.exists(),
-        "{} missing: run the workspace's tests (cargo test --workspace) or build flowctl first",
-        exe.display()
-    );
-    let out = Command::new(exe)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "flowctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// GET /metrics over plain HTTP/1.0.
 fn scrape(address: &str) -> String {
     let mut s = TcpStream::connect(address).expect("metrics endpoint");
@@ -1106,7 +833,7 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     if !privileged(&format!("{tag}x")) {
         return;
     }
-    let tmp = TempDir(std::env::temp_dir().join(format!("vswitch-obs-{}", std::process::id())));
+    let tmp = TempDir::new("obs");
     let dir = tmp.0.clone();
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("manifests")).unwrap();
@@ -1129,7 +856,7 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
             audit.to_str().unwrap()
         ),
     );
-    let _daemon = Daemon::start(&config, &socket);
+    let _daemon = Vswitchd::start(&config, &socket);
     let cni = Cni {
         netconf: serde_json::json!({
             "cniVersion": "1.0.0",
@@ -1158,12 +885,11 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     }
     let (client, server, other) = (&nss[0], &nss[1], &nss[2]);
     let server_ip = ip["obs/server"].clone();
-    Lab::serve_tcp(server, &server_ip, 8080);
-    Lab::serve_tcp(server, &server_ip, 8081);
+    serve_tcp(server, &server_ip, 8080);
+    serve_tcp(server, &server_ip, 8081);
 
     let counters = || -> Map<String, u64> {
-        let flows =
-            vswitch::control::request(&socket, &vswitch::control::Request::DumpFlows).unwrap();
+        let flows = common::ask(&socket, &Request::DumpFlows).unwrap();
         flows
             .as_array()
             .unwrap()
@@ -1182,15 +908,12 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     };
     let before = counters();
     assert!(
-        Lab::tcp(client, &server_ip, 8080),
+        tcp(client, &server_ip, 8080),
         "client -> server:8080 allowed"
     );
+    assert!(!tcp(other, &server_ip, 8080), "other -> server:8080 denied");
     assert!(
-        !Lab::tcp(other, &server_ip, 8080),
-        "other -> server:8080 denied"
-    );
-    assert!(
-        !Lab::tcp(client, &server_ip, 8081),
+        !tcp(client, &server_ip, 8081),
         "client -> server:8081 denied"
     );
 
@@ -1301,9 +1024,9 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     let offline = policy::offline::Offline::new(cluster).unwrap();
     let traced = offline
         .trace(
-            &policy::offline::Endpoint::Pod("obs/other".parse().unwrap()),
-            &policy::offline::Endpoint::Pod("obs/server".parse().unwrap()),
-            policy::offline::L4::Tcp(8080),
+            &policy::probe::Endpoint::Pod("obs/other".parse().unwrap()),
+            &policy::probe::Endpoint::Pod("obs/server".parse().unwrap()),
+            policy::probe::L4::Tcp(8080),
         )
         .unwrap();
     assert_eq!(live["rule"], traced.verdict.rule.as_str(), "{live}");
@@ -1317,14 +1040,14 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     );
     flowctl(&socket, &["add-flow", &manual]);
     assert!(flowctl(&socket, &["dump-flows", "--table", "0"]).contains("manual flow"));
-    let refused = vswitch::control::request(
+    let refused = common::ask(
         &socket,
-        &vswitch::control::Request::AddFlow {
+        &Request::AddFlow {
             flow: "table=40,priority=0,actions=goto_table:50".into(),
         },
     );
     assert!(
-        matches!(&refused, Err(e) if e.to_string().contains("compiled flow")),
+        matches!(&refused, Err(e) if e.contains("compiled flow")),
         "{refused:?}"
     );
     assert!(flowctl(&socket, &["del-flows"]).starts_with("1 flow"));

@@ -8,14 +8,14 @@ mod apiserver;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apiserver::{ApiServer, Kind};
-use common::{Netns, privileged};
+use common::{Netns, Vswitchd, privileged};
+use control::Request;
 use serde_json::{Value, json};
 use vswitch::Tap;
-use vswitch::control::{Request, request};
 
 fn ns(name: &str, labels: Value) -> Value {
     json!({"metadata": {"name": name, "labels": labels}})
@@ -43,16 +43,14 @@ fn policy(ns: &str, name: &str, spec: Value) -> Value {
 
 /// vswitchd plus the TAP devices the test attached; all removed on drop.
 struct Node {
-    child: Child,
-    socket: PathBuf,
+    daemon: Vswitchd,
     dir: PathBuf,
     taps: Vec<String>,
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.daemon.kill9();
         for t in &self.taps {
             let _ = Tap::delete(t);
         }
@@ -62,7 +60,7 @@ impl Drop for Node {
 
 impl Node {
     fn ask(&self, req: &Request) -> Result<Value, String> {
-        request(&self.socket, req).map_err(|e| e.to_string())
+        self.daemon.ask(req)
     }
 
     /// Attaches a persistent TAP (created here) as `pod` with `ip`.
@@ -70,31 +68,20 @@ impl Node {
         let name = format!("vsk{}{}", std::process::id() % 10_000, self.taps.len());
         drop(Tap::open(&name, true).expect("create TAP"));
         self.taps.push(name.clone());
-        let n = self.taps.len();
-        self.ask(&Request::Attach {
-            pod: pod.into(),
+        let n = self.taps.len() as u8;
+        self.ask(&Request::Attach(control::Attach {
+            pod: pod.parse().unwrap(),
             netns: None,
             ifname: name,
-            mac: format!("0a:58:00:00:00:{n:02x}"),
+            mac: control::Mac([0x0a, 0x58, 0, 0, 0, n]),
             ips: vec![ip.parse().unwrap()],
-        })
+        }))
         .expect("attach");
     }
 
     /// (verdict, rule) of a new TCP connection.
     fn verdict(&self, src: &str, dst: &str, port: u16) -> (String, String) {
-        match self.ask(&Request::Trace {
-            src: src.into(),
-            dst: dst.into(),
-            protocol: "tcp".into(),
-            port: Some(port),
-        }) {
-            Ok(v) => (
-                v["verdict"].as_str().unwrap_or("").into(),
-                v["rule"].as_str().unwrap_or("").into(),
-            ),
-            Err(e) => ("error".into(), e),
-        }
+        self.daemon.verdict(src, dst, port)
     }
 
     /// Waits until the trace gives `want` (verdict, rule substring).
@@ -127,9 +114,7 @@ impl Node {
     }
 
     fn ready(&self) -> bool {
-        self.ask(&Request::Health)
-            .map(|h| h["ready"] == true)
-            .unwrap_or(false)
+        self.daemon.ready()
     }
 }
 
@@ -151,24 +136,9 @@ fn start(api: &ApiServer, dir: &Path, extra: &str, kube_extra: &str) -> Node {
         ),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_vswitchd"))
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info,kube=warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "vswitchd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let daemon = Vswitchd::start_with(&config, &socket, None, &[("RUST_LOG", "info,kube=warn")]);
     Node {
-        child,
-        socket,
+        daemon,
         dir: dir.into(),
         taps: vec![],
     }

@@ -6,30 +6,21 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use control::Request;
 use serde_json::{Value, json};
-use vswitch::control::{Request, request};
 
 mod common;
 
-use common::{Netns, ip, privileged};
+use common::{Netns, Vswitchd, ip, privileged};
 
-/// A node: its namespace and its vswitchd, killed on drop (before the
-/// namespace goes).
+/// A node: its namespace and its vswitchd (stopped before the namespace goes).
 struct NodeProc {
-    child: Child,
-    socket: PathBuf,
+    daemon: Vswitchd,
     dir: PathBuf,
     ns: Netns,
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl NodeProc {
@@ -37,7 +28,7 @@ impl NodeProc {
     fn cni(&self, command: &str, pod_ns: &Netns, pod: &str, addr: &str, gw: &str) -> Value {
         let netconf = json!({
             "cniVersion": "1.0.0", "name": "vswitch", "type": "vswitch-cni",
-            "socket": self.socket,
+            "socket": self.daemon.socket,
             "ipam": {"type": "host-local", "dataDir": self.dir.join("ipam"),
                      "ranges": [[{"subnet": format!("{}.0/24", gw.rsplit_once('.').unwrap().0), "rangeStart": addr, "rangeEnd": addr, "gateway": gw}]]},
         });
@@ -54,18 +45,12 @@ impl NodeProc {
     }
 
     fn ask(&self, req: &Request) -> Value {
-        request(&self.socket, req).unwrap()
+        self.daemon.ask(req).unwrap()
     }
 
     /// Packets counted on flows whose rule contains `rule`.
     fn hits(&self, rule: &str) -> u64 {
-        self.ask(&Request::DumpFlows)
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|f| f["rule"].as_str().unwrap_or("").contains(rule))
-            .map(|f| f["n_packets"].as_u64().unwrap())
-            .sum()
+        self.daemon.hits(rule)
     }
 }
 
@@ -156,61 +141,20 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         ),
     )
     .unwrap();
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns.0,
-            env!("CARGO_BIN_EXE_vswitchd"),
-            "--config",
-        ])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let node = NodeProc {
-        child,
-        socket: socket.clone(),
-        dir,
-        ns,
-    };
-    let t = Instant::now();
-    while !socket.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "vswitchd on {name} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    node
+    let daemon = Vswitchd::start_with(&config, &socket, Some(&ns.0), &[]);
+    NodeProc { daemon, dir, ns }
 }
 
-/// Whether a TCP connection from `from` to `addr` gets an echo.
-fn tcp(from: &Netns, addr: &'static str) -> bool {
-    from.run(move || {
-        let Ok(mut s) =
-            TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(1500))
-        else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 5];
-        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
-    })
+/// Whether a TCP connection from `from` to `addr` (`ip:port`) gets an echo.
+fn tcp(from: &Netns, addr: &str) -> bool {
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    common::tcp(from, ip, port.parse().unwrap())
 }
 
-/// An echo server in `ns` on `addr`, for the rest of the test.
-fn serve(ns: &Netns, addr: &'static str) {
-    let l = ns.run(move || TcpListener::bind(addr).unwrap());
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let mut buf = [0u8; 5];
-            if c.read_exact(&mut buf).is_ok() {
-                let _ = c.write_all(&buf);
-            }
-        }
-    });
+/// An echo server in `ns` on `addr` (`ip:port`), for the rest of the test.
+fn serve(ns: &Netns, addr: &str) {
+    let (ip, port) = addr.rsplit_once(':').unwrap();
+    common::serve_tcp(ns, ip, port.parse().unwrap());
 }
 
 #[test]

@@ -7,7 +7,7 @@ use datapath::{Datapath, DatapathConfig, PortNo, Time};
 use etherparse::PacketBuilder;
 use policy::compile::Compiler;
 use policy::model::{Cluster, ObjectKey, Pod};
-use policy::pipeline::{PodPort, Topology, base_flows};
+use policy::pipeline::{PodPort, Topology, assemble};
 
 const MAC_A: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 2];
@@ -42,10 +42,7 @@ fn two_pods() -> std::sync::Arc<Datapath> {
     }
     let compiler = Compiler::from_cluster(cluster);
     let dp = Datapath::new(DatapathConfig::default());
-    let flows: Vec<_> = base_flows(&topology)
-        .into_iter()
-        .chain(compiler.flows())
-        .collect();
+    let flows = assemble(&topology, &compiler);
     dp.update(Time::ZERO, |t| t.apply(flows, |_| true, Time::ZERO))
         .unwrap();
     dp

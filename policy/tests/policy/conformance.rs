@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::model::{Cluster, NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol};
-use policy::offline::{Endpoint, L4, Offline};
+use policy::offline::Offline;
+use policy::probe::{Endpoint, L4};
 use serde_json::Value;
 
 const CASES: &str = include_str!("../data/netpol-cases.json");

@@ -4,8 +4,10 @@
 
 use std::path::Path;
 
+use policy::explain::Traced;
 use policy::manifest;
-use policy::offline::{Endpoint, L4, Offline, Traced};
+use policy::offline::Offline;
+use policy::probe::{Endpoint, L4};
 
 fn offline() -> Offline {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/manifests");

@@ -68,7 +68,7 @@ fn thousand_peers_thousand_pods_ten_ports_is_a_sum() {
     );
     let deny_flows = flows
         .iter()
-        .filter(|f| f.priority == policy::compile::priority::DEFAULT_DENY)
+        .filter(|f| f.priority == policy::tables::priority::DEFAULT_DENY)
         .count();
     assert_eq!(deny_flows, 1000, "one default-deny flow per isolated pod");
     assert_eq!(flows.len(), 2011 + 1000);
@@ -76,7 +76,8 @@ fn thousand_peers_thousand_pods_ten_ports_is_a_sum() {
 
 #[test]
 fn equivalent_rules_share_flows_and_traces_name_the_right_one() {
-    use policy::offline::{Endpoint, L4, Offline};
+    use policy::offline::Offline;
+    use policy::probe::{Endpoint, L4};
     let mut c = Cluster::default();
     for (name, app, ip) in [
         ("a", "web", "10.0.0.1"),

@@ -2,7 +2,8 @@
 
 use policy::compile::Compiler;
 use policy::manifest::{Manifests, load_str};
-use policy::offline::{Endpoint, L4, Offline};
+use policy::offline::Offline;
+use policy::probe::{Endpoint, L4};
 
 const PODS: &str = "
 apiVersion: v1

@@ -220,14 +220,7 @@ pub struct ConnInfo {
 
 impl std::fmt::Display for ConnInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match self.orig.proto {
-            ip_proto::TCP => "tcp".to_string(),
-            ip_proto::UDP => "udp".to_string(),
-            ip_proto::SCTP => "sctp".to_string(),
-            ip_proto::ICMP => "icmp".to_string(),
-            ip_proto::ICMPV6 => "icmp6".to_string(),
-            p => format!("proto{p}"),
-        };
+        let proto = ip_proto::name(self.orig.proto);
         write!(
             f,
             "{proto},zone={},src={},dst={},sport={},dport={},state={},timeout={}s,packets={}/{},bytes={}/{}",

@@ -391,6 +391,19 @@ pub mod ip_proto {
     pub const UDP: u8 = 17;
     pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
+
+    /// The protocol's name as dumps and filters spell it (`proto47` for the
+    /// ones without one).
+    pub fn name(p: u8) -> std::borrow::Cow<'static, str> {
+        match p {
+            TCP => "tcp".into(),
+            UDP => "udp".into(),
+            SCTP => "sctp".into(),
+            ICMP => "icmp".into(),
+            ICMPV6 => "icmp6".into(),
+            p => format!("proto{p}").into(),
+        }
+    }
 }
 
 /// An IPv4 address as the 128-bit value the wide address fields hold.

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use vswitch::config::Config;
-use vswitch::daemon::{Daemon, ManifestWatch};
+use vswitch::daemon::Daemon;
+use vswitch::manifests::ManifestWatch;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -68,63 +69,61 @@ fn main() -> ExitCode {
 
 fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config =
-        Config::load(&config_path).map_err(|e| anyhow::anyhow!(vswitch::daemon::chain(&e)))?;
+        Config::load(&config_path).map_err(|e| anyhow::anyhow!(control::error_chain(&e)))?;
     let mut watch = config
         .manifests
         .as_deref()
         .map(|dir| ManifestWatch::new(dir, Some(&config.state_dir)));
     let interval = Duration::from_millis(config.watch_interval_ms);
     let daemon = Daemon::start(config, &mut watch)?;
+    let (realiser, forwarder) = (daemon.realiser.clone(), daemon.forwarder.clone());
     let wants_events = daemon.config.metrics_address.is_some() || daemon.config.audit.is_some();
-    if wants_events && let Some(events) = daemon.switch.connection_events(16_384) {
-        let switch = daemon.switch.clone();
-        let audit = daemon.config.audit.clone();
+    if wants_events && let Some(events) = forwarder.connection_events(16_384) {
+        let (realiser, audit) = (realiser.clone(), daemon.config.audit.clone());
         std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || vswitch::audit::run(switch, events, audit))?;
+            .spawn(move || vswitch::audit::run(realiser, events, audit))?;
     }
     if let Some(address) = daemon.config.metrics_address {
-        vswitch::metrics::start(address, daemon.switch.clone())?;
+        vswitch::metrics::start(address, realiser.clone(), forwarder.clone())?;
         tracing::info!(%address, "serving metrics on /metrics");
     }
-    let packets = daemon
-        .switch
-        .spawn_packet_thread("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
+    let packets = forwarder.spawn("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
     daemon.serve()?;
     {
-        let daemon = daemon.clone();
+        let (realiser, config) = (realiser.clone(), daemon.config.clone());
         std::thread::Builder::new()
             .name("routes".into())
-            .spawn(move || daemon.sync_routes_forever())?;
+            .spawn(move || vswitch::gateway::sync_routes_forever(realiser, config))?;
     }
     if daemon.config.source == vswitch::config::Source::Kubernetes {
-        let (switch, config, ready) = (
-            daemon.switch.clone(),
+        let (realiser, config, ready) = (
+            realiser.clone(),
             daemon.config.clone(),
             daemon.ready.clone(),
         );
         std::thread::Builder::new()
             .name("kubernetes".into())
             .spawn(move || {
-                if let Err(e) = vswitch::kubernetes::run(switch, config, ready) {
+                if let Err(e) = vswitch::kubernetes::run(realiser, config, ready) {
                     tracing::error!("kubernetes source stopped: {e:#}");
                 }
             })?;
     }
     if let Some(w) = watch {
-        let switch = daemon.switch.clone();
+        let realiser = realiser.clone();
         std::thread::Builder::new()
             .name("manifests".into())
-            .spawn(move || w.run(switch, interval))?;
+            .spawn(move || w.run(realiser, interval))?;
     }
     {
-        let switch = daemon.switch.clone();
+        let forwarder = forwarder.clone();
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Ok(sig) = vswitch::sys::wait_termination() {
                     tracing::info!(signal = sig, "stopping");
-                    switch.stop();
+                    forwarder.stop();
                 }
             })?;
     }

@@ -1,10 +1,19 @@
-//! What the end-to-end tests share: `ip`, network namespaces, and the rule that
-//! an unprivileged run skips outside CI but fails in it.
+//! What the end-to-end suites share: `ip`, network namespaces, the rule that
+//! an unprivileged run skips outside CI but fails in it, vswitchd as a process,
+//! pods through vswitch-cni, the control socket, flowctl, and traffic probes
+//! (echo servers and clients inside namespaces).
 
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use control::{Endpoint, L4, Request};
 
 /// Runs `ip ARGS`, failing the test with ip's message.
 pub fn ip(args: &[&str]) {
@@ -115,4 +124,363 @@ pub fn cni(
     let out = child.wait_with_output().expect("vswitch-cni finishes");
     let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.success(), v)
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory named after `tag` and this process.
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("vswitch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a vswitchd config under `dir` (socket, state and manifests there too)
+/// with `extra` appended; returns (config path, socket path).
+pub fn write_config(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let socket = dir.join("vswitchd.sock");
+    let config = dir.join("vswitchd.toml");
+    let text = format!(
+        "socket = {:?}\nstate_dir = {:?}\nmanifests = {:?}\n{extra}",
+        socket.to_str().unwrap(),
+        dir.join("state").to_str().unwrap(),
+        dir.join("manifests").to_str().unwrap()
+    );
+    std::fs::write(&config, text).unwrap();
+    (config, socket)
+}
+
+/// A vswitchd process (in a node's namespace when given), killed on drop.
+pub struct Vswitchd {
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    netns: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Vswitchd {
+    /// Starts vswitchd with `config` and waits for its control socket.
+    pub fn start(config: &Path, socket: &Path) -> Vswitchd {
+        Vswitchd::start_with(config, socket, None, &[])
+    }
+
+    /// Like [`Vswitchd::start`], inside network namespace `netns`, with extra
+    /// environment variables.
+    pub fn start_with(
+        config: &Path,
+        socket: &Path,
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Vswitchd {
+        let mut d = Vswitchd {
+            child: None,
+            config: config.into(),
+            socket: socket.into(),
+            netns: netns.map(String::from),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let exe = env!("CARGO_BIN_EXE_vswitchd");
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, exe]);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.child = Some(cmd.spawn().expect("vswitchd starts"));
+        let start = Instant::now();
+        while !self.socket.exists() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("vswitchd exited at start: {status}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "vswitchd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, as a DaemonSet rollout does; waits for a clean exit.
+    pub fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                assert!(
+                    status.success(),
+                    "vswitchd exits cleanly on SIGTERM: {status}"
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "vswitchd did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills it (if running) and starts it again with the same config.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// One request over the control socket; the answer's data as JSON.
+    pub fn ask(&self, req: &Request) -> Result<serde_json::Value, String> {
+        ask(&self.socket, req)
+    }
+
+    /// (verdict, rule) of a live trace of a new TCP connection.
+    pub fn verdict(&self, src: &str, dst: &str, port: u16) -> (String, String) {
+        match trace(&self.socket, src, dst, L4::Tcp(port)) {
+            Ok(v) => (
+                v["verdict"].as_str().unwrap_or("").into(),
+                v["rule"].as_str().unwrap_or("").into(),
+            ),
+            Err(e) => ("error".into(), e),
+        }
+    }
+
+    /// Packets counted on flows whose rule contains `rule`.
+    pub fn hits(&self, rule: &str) -> u64 {
+        self.ask(&Request::DumpFlows)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["rule"].as_str().unwrap_or("").contains(rule))
+            .map(|f| f["n_packets"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Whether it says it is ready.
+    pub fn ready(&self) -> bool {
+        self.ask(&Request::Health)
+            .map(|h| h["ready"] == true)
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Vswitchd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One request to the vswitchd at `socket` (handshake included); the answer's
+/// data as JSON, or vswitchd's error.
+pub fn ask(socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
+    control::request(socket, "tests", req).map_err(|e| control::error_chain(&e))
+}
+
+/// An endpoint as tests write it: `namespace/pod` or an IP address.
+pub fn endpoint(s: &str) -> Endpoint {
+    match s.parse::<IpAddr>() {
+        Ok(ip) => Endpoint::Ip(ip),
+        Err(_) => Endpoint::Pod(s.parse().expect("namespace/pod")),
+    }
+}
+
+/// A live trace.
+pub fn trace(socket: &Path, src: &str, dst: &str, l4: L4) -> Result<serde_json::Value, String> {
+    ask(
+        socket,
+        &Request::Trace {
+            src: endpoint(src),
+            dst: endpoint(dst),
+            l4,
+        },
+    )
+}
+
+/// The CNI network configuration of one test: vswitch-cni talking to a socket.
+pub struct Cni {
+    pub netconf: String,
+}
+
+impl Cni {
+    /// CNI `command` for `pod` in `ns` (container id from both).
+    pub fn call(&self, command: &str, ns: &Netns, pod: &str) -> (bool, serde_json::Value) {
+        let pname = pod.split_once('/').unwrap().1;
+        cni(
+            None,
+            command,
+            ns,
+            &format!("{}-{pname}", ns.0),
+            pod,
+            &self.netconf,
+        )
+    }
+}
+
+/// Pods attached through CNI, deleted (CNI DEL) on drop.
+pub struct Attached<'a> {
+    pub cni: &'a Cni,
+    pub pods: Vec<(&'a Netns, String)>,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        for (ns, pod) in &self.pods {
+            let _ = self.cni.call("DEL", ns, pod);
+        }
+    }
+}
+
+/// Waits (up to 8 s) until `f` holds.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP echo server in `ns` on `addr:port`, serving connections for the rest
+/// of the test.
+pub fn serve_tcp(ns: &Netns, addr: &str, port: u16) {
+    let addr: SocketAddr = SocketAddr::new(addr.parse().expect("an address"), port);
+    let listener = ns.run(move || TcpListener::bind(addr).expect("bind in netns"));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            // Echo until the client closes.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Whether a TCP connection from `ns` to `to:port` completes and echoes.
+pub fn tcp(ns: &Netns, to: &str, port: u16) -> bool {
+    let addr: SocketAddr = SocketAddr::new(to.parse().expect("an address"), port);
+    ns.run(move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 5];
+        s.write_all(b"hello").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"hello"
+    })
+}
+
+/// Whether a UDP datagram from `from` reaches a socket in `to_ns` at `to:port`.
+pub fn udp(from: &Netns, to_ns: &Netns, to: &str, port: u16) -> bool {
+    let addr: SocketAddr = SocketAddr::new(to.parse().expect("an address"), port);
+    let rx = to_ns.run(move || UdpSocket::bind(addr).expect("bind in netns"));
+    rx.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let tx = from.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    // ARP may take the first datagram's turn; send a few.
+    for _ in 0..3 {
+        tx.send_to(b"datagram", addr).unwrap();
+        let mut buf = [0u8; 16];
+        if let Ok((n, _)) = rx.recv_from(&mut buf) {
+            return &buf[..n] == b"datagram";
+        }
+    }
+    false
+}
+
+/// Whether a connection from namespace `ns` to `to:port` works: TCP connects,
+/// or a UDP datagram is echoed back. Runs on its own thread (returned).
+pub fn probe(ns: &str, to: IpAddr, port: u16, udp: bool) -> JoinHandle<bool> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).expect("netns");
+        vswitch::sys::setns_net(f.as_fd()).expect("setns");
+        let addr = SocketAddr::new(to, port);
+        if !udp {
+            return TcpStream::connect_timeout(&addr, Duration::from_millis(600)).is_ok();
+        }
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        for _ in 0..2 {
+            let _ = s.send_to(b"probe", addr);
+            let mut buf = [0u8; 8];
+            if s.recv_from(&mut buf).is_ok() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// flowctl, built next to vswitchd by `cargo test --workspace` (scripts/test.sh);
+/// fails the test when flowctl fails.
+pub fn flowctl(socket: &Path, args: &[&str]) -> String {
+    let exe = Path::new(env!("CARGO_BIN_EXE_vswitchd")).with_file_name("flowctl");
+    assert!(
+        exe.exists(),
+        "{} missing: run the workspace's tests (cargo test --workspace) or build flowctl first",
+        exe.display()
+    );
+    let out = Command::new(exe)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flowctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends `frame` out of `dev` from inside `ns` (an AF_PACKET socket): how a
+/// pod sends what its stack never would.
+pub fn send_raw(ns: &Netns, dev: String, frame: Vec<u8>) {
+    ns.run(move || vswitch::sys::send_raw(&dev, &frame).expect("raw send"));
 }

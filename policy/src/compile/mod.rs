@@ -1,0 +1,335 @@
+//! NetworkPolicy -> flows in tables 40 (egress) and 50 (ingress).
+//!
+//! Owns the translation and its bookkeeping. The unit of compilation is a *unit*
+//! ([`Provenance`]): one rule of one policy, one pod's default deny in one direction,
+//! or one node's own-node exemption. Each unit compiles to flows on its own; flows
+//! of different units with the same table, priority and match are merged into one
+//! (their conjunction actions united), as OVS requires. A change to the cluster
+//! recompiles only the units it can affect and yields a [`FlowDiff`].
+//!
+//! A rule compiles with conjunctive match: clause 1 the selected pods, clause 2 the
+//! peers, clause 3 the ports, plus one `conj_id` flow, so flow count is the sum of
+//! the three sets. Named ports are resolved per pod, so for them the pod and the
+//! port share one clause (a second conjunction of the same rule).
+//!
+//! Priorities inside a policy table: see [`crate::tables::priority`].
+//!
+//! Layers, each a module: `matches` (addresses, CIDRs, port ranges), `groups`
+//! (rules with the same meaning and the pods' roles in them), `emit` (the flows
+//! of each unit), `units` (unit ids, cookies, merged flows), `incremental`
+//! (from one change to the units it touches, and the diff).
+
+use std::fmt;
+
+use datapath::flow::{Cookie, FlowEntry, FlowIdentity};
+
+use crate::model::{Cluster, Direction, Namespace, Node, ObjectKey, Pod, Policy};
+
+mod emit;
+mod groups;
+mod incremental;
+mod matches;
+mod units;
+
+pub(crate) use matches::net_match;
+pub use matches::{port_masks, subtract};
+
+use emit::cookie_of;
+use groups::RuleRef;
+use incremental::Work;
+use units::{State, Unit};
+
+/// Hash maps of the compiler: foldhash (keys are large; SipHash dominated profiles).
+pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// Where a flow came from: what `flowctl` and the metrics name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Provenance {
+    /// Rule `index` (0-based) of a policy's ingress or egress list.
+    Rule {
+        policy: ObjectKey,
+        direction: Direction,
+        index: usize,
+    },
+    /// A pod selected by some policy for `direction`: what no rule allows is denied.
+    DefaultDeny {
+        pod: ObjectKey,
+        direction: Direction,
+    },
+    /// Traffic between a node and its own pods, always allowed.
+    NodeTraffic { node: String },
+    /// A base-pipeline flow (classifier, spoofguard, ...).
+    Pipeline(String),
+}
+
+impl fmt::Display for Provenance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Provenance::Rule {
+                policy,
+                direction,
+                index,
+            } => write!(f, "{policy} {direction} rule {index}"),
+            Provenance::DefaultDeny { pod, direction } => {
+                write!(f, "default deny of {pod} ({direction})")
+            }
+            Provenance::NodeTraffic { node } => write!(f, "own-node traffic of {node}"),
+            Provenance::Pipeline(what) => f.write_str(what),
+        }
+    }
+}
+
+/// What one change did to the flows.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FlowDiff {
+    pub added: Vec<FlowEntry>,
+    pub modified: Vec<FlowEntry>,
+    pub deleted: Vec<FlowIdentity>,
+}
+
+impl FlowDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.modified.is_empty() && self.deleted.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.added.len() + self.modified.len() + self.deleted.len()
+    }
+}
+
+/// One object-level change.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Namespace(Namespace),
+    NamespaceDeleted(String),
+    Pod(Pod),
+    PodDeleted(ObjectKey),
+    Node(Node),
+    NodeDeleted(String),
+    Policy(Policy),
+    PolicyDeleted(ObjectKey),
+}
+
+impl Change {
+    /// `kind name` of the object changed, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Change::Namespace(n) => format!("namespace {}", n.name),
+            Change::NamespaceDeleted(n) => format!("namespace {n} deleted"),
+            Change::Pod(p) => format!("pod {}", p.key),
+            Change::PodDeleted(k) => format!("pod {k} deleted"),
+            Change::Node(n) => format!("node {}", n.name),
+            Change::NodeDeleted(n) => format!("node {n} deleted"),
+            Change::Policy(p) => format!("networkpolicy {}", p.key),
+            Change::PolicyDeleted(k) => format!("networkpolicy {k} deleted"),
+        }
+    }
+}
+/// The policy compiler: holds the cluster model and the flows it compiles to.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    cluster: Cluster,
+    state: State,
+}
+
+impl Compiler {
+    pub fn new() -> Compiler {
+        Compiler::default()
+    }
+    /// Compiles a whole cluster.
+    pub fn from_cluster(cluster: Cluster) -> Compiler {
+        let mut c = Compiler {
+            cluster,
+            state: State::default(),
+        };
+        let mut work = Work::default();
+        let policies: Vec<Policy> = c.cluster.policies().cloned().collect();
+        for p in &policies {
+            incremental::regroup(&mut c.state, None, Some(p), &mut work);
+        }
+        for pod in c.cluster.pods() {
+            for dir in [Direction::Ingress, Direction::Egress] {
+                work.units.insert(Unit::Deny(pod.key.clone(), dir));
+            }
+        }
+        for n in c.cluster.nodes() {
+            work.units.insert(Unit::Node(n.name.clone()));
+        }
+        incremental::run(&mut c.state, &c.cluster, work, None);
+        c
+    }
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+    /// Number of merged flows.
+    pub fn len(&self) -> usize {
+        self.state.merged.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.state.merged.is_empty()
+    }
+    fn unit_provenance(&self, unit: &Unit) -> Option<Provenance> {
+        match unit {
+            Unit::Frame(g) | Unit::Member(g, _) => self
+                .state
+                .groups
+                .get(g)?
+                .rules
+                .iter()
+                .next()
+                .map(RuleRef::provenance),
+            Unit::Deny(pod, direction) => Some(Provenance::DefaultDeny {
+                pod: pod.clone(),
+                direction: *direction,
+            }),
+            Unit::Node(node) => Some(Provenance::NodeTraffic { node: node.clone() }),
+        }
+    }
+    /// Where a cookie came from; for flows shared by equivalent rules, the first
+    /// of them (see [`Compiler::rules`]).
+    pub fn provenance(&self, cookie: Cookie) -> Option<Provenance> {
+        self.unit_provenance(self.state.unit_of(cookie)?)
+    }
+    /// Every rule a cookie stands for (several when equivalent rules share flows).
+    pub fn rules(&self, cookie: Cookie) -> Vec<Provenance> {
+        match self.state.unit_of(cookie) {
+            Some(Unit::Frame(g) | Unit::Member(g, _)) => self
+                .state
+                .groups
+                .get(g)
+                .map(|i| i.rules.iter().map(RuleRef::provenance).collect())
+                .unwrap_or_default(),
+            Some(u) => self.unit_provenance(u).into_iter().collect(),
+            None => vec![],
+        }
+    }
+    /// The rule of `cookie` that applies to `pod`: the one whose policy selects it.
+    pub fn rule_for_pod(&self, cookie: Cookie, pod: &Pod) -> Option<Provenance> {
+        match self.state.unit_of(cookie)? {
+            Unit::Frame(g) | Unit::Member(g, _) => {
+                self.state.groups.get(g)?.rules.iter().find_map(|r| {
+                    let p = self.cluster.policy(&r.policy)?;
+                    self.cluster.selects(p, pod).then(|| r.provenance())
+                })
+            }
+            u => self.unit_provenance(u),
+        }
+    }
+    /// The cookie of the flows a rule (or default deny, or node) compiles to.
+    pub fn cookie(&self, p: &Provenance) -> Option<Cookie> {
+        let unit = match p {
+            Provenance::Rule {
+                policy,
+                direction,
+                index,
+            } => {
+                let r = RuleRef {
+                    policy: policy.clone(),
+                    direction: *direction,
+                    index: *index,
+                };
+                return self
+                    .state
+                    .groups
+                    .get(self.state.group_of.get(&r)?)
+                    .map(|i| cookie_of(i.id));
+            }
+            Provenance::DefaultDeny { pod, direction } => Unit::Deny(pod.clone(), *direction),
+            Provenance::NodeTraffic { node } => Unit::Node(node.clone()),
+            Provenance::Pipeline(_) => return None,
+        };
+        self.state.units.get(&unit).map(|u| cookie_of(u.id))
+    }
+    /// Who owns conjunction `conj_id` (every rule, joined) and which part it is.
+    pub fn conjunction_owner(&self, conj_id: u32) -> Option<(String, u32)> {
+        let n = conj_id.checked_sub(1)?;
+        let rules = self.rules(cookie_of(n / 2));
+        if rules.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = rules.iter().map(ToString::to_string).collect();
+        Some((names.join(" + "), n % 2))
+    }
+    /// Every flow, merged, in no particular order (the switch republishes them on
+    /// every change; whoever shows them sorts).
+    pub fn flows(&self) -> Vec<FlowEntry> {
+        self.state
+            .merged
+            .iter()
+            .filter_map(|(identity, contrib)| self.state.materialize(identity, contrib))
+            .collect()
+    }
+    /// The flow currently compiled for `identity`.
+    pub fn flow(&self, identity: &FlowIdentity) -> Option<FlowEntry> {
+        self.state.flow(identity)
+    }
+    /// Applies one change to the cluster and returns the resulting flow diff.
+    pub fn apply(&mut self, change: Change) -> FlowDiff {
+        let mut work = Work::default();
+        match change {
+            Change::Pod(pod) => {
+                let old = self.cluster.upsert_pod(pod.clone());
+                incremental::pod_work(
+                    &mut self.state,
+                    &self.cluster,
+                    old.as_ref(),
+                    Some(&pod),
+                    &mut work,
+                );
+            }
+            Change::PodDeleted(key) => {
+                let old = self.cluster.remove_pod(&key);
+                incremental::pod_work(
+                    &mut self.state,
+                    &self.cluster,
+                    old.as_ref(),
+                    None,
+                    &mut work,
+                );
+            }
+            Change::Namespace(ns) => {
+                let name = ns.name.clone();
+                let before = self.cluster.namespace_labels(&name);
+                self.cluster.upsert_namespace(ns);
+                incremental::namespace_work(&self.state, &self.cluster, &name, &before, &mut work);
+            }
+            Change::NamespaceDeleted(name) => {
+                let before = self.cluster.namespace_labels(&name);
+                self.cluster.remove_namespace(&name);
+                incremental::namespace_work(&self.state, &self.cluster, &name, &before, &mut work);
+            }
+            Change::Node(node) => {
+                work.units.insert(Unit::Node(node.name.clone()));
+                self.cluster.upsert_node(node);
+            }
+            Change::NodeDeleted(name) => {
+                self.cluster.remove_node(&name);
+                work.units.insert(Unit::Node(name));
+            }
+            Change::Policy(p) => {
+                let key = p.key.clone();
+                let old = self.cluster.upsert_policy(p.clone());
+                incremental::regroup(&mut self.state, old.as_ref(), Some(&p), &mut work);
+                incremental::deny_units_in(&self.cluster, &key.namespace, &mut work);
+            }
+            Change::PolicyDeleted(key) => {
+                let old = self.cluster.remove_policy(&key);
+                incremental::regroup(&mut self.state, old.as_ref(), None, &mut work);
+                incremental::deny_units_in(&self.cluster, &key.namespace, &mut work);
+            }
+        }
+        let mut diff = units::DiffBuilder::default();
+        incremental::run(&mut self.state, &self.cluster, work, Some(&mut diff));
+        diff.finish(&self.state)
+    }
+    /// Validates a NetworkPolicy and applies it. When validation fails nothing
+    /// changes: the last valid version of the policy stays in force.
+    pub fn apply_network_policy(
+        &mut self,
+        np: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    ) -> Result<FlowDiff, crate::error::Error> {
+        let policy = Policy::from_api(np)?;
+        Ok(self.apply(Change::Policy(policy)))
+    }
+}

@@ -1,0 +1,175 @@
+//! What vswitchd answers: one typed view per request.
+//!
+//! Field names are the JSON that `flowctl --output json` prints, so scripts see
+//! the same shapes whether they read flowctl or the socket. Traces use
+//! [`policy::explain::TraceView`], the shape offline mode prints too.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use policy::explain::TraceView;
+
+/// The answer to hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloView {
+    pub protocol: u32,
+    /// `vswitchd VERSION`.
+    pub server: String,
+}
+
+/// What a port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortKind {
+    Pod,
+    Gateway,
+    Tunnel,
+}
+
+/// One port with its counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortView {
+    pub port: u32,
+    pub kind: PortKind,
+    /// The pod behind a pod port.
+    pub pod: Option<String>,
+    /// The node behind a tunnel port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The device (in the pod's namespace), or `vxlan:ADDRESS` for a tunnel.
+    pub ifname: String,
+    pub netns: Option<String>,
+    pub mac: Option<String>,
+    pub ips: Option<Vec<IpAddr>>,
+    /// Whether the port can be read and written (a pod that deleted its
+    /// interface leaves its port down).
+    #[serde(default = "yes")]
+    pub up: bool,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames dropped on this port, by reason (zeros included).
+    pub drops: BTreeMap<String, u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One flow with its counters, ovs-ofctl style.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowView {
+    pub table: u8,
+    pub priority: u16,
+    /// `0x...`.
+    pub cookie: String,
+    #[serde(rename = "match")]
+    pub matcher: String,
+    pub actions: String,
+    /// The whole flow in ovs-ofctl syntax.
+    pub flow: String,
+    pub n_packets: u64,
+    pub n_bytes: u64,
+    pub duration_s: f64,
+    pub idle_age_s: f64,
+    /// Added by hand (`flowctl add-flow`), not policy.
+    pub manual: bool,
+    /// The policy rule (or pipeline purpose) the cookie names.
+    pub rule: String,
+}
+
+/// Counters of the two directions of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directions {
+    pub orig: u64,
+    pub reply: u64,
+}
+
+/// One tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub zone: u16,
+    pub proto: String,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub state: String,
+    pub timeout_s: u64,
+    pub age_s: u64,
+    pub packets: Directions,
+    pub bytes: Directions,
+}
+
+/// Datapath and control-plane counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsView {
+    pub generation: u64,
+    pub flows: usize,
+    pub masks: usize,
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: BTreeMap<String, u64>,
+    pub cache: CacheView,
+    pub conntrack: ConntrackView,
+    pub tables: Vec<TableView>,
+    pub realisation: RealisationView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheView {
+    pub lookups: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub hit_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackView {
+    pub entries: usize,
+    pub max: usize,
+    /// New connections dropped because the table was full.
+    pub full_drops: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableView {
+    pub table: u8,
+    pub flows: u64,
+    pub matched: u64,
+    pub missed: u64,
+    pub lookups: u64,
+}
+
+/// The last policy realisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RealisationView {
+    pub generation: u64,
+    pub flows_changed: usize,
+    pub compile_us: u64,
+    pub publish_us: u64,
+    /// Unix time, seconds.
+    pub at: Option<f64>,
+    pub at_rfc3339: Option<String>,
+}
+
+/// Readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// The cluster state has been synced, compiled and published.
+    pub ready: bool,
+    /// `manifests` or `kubernetes`.
+    pub source: String,
+    pub node: String,
+    pub generation: u64,
+}
+
+/// The answer to del-flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: usize,
+}

@@ -1,0 +1,530 @@
+//! The forwarder: packet threads moving frames between ports.
+//!
+//! Owns the data plane around the datapath: waiting on the published ports
+//! (epoll), reading a bounded batch from each ready one, running every frame
+//! through a datapath [`Worker`], writing it to the ports of its verdict,
+//! per-port counters and connection events. It only reads what the realiser
+//! publishes ([`PortSet`] and the flow tables) and decides nothing itself; a
+//! [`Lane`] can be stepped by hand over in-memory ports, so the whole packet
+//! path is tested without root.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use datapath::{Datapath, FlowKey, PortNo, Time, Worker};
+use smallvec::SmallVec;
+
+use crate::port::{BUFFER, Port, PortCounters, PortDrop, Sent, Tx};
+use crate::sys;
+
+/// Frames read from one port before moving to the next.
+pub const BATCH: usize = 64;
+
+/// One I/O endpoint of a port set, and the switch port it is (`None`: it
+/// serves several, and says which on every frame).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub io: Arc<dyn Port>,
+    pub own: Option<PortNo>,
+}
+
+/// The ports as published: what packet threads read and write. Immutable;
+/// the realiser publishes a new one, before the flows that name its ports.
+#[derive(Debug, Default)]
+pub struct PortSet {
+    pub endpoints: Vec<Endpoint>,
+    /// Switch port -> (endpoint index, counters).
+    pub ports: HashMap<PortNo, (usize, Arc<PortCounters>)>,
+}
+
+impl PortSet {
+    fn get(&self, p: PortNo) -> Option<(&Endpoint, &PortCounters)> {
+        let (i, c) = self.ports.get(&p)?;
+        Some((&self.endpoints[*i], c))
+    }
+}
+
+/// The switch's clock: monotonic, nanoseconds since the switch started (what
+/// conntrack and flow counters count in).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock(Instant::now())
+    }
+
+    pub fn now(&self) -> Time {
+        Time(self.0.elapsed().as_nanos() as u64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
+/// A new connection the pipeline allowed (committed) or a policy table denied:
+/// what the audit log and the per-rule metrics are made of.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnEvent {
+    pub key: FlowKey,
+    pub allowed: bool,
+    pub at: SystemTime,
+}
+
+/// Where packet threads send connection events (bounded: when the consumer
+/// falls behind, events are counted as lost, never waited for).
+#[derive(Debug)]
+struct EventSink {
+    tx: std::sync::mpsc::SyncSender<ConnEvent>,
+    lost: AtomicU64,
+}
+
+/// What the realiser publishes and the forwarder reads.
+#[derive(Debug)]
+pub struct Published {
+    pub dp: Arc<Datapath>,
+    pub ports: ArcSwap<PortSet>,
+    pub clock: Clock,
+}
+
+/// The data plane: spawns packet threads over what is published.
+#[derive(Debug)]
+pub struct Forwarder {
+    published: Arc<Published>,
+    events: OnceLock<EventSink>,
+    stop: AtomicBool,
+}
+
+impl Forwarder {
+    pub fn new(published: Arc<Published>) -> Arc<Forwarder> {
+        Arc::new(Forwarder {
+            published,
+            events: OnceLock::new(),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends connection events to the returned receiver from now on (at most
+    /// `capacity` waiting). Call before starting packet threads; once only.
+    pub fn connection_events(
+        &self,
+        capacity: usize,
+    ) -> Option<std::sync::mpsc::Receiver<ConnEvent>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        self.events
+            .set(EventSink {
+                tx,
+                lost: AtomicU64::new(0),
+            })
+            .ok()
+            .map(|()| rx)
+    }
+
+    /// Connection events dropped because their consumer fell behind.
+    pub fn events_lost(&self) -> u64 {
+        self.events.get().map_or(0, |e| e.lost.load(Relaxed))
+    }
+
+    /// A lane: one packet thread's state (its datapath worker and buffer).
+    pub fn lane(self: &Arc<Self>) -> Lane {
+        Lane {
+            fwd: self.clone(),
+            worker: self.published.dp.worker(),
+            buf: vec![0u8; BUFFER].into_boxed_slice(),
+        }
+    }
+
+    /// Starts a packet thread. After forwarding, it keeps polling its ports
+    /// without sleeping for `busy_poll` (lower latency for more CPU).
+    ///
+    /// Fails when the thread cannot be started.
+    pub fn spawn(
+        self: &Arc<Self>,
+        name: &str,
+        busy_poll: Duration,
+    ) -> std::io::Result<JoinHandle<()>> {
+        let mut lane = self.lane();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || lane.run(busy_poll))
+    }
+
+    /// Asks packet threads to stop (they notice within one poll timeout).
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+    }
+
+    fn emit(&self, key: &FlowKey, allowed: bool) {
+        if let Some(sink) = self.events.get() {
+            let event = ConnEvent {
+                key: *key,
+                allowed,
+                at: SystemTime::now(),
+            };
+            if sink.tx.try_send(event).is_err() {
+                sink.lost.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// One packet thread: a datapath worker and a frame buffer.
+#[derive(Debug)]
+pub struct Lane {
+    fwd: Arc<Forwarder>,
+    worker: Worker,
+    /// Every frame sits at `buf[start..end]` with headroom in front (see
+    /// `port`); a virtio-net header, when the frame came with one, sits right
+    /// before it.
+    buf: Box<[u8]>,
+}
+
+impl Lane {
+    /// Reads up to [`BATCH`] frames from every published port that is up and
+    /// forwards them; returns how many frames were read. (What the packet
+    /// thread does on a wake-up, for every port rather than the ready ones.)
+    pub fn step(&mut self) -> usize {
+        let ports = self.fwd.published.ports.load_full();
+        self.worker.begin_batch();
+        let now = self.fwd.published.clock.now();
+        (0..ports.endpoints.len())
+            .map(|i| self.service(&ports, i, &ports, now))
+            .sum()
+    }
+
+    /// Reads up to [`BATCH`] frames from endpoint `i` of `ports` and forwards
+    /// them to the ports of `out` (the newest set: it covers every port the
+    /// flows the worker runs can name).
+    fn service(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
+        let endpoint = &ports.endpoints[i];
+        let own = endpoint.own.and_then(|p| ports.get(p)).map(|(_, c)| c);
+        if own.is_some_and(|c| !c.is_up()) {
+            return 0;
+        }
+        let mut n = 0;
+        while n < BATCH {
+            match endpoint.io.recv(&mut self.buf) {
+                Ok(Some(rx)) => {
+                    n += 1;
+                    let Some(in_port) = rx.in_port.or(endpoint.own) else {
+                        continue;
+                    };
+                    let Some((_, counters)) = ports.get(in_port) else {
+                        continue;
+                    };
+                    counters.received(rx.end - rx.start);
+                    self.forward(out, now, in_port, counters, rx);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some(c) = own {
+                        c.port_drop(PortDrop::RxError);
+                        // A device that is gone (EBADFD, EIO: a pod deleted its
+                        // interface) stays readable forever: stop polling it.
+                        if matches!(e.raw_os_error(), Some(libc::EBADFD | libc::EIO)) {
+                            c.set_down();
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        n
+    }
+
+    /// Runs one received frame through the pipeline and writes it out.
+    fn forward(
+        &mut self,
+        ports: &PortSet,
+        now: Time,
+        in_port: PortNo,
+        counters: &PortCounters,
+        rx: crate::port::Rx,
+    ) {
+        let crate::port::Rx {
+            start, end, hdr, ..
+        } = rx;
+        // Whether the frame needs the header it came with (a TSO segment, or a
+        // checksum left to the receiver).
+        let offloaded = hdr > 0 && (self.buf[start - hdr] != 0 || self.buf[start - hdr + 1] != 0);
+        let verdict = self.worker.process(now, in_port, &mut self.buf[start..end]);
+        if let Some(reason) = verdict.drop {
+            counters.pipeline_drop(reason);
+            if verdict.policy {
+                self.fwd.emit(verdict.key, false);
+            }
+            return;
+        }
+        if verdict.committed {
+            self.fwd.emit(verdict.key, true);
+        }
+        let outputs: SmallVec<[PortNo; 4]> = verdict.outputs.iter().copied().collect();
+        let mut tx = Tx {
+            buf: &mut self.buf,
+            start,
+            end,
+            offloaded,
+            header_intact: hdr > 0,
+        };
+        for out in outputs {
+            let Some((endpoint, to)) = ports.get(out) else {
+                continue;
+            };
+            match endpoint.io.send(out, &mut tx) {
+                Ok(Sent::Ok) => to.sent(end - start),
+                Ok(Sent::Full) => to.port_drop(PortDrop::TxFull),
+                Ok(Sent::OffloadMismatch) => to.port_drop(PortDrop::OffloadMismatch),
+                Ok(Sent::NoRoute) | Err(_) => to.port_drop(PortDrop::TxError),
+            }
+        }
+    }
+
+    /// The packet thread: waits on every published port, services the ready
+    /// ones, sweeps conntrack once a second, until the forwarder stops.
+    fn run(&mut self, busy_poll: Duration) {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut ready = Vec::new();
+        let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
+        let clock = self.fwd.published.clock;
+        let mut last_sweep = clock.now();
+        let mut last_work = Instant::now();
+        while !self.fwd.stop.load(Relaxed) {
+            // (Re)register the ports when the set changed.
+            let current = self.fwd.published.ports.load_full();
+            if polled
+                .as_ref()
+                .is_none_or(|(p, _)| !Arc::ptr_eq(p, &current))
+            {
+                let Ok(epoll) = sys::Epoll::new() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                for (i, e) in current.endpoints.iter().enumerate() {
+                    if let Some(fd) = e.io.fd() {
+                        let _ = epoll.add(fd, i as u64);
+                    }
+                }
+                polled = Some((current, epoll));
+            }
+            let Some((ports, epoll)) = &polled else {
+                continue;
+            };
+            // Right after traffic, spin briefly instead of sleeping: the answer to
+            // what was just forwarded usually comes within microseconds, and a
+            // sleeping thread takes tens of them to wake.
+            let spinning = last_work.elapsed() < busy_poll;
+            let timeout = if spinning { 0 } else { 50 };
+            if epoll.wait(&mut events, &mut ready, timeout).is_err() || ready.is_empty() {
+                if spinning {
+                    // Give the CPU to anything else runnable (the pods' own
+                    // threads, on a small node): spinning costs only idle time.
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            // Ports and flows may have changed while we waited: take both
+            // fresh (ports are published before flows, so these ports cover
+            // the flows).
+            let (polled_ports, out) = (ports.clone(), self.fwd.published.ports.load_full());
+            self.worker.begin_batch();
+            let now = clock.now();
+            for &token in &ready {
+                if (token as usize) < polled_ports.endpoints.len() {
+                    self.service(&polled_ports, token as usize, &out, now);
+                }
+            }
+            last_work = Instant::now();
+            if now.since(last_sweep).as_secs() >= 1 {
+                self.fwd.published.dp.conntrack.sweep(now, 4096);
+                last_sweep = now;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::MemoryPort;
+    use crate::realiser::Realiser;
+    use datapath::DatapathConfig;
+    use etherparse::PacketBuilder;
+    use policy::compile::Change;
+    use policy::model::{ObjectKey, Pod, Policy};
+
+    const A_MAC: [u8; 6] = [0x0a, 0x58, 10, 0, 0, 1];
+    const B_MAC: [u8; 6] = [0x0a, 0x58, 10, 0, 0, 2];
+
+    /// Two pods on in-memory ports: a (10.0.0.1) and b (10.0.0.2, app=db).
+    fn two_pods(
+        vnet_b: bool,
+    ) -> (
+        Arc<Realiser>,
+        Arc<Forwarder>,
+        Arc<MemoryPort>,
+        Arc<MemoryPort>,
+    ) {
+        let r = Realiser::new(DatapathConfig::default());
+        let (a, b) = (
+            Arc::new(MemoryPort::new(false)),
+            Arc::new(MemoryPort::new(vnet_b)),
+        );
+        r.attach(
+            a.clone(),
+            ObjectKey::new("t", "a"),
+            A_MAC,
+            vec!["10.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        r.attach(
+            b.clone(),
+            ObjectKey::new("t", "b"),
+            B_MAC,
+            vec!["10.0.0.2".parse().unwrap()],
+        )
+        .unwrap();
+        r.apply(Change::Pod(Pod {
+            key: ObjectKey::new("t", "b"),
+            labels: [("app".to_string(), "db".to_string())].into(),
+            ips: vec![],
+            node: None,
+            ports: vec![],
+        }))
+        .unwrap();
+        let f = Forwarder::new(r.published().clone());
+        (r, f, a, b)
+    }
+
+    fn syn(port: u16) -> Vec<u8> {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(A_MAC, B_MAC)
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(40000, port, 1, 1000)
+            .syn()
+            .write(&mut f, &[])
+            .unwrap();
+        f
+    }
+
+    fn counters(r: &Realiser, pod: &str) -> Arc<PortCounters> {
+        r.ports()
+            .into_iter()
+            .find(|p| matches!(&p.role, crate::realiser::PortRole::Pod(k) if k.to_string() == pod))
+            .unwrap()
+            .counters
+    }
+
+    #[test]
+    fn frames_cross_with_counters_and_connection_events() {
+        let (r, f, a, b) = two_pods(false);
+        let events = f.connection_events(16).unwrap();
+        let mut lane = f.lane();
+        // ARP for b is answered to a by the switch; nothing reaches b.
+        let mut arp = Vec::new();
+        PacketBuilder::ethernet2(A_MAC, [0xff; 6])
+            .arp(
+                etherparse::ArpPacket::new(
+                    etherparse::ArpHardwareId::ETHERNET,
+                    etherparse::EtherType::IPV4,
+                    etherparse::ArpOperation::REQUEST,
+                    &A_MAC,
+                    &[10, 0, 0, 1],
+                    &[0; 6],
+                    &[10, 0, 0, 2],
+                )
+                .unwrap(),
+            )
+            .write(&mut arp)
+            .unwrap();
+        a.push(arp);
+        assert_eq!(lane.step(), 1);
+        let replies = a.take();
+        assert_eq!(replies.len(), 1, "the switch answers ARP");
+        assert_eq!(&replies[0][6..12], &B_MAC, "from b's MAC");
+        assert!(b.take().is_empty(), "no broadcast reaches b");
+        // A new TCP connection reaches b, counted, and is reported allowed.
+        let frame = syn(80);
+        a.push(frame.clone());
+        lane.step();
+        assert_eq!(b.take(), vec![frame.clone()]);
+        let (ca, cb) = (counters(&r, "t/a"), counters(&r, "t/b"));
+        assert_eq!(ca.rx_packets.load(Relaxed), 2);
+        assert_eq!(cb.tx_packets.load(Relaxed), 1);
+        assert_eq!(cb.tx_bytes.load(Relaxed), frame.len() as u64);
+        let e = events.try_recv().expect("a connection event");
+        assert!(e.allowed);
+        assert_eq!((e.key.tp_dst, e.key.in_port), (80, PortNo(1)));
+    }
+
+    #[test]
+    fn a_policy_drop_is_counted_on_the_input_port_and_reported_denied() {
+        let (r, f, a, b) = two_pods(false);
+        let np = serde_json::json!({
+            "metadata": {"name": "db", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
+        });
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(np).unwrap();
+        r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
+            .unwrap();
+        let events = f.connection_events(16).unwrap();
+        let mut lane = f.lane();
+        a.push(syn(80));
+        lane.step();
+        assert!(b.take().is_empty(), "denied by default deny of t/b");
+        assert_eq!(counters(&r, "t/a").drop_count("flow"), 1);
+        let e = events.try_recv().expect("a policy drop is an event");
+        assert!(!e.allowed);
+        // Spoofguard drops are not policy decisions: no event.
+        let mut spoofed = syn(80);
+        spoofed[26..30].copy_from_slice(&[10, 0, 0, 9]);
+        a.push(spoofed);
+        lane.step();
+        assert_eq!(counters(&r, "t/a").drop_count("flow"), 2);
+        assert!(events.try_recv().is_err(), "not a policy verdict");
+    }
+
+    #[test]
+    fn virtio_net_headers_are_added_for_ports_that_want_them() {
+        let (_, f, a, b) = two_pods(true);
+        let mut lane = f.lane();
+        let frame = syn(80);
+        a.push(frame.clone());
+        lane.step();
+        let out = b.take();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            &out[0][..crate::sys::VNET_HDR_LEN],
+            &[0; crate::sys::VNET_HDR_LEN]
+        );
+        assert_eq!(&out[0][crate::sys::VNET_HDR_LEN..], &frame[..]);
+    }
+
+    #[test]
+    fn a_segmentation_offload_frame_cannot_go_to_a_port_without_offloads() {
+        let (r, f, a, b) = two_pods(true);
+        let mut lane = f.lane();
+        // b (with headers) sends a TSO segment to a (without).
+        let mut frame = vec![0u8; crate::sys::VNET_HDR_LEN];
+        frame[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+        frame[1] = 1; // GSO TCPv4
+        let mut tcp = Vec::new();
+        PacketBuilder::ethernet2(B_MAC, A_MAC)
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .udp(5000, 53)
+            .write(&mut tcp, &[0; 32])
+            .unwrap();
+        frame.extend(tcp);
+        b.push(frame);
+        lane.step();
+        assert!(a.take().is_empty());
+        assert_eq!(counters(&r, "t/a").drop_count("offload_mismatch"), 1);
+    }
+}

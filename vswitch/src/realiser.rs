@@ -1,0 +1,768 @@
+//! The realiser: the control plane that turns cluster state and ports into
+//! published tables.
+//!
+//! Owns the policy compiler with the cluster model, the topology (pod ports,
+//! gateway, tunnel peers, Service ranges), manual flows, pods attached before
+//! their object is known, and the record of each realisation. Its only output
+//! is what it publishes: an immutable port set, then the flows as one table
+//! generation ([`Published`]); packet threads read nothing else. Until a port is
+//! attached and its flows published, its frames are dropped (fail closed).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, FlowKey, PortNo, Time};
+use policy::compile::{Change, Compiler, FlowDiff};
+use policy::cookie::{CookieKind, is_manual};
+use policy::explain::{TraceView, Traced, Verdict};
+use policy::model::{ObjectKey, Pod};
+use policy::pipeline::{Gateway, PodPort, Topology, TunnelPeer, assemble, base_flows};
+use policy::probe::{Endpoint, L4};
+
+use crate::forwarder::{Clock, Endpoint as IoEndpoint, PortSet, Published};
+use crate::port::{Port, PortCounters};
+use crate::tunnel::{TunnelIo, VxlanPort};
+
+/// Port numbers of pods: `1..FIRST_TUNNEL_PORT`, reused once freed.
+pub const FIRST_POD_PORT: u32 = 1;
+/// First tunnel port number (one per other node).
+pub const FIRST_TUNNEL_PORT: u32 = 0xf000;
+/// The gateway's port number.
+pub const GATEWAY_PORT: PortNo = PortNo(0xfffe);
+
+/// Realiser errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pod {0} is already attached")]
+    AlreadyAttached(ObjectKey),
+    #[error("pod {0} is not attached")]
+    NotAttached(ObjectKey),
+    #[error("no free port number: {0} pods are attached")]
+    NoFreePort(usize),
+    #[error("failed to install flows")]
+    Flows(#[source] datapath::flow::FlowError),
+    #[error("bad flow")]
+    BadFlow(#[source] datapath::OfctlError),
+    #[error(
+        "a compiled flow has the same table, priority and match; use another priority to override it"
+    )]
+    CompiledFlow,
+    #[error("no manual flow with this table, priority and match (add it with add-flow)")]
+    NoManualFlow,
+}
+
+/// The last policy realisation: a change compiled and its flows published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Realisation {
+    /// Generation of the published tables.
+    pub generation: u64,
+    /// Flows added, modified or removed.
+    pub flows_changed: usize,
+    /// Time to compile the change(s).
+    pub compile: Duration,
+    /// Time to publish the flows (copy the tables, edit, swap).
+    pub publish: Duration,
+    /// When it was published (unix time).
+    pub at: Option<SystemTime>,
+}
+
+/// What a port is, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortRole {
+    /// A pod's port (`None` while the pod's object is unknown: isolated).
+    Pod(ObjectKey),
+    Gateway,
+    /// The tunnel to another node: its name, address and pod CIDRs.
+    Tunnel {
+        node: String,
+        addr: std::net::SocketAddr,
+        pod_cidrs: Vec<ipnet::IpNet>,
+    },
+}
+
+/// A port as reported: number, role, counters.
+#[derive(Debug, Clone)]
+pub struct PortInfo {
+    pub no: PortNo,
+    pub role: PortRole,
+    pub counters: Arc<PortCounters>,
+}
+
+/// A port with its own I/O (a pod or the gateway).
+#[derive(Debug, Clone)]
+struct Local {
+    no: PortNo,
+    io: Arc<dyn Port>,
+    counters: Arc<PortCounters>,
+}
+
+/// A tunnel port: another node.
+#[derive(Debug, Clone)]
+struct Peer {
+    no: PortNo,
+    node: String,
+    addr: std::net::SocketAddr,
+    pod_cidrs: Vec<ipnet::IpNet>,
+    counters: Arc<PortCounters>,
+}
+
+#[derive(Debug)]
+struct State {
+    compiler: Compiler,
+    topology: Topology,
+    locals: Vec<Local>,
+    /// The base-pipeline flows installed, by identity.
+    base: HashMap<FlowIdentity, FlowEntry>,
+    /// Policy flow diffs compiled but not yet published, in order.
+    pending: Vec<FlowDiff>,
+    /// False after a failed publish: the next one reinstalls everything.
+    in_sync: bool,
+    /// Compile time accumulated since the last publish.
+    compile_time: Duration,
+    last: Realisation,
+    /// Node of pods attached here (own-node traffic), when known.
+    local_node: Option<String>,
+    /// Flows added by hand (`flowctl add-flow`), kept across recompiles.
+    manual: HashMap<FlowIdentity, FlowEntry>,
+    /// Whether a pod attached before its Pod object is known stays cut off
+    /// until it is (Kubernetes mode: fail closed) rather than running unlabelled.
+    isolate_unknown: bool,
+    /// Pods attached but not yet known to the cluster model (isolated).
+    unresolved: Vec<PodPort>,
+    tunnel: Option<Arc<TunnelIo>>,
+    /// Tunnel ports, one per other node with pods, kept across republication.
+    peers: Vec<Peer>,
+}
+
+impl State {
+    fn compile(&mut self, change: Change) {
+        let _span = tracing::debug_span!("compile", change = change.describe()).entered();
+        let t = Instant::now();
+        let diff = self.compiler.apply(change);
+        self.compile_time += t.elapsed();
+        if !diff.is_empty() {
+            self.pending.push(diff);
+        }
+    }
+
+    /// The lowest free pod port number.
+    fn free_port(&self) -> Result<PortNo, Error> {
+        let used: BTreeSet<u32> = self.locals.iter().map(|l| l.no.0).collect();
+        (FIRST_POD_PORT..FIRST_TUNNEL_PORT)
+            .find(|n| !used.contains(n))
+            .map(PortNo)
+            .ok_or(Error::NoFreePort(used.len()))
+    }
+
+    /// Tunnel peers from the cluster's nodes: every other node with pod CIDRs
+    /// and an address of the tunnel's family. Port numbers stay stable.
+    fn refresh_peers(&mut self) {
+        let Some(tunnel) = &self.tunnel else {
+            return;
+        };
+        let v6 = tunnel.is_ipv6();
+        let mut peers: Vec<Peer> = Vec::new();
+        for node in self.compiler.cluster().nodes() {
+            if Some(&node.name) == self.local_node.as_ref() || node.pod_cidrs.is_empty() {
+                continue;
+            }
+            let Some(addr) = node.addresses.iter().find(|a| a.is_ipv6() == v6) else {
+                continue;
+            };
+            let known = self.peers.iter().find(|p| p.node == node.name);
+            let no = match known {
+                Some(p) => p.no,
+                None => {
+                    let used: BTreeSet<PortNo> =
+                        self.peers.iter().chain(&peers).map(|p| p.no).collect();
+                    (FIRST_TUNNEL_PORT..GATEWAY_PORT.0)
+                        .map(PortNo)
+                        .find(|p| !used.contains(p))
+                        .expect("fewer nodes than tunnel port numbers")
+                }
+            };
+            peers.push(Peer {
+                no,
+                node: node.name.clone(),
+                addr: tunnel.peer_addr(*addr),
+                pod_cidrs: node.pod_cidrs.clone(),
+                counters: known.map_or_else(Arc::default, |p| p.counters.clone()),
+            });
+        }
+        self.topology.tunnels = peers
+            .iter()
+            .map(|p| TunnelPeer {
+                port: p.no,
+                node: p.node.clone(),
+                pod_cidrs: p.pod_cidrs.clone(),
+            })
+            .collect();
+        self.peers = peers;
+    }
+
+    /// The port set packet threads will read.
+    fn port_set(&self) -> PortSet {
+        let mut set = PortSet::default();
+        for l in &self.locals {
+            set.ports
+                .insert(l.no, (set.endpoints.len(), l.counters.clone()));
+            set.endpoints.push(IoEndpoint {
+                io: l.io.clone(),
+                own: Some(l.no),
+            });
+        }
+        if let Some(tunnel) = &self.tunnel {
+            let i = set.endpoints.len();
+            set.endpoints.push(IoEndpoint {
+                io: Arc::new(VxlanPort::new(
+                    tunnel.clone(),
+                    self.peers.iter().map(|p| (p.no, p.addr)),
+                )),
+                own: None,
+            });
+            for p in &self.peers {
+                set.ports.insert(p.no, (i, p.counters.clone()));
+            }
+        }
+        set
+    }
+}
+
+/// The control plane of one switch.
+#[derive(Debug)]
+pub struct Realiser {
+    published: Arc<Published>,
+    state: Mutex<State>,
+}
+
+impl Realiser {
+    /// A realiser with no ports and an empty cluster. The datapath's policy
+    /// tables are the compiler's (drops there are policy decisions).
+    pub fn new(config: DatapathConfig) -> Arc<Realiser> {
+        Realiser::build(config, Compiler::new())
+    }
+
+    /// A realiser enforcing `cluster` from the start (compiled in one pass, not
+    /// object by object), with no ports yet.
+    ///
+    /// Fails when the compiled flows cannot be installed.
+    pub fn with_cluster(
+        config: DatapathConfig,
+        cluster: policy::model::Cluster,
+    ) -> Result<Arc<Realiser>, Error> {
+        let started = Instant::now();
+        let r = Realiser::build(config, Compiler::from_cluster(cluster));
+        {
+            let mut st = r.state();
+            st.compile_time = started.elapsed();
+            st.in_sync = false;
+            r.publish(&mut st)?;
+        }
+        Ok(r)
+    }
+
+    fn build(mut config: DatapathConfig, compiler: Compiler) -> Arc<Realiser> {
+        config.policy_tables = policy::tables::POLICY_TABLES.to_vec();
+        Arc::new(Realiser {
+            published: Arc::new(Published {
+                dp: Datapath::new(config),
+                ports: ArcSwap::from_pointee(PortSet::default()),
+                clock: Clock::new(),
+            }),
+            state: Mutex::new(State {
+                compiler,
+                topology: Topology {
+                    zone: 1,
+                    ..Topology::default()
+                },
+                locals: Vec::new(),
+                base: HashMap::new(),
+                pending: Vec::new(),
+                in_sync: true,
+                compile_time: Duration::ZERO,
+                last: Realisation::default(),
+                local_node: None,
+                manual: HashMap::new(),
+                isolate_unknown: false,
+                unresolved: Vec::new(),
+                tunnel: None,
+                peers: Vec::new(),
+            }),
+        })
+    }
+
+    /// What packet threads read: the datapath, the port set, the clock.
+    pub fn published(&self) -> &Arc<Published> {
+        &self.published
+    }
+
+    pub fn datapath(&self) -> &Arc<Datapath> {
+        &self.published.dp
+    }
+
+    /// The switch's clock (monotonic, since start).
+    pub fn now(&self) -> Time {
+        self.published.clock.now()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the port set, then the flows: the base pipeline's diff against
+    /// what is installed plus the pending policy diffs, as one generation (after a
+    /// failed publish, every flow instead). Packet threads never see a flow that
+    /// outputs to a port they do not know.
+    fn publish(&self, st: &mut State) -> Result<u64, Error> {
+        let _span = tracing::debug_span!("publish").entered();
+        let started = Instant::now();
+        st.refresh_peers();
+        self.published.ports.store(Arc::new(st.port_set()));
+        let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&st.topology)
+            .into_iter()
+            .map(|f| (f.identity(), f))
+            .collect();
+        let pending = std::mem::take(&mut st.pending);
+        let now = self.now();
+        let dp = &self.published.dp;
+        let result = if st.in_sync {
+            dp.update(now, |t| {
+                let mut changed = 0;
+                for id in st.base.keys().filter(|id| !base.contains_key(id)) {
+                    changed += usize::from(t.remove(id));
+                }
+                for (id, f) in &base {
+                    if st.base.get(id) != Some(f) {
+                        t.add(f.clone(), now)?;
+                        changed += 1;
+                    }
+                }
+                for diff in &pending {
+                    for id in &diff.deleted {
+                        t.remove(id);
+                    }
+                    for f in diff.added.iter().chain(&diff.modified) {
+                        t.add(f.clone(), now)?;
+                    }
+                    changed += diff.len();
+                }
+                Ok(changed)
+            })
+        } else {
+            // Everything again; manual flows stay (flowctl still lists them),
+            // unless a compiled flow now has their identity.
+            let mut flows = assemble(&st.topology, &st.compiler);
+            let compiled: std::collections::HashSet<FlowIdentity> =
+                flows.iter().map(FlowEntry::identity).collect();
+            st.manual.retain(|id, _| !compiled.contains(id));
+            flows.extend(st.manual.values().cloned());
+            dp.update(now, |t| {
+                t.apply(flows, |_| true, now)
+                    .map(|s| s.added + s.modified + s.deleted)
+            })
+        };
+        match result {
+            Ok((changed, generation)) => {
+                st.base = base;
+                st.in_sync = true;
+                let compile = std::mem::take(&mut st.compile_time);
+                let publish = started.elapsed();
+                metrics::histogram!("vswitch_policy_compile_seconds").record(compile.as_secs_f64());
+                metrics::histogram!("vswitch_policy_realisation_seconds")
+                    .record((compile + publish).as_secs_f64());
+                tracing::debug!(
+                    generation,
+                    flows_changed = changed,
+                    compile_us = compile.as_micros() as u64,
+                    publish_us = publish.as_micros() as u64,
+                    "published"
+                );
+                st.last = Realisation {
+                    generation,
+                    flows_changed: changed,
+                    compile,
+                    publish,
+                    at: Some(SystemTime::now()),
+                };
+                Ok(generation)
+            }
+            Err(e) => {
+                st.in_sync = false;
+                Err(Error::Flows(e))
+            }
+        }
+    }
+
+    /// Recompiles and republishes every flow (what follows a failed publish).
+    ///
+    /// Fails when the flows cannot be installed.
+    pub fn resync(&self) -> Result<u64, Error> {
+        let mut st = self.state();
+        st.in_sync = false;
+        self.publish(&mut st)
+    }
+
+    /// Adds (or with `modify`, changes the actions of) a manual flow, given in
+    /// ovs-ofctl syntax. Manual flows are for debugging: their cookie is marked
+    /// manual, they stay until deleted or vswitchd restarts, and never replace a
+    /// compiled flow (a compiled flow added later with the same table, priority
+    /// and match replaces them). Each change is logged.
+    ///
+    /// Fails on a flow that does not parse or validate, one that collides with
+    /// a compiled flow, and (with `modify`) when no such manual flow exists.
+    pub fn add_manual_flow(&self, text: &str, modify: bool) -> Result<(), Error> {
+        let mut flow = datapath::parse_flow(text).map_err(Error::BadFlow)?;
+        flow.cookie = CookieKind::Manual.cookie(flow.cookie.0);
+        let id = flow.identity();
+        let mut st = self.state();
+        // Adding over an existing manual flow replaces it, like ovs-ofctl.
+        if modify && !st.manual.contains_key(&id) {
+            return Err(Error::NoManualFlow);
+        }
+        let snap = self.published.dp.snapshot();
+        if let Some(existing) = snap.tables.find(&id).and_then(|i| snap.tables.get(i))
+            && !is_manual(existing.entry.cookie)
+        {
+            return Err(Error::CompiledFlow);
+        }
+        let now = self.now();
+        self.published
+            .dp
+            .update(now, |t| t.add(flow.clone(), now))
+            .map_err(Error::Flows)?;
+        tracing::warn!(flow = %flow, modify, "manual flow added by an operator (not policy)");
+        st.manual.insert(id, flow);
+        Ok(())
+    }
+
+    /// Deletes manual flows: the one with the table, priority and match of
+    /// `spec` (ovs-ofctl syntax, actions optional), or all of them. Returns how
+    /// many were deleted. Compiled flows cannot be deleted (that would change
+    /// what policy enforces); fails when `spec` does not parse.
+    pub fn del_manual_flows(&self, spec: Option<&str>) -> Result<usize, Error> {
+        let mut st = self.state();
+        let doomed: Vec<FlowIdentity> = match spec {
+            None => st.manual.keys().cloned().collect(),
+            Some(text) => {
+                let text = if text.contains("actions=") {
+                    text.to_string()
+                } else {
+                    format!("{text},actions=drop")
+                };
+                let flow = datapath::parse_flow(&text).map_err(Error::BadFlow)?;
+                let id = flow.identity();
+                if !st.manual.contains_key(&id) {
+                    return Err(Error::NoManualFlow);
+                }
+                vec![id]
+            }
+        };
+        let now = self.now();
+        self.published
+            .dp
+            .update(now, |t| {
+                for id in &doomed {
+                    let manual = t
+                        .find(id)
+                        .and_then(|i| t.get(i))
+                        .is_some_and(|f| is_manual(f.entry.cookie));
+                    if manual {
+                        t.remove(id);
+                    }
+                }
+                Ok::<_, datapath::FlowError>(())
+            })
+            .map_err(Error::Flows)?;
+        for id in &doomed {
+            if let Some(f) = st.manual.remove(id) {
+                tracing::warn!(flow = %f, "manual flow deleted by an operator");
+            }
+        }
+        Ok(doomed.len())
+    }
+
+    /// Applies a cluster change (policy, namespace, pod labels, node) and
+    /// republishes.
+    pub fn apply(&self, change: Change) -> Result<u64, Error> {
+        self.apply_all([change])
+    }
+
+    /// Applies cluster changes and publishes them as one generation. A pod
+    /// attached here keeps the addresses it was attached with and its node.
+    pub fn apply_all(&self, changes: impl IntoIterator<Item = Change>) -> Result<u64, Error> {
+        let mut st = self.state();
+        for change in changes {
+            let change = match change {
+                Change::Pod(mut pod) => {
+                    // A pod attached before it was known: it gets its flows now.
+                    if let Some(i) = st.unresolved.iter().position(|p| p.pod == pod.key) {
+                        let resolved = st.unresolved.remove(i);
+                        tracing::info!(pod = %pod.key, "Pod object known: its port gets flows");
+                        st.topology.pods.push(resolved);
+                    }
+                    if let Some(p) = st.topology.pods.iter().find(|p| p.pod == pod.key) {
+                        pod.ips = p.ips.clone();
+                        if st.local_node.is_some() {
+                            pod.node = st.local_node.clone();
+                        }
+                    }
+                    Change::Pod(pod)
+                }
+                // A deleted pod still attached here: with isolation on, its port
+                // is cut off until the pod comes back (or CNI DEL detaches it).
+                Change::PodDeleted(key) => {
+                    if st.isolate_unknown
+                        && let Some(i) = st.topology.pods.iter().position(|p| p.pod == key)
+                    {
+                        let gone = st.topology.pods.remove(i);
+                        tracing::warn!(pod = %key, "Pod object deleted while attached: isolated");
+                        st.unresolved.push(gone);
+                    }
+                    Change::PodDeleted(key)
+                }
+                other => other,
+            };
+            st.compile(change);
+        }
+        self.publish(&mut st)
+    }
+
+    /// Every port: pods (attached and isolated), the gateway, tunnels.
+    pub fn ports(&self) -> Vec<PortInfo> {
+        let st = self.state();
+        let locals = st.locals.iter().map(|l| {
+            let pod = st
+                .topology
+                .pods
+                .iter()
+                .chain(&st.unresolved)
+                .find(|x| x.port == l.no)
+                .map(|x| x.pod.clone());
+            PortInfo {
+                no: l.no,
+                role: pod.map_or(PortRole::Gateway, PortRole::Pod),
+                counters: l.counters.clone(),
+            }
+        });
+        let tunnels = st.peers.iter().map(|p| PortInfo {
+            no: p.no,
+            role: PortRole::Tunnel {
+                node: p.node.clone(),
+                addr: p.addr,
+                pod_cidrs: p.pod_cidrs.clone(),
+            },
+            counters: p.counters.clone(),
+        });
+        locals.chain(tunnels).collect()
+    }
+
+    /// Datagrams the tunnel rejected (not VXLAN, another VNI, an unknown node).
+    pub fn tunnel_rejected(&self) -> u64 {
+        self.state().tunnel.as_ref().map_or(0, |t| {
+            t.rx_rejected.load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// Runs `f` with the compiler (for provenance lookups).
+    pub fn with_compiler<T>(&self, f: impl FnOnce(&Compiler) -> T) -> T {
+        f(&self.state().compiler)
+    }
+
+    /// Traces a new connection from `src` to `dst` against the live tables and
+    /// the live conntrack table (read only).
+    ///
+    /// Fails when an endpoint is unknown or the two share no address family.
+    pub fn trace(&self, src: &Endpoint, dst: &Endpoint, l4: L4) -> Result<TraceView, String> {
+        let st = self.state();
+        let key = policy::probe::packet(st.compiler.cluster(), &st.topology, src, dst, l4)?;
+        let snap = self.published.dp.snapshot();
+        let trace = datapath::trace::trace(
+            &snap.tables,
+            &key,
+            datapath::trace::CtSource::Live(&self.published.dp.conntrack, self.now()),
+        );
+        let verdict = policy::explain::explain(&st.compiler, &trace);
+        let traced = Traced {
+            key,
+            trace,
+            verdict,
+        };
+        Ok(policy::explain::trace_view(
+            &st.compiler,
+            &st.topology,
+            src,
+            dst,
+            l4,
+            &traced,
+            false,
+        ))
+    }
+
+    /// Explains the first packet of a connection against the current tables
+    /// (conntrack assumed new): the verdict with the deciding rules, and the
+    /// pods at both ends when known.
+    pub fn explain_new(&self, key: &FlowKey) -> (Verdict, Option<ObjectKey>, Option<ObjectKey>) {
+        use datapath::field::ct_state::{NEW, TRK};
+        let snap = self.published.dp.snapshot();
+        let trace = datapath::trace::trace(
+            &snap.tables,
+            key,
+            datapath::trace::CtSource::Assume(TRK | NEW),
+        );
+        let st = self.state();
+        let pod = |ip| st.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
+        (
+            policy::explain::explain(&st.compiler, &trace),
+            pod(key.src_ip()),
+            pod(key.dst_ip()),
+        )
+    }
+
+    /// The last policy realisation.
+    pub fn realisation(&self) -> Realisation {
+        self.state().last
+    }
+
+    /// Marks pods attached from now on as running on `node` (own-node traffic).
+    pub fn set_local_node(&self, node: &str) {
+        self.state().local_node = Some(node.to_string());
+    }
+
+    /// Pods attached before their Pod object is known get no flows (their frames
+    /// are dropped, nothing is forwarded to them) until it is.
+    pub fn set_isolate_unknown(&self, isolate: bool) {
+        self.state().isolate_unknown = isolate;
+    }
+
+    /// Attaches a pod's port (a TAP device, or any [`Port`]) with its MAC and
+    /// addresses; the pod's labels come from the cluster model. A pod not known
+    /// yet runs without labels until it is, or, with
+    /// [`Realiser::set_isolate_unknown`], gets no flows.
+    ///
+    /// Fails when the pod is already attached, no port number is free, or the
+    /// flows cannot be installed.
+    pub fn attach(
+        &self,
+        io: Arc<dyn Port>,
+        pod: ObjectKey,
+        mac: [u8; 6],
+        ips: Vec<IpAddr>,
+    ) -> Result<PortNo, Error> {
+        let mut st = self.state();
+        if st
+            .topology
+            .pods
+            .iter()
+            .chain(&st.unresolved)
+            .any(|p| p.pod == pod)
+        {
+            return Err(Error::AlreadyAttached(pod));
+        }
+        let port = st.free_port()?;
+        st.locals.push(Local {
+            no: port,
+            io,
+            counters: Arc::default(),
+        });
+        let pod_port = PodPort {
+            port,
+            pod: pod.clone(),
+            mac,
+            ips: ips.clone(),
+        };
+        let known = st.compiler.cluster().pod(&pod).cloned();
+        if known.is_none() && st.isolate_unknown {
+            tracing::warn!(%pod, "attached before its Pod object is known: isolated until it is");
+            st.unresolved.push(pod_port);
+            self.publish(&mut st)?;
+            return Ok(port);
+        }
+        st.topology.pods.push(pod_port);
+        let record = Pod {
+            ips,
+            node: st.local_node.clone(),
+            ..known.unwrap_or(Pod {
+                key: pod,
+                labels: Default::default(),
+                ips: vec![],
+                node: None,
+                ports: vec![],
+            })
+        };
+        st.compile(Change::Pod(record));
+        self.publish(&mut st)?;
+        Ok(port)
+    }
+
+    /// Detaches a pod: its port and flows go away; its I/O is closed once no
+    /// packet thread holds it.
+    ///
+    /// Fails when the pod is not attached or the flows cannot be installed.
+    pub fn detach(&self, pod: &ObjectKey) -> Result<(), Error> {
+        let mut st = self.state();
+        if let Some(i) = st.unresolved.iter().position(|p| &p.pod == pod) {
+            let port = st.unresolved.remove(i).port;
+            st.locals.retain(|p| p.no != port);
+            self.publish(&mut st)?;
+            return Ok(());
+        }
+        let Some(i) = st.topology.pods.iter().position(|p| &p.pod == pod) else {
+            return Err(Error::NotAttached(pod.clone()));
+        };
+        let port = st.topology.pods.remove(i).port;
+        st.locals.retain(|p| p.no != port);
+        st.compile(Change::PodDeleted(pod.clone()));
+        self.publish(&mut st)?;
+        Ok(())
+    }
+
+    /// Reaches other nodes' pods through `tunnel`, one tunnel port per node of
+    /// the cluster model with pod CIDRs.
+    ///
+    /// Fails when flows cannot be installed.
+    pub fn set_tunnel(&self, tunnel: TunnelIo) -> Result<(), Error> {
+        let mut st = self.state();
+        st.tunnel = Some(Arc::new(tunnel));
+        self.publish(&mut st)?;
+        Ok(())
+    }
+
+    /// Service (ClusterIP) ranges: pods' traffic to them is decided after the
+    /// node's kernel translates it (see `policy::pipeline::Topology`).
+    ///
+    /// Fails when flows cannot be installed.
+    pub fn set_service_cidrs(&self, cidrs: Vec<ipnet::IpNet>) -> Result<(), Error> {
+        let mut st = self.state();
+        st.topology.service_cidrs = cidrs;
+        self.publish(&mut st)?;
+        Ok(())
+    }
+
+    /// Sets the gateway port.
+    ///
+    /// Fails when flows cannot be installed.
+    pub fn set_gateway(
+        &self,
+        io: Arc<dyn Port>,
+        mac: [u8; 6],
+        ips: Vec<IpAddr>,
+    ) -> Result<PortNo, Error> {
+        let mut st = self.state();
+        st.locals.retain(|p| p.no != GATEWAY_PORT);
+        st.locals.push(Local {
+            no: GATEWAY_PORT,
+            io,
+            counters: Arc::default(),
+        });
+        st.topology.gateway = Some(Gateway {
+            port: GATEWAY_PORT,
+            mac,
+            ips,
+        });
+        self.publish(&mut st)?;
+        Ok(GATEWAY_PORT)
+    }
+}
