@@ -560,6 +560,13 @@ impl Pod {
         {
             ip_strings.push(("status.podIP".into(), ip));
         }
+        let spec = pod.spec.clone().unwrap_or_default();
+        // A host-network pod is its node: its podIP is the node's address. It
+        // is never a policy subject or a pod peer (it is matched as the node,
+        // by address), so it keeps no address here.
+        if spec.host_network == Some(true) {
+            ip_strings.clear();
+        }
         let mut ips = Vec::new();
         for (path, s) in ip_strings {
             let ip = s.parse::<IpAddr>().map_err(|_| {
@@ -569,7 +576,6 @@ impl Pod {
                 ips.push(ip);
             }
         }
-        let spec = pod.spec.clone().unwrap_or_default();
         let mut ports = Vec::new();
         for (ci, c) in spec.containers.iter().enumerate() {
             for (pi, p) in c.ports.iter().flatten().enumerate() {
@@ -624,7 +630,9 @@ impl Node {
             .flat_map(|s| s.addresses.iter().flatten())
             .enumerate()
         {
-            if a.type_ == "Hostname" {
+            // Hostname, InternalDNS, ExternalDNS (every cloud provider sets
+            // them) are names, not addresses: only the IP types count.
+            if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
                 continue;
             }
             let ip = a.address.parse::<IpAddr>().map_err(|_| {
@@ -801,6 +809,47 @@ mod tests {
 
     fn np(yaml: &str) -> NetworkPolicy {
         serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn nodes_with_dns_addresses_and_host_network_pods_are_accepted() {
+        let node: ApiNode = serde_saphyr::from_str(
+            "metadata: {name: n1}\nspec: {podCIDR: 10.1.0.0/24}\nstatus:\n  addresses:\n  - {type: Hostname, address: n1}\n  - {type: InternalDNS, address: n1.internal}\n  - {type: ExternalDNS, address: n1.example.com}\n  - {type: InternalIP, address: 192.0.2.10}\n",
+        )
+        .unwrap();
+        let n = Node::from_api(&node).unwrap();
+        assert_eq!(n.addresses, vec!["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        let bad: ApiNode = serde_saphyr::from_str(
+            "metadata: {name: n2}\nstatus:\n  addresses: [{type: InternalIP, address: n2.internal}]\n",
+        )
+        .unwrap();
+        assert!(Node::from_api(&bad).is_err(), "an InternalIP must be an IP");
+        let pod: ApiPod = serde_saphyr::from_str(
+            "metadata: {name: proxy, namespace: kube-system}\nspec: {hostNetwork: true, nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 192.0.2.10}\n",
+        )
+        .unwrap();
+        let p = Pod::from_api(&pod).unwrap();
+        assert!(
+            p.ips.is_empty(),
+            "a host-network pod is its node, not a pod address"
+        );
+        // A default deny in its namespace puts no deny on the node's address.
+        let mut c = Cluster::default();
+        c.upsert_pod(p);
+        c.upsert_policy(
+            Policy::from_api(&np(
+                "metadata: {name: deny, namespace: kube-system}\nspec: {podSelector: {}}\n",
+            ))
+            .unwrap(),
+        );
+        let compiler = crate::compile::Compiler::from_cluster(c);
+        assert!(
+            compiler
+                .flows()
+                .iter()
+                .all(|f| !f.to_string().contains("192.0.2.10")),
+            "no flow names the node's address"
+        );
     }
 
     #[test]

@@ -84,10 +84,11 @@ pub enum Purpose {
     ServiceTraffic,
     ReplyThroughNode,
     OutputViaNode,
+    SpoofguardRouterOnly,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 23] = [
+    const ALL: [Purpose; 24] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -111,6 +112,7 @@ impl Purpose {
         Purpose::ServiceTraffic,
         Purpose::ReplyThroughNode,
         Purpose::OutputViaNode,
+        Purpose::SpoofguardRouterOnly,
     ];
 
     /// In words, as traces and dumps show it.
@@ -143,6 +145,9 @@ impl Purpose {
                 "forwarding: reply through the node (it translated the connection)"
             }
             Purpose::OutputViaNode => "output, remembering the node saw it",
+            Purpose::SpoofguardRouterOnly => {
+                "spoofguard: router advertisement, redirect or neighbour advertisement from a pod"
+            }
         }
     }
 
@@ -300,9 +305,27 @@ fn spoofguard(topo: &Topology, out: &mut Vec<FlowEntry>) {
     let ip_any = [ether_type::IPV4, ether_type::IPV6];
     // 10: spoofguard.
     for p in &topo.pods {
+        // Untagged frames only: a pod has no business sending VLAN tags.
         let port = Match::any()
             .with(Field::InPort, p.port.0.into())
-            .with(Field::DlSrc, mac_value(p.mac));
+            .with(Field::DlSrc, mac_value(p.mac))
+            .with(Field::VlanTci, 0);
+        // Messages only routers (or the switch's own responder) send: router
+        // advertisements, redirects, and neighbour advertisements (the switch
+        // answers neighbour solicitations for pods; a pod's own would be a way
+        // to claim addresses that are not its).
+        for icmp_type in [134u8, 136, 137] {
+            out.push(flow(
+                SPOOFGUARD,
+                300,
+                Match::any()
+                    .with(Field::InPort, p.port.0.into())
+                    .with(Field::DlType, ether_type::IPV6.into())
+                    .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
+                    .with(Field::TpSrc, icmp_type.into()),
+                Purpose::SpoofguardRouterOnly,
+            ));
+        }
         for ip in &p.ips {
             let (dl, addr) = ip_of(ip);
             out.push(

@@ -762,6 +762,12 @@ impl Realiser {
             mac,
             ips,
         });
+        // The node routes: its "fragmentation needed" and "time exceeded" about
+        // pods' connections are believed; nobody else's are.
+        self.published
+            .dp
+            .conntrack
+            .set_trusted_error_ports(vec![GATEWAY_PORT]);
         self.publish(&mut st)?;
         Ok(GATEWAY_PORT)
     }

@@ -60,10 +60,13 @@ struct Lab {
     running: Running,
     a: Netns,
     b: Netns,
+    c: Netns,
 }
 
 const A_IP: &str = "10.99.0.1";
 const B_IP: &str = "10.99.0.2";
+/// A third pod: the attacker where one is needed.
+const C_IP: &str = "10.99.0.3";
 
 fn lab() -> Option<Lab> {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -79,9 +82,12 @@ fn lab() -> Option<Lab> {
     let running = Running::new();
     let a = Netns::new(format!("{id}a"));
     let b = Netns::new(format!("{id}b"));
-    for (ns, addr, last, name, labels) in
-        [(&a, A_IP, 1u8, "a", "client"), (&b, B_IP, 2, "b", "server")]
-    {
+    let c = Netns::new(format!("{id}c"));
+    for (ns, addr, last, name, labels) in [
+        (&a, A_IP, 1u8, "a", "client"),
+        (&b, B_IP, 2, "b", "server"),
+        (&c, C_IP, 3, "c", "other"),
+    ] {
         let dev = format!("{id}{name}");
         let mac = [0x0a, 0x58, 10, 99, 0, last];
         let tap = Tap::open(&dev, false).unwrap();
@@ -109,7 +115,11 @@ fn lab() -> Option<Lab> {
                 Arc::new(TapPort(tap)),
                 key.clone(),
                 mac,
-                vec![addr.parse().unwrap()],
+                // An IPv6 address too: what a pod could send router messages from.
+                vec![
+                    addr.parse().unwrap(),
+                    format!("fd00:99::{last}").parse().unwrap(),
+                ],
             )
             .unwrap();
         running
@@ -123,7 +133,7 @@ fn lab() -> Option<Lab> {
             }))
             .unwrap();
     }
-    Some(Lab { running, a, b })
+    Some(Lab { running, a, b, c })
 }
 
 impl Lab {
@@ -516,8 +526,56 @@ fn spoofing_is_dropped_named_ports_and_ranges_are_enforced() {
         before + 4,
         "each garbage frame counted as malformed"
     );
-    send_raw(&lab.a, dev, good);
+    send_raw(&lab.a, dev.clone(), good.clone());
     assert!(received(), "and the switch still forwards");
+
+    // Frames pods never send legitimately are dropped by spoofguard, even from
+    // the pod's own MAC and address: a VLAN tag (a way into another segment),
+    // and IPv6 router advertisements, redirects and neighbour advertisements.
+    let dropped_by = |purpose: &'static str| {
+        let r = lab.running.switch.clone();
+        move || -> u64 {
+            r.datapath()
+                .flow_stats()
+                .iter()
+                .filter(|s| policy::pipeline::describe(s.entry.cookie) == Some(purpose))
+                .map(|s| s.packets)
+                .sum()
+        }
+    };
+    let untagged_only = dropped_by("spoofguard: spoofed or unknown");
+    let before = untagged_only();
+    let mut tagged = Vec::new();
+    etherparse::PacketBuilder::ethernet2(a_mac, b_mac)
+        .single_vlan(etherparse::VlanId::try_new(7).unwrap())
+        .ipv4(a_ip, b_ip, 64)
+        .udp(40000, 7000)
+        .write(&mut tagged, b"tagged")
+        .unwrap();
+    send_raw(&lab.a, dev.clone(), tagged);
+    eventually("the tagged frame dropped by spoofguard", || {
+        untagged_only() > before
+    });
+    let router_only = dropped_by(
+        "spoofguard: router advertisement, redirect or neighbour advertisement from a pod",
+    );
+    for icmp_type in [134u8, 136, 137] {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(a_mac, [0x33, 0x33, 0, 0, 0, 1])
+            .ipv6(
+                "fd00:99::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                "ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                255,
+            )
+            .icmpv6_raw(icmp_type, 0, [0; 4])
+            .write(&mut f, &[0; 16])
+            .unwrap();
+        let before = router_only();
+        send_raw(&lab.a, dev.clone(), f);
+        eventually("a router message from a pod dropped by spoofguard", || {
+            router_only() > before
+        });
+    }
 
     // Named port "http" (8080 on b) and a range 9000-9010, for clients only.
     lab.running
@@ -1145,4 +1203,69 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
         );
     }
     drop(attached);
+}
+
+// ---- enforcement integrity: attacks from inside a pod --------------------------------
+
+/// A third pod forges "port unreachable" about a connection between two others:
+/// delivered, it would reset the victim's connected UDP socket (ECONNREFUSED).
+/// Conntrack must see the error as inconsistent with the connection (+inv).
+#[test]
+fn forged_icmp_errors_from_a_third_pod_are_dropped() {
+    let Some(lab) = lab() else { return };
+    let id = lab.a.0.trim_end_matches('a').to_string();
+    let server = lab
+        .b
+        .run(|| UdpSocket::bind(format!("{B_IP}:7100")).unwrap());
+    let client = lab.a.run(|| {
+        let s = UdpSocket::bind(format!("{A_IP}:0")).unwrap();
+        s.connect(format!("{B_IP}:7100")).unwrap();
+        s
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    // A real exchange: the connection is established in conntrack.
+    client.send(b"ping").unwrap();
+    let mut buf = [0u8; 16];
+    let (_, from) = server.recv_from(&mut buf).unwrap();
+    server.send_to(b"pong", from).unwrap();
+    assert_eq!(client.recv(&mut buf).unwrap(), 4);
+    let sport = client.local_addr().unwrap().port();
+    // c forges "port unreachable" from itself to a, quoting a -> b.
+    let mut quoted = Vec::new();
+    etherparse::PacketBuilder::ipv4([10, 99, 0, 1], [10, 99, 0, 2], 64)
+        .udp(sport, 7100)
+        .write(&mut quoted, b"ping")
+        .unwrap();
+    let (c_mac, a_mac) = ([0x0a, 0x58, 10, 99, 0, 3], [0x0a, 0x58, 10, 99, 0, 1]);
+    let forged = |src: [u8; 4], code| {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(c_mac, a_mac)
+            .ipv4(src, [10, 99, 0, 1], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(code))
+            .write(&mut f, &quoted)
+            .unwrap();
+        f
+    };
+    use etherparse::icmpv4::DestUnreachableHeader as Why;
+    for code in [Why::Port, Why::FragmentationNeeded { next_hop_mtu: 576 }] {
+        send_raw(&lab.c, format!("{id}c"), forged([10, 99, 0, 3], code));
+        // Delivered, the error would fail the next receive with ECONNREFUSED.
+        client.send(b"ping").unwrap();
+        let (_, from) = server.recv_from(&mut buf).unwrap();
+        server.send_to(b"pong", from).unwrap();
+        match client.recv(&mut buf) {
+            Ok(4) => {}
+            other => panic!("the forged ICMP error reached the client: {other:?}"),
+        }
+    }
+    // The real thing still works: b's own "port unreachable" once its socket
+    // is gone is related to the connection, and reaches a.
+    drop(server);
+    client.send(b"ping").unwrap();
+    eventually("b's genuine port unreachable resets a's socket", || {
+        let _ = client.send(b"ping");
+        matches!(client.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
 }

@@ -44,21 +44,13 @@ pub struct CacheStats {
 #[derive(Debug)]
 pub struct MicroflowCache {
     ways: Box<[Way]>,
+    /// Keyed with a per-process random seed: which set a key lands in cannot
+    /// be predicted from outside, so a pod cannot craft keys that all fight
+    /// over one set (hash flooding).
+    hasher: foldhash::fast::RandomState,
     set_mask: usize,
     tick: u64,
     pub stats: CacheStats,
-}
-
-impl CacheKey {
-    #[inline]
-    pub fn hash(&self) -> u64 {
-        let mut h = foldhash::fast::FixedState::with_seed(0x51_7cc1_b727_220a).build_hasher();
-        for w in &self.key.0 {
-            h.write_u64(*w);
-        }
-        h.write_u8(self.stage.0);
-        h.finish()
-    }
 }
 
 impl MicroflowCache {
@@ -67,10 +59,22 @@ impl MicroflowCache {
         let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         MicroflowCache {
             ways: (0..sets * WAYS).map(|_| Way::default()).collect(),
+            hasher: foldhash::fast::RandomState::default(),
             set_mask: sets - 1,
             tick: 0,
             stats: CacheStats::default(),
         }
+    }
+
+    /// The hash of `key` in this cache (what `get` and `insert` take).
+    #[inline]
+    pub fn hash(&self, key: &CacheKey) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for w in &key.key.0 {
+            h.write_u64(*w);
+        }
+        h.write_u8(key.stage.0);
+        h.finish()
     }
 
     pub fn capacity(&self) -> usize {
@@ -193,16 +197,15 @@ mod tests {
     fn hit_miss_generation_and_eviction() {
         let mut c = MicroflowCache::new(4); // one set of four ways
         let k = key(1);
-        assert!(c.get(&k, k.hash(), 1).is_none());
-        c.insert(k, k.hash(), 1, Xlate::default());
-        assert!(c.get(&k, k.hash(), 1).is_some());
-        assert!(
-            c.get(&k, k.hash(), 2).is_none(),
-            "new generation invalidates"
-        );
+        let h = c.hash(&k);
+        assert!(c.get(&k, h, 1).is_none());
+        c.insert(k, h, 1, Xlate::default());
+        assert!(c.get(&k, h, 1).is_some());
+        assert!(c.get(&k, h, 2).is_none(), "new generation invalidates");
         for n in 10..15 {
             let k = key(n);
-            c.insert(k, k.hash(), 2, Xlate::default());
+            let h = c.hash(&k);
+            c.insert(k, h, 2, Xlate::default());
         }
         assert_eq!(c.stats.evictions, 1);
         assert_eq!(c.len(2), 4);
@@ -214,5 +217,34 @@ mod tests {
                 evictions: 1
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod flooding {
+    use super::*;
+    use crate::field::Field;
+
+    /// Hash flooding: with a seed an attacker can know (a constant in the
+    /// source), keys that share a set can be computed offline and sent to
+    /// thrash it. Every cache draws its own seed, so the sets keys land in
+    /// differ from one cache (one process) to the next.
+    #[test]
+    fn where_a_key_lands_is_not_predictable() {
+        let keys: Vec<CacheKey> = (0..64u32)
+            .map(|n| {
+                let mut k = MatchKey::default();
+                k.set(Field::TpDst, n.into());
+                CacheKey {
+                    key: k,
+                    stage: TableId(0),
+                }
+            })
+            .collect();
+        let (a, b) = (MicroflowCache::new(1024), MicroflowCache::new(1024));
+        let sets = |c: &MicroflowCache| -> Vec<u64> {
+            keys.iter().map(|k| c.hash(k) & c.set_mask as u64).collect()
+        };
+        assert_ne!(sets(&a), sets(&b), "two caches place the same keys alike");
     }
 }

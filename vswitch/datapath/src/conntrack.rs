@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use etherparse::{LaxSlicedPacket, TransportSlice};
 
 use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
-use crate::key::{FlowKey, wide_to_ip};
+use crate::key::{FlowKey, PortNo, wide_to_ip};
 use crate::time::Time;
 
 /// Timeouts and limits.
@@ -282,6 +282,8 @@ pub struct Conntrack {
     len: AtomicUsize,
     /// Deadline (whole seconds, rounded up) -> keys that may expire then.
     wheel: Mutex<BTreeMap<u64, Vec<CanonKey>>>,
+    /// See [`Conntrack::set_trusted_error_ports`].
+    trusted_error_ports: arc_swap::ArcSwap<Vec<PortNo>>,
     pub stats: CtStats,
 }
 
@@ -289,6 +291,16 @@ fn is_icmp_error(key: &FlowKey) -> bool {
     match key.nw_proto {
         ip_proto::ICMP => matches!(key.tp_src, 3 | 4 | 5 | 11 | 12),
         ip_proto::ICMPV6 => matches!(key.tp_src, 1..=4),
+        _ => false,
+    }
+}
+
+/// The errors a router on the path sends about someone else's connection:
+/// fragmentation needed (IPv4) / packet too big (IPv6), time exceeded.
+fn is_router_error(key: &FlowKey) -> bool {
+    match key.nw_proto {
+        ip_proto::ICMP => (key.tp_src, key.tp_dst) == (3, 4) || key.tp_src == 11,
+        ip_proto::ICMPV6 => matches!(key.tp_src, 2 | 3),
         _ => false,
     }
 }
@@ -359,6 +371,7 @@ impl Conntrack {
             config,
             len: AtomicUsize::new(0),
             wheel: Mutex::new(BTreeMap::new()),
+            trusted_error_ports: arc_swap::ArcSwap::from_pointee(Vec::new()),
             stats: CtStats::default(),
         }
     }
@@ -384,6 +397,39 @@ impl Conntrack {
         self.lookup_marked(now, zone, key, frame).0
     }
 
+    /// Whether an ICMP error is consistent with the connection it embeds, and
+    /// then (its direction is the original one, the connection's mark). It must
+    /// name a live connection, travel back to the embedded packet's sender,
+    /// and come from that packet's destination — or, for the errors routers
+    /// send (fragmentation needed / packet too big, time exceeded), through a
+    /// port trusted to carry them (the node's). Anything else is forged: a
+    /// third party cannot reset or redirect a connection it is not part of.
+    fn related(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> Option<(bool, u8)> {
+        let inner = embedded_tuple(frame)?;
+        if key.nw_dst != inner.src {
+            return None;
+        }
+        let from_peer = key.nw_src == inner.dst;
+        let from_router = is_router_error(key) && self.trusted_error_port(key.in_port);
+        if !(from_peer || from_router) {
+            return None;
+        }
+        // The embedded packet travelled the other way.
+        let (ck, fwd) = inner.reverse().canon(zone);
+        let conn = self.map.get(&ck)?;
+        (conn.expires > now).then(|| (fwd == conn.orig_is_a, conn.mark))
+    }
+
+    /// Ports through which ICMP errors from routers (a third party to the
+    /// connection) are believed: the node's gateway. Replaces the set.
+    pub fn set_trusted_error_ports(&self, ports: Vec<PortNo>) {
+        self.trusted_error_ports.store(std::sync::Arc::new(ports));
+    }
+
+    fn trusted_error_port(&self, port: PortNo) -> bool {
+        self.trusted_error_ports.load().contains(&port)
+    }
+
     /// [`Conntrack::lookup`], also returning the connection's `ct_mark` (0 when
     /// untracked, new or invalid; an ICMP error gets its connection's).
     pub fn lookup_marked(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> (u8, u8) {
@@ -394,13 +440,7 @@ impl Conntrack {
             return (TRK | INV, 0);
         };
         if is_icmp_error(key) {
-            let related = embedded_tuple(frame).and_then(|inner| {
-                // The embedded packet travelled the other way.
-                let (ck, fwd) = inner.reverse().canon(zone);
-                let conn = self.map.get(&ck)?;
-                (conn.expires > now).then(|| (fwd == conn.orig_is_a, conn.mark))
-            });
-            return match related {
+            return match self.related(now, zone, key, frame) {
                 Some((orig_dir, mark)) => (TRK | REL | if orig_dir { 0 } else { RPL }, mark),
                 None => {
                     self.stats.invalid.fetch_add(1, Relaxed);
@@ -948,6 +988,55 @@ mod tests {
         let (rep, f2) = udp(B, A, 53, 5000);
         assert_eq!(ct.lookup(Time::ZERO, 0, &rep, &f2), TRK | EST | RPL);
         assert_eq!(ct.lookup(Time::ZERO, 0, &req, &f), TRK | EST);
+    }
+
+    #[test]
+    fn forged_icmp_errors_are_invalid() {
+        const C: [u8; 4] = [10, 0, 0, 3];
+        let ct = Conntrack::new(CtConfig::default());
+        let (req, f) = udp(A, B, 5000, 53);
+        ct.commit(Time::ZERO, 0, &req, f.len()).unwrap();
+        let error = |src, dst, t: etherparse::Icmpv4Type, in_port| {
+            let mut icmp = Vec::new();
+            PacketBuilder::ethernet2([4; 6], [2; 6])
+                .ipv4(src, dst, 64)
+                .icmpv4(t)
+                .write(&mut icmp, &f[14..14 + 28])
+                .unwrap();
+            (parse(PortNo(in_port), &icmp), icmp)
+        };
+        let unreachable = || {
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            )
+        };
+        let frag_needed = || {
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            )
+        };
+        // From the connection's other end, back to its sender: related.
+        let (k, fr) = error(B, A, unreachable(), 2);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &fr), TRK | REL | RPL);
+        // A third party naming someone else's connection: forged.
+        let (k, fr) = error(C, A, unreachable(), 3);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &fr), TRK | INV);
+        // Sent to the wrong end (not back to the embedded packet's sender).
+        let (k, fr) = error(A, B, unreachable(), 1);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &fr), TRK | INV);
+        // A router's error from a third party: only through a trusted port.
+        let (k, fr) = error(C, A, frag_needed(), 7);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &fr), TRK | INV);
+        ct.set_trusted_error_ports(vec![PortNo(7)]);
+        assert_eq!(ct.lookup(Time::ZERO, 0, &k, &fr), TRK | REL | RPL);
+        let (k, fr) = error(C, A, unreachable(), 7);
+        assert_eq!(
+            ct.lookup(Time::ZERO, 0, &k, &fr),
+            TRK | INV,
+            "only the errors routers send"
+        );
     }
 
     #[test]

@@ -519,7 +519,7 @@ impl Translate for Cached<'_> {
     #[inline]
     fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate {
         let ck = CacheKey { key: *key, stage };
-        let hash = ck.hash();
+        let hash = self.cache.hash(&ck);
         let (tables, generation) = (&self.snap.tables, self.snap.generation);
         let x = self.cache.get_or_insert_with(&ck, hash, generation, || {
             let mut scratch = *key;
