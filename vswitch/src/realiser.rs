@@ -494,7 +494,24 @@ impl Realiser {
     /// attached here keeps the addresses it was attached with and its node.
     pub fn apply_all(&self, changes: impl IntoIterator<Item = Change>) -> Result<u64, Error> {
         let mut st = self.state();
+        // Addresses a pod gave up (deleted, or changed): their connections go.
+        let mut released: Vec<IpAddr> = Vec::new();
         for change in changes {
+            match &change {
+                Change::PodDeleted(key) => {
+                    if let Some(old) = st.compiler.cluster().pod(key) {
+                        released.extend(&old.ips);
+                    }
+                }
+                Change::Pod(pod) => {
+                    if let Some(old) = st.compiler.cluster().pod(&pod.key)
+                        && !pod.ips.is_empty()
+                    {
+                        released.extend(old.ips.iter().filter(|ip| !pod.ips.contains(ip)));
+                    }
+                }
+                _ => {}
+            }
             let change = match change {
                 Change::Pod(mut pod) => {
                     // A pod attached before it was known: it gets its flows now.
@@ -527,7 +544,23 @@ impl Realiser {
             };
             st.compile(change);
         }
-        self.publish(&mut st)
+        let generation = self.publish(&mut st)?;
+        // Attached pods keep the addresses they were attached with.
+        released.retain(|ip| !st.topology.pods.iter().any(|p| p.ips.contains(ip)));
+        self.forget_connections(&released);
+        Ok(generation)
+    }
+
+    /// Drops every tracked connection with an end at one of `ips`.
+    fn forget_connections(&self, ips: &[IpAddr]) {
+        let wide: Vec<[u8; 16]> = ips
+            .iter()
+            .map(|ip| datapath::key::ip_to_wide(*ip))
+            .collect();
+        let n = self.published.dp.conntrack.flush_addresses(&wide);
+        if n > 0 {
+            tracing::info!(addresses = ?ips, connections = n, "forgot the connections of addresses that changed hands");
+        }
     }
 
     /// Every port: pods (attached and isolated), the gateway, tunnels.
@@ -662,6 +695,9 @@ impl Realiser {
             return Err(Error::AlreadyAttached(pod));
         }
         let port = st.free_port()?;
+        // The address may have been someone else's a moment ago: nothing
+        // tracked with its last owner may reach this pod.
+        self.forget_connections(&ips);
         st.locals.push(Local {
             no: port,
             io,
@@ -704,18 +740,20 @@ impl Realiser {
     pub fn detach(&self, pod: &ObjectKey) -> Result<(), Error> {
         let mut st = self.state();
         if let Some(i) = st.unresolved.iter().position(|p| &p.pod == pod) {
-            let port = st.unresolved.remove(i).port;
-            st.locals.retain(|p| p.no != port);
+            let gone = st.unresolved.remove(i);
+            st.locals.retain(|p| p.no != gone.port);
             self.publish(&mut st)?;
+            self.forget_connections(&gone.ips);
             return Ok(());
         }
         let Some(i) = st.topology.pods.iter().position(|p| &p.pod == pod) else {
             return Err(Error::NotAttached(pod.clone()));
         };
-        let port = st.topology.pods.remove(i).port;
-        st.locals.retain(|p| p.no != port);
+        let gone = st.topology.pods.remove(i);
+        st.locals.retain(|p| p.no != gone.port);
         st.compile(Change::PodDeleted(pod.clone()));
         self.publish(&mut st)?;
+        self.forget_connections(&gone.ips);
         Ok(())
     }
 

@@ -88,52 +88,59 @@ fn lab() -> Option<Lab> {
         (&b, B_IP, 2, "b", "server"),
         (&c, C_IP, 3, "c", "other"),
     ] {
-        let dev = format!("{id}{name}");
-        let mac = [0x0a, 0x58, 10, 99, 0, last];
-        let tap = Tap::open(&dev, false).unwrap();
-        ip(&["link", "set", &dev, "netns", &ns.0]);
-        let mac_text = mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":");
-        ip(&["-n", &ns.0, "link", "set", &dev, "address", &mac_text]);
-        ip(&[
-            "-n",
-            &ns.0,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            &dev,
-        ]);
-        ip(&["-n", &ns.0, "link", "set", &dev, "up"]);
-        let key = ObjectKey::new("test", name);
-        running
-            .switch
-            .attach(
-                Arc::new(TapPort(tap)),
-                key.clone(),
-                mac,
-                // An IPv6 address too: what a pod could send router messages from.
-                vec![
-                    addr.parse().unwrap(),
-                    format!("fd00:99::{last}").parse().unwrap(),
-                ],
-            )
-            .unwrap();
-        running
-            .switch
-            .apply(Change::Pod(Pod {
-                key,
-                labels: [("app".to_string(), labels.to_string())].into(),
-                ips: vec![],
-                node: None,
-                ports: vec![],
-            }))
-            .unwrap();
+        plug(&running, &id, ns, name, addr, last, labels);
     }
     Some(Lab { running, a, b, c })
+}
+
+/// Attaches pod `test/NAME` (app=`labels`) in `ns` to the switch: a TAP device
+/// `{id}{name}` moved into `ns`, MAC 0a:58:0a:63:00:`last`, addresses `addr`/24
+/// and fd00:99::`last`.
+fn plug(running: &Running, id: &str, ns: &Netns, name: &str, addr: &str, last: u8, labels: &str) {
+    let dev = format!("{id}{name}");
+    let mac = [0x0a, 0x58, 10, 99, 0, last];
+    let tap = Tap::open(&dev, false).unwrap();
+    ip(&["link", "set", &dev, "netns", &ns.0]);
+    let mac_text = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    ip(&["-n", &ns.0, "link", "set", &dev, "address", &mac_text]);
+    ip(&[
+        "-n",
+        &ns.0,
+        "addr",
+        "add",
+        &format!("{addr}/24"),
+        "dev",
+        &dev,
+    ]);
+    ip(&["-n", &ns.0, "link", "set", &dev, "up"]);
+    let key = ObjectKey::new("test", name);
+    running
+        .switch
+        .attach(
+            Arc::new(TapPort(tap)),
+            key.clone(),
+            mac,
+            // An IPv6 address too: what a pod could send router messages from.
+            vec![
+                addr.parse().unwrap(),
+                format!("fd00:99::{last}").parse().unwrap(),
+            ],
+        )
+        .unwrap();
+    running
+        .switch
+        .apply(Change::Pod(Pod {
+            key,
+            labels: [("app".to_string(), labels.to_string())].into(),
+            ips: vec![],
+            node: None,
+            ports: vec![],
+        }))
+        .unwrap();
 }
 
 impl Lab {
@@ -1268,4 +1275,63 @@ fn forged_icmp_errors_from_a_third_pod_are_dropped() {
         let _ = client.send(b"ping");
         matches!(client.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
     });
+}
+
+/// A pod goes away and its address is handed to a new pod: a client that kept
+/// its connection to the old pod must not reach the new one under the old
+/// connection's +est (conntrack forgets every connection of the address).
+#[test]
+fn a_stale_connection_does_not_reach_the_next_owner_of_an_address() {
+    let Some(lab) = lab() else { return };
+    let id = lab.a.0.trim_end_matches('a').to_string();
+    serve_tcp(&lab.b, B_IP, 8080);
+    let mut client = lab.a.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{B_IP}:8080").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    });
+    client
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let mut buf = [0u8; 5];
+    client.write_all(b"hello").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    // b goes (as CNI DEL does); a new pod gets b's address, and a policy that
+    // admits nobody: no new connection may reach it.
+    let b_key = ObjectKey::new("test", "b");
+    lab.running.switch.detach(&b_key).unwrap();
+    let b2 = Netns::new(format!("{id}n"));
+    lab.policy(
+        "metadata: {name: isolated, namespace: test}\nspec:\n  podSelector: {matchLabels: {app: isolated}}\n  policyTypes: [Ingress]\n",
+    );
+    plug(&lab.running, &id, &b2, "n", B_IP, 2, "isolated");
+    serve_tcp(&b2, B_IP, 8080);
+    let delivered = || -> u64 {
+        let ports = lab.running.switch.ports();
+        let p = ports
+            .iter()
+            .find(|p| matches!(&p.role, vswitch::realiser::PortRole::Pod(k) if k.name == "n"))
+            .unwrap();
+        p.counters
+            .tx_packets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = delivered();
+    // The old connection's next segment: with the old entry it would be +est,
+    // reach the new pod, and come back as a reset.
+    client.write_all(b"again").unwrap();
+    match client.read_exact(&mut buf) {
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut => {}
+        other => panic!("the stale connection reached the new pod: {other:?}"),
+    }
+    assert_eq!(
+        delivered(),
+        before,
+        "nothing of the old connection was delivered"
+    );
+    assert!(!tcp(&lab.a, B_IP, 8080), "and the new pod's policy holds");
 }

@@ -47,10 +47,16 @@ pub struct MicroflowCache {
     /// Keyed with a per-process random seed: which set a key lands in cannot
     /// be predicted from outside, so a pod cannot craft keys that all fight
     /// over one set (hash flooding).
-    hasher: foldhash::fast::RandomState,
+    hasher: foldhash::fast::FixedState,
     set_mask: usize,
     tick: u64,
     pub stats: CacheStats,
+}
+
+/// A seed nobody outside this process can know.
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
 }
 
 impl MicroflowCache {
@@ -59,7 +65,7 @@ impl MicroflowCache {
         let sets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         MicroflowCache {
             ways: (0..sets * WAYS).map(|_| Way::default()).collect(),
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: foldhash::fast::FixedState::with_seed(random_seed()),
             set_mask: sets - 1,
             tick: 0,
             stats: CacheStats::default(),

@@ -869,6 +869,24 @@ impl Conntrack {
         n
     }
 
+    /// Drops every connection with an end at one of `addrs` (either
+    /// direction, every zone): what a pod leaving, or an address changing hands,
+    /// calls for, so no one reaches the address's next owner under a
+    /// connection made with its last one. Returns how many were dropped.
+    pub fn flush_addresses(&self, addrs: &[[u8; 16]]) -> usize {
+        if addrs.is_empty() {
+            return 0;
+        }
+        let mut removed = 0;
+        self.map.retain(|k, _| {
+            let keep = !addrs.contains(&k.a.0) && !addrs.contains(&k.b.0);
+            removed += usize::from(!keep);
+            keep
+        });
+        self.len.fetch_sub(removed, Relaxed);
+        removed
+    }
+
     /// Drops every entry.
     pub fn flush(&self) {
         self.map.clear();
@@ -1037,6 +1055,21 @@ mod tests {
             TRK | INV,
             "only the errors routers send"
         );
+    }
+
+    #[test]
+    fn flushing_an_address_drops_its_connections_in_every_zone() {
+        let ct = Conntrack::new(CtConfig::default());
+        for zone in [0, 1] {
+            let (syn, f) = tcp(A, B, 1000, 80, "S");
+            ct.commit(Time::ZERO, zone, &syn, f.len()).unwrap();
+        }
+        let (other, f) = udp(A, [10, 0, 0, 9], 1, 2);
+        ct.commit(Time::ZERO, 0, &other, f.len()).unwrap();
+        assert_eq!(ct.flush_addresses(&[crate::key::ip_to_wide(B.into())]), 2);
+        assert_eq!(ct.len(), 1);
+        let (ack, f) = tcp(A, B, 1000, 80, "A");
+        assert_eq!(ct.lookup(Time::ZERO, 0, &ack, &f), TRK | INV, "gone");
     }
 
     #[test]

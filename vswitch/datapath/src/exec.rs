@@ -50,13 +50,16 @@ pub(crate) struct Ran {
 
 /// Runs `packet` through the pipeline: pass after pass, conntrack between them,
 /// outputs appended to `outputs`.
+#[inline(always)]
 pub(crate) fn run<T: Translate, E: Execute>(
     t: &mut T,
     e: &mut E,
     packet: &FlowKey,
     outputs: &mut Vec<PortNo>,
 ) -> Ran {
-    let mut flow_key = *packet;
+    // The packet's key as conntrack sees it: the parsed one until a pass
+    // rewrites a header field (copied only then).
+    let mut rewritten: Option<FlowKey> = None;
     let mut key = packet.to_match_key();
     let mut stage = TableId(0);
     let mut ran = Ran {
@@ -71,17 +74,17 @@ pub(crate) fn run<T: Translate, E: Execute>(
         ran.last = x.last.or(ran.last);
         ran.end = x.end;
         let mut recirc = None;
-        let mut rewritten = false;
+        let mut fields_rewritten = false;
         for a in &x.actions {
             match *a {
                 DpAction::Output(p) => outputs.push(p),
                 DpAction::Rewrite { field, value } => {
                     key.set(field, value);
-                    e.rewrite(&flow_key, field, value);
-                    rewritten = true;
+                    e.rewrite(rewritten.as_ref().unwrap_or(packet), field, value);
+                    fields_rewritten = true;
                 }
                 DpAction::Commit { zone, mark } => {
-                    if e.commit(zone, mark, &flow_key) {
+                    if e.commit(zone, mark, rewritten.as_ref().unwrap_or(packet)) {
                         ran.committed = true;
                     } else {
                         ran.ct_full = true;
@@ -94,16 +97,16 @@ pub(crate) fn run<T: Translate, E: Execute>(
         let Some((zone, table)) = recirc else {
             return ran;
         };
-        if rewritten {
-            flow_key = FlowKey {
+        if fields_rewritten {
+            rewritten = Some(FlowKey {
                 in_port: packet.in_port,
                 icmp_id: packet.icmp_id,
                 sctp_chunk: packet.sctp_chunk,
                 ..FlowKey::from_match_key(&key)
-            };
+            });
         }
         key.0[10..14].copy_from_slice(&x.regs);
-        let (state, mark) = e.lookup(zone, &flow_key);
+        let (state, mark) = e.lookup(zone, rewritten.as_ref().unwrap_or(packet));
         key.set(Field::CtState, u128::from(state));
         key.set(Field::CtZone, u128::from(zone));
         key.set(Field::CtMark, u128::from(mark));
