@@ -55,6 +55,9 @@ pub struct Topology {
     pub service_cidrs: Vec<ipnet::IpNet>,
     /// Conntrack zone of pod traffic.
     pub zone: u16,
+    /// Nothing is forwarded (the cluster state is not known yet): every port
+    /// is unknown to the classifier.
+    pub sealed: bool,
 }
 
 /// What a base-pipeline flow is for; its cookie says it (the payload is the
@@ -85,10 +88,11 @@ pub enum Purpose {
     ReplyThroughNode,
     OutputViaNode,
     SpoofguardRouterOnly,
+    Sealed,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 24] = [
+    const ALL: [Purpose; 25] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -113,6 +117,7 @@ impl Purpose {
         Purpose::ReplyThroughNode,
         Purpose::OutputViaNode,
         Purpose::SpoofguardRouterOnly,
+        Purpose::Sealed,
     ];
 
     /// In words, as traces and dumps show it.
@@ -145,6 +150,9 @@ impl Purpose {
                 "forwarding: reply through the node (it translated the connection)"
             }
             Purpose::OutputViaNode => "output, remembering the node saw it",
+            Purpose::Sealed => {
+                "classifier: not ready (the cluster state is not synced yet): nothing is forwarded"
+            }
             Purpose::SpoofguardRouterOnly => {
                 "spoofguard: router advertisement, redirect or neighbour advertisement from a pod"
             }
@@ -264,6 +272,10 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
 
 /// Table 0: every known port gets its class in `reg0`; unknown ports drop.
 fn classifier(topo: &Topology, out: &mut Vec<FlowEntry>) {
+    if topo.sealed {
+        out.push(flow(CLASSIFIER, 0, Match::any(), Purpose::Sealed));
+        return;
+    }
     // 0: classifier.
     let classes = topo
         .pods
@@ -716,5 +728,6 @@ pub fn offline_topology(cluster: &Cluster) -> Topology {
         tunnels: vec![],
         service_cidrs: vec![],
         zone: 1,
+        sealed: false,
     }
 }

@@ -61,6 +61,10 @@ impl Daemon {
         }
         let kubernetes = config.source == Source::Kubernetes;
         if kubernetes {
+            // Nothing is forwarded until Namespaces, Pods, Nodes and
+            // NetworkPolicies have all been listed and compiled: a policy list
+            // that is slow or failing never means "no policy" (fail closed).
+            realiser.set_sealed(true)?;
             // Until a pod's object arrives from the API server its labels are
             // unknown: its port stays cut off (fail closed).
             realiser.set_isolate_unknown(true);

@@ -323,8 +323,9 @@ pub fn own_pod_cidr(config: &Config) -> anyhow::Result<ipnet::IpNet> {
     })
 }
 
-/// Watches the API server forever, applying changes to `realiser`; sets `ready`
-/// once the first full sync of every kind is compiled and published.
+/// Watches the API server forever, applying changes to `realiser`; once the
+/// first full sync of every kind is compiled and published, unseals the switch
+/// (it forwards nothing before) and sets `ready`.
 ///
 /// Fails only when no client can be built (bad kubeconfig); connection
 /// failures are retried.
@@ -380,8 +381,13 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
                 }
             }
             if !ready.load(Relaxed) && mirror.synced.iter().all(|s| *s) {
-                ready.store(true, Relaxed);
-                tracing::info!("first full sync compiled and published: ready");
+                match realiser.set_sealed(false) {
+                    Ok(_) => {
+                        ready.store(true, Relaxed);
+                        tracing::info!("first full sync compiled and published: ready");
+                    }
+                    Err(e) => tracing::error!(error = %chain(&e), "cannot unseal"),
+                }
             }
         }
         Ok(())

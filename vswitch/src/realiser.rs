@@ -664,6 +664,22 @@ impl Realiser {
         self.state().local_node = Some(node.to_string());
     }
 
+    /// While sealed nothing is forwarded, from or to any port: what the switch
+    /// does until it knows the whole cluster state (Kubernetes mode, until the
+    /// first full sync). Publishes.
+    ///
+    /// Fails when flows cannot be installed.
+    pub fn set_sealed(&self, sealed: bool) -> Result<u64, Error> {
+        let mut st = self.state();
+        st.topology.sealed = sealed;
+        if sealed {
+            tracing::info!("sealed: nothing is forwarded until the cluster state is known");
+        } else {
+            tracing::info!("unsealed: forwarding under the synced cluster state");
+        }
+        self.publish(&mut st)
+    }
+
     /// Pods attached before their Pod object is known get no flows (their frames
     /// are dropped, nothing is forwarded to them) until it is.
     pub fn set_isolate_unknown(&self, isolate: bool) {

@@ -66,6 +66,10 @@ struct State {
     /// Requests served, by kind and whether a watch.
     pub lists: u64,
     pub watches: u64,
+    /// Lists of these kinds are answered this much later.
+    list_delay: BTreeMap<Kind, Duration>,
+    /// Lists of these kinds fail (500).
+    list_fail: std::collections::BTreeSet<Kind>,
 }
 
 /// The server; stops listening when dropped.
@@ -186,6 +190,23 @@ impl ApiServer {
         }
     }
 
+    /// Answers lists of `kind` `delay` late (zero: at once), as a slow API
+    /// server does with a large collection.
+    pub fn delay_lists(&self, kind: Kind, delay: Duration) {
+        self.with(|s| s.list_delay.insert(kind, delay));
+    }
+
+    /// Lists of `kind` fail with 500 Internal Server Error while `fail`.
+    pub fn fail_lists(&self, kind: Kind, fail: bool) {
+        self.with(|s| {
+            if fail {
+                s.list_fail.insert(kind);
+            } else {
+                s.list_fail.remove(&kind);
+            }
+        });
+    }
+
     /// (lists, watches) served so far.
     pub fn requests(&self) -> (u64, u64) {
         self.with(|s| (s.lists, s.watches))
@@ -261,6 +282,24 @@ fn serve(conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) {
     };
     let watch = matches!(params.get("watch"), Some(&"true") | Some(&"1"));
     if !watch {
+        let (delay, fail) = {
+            let s = state.0.lock().unwrap();
+            (
+                s.list_delay.get(&kind).copied().unwrap_or_default(),
+                s.list_fail.contains(&kind),
+            )
+        };
+        std::thread::sleep(delay);
+        if fail {
+            let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500,
+                "message": "etcdserver: request timed out"}).to_string();
+            let _ = write!(
+                out,
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            return;
+        }
         let body = {
             let mut s = state.0.lock().unwrap();
             s.lists += 1;

@@ -484,3 +484,22 @@ pub fn flowctl(socket: &Path, args: &[&str]) -> String {
 pub fn send_raw(ns: &Netns, dev: String, frame: Vec<u8>) {
     ns.run(move || vswitch::sys::send_raw(&dev, &frame).expect("raw send"));
 }
+
+/// A persistent TAP device `dev` moved into `ns` as the pod's interface, with
+/// `mac` and address `cidr`, up: what vswitch-cni does, by hand. vswitchd
+/// attaches it by (namespace path, name).
+pub fn tap_in(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
+    drop(vswitch::Tap::open(dev, true).expect("create TAP"));
+    ip(&["link", "set", dev, "netns", &ns.0]);
+    ip(&[
+        "-n",
+        &ns.0,
+        "link",
+        "set",
+        dev,
+        "address",
+        &control::Mac(mac).to_string(),
+    ]);
+    ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
+    ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+}
