@@ -307,7 +307,13 @@ impl Lane {
                     continue;
                 };
                 for (i, e) in current.endpoints.iter().enumerate() {
-                    if let Some(fd) = e.io.fd() {
+                    // A port that is down is not polled: its dead fd would be
+                    // ready (an error) on every wait.
+                    let up = e
+                        .own
+                        .and_then(|p| current.get(p))
+                        .is_none_or(|(_, c)| c.is_up());
+                    if let (Some(fd), true) = (e.io.fd(), up) {
                         let _ = epoll.add(fd, i as u64);
                     }
                 }
@@ -335,10 +341,20 @@ impl Lane {
             let (polled_ports, out) = (ports.clone(), self.fwd.published.ports.load_full());
             self.worker.begin_batch();
             let now = clock.now();
+            let mut went_down = false;
             for &token in &ready {
-                if (token as usize) < polled_ports.endpoints.len() {
-                    self.service(&polled_ports, token as usize, &out, now);
+                let i = token as usize;
+                if i < polled_ports.endpoints.len() {
+                    self.service(&polled_ports, i, &out, now);
+                    went_down |= polled_ports.endpoints[i]
+                        .own
+                        .and_then(|p| polled_ports.get(p))
+                        .is_some_and(|(_, c)| !c.is_up());
                 }
+            }
+            if went_down {
+                // Register the ports again, without the dead one.
+                polled = None;
             }
             last_work = Instant::now();
             if now.since(last_sweep).as_secs() >= 1 {
