@@ -826,3 +826,60 @@ impl Realiser {
         Ok(GATEWAY_PORT)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::port::MemoryPort;
+
+    fn attach(r: &Realiser, name: &str, last: u8) -> PortNo {
+        r.attach(
+            Arc::new(MemoryPort::new(false)),
+            ObjectKey::new("t", name),
+            [0x0a, 0x58, 10, 0, 0, last],
+            vec![IpAddr::from([10, 0, 0, last])],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn port_numbers_are_reused_and_never_reach_the_tunnel_range() {
+        let r = Realiser::new(DatapathConfig::default());
+        let (a, b) = (attach(&r, "a", 1), attach(&r, "b", 2));
+        assert_eq!((a, b), (PortNo(1), PortNo(2)));
+        r.detach(&ObjectKey::new("t", "a")).unwrap();
+        assert_eq!(attach(&r, "c", 3), PortNo(1), "the freed number is reused");
+        // However many pods come and go, numbers stay below the tunnel range:
+        // with every pod number taken, the next attach is refused rather than
+        // wrapping into tunnel or gateway numbers.
+        let mut st = r.state();
+        let io: Arc<dyn Port> = Arc::new(MemoryPort::new(false));
+        st.locals = (FIRST_POD_PORT..FIRST_TUNNEL_PORT)
+            .map(|n| Local {
+                no: PortNo(n),
+                io: io.clone(),
+                counters: Arc::default(),
+            })
+            .collect();
+        assert!(matches!(st.free_port(), Err(Error::NoFreePort(_))));
+        st.locals.remove(100);
+        assert_eq!(st.free_port().unwrap(), PortNo(101));
+    }
+
+    #[test]
+    fn a_full_resync_keeps_manual_flows() {
+        let r = Realiser::new(DatapathConfig::default());
+        attach(&r, "a", 1);
+        r.add_manual_flow("table=0,priority=1000,ip,nw_src=10.0.0.9,actions=drop", false)
+            .unwrap();
+        r.resync().unwrap();
+        let snap = r.datapath().snapshot();
+        assert!(
+            snap.tables
+                .iter()
+                .any(|(_, f)| is_manual(f.entry.cookie)),
+            "the manual flow is still installed after a full resync"
+        );
+        assert_eq!(r.del_manual_flows(None).unwrap(), 1);
+    }
+}

@@ -1380,3 +1380,89 @@ fn a_pod_that_deletes_its_interface_costs_nothing() {
     assert!(tcp(&lab.a, B_IP, 8080), "the other pods keep working");
     assert!(port_c().counters.drop_count("rx_error") >= 1);
 }
+
+/// Other users cannot use the control socket: not through the file's mode,
+/// and not even when the mode is opened up (peer credentials are checked);
+/// a request is bounded in size and connections in number.
+#[test]
+fn the_control_socket_is_root_only_and_bounded() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    if !privileged(&format!("vsk{}x", std::process::id() % 100_000)) {
+        return;
+    }
+    let tmp = TempDir::new("ctl");
+    std::fs::create_dir_all(tmp.0.join("manifests")).unwrap();
+    // The socket's directory is open to everyone: only the socket protects it.
+    std::fs::set_permissions(&tmp.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (config, socket) = write_config(&tmp.0, "");
+    let _daemon = Vswitchd::start(&config, &socket);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let leftovers: Vec<_> = std::fs::read_dir(&tmp.0)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".vswitchd-"))
+        .collect();
+    assert!(leftovers.is_empty(), "the private directory is gone");
+    let flowctl_as_nobody = || {
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_vswitchd")).with_file_name("flowctl");
+        let out = Command::new(exe)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("health")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = flowctl_as_nobody();
+    assert!(!ok && err.contains("ermission denied"), "{err}");
+    // Even with the file opened to everyone, the peer's credentials refuse it.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, err) = flowctl_as_nobody();
+    assert!(!ok && err.contains("not root"), "{err}");
+
+    let line = |s: &mut UnixStream, text: &str| -> String {
+        s.write_all(text.as_bytes()).unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut r, &mut answer).unwrap();
+        answer
+    };
+    let hello = "{\"op\":\"hello\",\"protocol\":1,\"client\":\"test\"}\n";
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(line(&mut s, hello).contains("\"ok\":true"));
+    let answer = line(&mut s, "{\"op\":\"frobnicate\"}\n");
+    assert!(answer.contains("unknown request \\\"frobnicate\\\""), "{answer}");
+    let huge = format!("{{\"op\":\"add-flow\",\"flow\":\"{}\"}}\n", "x".repeat(100_000));
+    let answer = line(&mut s, &huge);
+    assert!(answer.contains("longer than"), "{answer}");
+    // Without hello first: refused.
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(line(&mut s, "{\"op\":\"ports\"}\n").contains("hello"));
+    // Connections beyond the limit are turned away, the others served.
+    let mut held = Vec::new();
+    let mut busy = 0;
+    for _ in 0..40 {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let answer = line(&mut s, hello);
+        if answer.contains("busy") {
+            busy += 1;
+        } else {
+            assert!(answer.contains("\"ok\":true"), "{answer}");
+            held.push(s);
+        }
+    }
+    assert_eq!(held.len(), 32, "32 connections at once");
+    assert_eq!(busy, 8);
+    drop(held);
+    common::eventually("served again once connections close", || {
+        common::ask(&socket, &control::Request::Health).is_ok()
+    });
+}

@@ -328,16 +328,16 @@ impl Client {
     pub fn call<T: DeserializeOwned>(&mut self, req: &Request) -> Result<T, ControlError> {
         let mut line = serde_json::to_string(req).map_err(ControlError::Protocol)?;
         line.push('\n');
-        self.writer
-            .write_all(line.as_bytes())
-            .map_err(ControlError::Io)?;
+        // A daemon that refuses the connection says why and closes it: the
+        // write may fail, the reason is still there to read.
+        let written = self.writer.write_all(line.as_bytes());
         let mut answer = String::new();
         let n = (&mut self.reader)
             .take(64 << 20)
             .read_line(&mut answer)
             .map_err(ControlError::Io)?;
         if n == 0 {
-            return Err(ControlError::Closed);
+            return Err(written.err().map_or(ControlError::Closed, ControlError::Io));
         }
         let a: Answer = serde_json::from_str(&answer).map_err(ControlError::Protocol)?;
         if !a.ok {
