@@ -187,6 +187,18 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
         ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev]);
         ip(&["-n", &ns.0, "link", "set", dev, "up"]);
     }
+    // Someone else's route with vswitchd's route protocol (another instance, a
+    // restart overlap): vswitchd must leave it alone.
+    let other = format!("{tag}x");
+    let peer = format!("{tag}y");
+    ip(&[
+        "-n", &na.0, "link", "add", &other, "type", "veth", "peer", "name", &peer,
+    ]);
+    ip(&["-n", &na.0, "link", "set", &other, "up"]);
+    ip(&["-n", &na.0, "link", "set", &peer, "up"]);
+    ip(&[
+        "-n", &na.0, "route", "add", "10.123.0.0/24", "dev", &other, "proto", "86",
+    ]);
     let a = start_node(
         na,
         &tag,
@@ -228,6 +240,15 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
             "client -> server:8080 across nodes"
         );
     }
+    let routes = Command::new("ip")
+        .args(["-n", &a.ns.0, "route", "show", "proto", "86"])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        routes.contains("10.123.0.0/24"),
+        "another instance's route survives vswitchd's start: {routes}"
+    );
     // Bulk data across the tunnel: with offloads, segments of up to 64 KB cross
     // as one datagram each, their virtio-net header with them.
     let sink = server.run(|| TcpListener::bind("10.61.1.10:8082").unwrap());
