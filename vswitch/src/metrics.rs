@@ -70,6 +70,14 @@ fn describe() {
         "Packets that matched a flow in a table"
     );
     describe_gauge!("vswitch_table_flows", "Flows installed in a table");
+    describe_counter!(
+        "vswitch_tunnel_rx_rejected_total",
+        "Tunnel datagrams dropped: not VXLAN, another VNI, or from an unknown node"
+    );
+    describe_counter!(
+        "vswitch_tunnel_rx_bad_offload_total",
+        "Tunnel frames dropped because their virtio-net header did not fit them"
+    );
     describe_counter!("vswitch_microflow_cache_hits_total", "Microflow cache hits");
     describe_counter!(
         "vswitch_microflow_cache_misses_total",
@@ -113,7 +121,9 @@ fn describe() {
 
 /// Copies the switch's counters into the metrics registry.
 pub fn collect(realiser: &Realiser, forwarder: &Forwarder) {
-    counter!("vswitch_tunnel_rx_rejected_total").absolute(realiser.tunnel_rejected());
+    let (rejected, bad_offload) = realiser.tunnel_rejected();
+    counter!("vswitch_tunnel_rx_rejected_total").absolute(rejected);
+    counter!("vswitch_tunnel_rx_bad_offload_total").absolute(bad_offload);
     for p in realiser.ports() {
         let pod = match p.role {
             PortRole::Pod(k) => k.to_string(),

@@ -74,6 +74,48 @@ impl Tx<'_> {
     }
 }
 
+/// Whether a virtio-net header (`hdr`, 10 or 12 bytes) is consistent with the
+/// frame after it: a segmentation type the frame can have (TCP over the IP
+/// version it carries), a segment size, checksum positions inside the frame.
+/// The kernel writes consistent headers; one from the network (a tunnel
+/// peer) may be anything, and a TAP write would reject it or worse.
+pub fn vnet_header_consistent(hdr: &[u8], frame: &[u8]) -> bool {
+    const NEEDS_CSUM: u8 = 1;
+    const DATA_VALID: u8 = 2;
+    const GSO_NONE: u8 = 0;
+    const GSO_TCPV4: u8 = 1;
+    const GSO_TCPV6: u8 = 4;
+    const GSO_ECN: u8 = 0x80;
+    if hdr.len() < 10 {
+        return false;
+    }
+    let le = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
+    let (flags, gso) = (hdr[0], hdr[1] & !GSO_ECN);
+    let (gso_size, csum_start, csum_offset) = (le(4), le(6), le(8));
+    if flags & !(NEEDS_CSUM | DATA_VALID) != 0 {
+        return false;
+    }
+    if flags & NEEDS_CSUM != 0 && csum_start + csum_offset + 2 > frame.len() {
+        return false;
+    }
+    let key = datapath::parse(PortNo(0), frame);
+    match gso {
+        GSO_NONE => true,
+        GSO_TCPV4 | GSO_TCPV6 => {
+            let v6 = gso == GSO_TCPV6;
+            gso_size > 0
+                && key.nw_proto == datapath::field::ip_proto::TCP
+                && key.dl_type
+                    == if v6 {
+                        datapath::field::ether_type::IPV6
+                    } else {
+                        datapath::field::ether_type::IPV4
+                    }
+        }
+        _ => false,
+    }
+}
+
 /// What became of a frame sent to a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {

@@ -592,10 +592,12 @@ impl Realiser {
         locals.chain(tunnels).collect()
     }
 
-    /// Datagrams the tunnel rejected (not VXLAN, another VNI, an unknown node).
-    pub fn tunnel_rejected(&self) -> u64 {
-        self.state().tunnel.as_ref().map_or(0, |t| {
-            t.rx_rejected.load(std::sync::atomic::Ordering::Relaxed)
+    /// Datagrams the tunnel rejected (not VXLAN, another VNI, an unknown
+    /// node), and frames it dropped for an inconsistent virtio-net header.
+    pub fn tunnel_rejected(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.state().tunnel.as_ref().map_or((0, 0), |t| {
+            (t.rx_rejected.load(Relaxed), t.rx_bad_offload.load(Relaxed))
         })
     }
 
@@ -870,14 +872,15 @@ mod tests {
     fn a_full_resync_keeps_manual_flows() {
         let r = Realiser::new(DatapathConfig::default());
         attach(&r, "a", 1);
-        r.add_manual_flow("table=0,priority=1000,ip,nw_src=10.0.0.9,actions=drop", false)
-            .unwrap();
+        r.add_manual_flow(
+            "table=0,priority=1000,ip,nw_src=10.0.0.9,actions=drop",
+            false,
+        )
+        .unwrap();
         r.resync().unwrap();
         let snap = r.datapath().snapshot();
         assert!(
-            snap.tables
-                .iter()
-                .any(|(_, f)| is_manual(f.entry.cookie)),
+            snap.tables.iter().any(|(_, f)| is_manual(f.entry.cookie)),
             "the manual flow is still installed after a full resync"
         );
         assert_eq!(r.del_manual_flows(None).unwrap(), 1);

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use datapath::PortNo;
 
-use crate::port::{HEADROOM, Port, Rx, Sent, Tx};
+use crate::port::{HEADROOM, Port, Rx, Sent, Tx, vnet_header_consistent};
 use crate::sys::VNET_HDR_LEN;
 
 /// The VXLAN header.
@@ -39,6 +39,8 @@ pub struct TunnelIo {
     port: u16,
     /// Datagrams dropped: not VXLAN, another VNI, or from an unknown node.
     pub rx_rejected: AtomicU64,
+    /// Frames dropped because their virtio-net header did not fit them.
+    pub rx_bad_offload: AtomicU64,
 }
 
 impl TunnelIo {
@@ -53,6 +55,7 @@ impl TunnelIo {
             vni,
             port,
             rx_rejected: AtomicU64::new(0),
+            rx_bad_offload: AtomicU64::new(0),
         })
     }
 
@@ -116,9 +119,16 @@ impl Port for VxlanPort {
                 n >= VXLAN_LEN + hdr + 14 && h[0] & VXLAN_I != 0 && vni == Some(self.io.vni);
             match (valid, self.by_ip.get(&from.ip())) {
                 (true, Some(&peer)) => {
+                    let start = at + VXLAN_LEN + hdr;
+                    if hdr > 0
+                        && !vnet_header_consistent(&buf[start - hdr..start], &buf[start..at + n])
+                    {
+                        self.io.rx_bad_offload.fetch_add(1, Relaxed);
+                        continue;
+                    }
                     return Ok(Some(Rx {
                         in_port: Some(peer),
-                        start: at + VXLAN_LEN + hdr,
+                        start,
                         end: at + n,
                         hdr,
                     }));

@@ -1416,7 +1416,10 @@ fn the_control_socket_is_root_only_and_bounded() {
             .gid(65534)
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, err) = flowctl_as_nobody();
     assert!(!ok && err.contains("ermission denied"), "{err}");
@@ -1437,8 +1440,14 @@ fn the_control_socket_is_root_only_and_bounded() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(line(&mut s, hello).contains("\"ok\":true"));
     let answer = line(&mut s, "{\"op\":\"frobnicate\"}\n");
-    assert!(answer.contains("unknown request \\\"frobnicate\\\""), "{answer}");
-    let huge = format!("{{\"op\":\"add-flow\",\"flow\":\"{}\"}}\n", "x".repeat(100_000));
+    assert!(
+        answer.contains("unknown request \\\"frobnicate\\\""),
+        "{answer}"
+    );
+    let huge = format!(
+        "{{\"op\":\"add-flow\",\"flow\":\"{}\"}}\n",
+        "x".repeat(100_000)
+    );
     let answer = line(&mut s, &huge);
     assert!(answer.contains("longer than"), "{answer}");
     // Without hello first: refused.

@@ -197,7 +197,15 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
     ip(&["-n", &na.0, "link", "set", &other, "up"]);
     ip(&["-n", &na.0, "link", "set", &peer, "up"]);
     ip(&[
-        "-n", &na.0, "route", "add", "10.123.0.0/24", "dev", &other, "proto", "86",
+        "-n",
+        &na.0,
+        "route",
+        "add",
+        "10.123.0.0/24",
+        "dev",
+        &other,
+        "proto",
+        "86",
     ]);
     let a = start_node(
         na,
