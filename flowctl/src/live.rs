@@ -268,7 +268,33 @@ pub fn stats_text(s: &StatsView, color: bool) -> String {
                 ),
             ),
             ("dropped when full".into(), ct.full_drops.to_string()),
+            (
+                "dropped at a pod's or namespace's limit".into(),
+                ct.limit_drops.to_string(),
+            ),
         ],
+    );
+    let mut owners: Vec<&control::view::CtOwnerView> = ct.owners.iter().collect();
+    owners.sort_by(|a, b| {
+        b.refused
+            .cmp(&a.refused)
+            .then(b.connections.cmp(&a.connections))
+    });
+    section(
+        "conntrack by pod and namespace (top 10)",
+        owners
+            .iter()
+            .take(10)
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    format!(
+                        "{} of {} connections, {} refused at the limit",
+                        o.connections, o.limit, o.refused
+                    ),
+                )
+            })
+            .collect(),
     );
     section(
         "drops by reason",

@@ -35,6 +35,14 @@ pub struct Config {
     /// Maximum conntrack entries.
     #[serde(default = "default_ct_max")]
     pub conntrack_max: usize,
+    /// Connections one pod may have tracked at once (new ones beyond are
+    /// dropped and counted as `ct_limit`). Default: `conntrack_max` / 16.
+    #[serde(default)]
+    pub conntrack_max_per_pod: Option<usize>,
+    /// Connections one namespace's pods on this node may have tracked at once.
+    /// Default: `conntrack_max` / 4.
+    #[serde(default)]
+    pub conntrack_max_per_namespace: Option<usize>,
     /// TAP offloads: a virtio-net header on every frame, TSO and checksum offload
     /// carried between ports (much higher TCP throughput). Applies to every port.
     /// On by default.
@@ -255,6 +263,16 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// (per pod, per namespace) connection limits, defaults filled in.
+    pub fn conntrack_limits(&self) -> (usize, usize) {
+        (
+            self.conntrack_max_per_pod
+                .unwrap_or((self.conntrack_max / 16).max(1)),
+            self.conntrack_max_per_namespace
+                .unwrap_or((self.conntrack_max / 4).max(1)),
+        )
+    }
+
     /// Reads and checks a configuration file.
     ///
     /// Fails on unreadable files, TOML errors, unknown keys, bad values (named),
@@ -333,6 +351,19 @@ impl Config {
             }
             if t.port == 0 {
                 return Err(invalid("tunnel.port must not be 0".into()));
+            }
+        }
+        for (key, v) in [
+            ("conntrack_max_per_pod", c.conntrack_max_per_pod),
+            ("conntrack_max_per_namespace", c.conntrack_max_per_namespace),
+        ] {
+            if let Some(v) = v
+                && (v == 0 || v > c.conntrack_max)
+            {
+                return Err(invalid(format!(
+                    "{key} = {v} must be between 1 and conntrack_max ({})",
+                    c.conntrack_max
+                )));
             }
         }
         if c.node_name.is_empty() {

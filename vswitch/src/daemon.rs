@@ -56,6 +56,8 @@ impl Daemon {
             },
             ..DatapathConfig::default()
         });
+        let (per_pod, per_namespace) = config.conntrack_limits();
+        realiser.set_conntrack_limits(per_pod, per_namespace)?;
         if let Some(w) = watch.as_mut() {
             crate::manifests::apply(&realiser, w.poll());
         }

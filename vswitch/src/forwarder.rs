@@ -287,7 +287,7 @@ impl Lane {
     }
 
     /// The packet thread: waits on every published port, services the ready
-    /// ones, sweeps conntrack once a second, until the forwarder stops.
+    /// ones, sweeps conntrack every `SWEEP_INTERVAL`, until the forwarder stops.
     fn run(&mut self, busy_poll: Duration) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
@@ -357,8 +357,12 @@ impl Lane {
                 polled = None;
             }
             last_work = Instant::now();
-            if now.since(last_sweep).as_secs() >= 1 {
-                self.fwd.published.dp.conntrack.sweep(now, 4096);
+            if now.since(last_sweep) >= datapath::conntrack::SWEEP_INTERVAL {
+                self.fwd
+                    .published
+                    .dp
+                    .conntrack
+                    .sweep(now, datapath::conntrack::SWEEP_BUDGET);
                 last_sweep = now;
             }
         }

@@ -98,6 +98,18 @@ fn describe() {
         "New connections dropped because the conntrack table was full"
     );
     describe_counter!(
+        "vswitch_conntrack_limit_drops_total",
+        "New connections dropped because their pod or namespace was at its connection limit"
+    );
+    describe_gauge!(
+        "vswitch_conntrack_pod_entries",
+        "Tracked connections opened by a pod"
+    );
+    describe_counter!(
+        "vswitch_conntrack_pod_limit_drops_total",
+        "New connections of a pod refused at its (or its namespace's) limit"
+    );
+    describe_counter!(
         "vswitch_policy_connections_total",
         "New connections by deciding policy rule and verdict (one per connection tuple per second)"
     );
@@ -170,6 +182,13 @@ pub fn collect(realiser: &Realiser, forwarder: &Forwarder) {
     gauge!("vswitch_conntrack_entries").set(s.conntrack_entries as f64);
     gauge!("vswitch_conntrack_max_entries").set(s.conntrack_max as f64);
     counter!("vswitch_conntrack_full_drops_total").absolute(s.conntrack_full_drops);
+    counter!("vswitch_conntrack_limit_drops_total").absolute(s.conntrack_limit_drops);
+    for (name, connections, _, refused) in realiser.conntrack_owners() {
+        if name.contains('/') {
+            gauge!("vswitch_conntrack_pod_entries", "pod" => name.clone()).set(connections as f64);
+            counter!("vswitch_conntrack_pod_limit_drops_total", "pod" => name).absolute(refused);
+        }
+    }
     counter!("vswitch_connection_events_lost_total").absolute(forwarder.events_lost());
     gauge!("vswitch_policy_generation").set(s.generation as f64);
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+use datapath::conntrack::Owner;
 use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, FlowKey, PortNo, Time};
 use policy::compile::{Change, Compiler, FlowDiff};
 use policy::cookie::{CookieKind, is_manual};
@@ -135,6 +136,12 @@ struct State {
     tunnel: Option<Arc<TunnelIo>>,
     /// Tunnel ports, one per other node with pods, kept across republication.
     peers: Vec<Peer>,
+    /// Connections a pod, and a namespace, may have open at once.
+    ct_limits: (usize, usize),
+    /// Conntrack owners of attached pods and their namespaces (kept across
+    /// publications: their counts are live connections).
+    owners: HashMap<ObjectKey, Arc<Owner>>,
+    ns_owners: HashMap<String, Arc<Owner>>,
 }
 
 impl State {
@@ -201,6 +208,42 @@ impl State {
             })
             .collect();
         self.peers = peers;
+    }
+
+    /// Who new connections are charged to: each attached pod (by its
+    /// addresses), within its namespace.
+    fn refresh_owners(&mut self, conntrack: &datapath::Conntrack) {
+        let (per_pod, per_ns) = self.ct_limits;
+        let mut owners = HashMap::new();
+        let mut ns_owners = HashMap::new();
+        let mut by_addr = HashMap::new();
+        for p in &self.topology.pods {
+            let ns = ns_owners
+                .entry(p.pod.namespace.clone())
+                .or_insert_with(|| {
+                    self.ns_owners
+                        .get(&p.pod.namespace)
+                        .filter(|o| o.limit == per_ns)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(Owner::new(p.pod.namespace.clone(), per_ns, None))
+                        })
+                })
+                .clone();
+            let owner = self
+                .owners
+                .get(&p.pod)
+                .filter(|o| o.limit == per_pod)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Owner::new(p.pod.to_string(), per_pod, Some(ns))));
+            for ip in &p.ips {
+                by_addr.insert(datapath::key::ip_to_wide(*ip), owner.clone());
+            }
+            owners.insert(p.pod.clone(), owner);
+        }
+        self.owners = owners;
+        self.ns_owners = ns_owners;
+        conntrack.set_owners(by_addr);
     }
 
     /// The port set packet threads will read.
@@ -290,6 +333,9 @@ impl Realiser {
                 unresolved: Vec::new(),
                 tunnel: None,
                 peers: Vec::new(),
+                ct_limits: (usize::MAX, usize::MAX),
+                owners: HashMap::new(),
+                ns_owners: HashMap::new(),
             }),
         })
     }
@@ -320,6 +366,7 @@ impl Realiser {
         let _span = tracing::debug_span!("publish").entered();
         let started = Instant::now();
         st.refresh_peers();
+        st.refresh_owners(&self.published.dp.conntrack);
         self.published.ports.store(Arc::new(st.port_set()));
         let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&st.topology)
             .into_iter()
@@ -664,6 +711,36 @@ impl Realiser {
     /// Marks pods attached from now on as running on `node` (own-node traffic).
     pub fn set_local_node(&self, node: &str) {
         self.state().local_node = Some(node.to_string());
+    }
+
+    /// How many connections one pod, and one namespace, may have tracked at
+    /// once (new ones beyond are dropped and counted as `ct_limit`); existing
+    /// connections keep working. Publishes.
+    ///
+    /// Fails when flows cannot be installed.
+    pub fn set_conntrack_limits(&self, per_pod: usize, per_namespace: usize) -> Result<u64, Error> {
+        let mut st = self.state();
+        st.ct_limits = (per_pod, per_namespace);
+        self.publish(&mut st)
+    }
+
+    /// Pods and namespaces with tracked connections or refusals: (name,
+    /// connections, limit, refused), pods first.
+    pub fn conntrack_owners(&self) -> Vec<(String, usize, usize, u64)> {
+        let st = self.state();
+        let row = |o: &Arc<Owner>| {
+            (
+                o.name.clone(),
+                o.count(),
+                o.limit,
+                o.refused.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+        let mut pods: Vec<_> = st.owners.values().map(row).collect();
+        let mut namespaces: Vec<_> = st.ns_owners.values().map(row).collect();
+        pods.sort();
+        namespaces.sort();
+        pods.into_iter().chain(namespaces).collect()
     }
 
     /// While sealed nothing is forwarded, from or to any port: what the switch

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use control::view::{
-    CacheView, ConnView, ConntrackView, Deleted, Directions, FlowView, HealthView, PortKind,
-    PortView, RealisationView, StatsView, TableView,
+    CacheView, ConnView, ConntrackView, CtOwnerView, Deleted, Directions, FlowView, HealthView,
+    PortKind, PortView, RealisationView, StatsView, TableView,
 };
 use control::{ConnFilter, Request, error_chain};
 
@@ -380,6 +380,19 @@ impl Daemon {
                 entries: s.conntrack_entries,
                 max: s.conntrack_max,
                 full_drops: s.conntrack_full_drops,
+                limit_drops: s.conntrack_limit_drops,
+                owners: self
+                    .realiser
+                    .conntrack_owners()
+                    .into_iter()
+                    .filter(|(_, n, _, refused)| *n > 0 || *refused > 0)
+                    .map(|(name, connections, limit, refused)| CtOwnerView {
+                        name,
+                        connections,
+                        limit,
+                        refused,
+                    })
+                    .collect(),
             },
             tables: tables
                 .into_iter()

@@ -36,7 +36,11 @@ struct Running {
 impl Running {
     /// A switch whose packet thread is named `name` (at most 15 bytes).
     fn new(name: &str) -> Running {
-        let switch = Realiser::new(Default::default());
+        Running::with(name, Default::default())
+    }
+
+    fn with(name: &str, config: datapath::DatapathConfig) -> Running {
+        let switch = Realiser::new(config);
         let forwarder = Forwarder::new(switch.published().clone());
         let thread = Some(forwarder.spawn(name, Duration::ZERO).unwrap());
         Running {
@@ -70,6 +74,10 @@ const B_IP: &str = "10.99.0.2";
 const C_IP: &str = "10.99.0.3";
 
 fn lab() -> Option<Lab> {
+    lab_with(Default::default())
+}
+
+fn lab_with(config: datapath::DatapathConfig) -> Option<Lab> {
     static N: AtomicU32 = AtomicU32::new(0);
     let id = format!(
         "vst{}{}",
@@ -80,7 +88,7 @@ fn lab() -> Option<Lab> {
     if !privileged(&format!("{id}x")) {
         return None;
     }
-    let running = Running::new(&format!("{id}p"));
+    let running = Running::with(&format!("{id}p"), config);
     let a = Netns::new(format!("{id}a"));
     let b = Netns::new(format!("{id}b"));
     let c = Netns::new(format!("{id}c"));
@@ -1474,4 +1482,57 @@ fn the_control_socket_is_root_only_and_bounded() {
     common::eventually("served again once connections close", || {
         common::ask(&socket, &control::Request::Health).is_ok()
     });
+}
+
+/// One pod opening connections as fast as it can must not deny other pods new
+/// connections: it is held to its own limit, the table keeps room for others.
+#[test]
+fn one_pod_cannot_exhaust_conntrack_for_the_others() {
+    let config = datapath::DatapathConfig {
+        conntrack: datapath::CtConfig {
+            max_entries: 300,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let Some(lab) = lab_with(config) else { return };
+    lab.running.switch.set_conntrack_limits(100, 250).unwrap();
+    serve_tcp(&lab.b, B_IP, 8080);
+    // c opens 400 connections (UDP, each from its own port): a flood. (One
+    // datagram first, so the kernel resolves b's address before the flood.)
+    lab.c.run(|| {
+        let s = UdpSocket::bind(format!("{C_IP}:0")).unwrap();
+        s.send_to(b"x", format!("{B_IP}:9999")).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let flood = lab.c.run(|| {
+        (0..400)
+            .map(|_| {
+                let s = UdpSocket::bind(format!("{C_IP}:0")).unwrap();
+                s.send_to(b"x", format!("{B_IP}:9999")).unwrap();
+                s
+            })
+            .collect::<Vec<_>>()
+    });
+    let c_port = || {
+        lab.running
+            .switch
+            .ports()
+            .into_iter()
+            .find(|p| matches!(&p.role, vswitch::realiser::PortRole::Pod(k) if k.name == "c"))
+            .unwrap()
+    };
+    eventually("c held to its limit", || {
+        c_port().counters.drop_count("ct_limit") >= 290
+    });
+    let owners = lab.running.switch.conntrack_owners();
+    let c = owners.iter().find(|o| o.0 == "test/c").unwrap();
+    assert_eq!(
+        (c.1, c.2),
+        (100, 100),
+        "c has exactly its limit: {owners:?}"
+    );
+    // a still opens connections, and the ones c has keep working.
+    assert!(tcp(&lab.a, B_IP, 8080), "another pod can still connect");
+    drop(flood);
 }

@@ -134,6 +134,23 @@ pub struct ConntrackView {
     pub max: usize,
     /// New connections dropped because the table was full.
     pub full_drops: u64,
+    /// New connections dropped because their pod or namespace was at its limit.
+    #[serde(default)]
+    pub limit_drops: u64,
+    /// Pods and namespaces holding connections or refused some.
+    #[serde(default)]
+    pub owners: Vec<CtOwnerView>,
+}
+
+/// A pod's or a namespace's share of the connection table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtOwnerView {
+    /// `namespace/pod`, or a namespace.
+    pub name: String,
+    pub connections: usize,
+    pub limit: usize,
+    /// New connections refused at the limit.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,12 @@ use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
 use crate::key::{FlowKey, PortNo, wide_to_ip};
 use crate::time::Time;
 
+/// How often packet threads sweep expired connections, and how many keys one
+/// sweep may visit: 655k expiries a second, more than the connection rate one
+/// node sustains, so the table and its wheel stay bounded under churn.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+pub const SWEEP_BUDGET: usize = 65_536;
+
 /// Timeouts and limits.
 #[derive(Clone, Debug)]
 pub struct CtConfig {
@@ -202,6 +208,8 @@ struct Conn {
     bytes: [u64; 2],
     /// `ct_mark`, set on commit.
     mark: u8,
+    /// Who it is charged to, when its originator has an owner.
+    charge: Option<Charge>,
 }
 
 /// A connection as `dump` reports it.
@@ -216,6 +224,8 @@ pub struct ConnInfo {
     /// Packets and bytes, original then reply direction.
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
+    /// Who it is charged to (see [`Owner`]).
+    pub owner: Option<String>,
 }
 
 impl std::fmt::Display for ConnInfo {
@@ -265,14 +275,98 @@ pub struct CtStats {
     pub lookups: AtomicU64,
     pub committed: AtomicU64,
     pub full_drops: AtomicU64,
+    /// New connections refused because their originator was at its limit.
+    pub limit_drops: AtomicU64,
     pub invalid: AtomicU64,
     pub expired: AtomicU64,
 }
 
-/// `commit` refused: the table is at `max_entries`.
+/// `commit` refused a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("conntrack table full ({0} entries)")]
-pub struct CtFull(pub usize);
+pub enum CtRefused {
+    /// The table is at `max_entries`.
+    #[error("conntrack table full ({0} entries)")]
+    Full(usize),
+    /// The originator (its pod or its namespace) has as many connections as
+    /// it may have.
+    #[error("connection limit of the originator reached")]
+    OverLimit,
+}
+
+/// Who a connection is charged to: a pod (by its addresses), within a group
+/// (its namespace). Counts are live connections; a connection that would
+/// take either past its limit is refused, so one tenant cannot fill the
+/// table for everyone.
+#[derive(Debug)]
+pub struct Owner {
+    /// What the owner is, for reports (`namespace/pod`, or the namespace).
+    pub name: String,
+    pub limit: usize,
+    count: AtomicUsize,
+    /// New connections refused because of this owner's limit (or its group's).
+    pub refused: AtomicU64,
+    group: Option<std::sync::Arc<Owner>>,
+}
+
+impl Owner {
+    /// An owner with `limit` connections, inside `group` when given.
+    pub fn new(name: String, limit: usize, group: Option<std::sync::Arc<Owner>>) -> Owner {
+        Owner {
+            name,
+            limit,
+            count: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            group,
+        }
+    }
+
+    /// Live connections charged to it.
+    pub fn count(&self) -> usize {
+        self.count.load(Relaxed)
+    }
+
+    fn has_room(&self) -> bool {
+        self.count() < self.limit && self.group.as_ref().is_none_or(|g| g.has_room())
+    }
+
+    fn take(&self) {
+        self.count.fetch_add(1, Relaxed);
+        if let Some(g) = &self.group {
+            g.take();
+        }
+    }
+
+    fn give_back(&self) {
+        self.count.fetch_sub(1, Relaxed);
+        if let Some(g) = &self.group {
+            g.give_back();
+        }
+    }
+}
+
+/// A connection's charge to its owner: taken when the connection is
+/// created, given back whenever the entry goes (expiry, flush, replacement).
+#[derive(Debug)]
+struct Charge(std::sync::Arc<Owner>);
+
+impl Charge {
+    fn new(owner: &std::sync::Arc<Owner>) -> Charge {
+        owner.take();
+        Charge(owner.clone())
+    }
+}
+
+impl Clone for Charge {
+    fn clone(&self) -> Charge {
+        Charge::new(&self.0)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.0.give_back();
+    }
+}
 
 /// The connection table, shared by all packet threads.
 #[derive(Debug)]
@@ -284,6 +378,8 @@ pub struct Conntrack {
     wheel: Mutex<BTreeMap<u64, Vec<CanonKey>>>,
     /// See [`Conntrack::set_trusted_error_ports`].
     trusted_error_ports: arc_swap::ArcSwap<Vec<PortNo>>,
+    /// Who new connections are charged to, by the originator's address.
+    owners: arc_swap::ArcSwap<std::collections::HashMap<[u8; 16], std::sync::Arc<Owner>>>,
     pub stats: CtStats,
 }
 
@@ -372,6 +468,7 @@ impl Conntrack {
             len: AtomicUsize::new(0),
             wheel: Mutex::new(BTreeMap::new()),
             trusted_error_ports: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            owners: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             stats: CtStats::default(),
         }
     }
@@ -418,6 +515,27 @@ impl Conntrack {
         let (ck, fwd) = inner.reverse().canon(zone);
         let conn = self.map.get(&ck)?;
         (conn.expires > now).then(|| (fwd == conn.orig_is_a, conn.mark))
+    }
+
+    /// Who connections from each address are charged to from now on
+    /// (connections already made keep their owner). Replaces the map.
+    pub fn set_owners(&self, owners: std::collections::HashMap<[u8; 16], std::sync::Arc<Owner>>) {
+        self.owners.store(std::sync::Arc::new(owners));
+    }
+
+    /// The charge for a new connection opened by `key`'s source; refused when
+    /// its owner (or the owner's group) is at its limit.
+    fn charge(&self, key: &FlowKey) -> Result<Option<Charge>, CtRefused> {
+        let owners = self.owners.load();
+        let Some(owner) = owners.get(&key.nw_src) else {
+            return Ok(None);
+        };
+        if !owner.has_room() {
+            owner.refused.fetch_add(1, Relaxed);
+            self.stats.limit_drops.fetch_add(1, Relaxed);
+            return Err(CtRefused::OverLimit);
+        }
+        Ok(Some(Charge::new(owner)))
     }
 
     /// Ports through which ICMP errors from routers (a third party to the
@@ -586,18 +704,15 @@ impl Conntrack {
                     ConnState::TcpSynRecv if orig && ack && !syn => ConnState::TcpEstablished,
                     ConnState::TcpSynRecv => return None,
                     ConnState::TcpTimeWait | ConnState::TcpClosed if orig && syn && !ack => {
-                        // Port reuse: a fresh connection replaces the dead one.
-                        *conn = Conn {
-                            state: ConnState::TcpSynSent,
-                            queued: conn.queued,
-                            fin_seen: [false; 2],
-                            replied: false,
-                            expires: (now + c.tcp_syn),
-                            created: now,
-                            packets: [1, 0],
-                            bytes: [len, 0],
-                            ..*conn
-                        };
+                        // Port reuse: a fresh connection replaces the dead one
+                        // (same ends, same charge).
+                        conn.state = ConnState::TcpSynSent;
+                        conn.fin_seen = [false; 2];
+                        conn.replied = false;
+                        conn.expires = now + c.tcp_syn;
+                        conn.created = now;
+                        conn.packets = [1, 0];
+                        conn.bytes = [len, 0];
                         return Some(TRK | NEW);
                     }
                     _ if syn => return None,
@@ -669,7 +784,7 @@ impl Conntrack {
     /// Creates the entry for this packet's connection in `zone` (no-op when it
     /// exists); `len` is the packet's length. Fails when the table is full;
     /// untrackable packets are ignored.
-    pub fn commit(&self, now: Time, zone: u16, key: &FlowKey, len: usize) -> Result<(), CtFull> {
+    pub fn commit(&self, now: Time, zone: u16, key: &FlowKey, len: usize) -> Result<(), CtRefused> {
         self.commit_marked(now, zone, key, len, None)
     }
 
@@ -682,7 +797,7 @@ impl Conntrack {
         key: &FlowKey,
         len: usize,
         mark: Option<u8>,
-    ) -> Result<(), CtFull> {
+    ) -> Result<(), CtRefused> {
         let Some(tuple) = Tuple::of(key) else {
             return Ok(());
         };
@@ -698,7 +813,7 @@ impl Conntrack {
             ip_proto::UDP => (ConnState::Unreplied, c.udp_first),
             _ => (ConnState::Unreplied, c.other),
         };
-        let fresh = Conn {
+        let fresh = |charge| Conn {
             orig_is_a: fwd,
             state,
             fin_seen: [false; 2],
@@ -709,11 +824,14 @@ impl Conntrack {
             packets: [1, 0],
             bytes: [len as u64, 0],
             mark: mark.unwrap_or(0),
+            charge,
         };
         match self.map.entry(ck) {
             dashmap::Entry::Occupied(mut e) => {
                 if e.get().expires <= now {
-                    *e.get_mut() = fresh;
+                    // The dead entry's charge is given back as it is replaced.
+                    let charge = self.charge(key)?;
+                    *e.get_mut() = fresh(charge);
                     self.schedule(ck, now + timeout);
                     self.stats.committed.fetch_add(1, Relaxed);
                 } else if let Some(m) = mark {
@@ -724,10 +842,11 @@ impl Conntrack {
             dashmap::Entry::Vacant(v) => {
                 if self.len.load(Relaxed) >= self.config.max_entries {
                     self.stats.full_drops.fetch_add(1, Relaxed);
-                    return Err(CtFull(self.config.max_entries));
+                    return Err(CtRefused::Full(self.config.max_entries));
                 }
+                let charge = self.charge(key)?;
                 self.len.fetch_add(1, Relaxed);
-                v.insert(fresh);
+                v.insert(fresh(charge));
                 self.schedule(ck, now + timeout);
                 self.stats.committed.fetch_add(1, Relaxed);
                 Ok(())
@@ -771,6 +890,16 @@ impl Conntrack {
         removed
     }
 
+    /// Keys waiting in the expiry wheel (bookkeeping, for tests and stats).
+    pub fn wheel_len(&self) -> usize {
+        self.wheel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
     /// Sweeps everything that is due.
     pub fn sweep_all(&self, now: Time) -> usize {
         self.sweep(now, usize::MAX)
@@ -799,6 +928,7 @@ impl Conntrack {
                     age: now.since(c.created),
                     packets: c.packets,
                     bytes: c.bytes,
+                    owner: c.charge.as_ref().map(|ch| ch.0.name.clone()),
                 }
             })
             .collect();
@@ -860,6 +990,7 @@ impl Conntrack {
                     packets: s.packets,
                     bytes: s.bytes,
                     mark: s.mark,
+                    charge: None,
                 });
                 self.len.fetch_add(1, Relaxed);
                 self.schedule(key, expires);
@@ -1072,6 +1203,93 @@ mod tests {
         assert_eq!(ct.lookup(Time::ZERO, 0, &ack, &f), TRK | INV, "gone");
     }
 
+    /// A million short connections opened and closed, on a virtual clock,
+    /// swept as packet threads sweep: the table and its expiry wheel stay
+    /// bounded (flat), they do not grow with the number of connections seen.
+    #[test]
+    fn a_million_open_close_cycles_leave_memory_flat() {
+        let ct = Conntrack::new(CtConfig {
+            max_entries: 1 << 20,
+            ..CtConfig::default()
+        });
+        let per_tick = 1000; // 10k connections a second at 10 ticks a second
+        let mut now = Time::from_secs(1);
+        let mut sizes = Vec::new();
+        // Keys built from templates (the frame is only read for ICMP errors).
+        let flags = ["S", "SA", "A", "FA", "FA"].map(|f| tcp(A, B, 1, 80, f).0);
+        for tick in 0..1000u32 {
+            for i in 0..per_tick {
+                let n = tick * per_tick + i;
+                let src = crate::key::ip_to_wide(std::net::IpAddr::from([
+                    10,
+                    1,
+                    (n >> 8) as u8,
+                    n as u8,
+                ]));
+                let sport = (n >> 16) as u16 + 1024;
+                for (step, template) in flags.iter().enumerate() {
+                    let mut k = *template;
+                    let from_client = step != 1 && step != 4;
+                    if from_client {
+                        (k.nw_src, k.tp_src) = (src, sport);
+                    } else {
+                        (k.nw_src, k.nw_dst, k.tp_src, k.tp_dst) = (k.nw_dst, src, 80, sport);
+                    }
+                    ct.lookup(now, 0, &k, &[]);
+                    if step == 0 {
+                        ct.commit(now, 0, &k, 60).unwrap();
+                    }
+                }
+            }
+            now = now + SWEEP_INTERVAL;
+            ct.sweep(now, SWEEP_BUDGET);
+            if tick % 100 == 99 {
+                sizes.push((ct.len(), ct.wheel_len()));
+            }
+        }
+        // TIME_WAIT lasts 30 s: at 10k a second, ~300k live, whatever the total.
+        let (len, wheel) = *sizes.last().unwrap();
+        assert!(len <= 310_000 && wheel <= 2 * 310_000, "{sizes:?}");
+        let (mid_len, mid_wheel) = sizes[4];
+        assert!(
+            len <= mid_len + mid_len / 20 && wheel <= mid_wheel + mid_wheel / 10,
+            "flat after the first 30 s: {sizes:?}"
+        );
+    }
+
+    #[test]
+    fn a_pod_and_its_namespace_are_held_to_their_limits() {
+        let ct = Conntrack::new(CtConfig::default());
+        let ns = std::sync::Arc::new(Owner::new("t".into(), 3, None));
+        let pod = |name: &str| std::sync::Arc::new(Owner::new(name.into(), 2, Some(ns.clone())));
+        let (a, c) = (pod("t/a"), pod("t/c"));
+        let wide = |ip: [u8; 4]| crate::key::ip_to_wide(ip.into());
+        const C: [u8; 4] = [10, 0, 0, 3];
+        ct.set_owners([(wide(A), a.clone()), (wide(C), c.clone())].into());
+        let open = |src, port| ct.commit(Time::ZERO, 0, &udp(src, B, port, 53).0, 60);
+        assert_eq!(open(A, 1), Ok(()));
+        assert_eq!(open(A, 2), Ok(()));
+        assert_eq!(open(A, 3), Err(CtRefused::OverLimit), "the pod's limit");
+        assert_eq!(open(C, 1), Ok(()));
+        assert_eq!(
+            open(C, 2),
+            Err(CtRefused::OverLimit),
+            "the namespace's limit"
+        );
+        assert_eq!(open(B, 9), Ok(()), "others are not held to t's limits");
+        assert_eq!((a.count(), c.count(), ns.count()), (2, 1, 3));
+        assert_eq!(a.refused.load(Relaxed), 1);
+        // Connections going give their room back.
+        assert_eq!(ct.flush_addresses(&[wide(A)]), 2);
+        assert_eq!((a.count(), ns.count()), (0, 1));
+        assert_eq!(open(C, 2), Ok(()));
+        // Existing connections keep working at the limit.
+        let (reply, f) = udp(B, A, 53, 1);
+        let _ = (reply, f);
+        assert_eq!(ct.sweep_all(Time::from_secs(100)), 3);
+        assert_eq!(ns.count(), 0);
+    }
+
     #[test]
     fn saved_connections_survive_into_a_new_table() {
         let ct = Conntrack::new(CtConfig::default());
@@ -1139,7 +1357,7 @@ mod tests {
         }
         assert_eq!(
             ct.commit(Time::ZERO, 0, &udp(A, B, 3, 9).0, 60),
-            Err(CtFull(2))
+            Err(CtRefused::Full(2))
         );
         assert_eq!(
             ct.commit(Time::ZERO, 0, &udp(A, B, 1, 9).0, 60),

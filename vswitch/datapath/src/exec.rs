@@ -10,6 +10,7 @@
 //! once.
 
 use crate::classify::FlowId;
+use crate::conntrack::CtRefused;
 use crate::field::{Field, MatchKey};
 use crate::flow::TableId;
 use crate::key::{FlowKey, PortNo};
@@ -28,8 +29,8 @@ pub(crate) trait Translate {
 pub(crate) trait Execute {
     /// A packet field was rewritten (the key already holds the new value).
     fn rewrite(&mut self, key: &FlowKey, field: Field, value: u128);
-    /// `ct(commit)`: create the connection; `false` when the table is full.
-    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> bool;
+    /// `ct(commit)`: create the connection, or say why not.
+    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> Result<(), CtRefused>;
     /// `ct(table=N)`: the packet's `(ct_state, ct_mark)` in `zone`.
     fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8);
 }
@@ -44,8 +45,8 @@ pub(crate) struct Ran {
     pub punt: bool,
     /// A connection was committed.
     pub committed: bool,
-    /// A commit was refused: the conntrack table is full.
-    pub ct_full: bool,
+    /// A commit was refused (the table is full, or the originator at its limit).
+    pub ct_refused: Option<CtRefused>,
 }
 
 /// Runs `packet` through the pipeline: pass after pass, conntrack between them,
@@ -67,7 +68,7 @@ pub(crate) fn run<T: Translate, E: Execute>(
         end: End::Done,
         punt: false,
         committed: false,
-        ct_full: false,
+        ct_refused: None,
     };
     for _ in 0..MAX_PASSES {
         let x = t.translate(&key, stage);
@@ -84,10 +85,9 @@ pub(crate) fn run<T: Translate, E: Execute>(
                     fields_rewritten = true;
                 }
                 DpAction::Commit { zone, mark } => {
-                    if e.commit(zone, mark, rewritten.as_ref().unwrap_or(packet)) {
-                        ran.committed = true;
-                    } else {
-                        ran.ct_full = true;
+                    match e.commit(zone, mark, rewritten.as_ref().unwrap_or(packet)) {
+                        Ok(()) => ran.committed = true,
+                        Err(why) => ran.ct_refused = Some(why),
                     }
                 }
                 DpAction::Recirc { zone, table } => recirc = Some((zone, table)),

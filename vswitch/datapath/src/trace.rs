@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::classify::{FlowId, Hit};
 use crate::conntrack::Conntrack;
+use crate::conntrack::CtRefused;
 use crate::exec::{self, Execute, Translate};
 use crate::field::{Field, MatchKey};
 use crate::flow::{FlowEntry, TableId};
@@ -151,9 +152,9 @@ struct Observed<'a> {
 impl Execute for Observed<'_> {
     fn rewrite(&mut self, _: &FlowKey, _: Field, _: u128) {}
 
-    fn commit(&mut self, zone: u16, _: Option<u8>, _: &FlowKey) -> bool {
+    fn commit(&mut self, zone: u16, _: Option<u8>, _: &FlowKey) -> Result<(), CtRefused> {
         self.commits.push(zone);
-        true
+        Ok(())
     }
 
     fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {

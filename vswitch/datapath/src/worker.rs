@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
-use crate::conntrack::{Conntrack, CtConfig};
+use crate::conntrack::{Conntrack, CtConfig, CtRefused};
 use crate::exec::{self, Execute, Translate};
 use crate::field::{Field, MatchKey, ether_type};
 use crate::flow::{FlowEntry, TableId};
@@ -39,15 +39,18 @@ pub enum DropReason {
     LoopLimit,
     /// The conntrack table was full when committing a new connection.
     CtFull,
+    /// The connection's originator (pod or namespace) was at its limit.
+    CtLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::Malformed,
         DropReason::NoMatch,
         DropReason::Flow,
         DropReason::LoopLimit,
         DropReason::CtFull,
+        DropReason::CtLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl DropReason {
             DropReason::Flow => "flow",
             DropReason::LoopLimit => "loop_limit",
             DropReason::CtFull => "ct_full",
+            DropReason::CtLimit => "ct_limit",
         }
     }
 
@@ -164,6 +168,8 @@ pub struct DatapathStats {
     pub conntrack_entries: usize,
     pub conntrack_max: usize,
     pub conntrack_full_drops: u64,
+    /// New connections refused because their originator was at its limit.
+    pub conntrack_limit_drops: u64,
     /// Packets that matched no flow in a table, for tables with any.
     pub table_misses: Vec<(TableId, u64)>,
 }
@@ -319,6 +325,7 @@ impl Datapath {
             conntrack_entries: self.conntrack.len(),
             conntrack_max: self.conntrack.config().max_entries,
             conntrack_full_drops: self.conntrack.stats.full_drops.load(Relaxed),
+            conntrack_limit_drops: self.conntrack.stats.limit_drops.load(Relaxed),
             table_misses: (0..=TableId::MAX)
                 .filter_map(|t| {
                     let n: u64 = workers
@@ -472,8 +479,11 @@ impl Worker {
             now,
         };
         let ran = exec::run(&mut cached, &mut live, key, outputs);
-        let reason = if ran.ct_full {
-            Some(DropReason::CtFull)
+        let reason = if let Some(why) = ran.ct_refused {
+            Some(match why {
+                CtRefused::Full(_) => DropReason::CtFull,
+                CtRefused::OverLimit => DropReason::CtLimit,
+            })
         } else if ran.end == End::LoopLimit {
             Some(DropReason::LoopLimit)
         } else if outputs.is_empty() && !ran.punt {
@@ -548,10 +558,9 @@ impl Execute for Live<'_> {
         rewrite(self.frame, key, field, value);
     }
 
-    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> bool {
+    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> Result<(), CtRefused> {
         self.conntrack
             .commit_marked(self.now, zone, key, self.frame.len(), mark)
-            .is_ok()
     }
 
     fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {
