@@ -117,6 +117,14 @@ impl Daemon {
             forwarder,
             records: Mutex::new(Vec::new()),
         });
+        for r in daemon.state.load_ports() {
+            match daemon.attach(&r) {
+                Ok(()) => tracing::info!(port = %r, "reattached"),
+                Err(e) => tracing::warn!("cannot reattach {r}: {e}"),
+            }
+        }
+        // After the ports: attaching a port forgets its address's connections
+        // (it may have changed hands); the saved ones are the same pods'.
         let (conns, down_ms) = daemon.state.take_conntrack();
         if !conns.is_empty() {
             let n = daemon
@@ -125,12 +133,6 @@ impl Daemon {
                 .conntrack
                 .import(daemon.realiser.now(), conns);
             tracing::info!(connections = n, down_ms, "conntrack restored");
-        }
-        for r in daemon.state.load_ports() {
-            match daemon.attach(&r) {
-                Ok(()) => tracing::info!(port = %r, "reattached"),
-                Err(e) => tracing::warn!("cannot reattach {r}: {e}"),
-            }
         }
         Ok(daemon)
     }

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use datapath::{Datapath, FlowKey, PortNo, Time, Worker};
 use smallvec::SmallVec;
 
-use crate::port::{BUFFER, Port, PortCounters, PortDrop, Sent, Tx};
+use crate::port::{BUFFER, HEADROOM, Port, PortCounters, PortDrop, Sent, Tx};
 use crate::sys;
 
 /// Frames read from one port before moving to the next.
@@ -175,6 +175,22 @@ impl Forwarder {
     }
 }
 
+/// Writes `tx` to every port of `outputs`, counting what each port did with it.
+fn send_all(ports: &PortSet, outputs: &[PortNo], tx: &mut Tx<'_>) {
+    let len = tx.end - tx.start;
+    for &out in outputs {
+        let Some((endpoint, to)) = ports.get(out) else {
+            continue;
+        };
+        match endpoint.io.send(out, tx) {
+            Ok(Sent::Ok) => to.sent(len),
+            Ok(Sent::Full) => to.port_drop(PortDrop::TxFull),
+            Ok(Sent::OffloadMismatch) => to.port_drop(PortDrop::OffloadMismatch),
+            Ok(Sent::NoRoute) | Err(_) => to.port_drop(PortDrop::TxError),
+        }
+    }
+}
+
 /// One packet thread: a datapath worker and a frame buffer.
 #[derive(Debug)]
 pub struct Lane {
@@ -265,7 +281,30 @@ impl Lane {
         if verdict.committed {
             self.fwd.emit(verdict.key, true);
         }
+        if verdict.held {
+            return;
+        }
         let outputs: SmallVec<[PortNo; 4]> = verdict.outputs.iter().copied().collect();
+        if !verdict.fragments.is_empty() {
+            // A reassembled datagram was decided: its fragments go out, each
+            // on its own (they need no offload header, and get a blank one).
+            for fragment in verdict.fragments {
+                let end = HEADROOM + fragment.len();
+                if end > self.buf.len() {
+                    continue;
+                }
+                self.buf[HEADROOM..end].copy_from_slice(fragment);
+                let mut tx = Tx {
+                    buf: &mut self.buf,
+                    start: HEADROOM,
+                    end,
+                    offloaded: false,
+                    header_intact: false,
+                };
+                send_all(ports, &outputs, &mut tx);
+            }
+            return;
+        }
         let mut tx = Tx {
             buf: &mut self.buf,
             start,
@@ -273,17 +312,7 @@ impl Lane {
             offloaded,
             header_intact: hdr > 0,
         };
-        for out in outputs {
-            let Some((endpoint, to)) = ports.get(out) else {
-                continue;
-            };
-            match endpoint.io.send(out, &mut tx) {
-                Ok(Sent::Ok) => to.sent(end - start),
-                Ok(Sent::Full) => to.port_drop(PortDrop::TxFull),
-                Ok(Sent::OffloadMismatch) => to.port_drop(PortDrop::OffloadMismatch),
-                Ok(Sent::NoRoute) | Err(_) => to.port_drop(PortDrop::TxError),
-            }
-        }
+        send_all(ports, &outputs, &mut tx);
     }
 
     /// The packet thread: waits on every published port, services the ready

@@ -175,6 +175,16 @@ pub fn if_nametoindex(name: &str) -> Option<u32> {
 /// thread's network namespace) through an AF_PACKET socket: how a pod could try
 /// to spoof addresses.
 pub fn send_raw(ifname: &str, frame: &[u8]) -> io::Result<()> {
+    send_raw_all(ifname, [frame])
+}
+
+/// Like [`send_raw`], many frames through one socket (closing an AF_PACKET
+/// socket waits for an RCU grace period: one per frame would take milliseconds
+/// each).
+pub fn send_raw_all<F: AsRef<[u8]>>(
+    ifname: &str,
+    frames: impl IntoIterator<Item = F>,
+) -> io::Result<()> {
     let index = if_nametoindex(ifname)
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no device {ifname}")))?;
     // SAFETY: socket has no memory preconditions.
@@ -182,31 +192,33 @@ pub fn send_raw(ifname: &str, frame: &[u8]) -> io::Result<()> {
         check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` was just returned by socket and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value to start from.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = index as i32;
-    addr.sll_halen = 6;
-    if frame.len() >= 6 {
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+    for frame in frames {
+        let frame = frame.as_ref();
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value to start from.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = index as i32;
+        addr.sll_halen = 6;
+        if frame.len() >= 6 {
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        }
+        // SAFETY: `frame` and `addr` are valid for the call; the length passed is the
+        // size of the sockaddr_ll we pass.
+        let n = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
-    // SAFETY: `frame` and `addr` are valid for the call; the length passed is the
-    // size of the sockaddr_ll we pass.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    Ok(())
 }
 
 /// An inotify instance (non-blocking): wakes the manifest watcher on edits.

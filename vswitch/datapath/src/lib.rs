@@ -13,6 +13,7 @@ pub mod conntrack;
 mod exec;
 pub mod field;
 pub mod flow;
+pub mod ipf;
 pub mod key;
 pub mod ofctl;
 pub mod pipeline;

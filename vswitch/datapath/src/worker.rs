@@ -19,8 +19,9 @@ use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
 use crate::conntrack::{Conntrack, CtConfig, CtRefused};
 use crate::exec::{self, Execute, Translate};
-use crate::field::{Field, MatchKey, ether_type};
+use crate::field::{FRAG_ANY, Field, MatchKey, ether_type};
 use crate::flow::{FlowEntry, TableId};
+use crate::ipf::{Added, Ipf, IpfConfig};
 use crate::key::{FlowKey, PortNo, parse};
 use crate::pipeline::{End, Silent, Xlate, xlate};
 use crate::table::{FlowTables, Snapshot};
@@ -41,16 +42,20 @@ pub enum DropReason {
     CtFull,
     /// The connection's originator (pod or namespace) was at its limit.
     CtLimit,
+    /// A fragment that cannot be reassembled (overlapping, too small, past a
+    /// memory limit) or a datagram that did not complete in time.
+    Fragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::Malformed,
         DropReason::NoMatch,
         DropReason::Flow,
         DropReason::LoopLimit,
         DropReason::CtFull,
         DropReason::CtLimit,
+        DropReason::Fragment,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +66,7 @@ impl DropReason {
             DropReason::LoopLimit => "loop_limit",
             DropReason::CtFull => "ct_full",
             DropReason::CtLimit => "ct_limit",
+            DropReason::Fragment => "fragment",
         }
     }
 
@@ -86,6 +92,12 @@ pub struct Verdict<'a> {
     pub policy: bool,
     /// The frame started a connection (conntrack committed it as new).
     pub committed: bool,
+    /// A fragment kept until its datagram is whole: nothing to send yet, not
+    /// a drop.
+    pub held: bool,
+    /// The frame completed a fragmented datagram, decided as a whole: these
+    /// frames (its fragments, in order) go to the outputs instead of it.
+    pub fragments: &'a [Vec<u8>],
 }
 
 /// One flow's counters in one worker. Single writer (the worker).
@@ -141,6 +153,8 @@ pub struct DatapathConfig {
     pub conntrack: CtConfig,
     /// Tables whose drops are policy decisions ([`Verdict::policy`]).
     pub policy_tables: Vec<TableId>,
+    /// Fragment reassembly limits (per worker).
+    pub ipf: IpfConfig,
 }
 
 impl Default for DatapathConfig {
@@ -149,6 +163,7 @@ impl Default for DatapathConfig {
             cache_entries: 8192,
             conntrack: CtConfig::default(),
             policy_tables: Vec::new(),
+            ipf: IpfConfig::default(),
         }
     }
 }
@@ -365,6 +380,7 @@ impl Datapath {
             cache: MicroflowCache::new(self.config.cache_entries),
             outputs: Vec::with_capacity(256),
             key: FlowKey::default(),
+            ipf: Ipf::new(self.config.ipf.clone()),
         }
     }
 }
@@ -380,6 +396,8 @@ pub struct Worker {
     outputs: Vec<PortNo>,
     /// The key of the frame being processed.
     key: FlowKey,
+    /// Fragments waiting for the rest of their datagram.
+    ipf: Ipf,
 }
 
 impl Drop for Worker {
@@ -457,12 +475,43 @@ impl Worker {
             cache,
             outputs,
             key,
+            ipf,
         } = self;
         outputs.clear();
         let len = frame.len() as u64;
         bump(&cell.packets, 1);
         bump(&cell.bytes, len);
         *key = parse(in_port, frame);
+        let mut fragments: &[Vec<u8>] = &[];
+        let mut frame = frame;
+        if key.nw_frag & FRAG_ANY != 0 && key.is_ip() {
+            // A fragment: held until its datagram is whole, which is then
+            // decided as one packet; its fragments are what is delivered.
+            match ipf.add(now, in_port, frame) {
+                Added::Held => {
+                    return Verdict {
+                        outputs,
+                        key,
+                        punt: false,
+                        drop: None,
+                        decided_by: None,
+                        policy: false,
+                        committed: false,
+                        held: true,
+                        fragments: &[],
+                    };
+                }
+                Added::Dropped(_) => {
+                    return drop_verdict(cell, snap, dp, outputs, key, DropReason::Fragment, None);
+                }
+                Added::Complete => {
+                    let (datagram, held) = ipf.completed();
+                    *key = parse(in_port, datagram);
+                    frame = datagram;
+                    fragments = held;
+                }
+            }
+        }
         if !key.flags.is_clean() {
             return drop_verdict(cell, snap, dp, outputs, key, DropReason::Malformed, None);
         }
@@ -503,6 +552,17 @@ impl Worker {
         if ran.punt {
             bump(&cell.punts, 1);
         }
+        // The fragments leave with the datagram's (possibly rewritten) MACs.
+        let fragments: &[Vec<u8>] = if fragments.is_empty() {
+            &[]
+        } else {
+            let macs: [u8; 12] = live.frame[..12].try_into().expect("an Ethernet header");
+            let (_, held) = ipf.completed();
+            for f in held.iter_mut() {
+                f[..12].copy_from_slice(&macs);
+            }
+            ipf.fragments()
+        };
         Verdict {
             outputs,
             key,
@@ -511,6 +571,8 @@ impl Worker {
             decided_by: None,
             policy: false,
             committed: ran.committed,
+            held: false,
+            fragments,
         }
     }
 }
@@ -592,6 +654,8 @@ fn drop_verdict<'a>(
         decided_by,
         policy,
         committed: false,
+        held: false,
+        fragments: &[],
     }
 }
 
