@@ -448,7 +448,27 @@ fn nothing_is_forwarded_until_every_kind_is_listed() {
     }
     let api = ApiServer::start();
     api.apply(Kind::Namespace, ns("t", json!({})));
-    api.apply(Kind::Node, node("node-a", "192.0.2.1", "10.62.0.0/24"));
+    // What real clusters send: a Node with name-typed addresses (every cloud
+    // provider sets them), and a host-network pod (it is its node: its
+    // "podIP" is the node's address, and a policy selecting it must not put a
+    // default deny on that address).
+    let mut n = node("node-a", "192.0.2.1", "10.62.0.0/24");
+    n["status"]["addresses"] = json!([
+        {"type": "Hostname", "address": "node-a"},
+        {"type": "InternalDNS", "address": "node-a.internal"},
+        {"type": "ExternalDNS", "address": "node-a.example.com"},
+        {"type": "InternalIP", "address": "192.0.2.1"},
+    ]);
+    api.apply(Kind::Node, n);
+    let mut proxy = pod(
+        "t",
+        "proxy",
+        json!({"app": "server"}),
+        "node-a",
+        "192.0.2.1",
+    );
+    proxy["spec"]["hostNetwork"] = json!(true);
+    api.apply(Kind::Pod, proxy);
     api.apply(
         Kind::Pod,
         pod("t", "a", json!({"app": "client"}), "node-a", "10.62.0.1"),
@@ -482,6 +502,17 @@ fn nothing_is_forwarded_until_every_kind_is_listed() {
         .expect("attach");
     }
     common::eventually("ready", || node.ready());
+    assert!(
+        node.flows_mentioning("192.0.2.1")
+            .iter()
+            .all(|f| !f.contains("priority=200")),
+        "no default deny on the node's address: {:?}",
+        node.flows_mentioning("192.0.2.1")
+    );
+    assert!(
+        !node.flows_mentioning("192.0.2.1").is_empty(),
+        "the Node (with its DNS-name addresses) was accepted: own-node traffic flows"
+    );
     common::serve_tcp(&nb, "10.62.0.2", 80);
     common::serve_tcp(&na, "10.62.0.1", 80);
     common::eventually("b reaches a", || common::tcp(&nb, "10.62.0.1", 80));
