@@ -24,21 +24,24 @@ use crate::sys;
 /// Frames read from one port before moving to the next.
 pub const BATCH: usize = 64;
 
-/// One I/O endpoint of a port set, and the switch port it is (`None`: it
-/// serves several, and says which on every frame).
+/// One I/O endpoint of a port set, and the switch port it is with its
+/// counters (`None`: it serves several, and says which on every frame).
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub io: Arc<dyn Port>,
-    pub own: Option<PortNo>,
+    pub own: Option<(PortNo, Arc<PortCounters>)>,
 }
+
+/// Switch port -> (endpoint index, counters): looked up per output, so a fast
+/// hash (port numbers are ours, not an attacker's).
+pub type PortMap = HashMap<PortNo, (usize, Arc<PortCounters>), foldhash::fast::FixedState>;
 
 /// The ports as published: what packet threads read and write. Immutable;
 /// the realiser publishes a new one, before the flows that name its ports.
 #[derive(Debug, Default)]
 pub struct PortSet {
     pub endpoints: Vec<Endpoint>,
-    /// Switch port -> (endpoint index, counters).
-    pub ports: HashMap<PortNo, (usize, Arc<PortCounters>)>,
+    pub ports: PortMap,
 }
 
 impl PortSet {
@@ -220,8 +223,8 @@ impl Lane {
     /// flows the worker runs can name).
     fn service(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
         let endpoint = &ports.endpoints[i];
-        let own = endpoint.own.and_then(|p| ports.get(p)).map(|(_, c)| c);
-        if own.is_some_and(|c| !c.is_up()) {
+        let own = endpoint.own.as_ref();
+        if own.is_some_and(|(_, c)| !c.is_up()) {
             return 0;
         }
         let mut n = 0;
@@ -229,18 +232,20 @@ impl Lane {
             match endpoint.io.recv(&mut self.buf) {
                 Ok(Some(rx)) => {
                     n += 1;
-                    let Some(in_port) = rx.in_port.or(endpoint.own) else {
-                        continue;
-                    };
-                    let Some((_, counters)) = ports.get(in_port) else {
-                        continue;
+                    let (in_port, counters) = match (rx.in_port, own) {
+                        (None, Some((p, c))) => (*p, &**c),
+                        (Some(p), _) => match ports.get(p) {
+                            Some((_, c)) => (p, c),
+                            None => continue,
+                        },
+                        (None, None) => continue,
                     };
                     counters.received(rx.end - rx.start);
                     self.forward(out, now, in_port, counters, rx);
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    if let Some(c) = own {
+                    if let Some((_, c)) = own {
                         c.port_drop(PortDrop::RxError);
                         // A device that is gone (EBADFD, EIO: a pod deleted its
                         // interface) stays readable forever: stop polling it.
@@ -338,10 +343,7 @@ impl Lane {
                 for (i, e) in current.endpoints.iter().enumerate() {
                     // A port that is down is not polled: its dead fd would be
                     // ready (an error) on every wait.
-                    let up = e
-                        .own
-                        .and_then(|p| current.get(p))
-                        .is_none_or(|(_, c)| c.is_up());
+                    let up = e.own.as_ref().is_none_or(|(_, c)| c.is_up());
                     if let (Some(fd), true) = (e.io.fd(), up) {
                         let _ = epoll.add(fd, i as u64);
                     }
@@ -377,7 +379,7 @@ impl Lane {
                     self.service(&polled_ports, i, &out, now);
                     went_down |= polled_ports.endpoints[i]
                         .own
-                        .and_then(|p| polled_ports.get(p))
+                        .as_ref()
                         .is_some_and(|(_, c)| !c.is_up());
                 }
             }

@@ -254,7 +254,7 @@ impl State {
                 .insert(l.no, (set.endpoints.len(), l.counters.clone()));
             set.endpoints.push(IoEndpoint {
                 io: l.io.clone(),
-                own: Some(l.no),
+                own: Some((l.no, l.counters.clone())),
             });
         }
         if let Some(tunnel) = &self.tunnel {
@@ -943,6 +943,44 @@ mod tests {
         assert!(matches!(st.free_port(), Err(Error::NoFreePort(_))));
         st.locals.remove(100);
         assert_eq!(st.free_port().unwrap(), PortNo(101));
+    }
+
+    /// When a pod's object is deleted, or its address changes, every tracked
+    /// connection of the address is forgotten (a remote pod's too).
+    #[test]
+    fn deleted_and_readdressed_pods_lose_their_connections() {
+        use datapath::FlowKey;
+        let r = Realiser::new(DatapathConfig::default());
+        let pod = |name: &str, ip: [u8; 4]| Pod {
+            key: ObjectKey::new("t", name),
+            labels: Default::default(),
+            ips: vec![IpAddr::from(ip)],
+            node: Some("elsewhere".into()),
+            ports: vec![],
+        };
+        r.apply_all([
+            Change::Pod(pod("x", [10, 1, 0, 1])),
+            Change::Pod(pod("y", [10, 1, 0, 2])),
+        ])
+        .unwrap();
+        let ct = &r.datapath().conntrack;
+        let conn = |src: [u8; 4]| FlowKey {
+            dl_type: 0x0800,
+            nw_proto: 17,
+            nw_src: datapath::key::ip_to_wide(IpAddr::from(src)),
+            nw_dst: datapath::key::ip_to_wide(IpAddr::from([10, 0, 0, 9])),
+            tp_src: 1000,
+            tp_dst: 53,
+            ..FlowKey::default()
+        };
+        for src in [[10, 1, 0, 1], [10, 1, 0, 2]] {
+            ct.commit(r.now(), 1, &conn(src), 60).unwrap();
+        }
+        r.apply(Change::PodDeleted(ObjectKey::new("t", "x")))
+            .unwrap();
+        assert_eq!(ct.len(), 1, "x's connection is forgotten");
+        r.apply(Change::Pod(pod("y", [10, 1, 0, 3]))).unwrap();
+        assert_eq!(ct.len(), 0, "y's old address's connection is forgotten");
     }
 
     #[test]
