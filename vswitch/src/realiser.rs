@@ -639,6 +639,13 @@ impl Realiser {
         locals.chain(tunnels).collect()
     }
 
+    /// The port of pod `pod`, when it is attached.
+    pub fn port_of(&self, pod: &ObjectKey) -> Option<PortInfo> {
+        self.ports()
+            .into_iter()
+            .find(|p| matches!(&p.role, PortRole::Pod(k) if k == pod))
+    }
+
     /// Datagrams the tunnel rejected (not VXLAN, another VNI, an unknown
     /// node), and frames it dropped for an inconsistent virtio-net header.
     pub fn tunnel_rejected(&self) -> (u64, u64) {

@@ -109,23 +109,7 @@ fn plug(running: &Running, id: &str, ns: &Netns, name: &str, addr: &str, last: u
     let dev = format!("{id}{name}");
     let mac = [0x0a, 0x58, 10, 99, 0, last];
     let tap = Tap::open(&dev, false).unwrap();
-    ip(&["link", "set", &dev, "netns", &ns.0]);
-    let mac_text = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    ip(&["-n", &ns.0, "link", "set", &dev, "address", &mac_text]);
-    ip(&[
-        "-n",
-        &ns.0,
-        "addr",
-        "add",
-        &format!("{addr}/24"),
-        "dev",
-        &dev,
-    ]);
-    ip(&["-n", &ns.0, "link", "set", &dev, "up"]);
+    common::place_in(ns, &dev, mac, &format!("{addr}/24"));
     let key = ObjectKey::new("test", name);
     running
         .switch
@@ -650,7 +634,7 @@ fn upstream_cases_over_real_traffic() {
         let tap = Tap::open(&name, false).unwrap();
         let key: ObjectKey = key.parse().unwrap();
         let mac = policy::pipeline::pod_mac(&key, &[ip]);
-        ip_cmd_setup(&ns, &name, mac, &format!("{ip}/16"));
+        common::place_in(&ns, &name, mac, &format!("{ip}/16"));
         running
             .switch
             .attach(Arc::new(TapPort(tap)), key.clone(), mac, vec![ip])
@@ -791,21 +775,6 @@ fn upstream_cases_over_real_traffic() {
         failures.join("\n")
     );
     eprintln!("{cases_run} upstream cases, {checked} pairs over real traffic");
-}
-
-fn ip_cmd_setup(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
-    ip(&["link", "set", dev, "netns", &ns.0]);
-    ip(&[
-        "-n",
-        &ns.0,
-        "link",
-        "set",
-        dev,
-        "address",
-        &control::Mac(mac).to_string(),
-    ]);
-    ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
-    ip(&["-n", &ns.0, "link", "set", dev, "up"]);
 }
 
 #[test]
@@ -1373,9 +1342,7 @@ fn a_pod_that_deletes_its_interface_costs_nothing() {
     let port_c = || {
         lab.running
             .switch
-            .ports()
-            .into_iter()
-            .find(|p| matches!(&p.role, vswitch::realiser::PortRole::Pod(k) if k.name == "c"))
+            .port_of(&ObjectKey::new("test", "c"))
             .unwrap()
     };
     eventually("c's port is down", || !port_c().counters.is_up());
@@ -1519,9 +1486,7 @@ fn one_pod_cannot_exhaust_conntrack_for_the_others() {
     let c_port = || {
         lab.running
             .switch
-            .ports()
-            .into_iter()
-            .find(|p| matches!(&p.role, vswitch::realiser::PortRole::Pod(k) if k.name == "c"))
+            .port_of(&ObjectKey::new("test", "c"))
             .unwrap()
     };
     eventually("c held to its limit", || {

@@ -490,6 +490,11 @@ pub fn send_raw(ns: &Netns, dev: String, frame: Vec<u8>) {
 /// attaches it by (namespace path, name).
 pub fn tap_in(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
     drop(vswitch::Tap::open(dev, true).expect("create TAP"));
+    place_in(ns, dev, mac, cidr);
+}
+
+/// Moves device `dev` into `ns` as a pod's interface: `mac`, address `cidr`, up.
+pub fn place_in(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
     ip(&["link", "set", dev, "netns", &ns.0]);
     ip(&[
         "-n",
