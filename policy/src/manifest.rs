@@ -209,23 +209,67 @@ fn static_kind(kind: &str) -> &'static str {
     }
 }
 
-/// Deserializes into an API type, naming the field that does not fit.
-fn typed<T: DeserializeOwned>(kind: &str, object: &str, v: Value) -> Result<T, Error> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        Error::Invalid {
-            kind: static_kind(kind),
-            object: object.to_string(),
-            source: FieldError::new(
-                if path == "." {
-                    "(document)".into()
-                } else {
-                    path
-                },
-                e.inner().to_string(),
-            ),
+/// Deserializes into an API type, naming the field that does not fit. A field
+/// the API type does not have is an error too, as kubectl's strict field
+/// validation makes it: a misspelled `podSelectr` would otherwise be dropped
+/// and the policy would select every pod of its namespace.
+fn typed<T: DeserializeOwned + serde::Serialize>(
+    kind: &str,
+    object: &str,
+    v: Value,
+) -> Result<T, Error> {
+    let invalid = |path: String, message: String| Error::Invalid {
+        kind: static_kind(kind),
+        object: object.to_string(),
+        source: FieldError::new(
+            if path == "." || path.is_empty() {
+                "(document)".into()
+            } else {
+                path
+            },
+            message,
+        ),
+    };
+    let typed: T = serde_path_to_error::deserialize(v.clone())
+        .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+    let known = serde_json::to_value(&typed).unwrap_or(Value::Null);
+    if let Some(path) = unknown_field(&v, &known, String::new()) {
+        return Err(invalid(
+            path,
+            "unknown field (is it misspelled?): the object is rejected rather than read without it"
+                .into(),
+        ));
+    }
+    Ok(typed)
+}
+
+/// The path of the first field of `given` that `known` (the same object read
+/// into its API type and written back) does not have.
+fn unknown_field(given: &Value, known: &Value, at: String) -> Option<String> {
+    let join = |key: &str| {
+        if at.is_empty() {
+            key.to_string()
+        } else {
+            format!("{at}.{key}")
         }
-    })
+    };
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, gv)| {
+            if gv.is_null() {
+                return None;
+            }
+            match k.get(key) {
+                None => Some(join(key)),
+                Some(kv) => unknown_field(gv, kv, join(key)),
+            }
+        }),
+        (Value::Array(g), Value::Array(k)) => g
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, format!("{at}[{i}]"))),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +280,45 @@ mod tests {
         let mut m = Manifests::default();
         load_str(&mut m, Path::new("test.yaml"), text);
         m
+    }
+
+    #[test]
+    fn a_misspelled_field_rejects_the_object_instead_of_widening_it() {
+        for (text, field) in [
+            (
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelectr: {matchLabels: {app: db}}\n  policyTypes: [Ingress]\n",
+                "spec.podSelectr",
+            ),
+            (
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabel: {app: db}}\n  policyTypes: [Ingress]\n",
+                "spec.podSelector.matchLabel",
+            ),
+            (
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress: [{from: [{podSelector: {}}], prots: [{port: 80}]}]\n",
+                "spec.ingress[0].prots",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x, lables: {app: db}}\n",
+                "metadata.lables",
+            ),
+        ] {
+            let m = load_text(text);
+            assert!(
+                m.policies.is_empty() && m.pods.is_empty(),
+                "{field}: not loaded"
+            );
+            let e = chain(&m.errors[0]);
+            assert!(
+                e.contains("test.yaml") && e.contains("document 1") && e.contains(field),
+                "{e}"
+            );
+        }
+        // Every field the API has is fine, nulls included.
+        let m = load_text(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x, labels: null, annotations: {a: b}}\nspec:\n  podSelector: {matchLabels: {app: db}, matchExpressions: []}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {a: b}}}, {ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}], ports: [{protocol: TCP, port: 80, endPort: 90}, {port: http}]}]\n  egress: [{}]\n",
+        );
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(m.policies.len(), 1);
     }
 
     fn chain(e: &Error) -> String {
