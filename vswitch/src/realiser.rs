@@ -606,7 +606,7 @@ impl Realiser {
             .collect();
         let n = self.published.dp.conntrack.flush_addresses(&wide);
         if n > 0 {
-            tracing::info!(addresses = ?ips, connections = n, "forgot the connections of addresses that changed hands");
+            tracing::info!(addresses = ?ips, connections = n, "forgot the connections of addresses given up or handed over");
         }
     }
 
