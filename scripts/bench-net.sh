@@ -6,6 +6,7 @@
 #   VSWITCH_OFFLOAD=false scripts/bench-net.sh   (vswitch without TAP offloads)
 #   VSWITCH_BUSY_POLL_US=N scripts/bench-net.sh  (vswitchd's busy_poll_us; default: its own)
 #   SWITCHES="bridge vswitch" scripts/bench-net.sh (measure only these)
+#   MEASURES="rtt50 crr" scripts/bench-net.sh   (only these measurements)
 #
 # Switches under test, each with two pod namespaces a and b:
 #   bridge   Linux bridge, veth pairs
@@ -224,12 +225,14 @@ measure_all() { # measure_all SWITCH
         exit 1
     }
     echo "measuring $s..." >&2
-    v[$s tcp1]=$(iperf "$s")
-    v[$s tcp4]=$(iperf "$s" -P 4)
-    v[$s udp64]=$(iperf "$s" -u -l 64 -b 0)
-    v[$s rtt50]=$(rtt "$s" p50)
-    v[$s rtt99]=$(rtt "$s" p99)
-    v[$s crr]=$(crr_rate "$s")
+    local m=" ${MEASURES:-${measures[*]}} "
+    [[ $m == *" tcp1 "* ]] && v[$s tcp1]=$(iperf "$s")
+    [[ $m == *" tcp4 "* ]] && v[$s tcp4]=$(iperf "$s" -P 4)
+    [[ $m == *" udp64 "* ]] && v[$s udp64]=$(iperf "$s" -u -l 64 -b 0)
+    [[ $m == *" rtt50 "* ]] && v[$s rtt50]=$(rtt "$s" p50)
+    [[ $m == *" rtt99 "* ]] && v[$s rtt99]=$(rtt "$s" p99)
+    [[ $m == *" crr "* ]] && v[$s crr]=$(crr_rate "$s")
+    return 0
 }
 
 only=" ${SWITCHES:-bridge ovs ovstso vswitch} "
