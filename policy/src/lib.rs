@@ -13,6 +13,7 @@ pub mod error;
 pub mod explain;
 pub mod manifest;
 pub mod model;
+pub mod names;
 pub mod offline;
 pub mod pipeline;
 pub mod probe;

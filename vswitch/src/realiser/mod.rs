@@ -8,7 +8,7 @@
 //! generation ([`Published`]); packet threads read nothing else. Until a port is
 //! attached and its flows published, its frames are dropped (fail closed).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,16 +16,20 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use datapath::conntrack::Owner;
 use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, FlowKey, PortNo, Time};
-use policy::compile::{Change, Compiler, FlowDiff};
+use policy::compile::{Change, Compiler};
 use policy::cookie::{CookieKind, is_manual};
 use policy::explain::{TraceView, Traced, Verdict};
 use policy::model::{ObjectKey, Pod};
-use policy::pipeline::{Gateway, PodPort, Topology, TunnelPeer, assemble, base_flows};
+use policy::pipeline::{Gateway, PodPort, Topology, assemble, base_flows};
 use policy::probe::{Endpoint, L4};
 
-use crate::forwarder::{Clock, Endpoint as IoEndpoint, PortSet, Published};
+use crate::forwarder::{Clock, PortSet, Published};
 use crate::port::{Port, PortCounters};
-use crate::tunnel::{TunnelIo, VxlanPort};
+use crate::tunnel::TunnelIo;
+
+mod state;
+
+use state::{Local, State};
 
 /// Port numbers of pods: `1..FIRST_TUNNEL_PORT`, reused once freed.
 pub const FIRST_POD_PORT: u32 = 1;
@@ -90,188 +94,6 @@ pub struct PortInfo {
     pub no: PortNo,
     pub role: PortRole,
     pub counters: Arc<PortCounters>,
-}
-
-/// A port with its own I/O (a pod or the gateway).
-#[derive(Debug, Clone)]
-struct Local {
-    no: PortNo,
-    io: Arc<dyn Port>,
-    counters: Arc<PortCounters>,
-}
-
-/// A tunnel port: another node.
-#[derive(Debug, Clone)]
-struct Peer {
-    no: PortNo,
-    node: String,
-    addr: std::net::SocketAddr,
-    pod_cidrs: Vec<ipnet::IpNet>,
-    counters: Arc<PortCounters>,
-}
-
-#[derive(Debug)]
-struct State {
-    compiler: Compiler,
-    topology: Topology,
-    locals: Vec<Local>,
-    /// The base-pipeline flows installed, by identity.
-    base: HashMap<FlowIdentity, FlowEntry>,
-    /// Policy flow diffs compiled but not yet published, in order.
-    pending: Vec<FlowDiff>,
-    /// False after a failed publish: the next one reinstalls everything.
-    in_sync: bool,
-    /// Compile time accumulated since the last publish.
-    compile_time: Duration,
-    last: Realisation,
-    /// Node of pods attached here (own-node traffic), when known.
-    local_node: Option<String>,
-    /// Flows added by hand (`flowctl add-flow`), kept across recompiles.
-    manual: HashMap<FlowIdentity, FlowEntry>,
-    /// Whether a pod attached before its Pod object is known stays cut off
-    /// until it is (Kubernetes mode: fail closed) rather than running unlabelled.
-    isolate_unknown: bool,
-    /// Pods attached but not yet known to the cluster model (isolated).
-    unresolved: Vec<PodPort>,
-    tunnel: Option<Arc<TunnelIo>>,
-    /// Tunnel ports, one per other node with pods, kept across republication.
-    peers: Vec<Peer>,
-    /// Connections a pod, and a namespace, may have open at once.
-    ct_limits: (usize, usize),
-    /// Conntrack owners of attached pods and their namespaces (kept across
-    /// publications: their counts are live connections).
-    owners: HashMap<ObjectKey, Arc<Owner>>,
-    ns_owners: HashMap<String, Arc<Owner>>,
-}
-
-impl State {
-    fn compile(&mut self, change: Change) {
-        let _span = tracing::debug_span!("compile", change = change.describe()).entered();
-        let t = Instant::now();
-        let diff = self.compiler.apply(change);
-        self.compile_time += t.elapsed();
-        if !diff.is_empty() {
-            self.pending.push(diff);
-        }
-    }
-
-    /// The lowest free pod port number.
-    fn free_port(&self) -> Result<PortNo, Error> {
-        let used: BTreeSet<u32> = self.locals.iter().map(|l| l.no.0).collect();
-        (FIRST_POD_PORT..FIRST_TUNNEL_PORT)
-            .find(|n| !used.contains(n))
-            .map(PortNo)
-            .ok_or(Error::NoFreePort(used.len()))
-    }
-
-    /// Tunnel peers from the cluster's nodes: every other node with pod CIDRs
-    /// and an address of the tunnel's family. Port numbers stay stable.
-    fn refresh_peers(&mut self) {
-        let Some(tunnel) = &self.tunnel else {
-            return;
-        };
-        let v6 = tunnel.is_ipv6();
-        let mut peers: Vec<Peer> = Vec::new();
-        for node in self.compiler.cluster().nodes() {
-            if Some(&node.name) == self.local_node.as_ref() || node.pod_cidrs.is_empty() {
-                continue;
-            }
-            let Some(addr) = node.addresses.iter().find(|a| a.is_ipv6() == v6) else {
-                continue;
-            };
-            let known = self.peers.iter().find(|p| p.node == node.name);
-            let no = match known {
-                Some(p) => p.no,
-                None => {
-                    let used: BTreeSet<PortNo> =
-                        self.peers.iter().chain(&peers).map(|p| p.no).collect();
-                    (FIRST_TUNNEL_PORT..GATEWAY_PORT.0)
-                        .map(PortNo)
-                        .find(|p| !used.contains(p))
-                        .expect("fewer nodes than tunnel port numbers")
-                }
-            };
-            peers.push(Peer {
-                no,
-                node: node.name.clone(),
-                addr: tunnel.peer_addr(*addr),
-                pod_cidrs: node.pod_cidrs.clone(),
-                counters: known.map_or_else(Arc::default, |p| p.counters.clone()),
-            });
-        }
-        self.topology.tunnels = peers
-            .iter()
-            .map(|p| TunnelPeer {
-                port: p.no,
-                node: p.node.clone(),
-                pod_cidrs: p.pod_cidrs.clone(),
-            })
-            .collect();
-        self.peers = peers;
-    }
-
-    /// Who new connections are charged to: each attached pod (by its
-    /// addresses), within its namespace.
-    fn refresh_owners(&mut self, conntrack: &datapath::Conntrack) {
-        let (per_pod, per_ns) = self.ct_limits;
-        let mut owners = HashMap::new();
-        let mut ns_owners = HashMap::new();
-        let mut by_addr = HashMap::new();
-        for p in &self.topology.pods {
-            let ns = ns_owners
-                .entry(p.pod.namespace.clone())
-                .or_insert_with(|| {
-                    self.ns_owners
-                        .get(&p.pod.namespace)
-                        .filter(|o| o.limit == per_ns)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            Arc::new(Owner::new(p.pod.namespace.clone(), per_ns, None))
-                        })
-                })
-                .clone();
-            let owner = self
-                .owners
-                .get(&p.pod)
-                .filter(|o| o.limit == per_pod)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Owner::new(p.pod.to_string(), per_pod, Some(ns))));
-            for ip in &p.ips {
-                by_addr.insert(datapath::key::ip_to_wide(*ip), owner.clone());
-            }
-            owners.insert(p.pod.clone(), owner);
-        }
-        self.owners = owners;
-        self.ns_owners = ns_owners;
-        conntrack.set_owners(by_addr);
-    }
-
-    /// The port set packet threads will read.
-    fn port_set(&self) -> PortSet {
-        let mut set = PortSet::default();
-        for l in &self.locals {
-            set.ports
-                .insert(l.no, (set.endpoints.len(), l.counters.clone()));
-            set.endpoints.push(IoEndpoint {
-                io: l.io.clone(),
-                own: Some((l.no, l.counters.clone())),
-            });
-        }
-        if let Some(tunnel) = &self.tunnel {
-            let i = set.endpoints.len();
-            set.endpoints.push(IoEndpoint {
-                io: Arc::new(VxlanPort::new(
-                    tunnel.clone(),
-                    self.peers.iter().map(|p| (p.no, p.addr)),
-                )),
-                own: None,
-            });
-            for p in &self.peers {
-                set.ports.insert(p.no, (i, p.counters.clone()));
-            }
-        }
-        set
-    }
 }
 
 /// The control plane of one switch.

@@ -18,11 +18,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use etherparse::{LaxSlicedPacket, TransportSlice};
 
 use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
 use crate::key::{FlowKey, PortNo, wide_to_ip};
 use crate::time::Time;
+
+mod icmp;
+mod owner;
+mod saved;
+
+use icmp::{embedded_tuple, is_icmp_error, is_icmp_reply_only, is_router_error};
+use owner::Charge;
+pub use owner::Owner;
+pub use saved::SavedConn;
 
 /// How often packet threads sweep expired connections, and how many keys one
 /// sweep may visit: 655k expiries a second, more than the connection rate one
@@ -249,26 +257,6 @@ impl std::fmt::Display for ConnInfo {
     }
 }
 
-/// A connection as saved across a restart: everything the table keeps, with
-/// time as what is left rather than as an instant of this process's clock.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SavedConn {
-    pub zone: u16,
-    pub proto: u8,
-    /// The two endpoints (address, port), canonical order.
-    pub a: ([u8; 16], u16),
-    pub b: ([u8; 16], u16),
-    pub orig_is_a: bool,
-    pub state: ConnState,
-    pub fin_seen: [bool; 2],
-    pub replied: bool,
-    /// Time left before expiry, in milliseconds.
-    pub expires_in_ms: u64,
-    pub packets: [u64; 2],
-    pub bytes: [u64; 2],
-    pub mark: u8,
-}
-
 /// Counters.
 #[derive(Debug, Default)]
 pub struct CtStats {
@@ -293,81 +281,6 @@ pub enum CtRefused {
     OverLimit,
 }
 
-/// Who a connection is charged to: a pod (by its addresses), within a group
-/// (its namespace). Counts are live connections; a connection that would
-/// take either past its limit is refused, so one tenant cannot fill the
-/// table for everyone.
-#[derive(Debug)]
-pub struct Owner {
-    /// What the owner is, for reports (`namespace/pod`, or the namespace).
-    pub name: String,
-    pub limit: usize,
-    count: AtomicUsize,
-    /// New connections refused because of this owner's limit (or its group's).
-    pub refused: AtomicU64,
-    group: Option<std::sync::Arc<Owner>>,
-}
-
-impl Owner {
-    /// An owner with `limit` connections, inside `group` when given.
-    pub fn new(name: String, limit: usize, group: Option<std::sync::Arc<Owner>>) -> Owner {
-        Owner {
-            name,
-            limit,
-            count: AtomicUsize::new(0),
-            refused: AtomicU64::new(0),
-            group,
-        }
-    }
-
-    /// Live connections charged to it.
-    pub fn count(&self) -> usize {
-        self.count.load(Relaxed)
-    }
-
-    fn has_room(&self) -> bool {
-        self.count() < self.limit && self.group.as_ref().is_none_or(|g| g.has_room())
-    }
-
-    fn take(&self) {
-        self.count.fetch_add(1, Relaxed);
-        if let Some(g) = &self.group {
-            g.take();
-        }
-    }
-
-    fn give_back(&self) {
-        self.count.fetch_sub(1, Relaxed);
-        if let Some(g) = &self.group {
-            g.give_back();
-        }
-    }
-}
-
-/// A connection's charge to its owner: taken when the connection is
-/// created, given back whenever the entry goes (expiry, flush, replacement).
-#[derive(Debug)]
-struct Charge(std::sync::Arc<Owner>);
-
-impl Charge {
-    fn new(owner: &std::sync::Arc<Owner>) -> Charge {
-        owner.take();
-        Charge(owner.clone())
-    }
-}
-
-impl Clone for Charge {
-    fn clone(&self) -> Charge {
-        Charge::new(&self.0)
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        self.0.give_back();
-    }
-}
-
 /// The connection table, shared by all packet threads.
 #[derive(Debug)]
 pub struct Conntrack {
@@ -381,77 +294,6 @@ pub struct Conntrack {
     /// Who new connections are charged to, by the originator's address.
     owners: arc_swap::ArcSwap<std::collections::HashMap<[u8; 16], std::sync::Arc<Owner>>>,
     pub stats: CtStats,
-}
-
-fn is_icmp_error(key: &FlowKey) -> bool {
-    match key.nw_proto {
-        ip_proto::ICMP => matches!(key.tp_src, 3 | 4 | 5 | 11 | 12),
-        ip_proto::ICMPV6 => matches!(key.tp_src, 1..=4),
-        _ => false,
-    }
-}
-
-/// The errors a router on the path sends about someone else's connection:
-/// fragmentation needed (IPv4) / packet too big (IPv6), time exceeded.
-fn is_router_error(key: &FlowKey) -> bool {
-    match key.nw_proto {
-        ip_proto::ICMP => (key.tp_src, key.tp_dst) == (3, 4) || key.tp_src == 11,
-        ip_proto::ICMPV6 => matches!(key.tp_src, 2 | 3),
-        _ => false,
-    }
-}
-
-fn is_icmp_reply_only(key: &FlowKey) -> bool {
-    match key.nw_proto {
-        ip_proto::ICMP => matches!(key.tp_src, 0 | 14),
-        ip_proto::ICMPV6 => key.tp_src == 129,
-        _ => false,
-    }
-}
-
-/// The tuple of the packet embedded in an ICMP error, as the original sender saw it.
-fn embedded_tuple(frame: &[u8]) -> Option<Tuple> {
-    let outer = LaxSlicedPacket::from_ethernet(frame).ok()?;
-    let payload = match outer.transport? {
-        TransportSlice::Icmpv4(i) => i.payload(),
-        TransportSlice::Icmpv6(i) => i.payload(),
-        _ => return None,
-    };
-    let inner = LaxSlicedPacket::from_ip(payload).ok()?;
-    let ip = inner.ip_payload()?;
-    let (src, dst) = match inner.net.as_ref()? {
-        etherparse::LaxNetSlice::Ipv4(v4) => {
-            let h = v4.header();
-            (
-                crate::key::ip_to_wide(h.source_addr().into()),
-                crate::key::ip_to_wide(h.destination_addr().into()),
-            )
-        }
-        etherparse::LaxNetSlice::Ipv6(v6) => (v6.header().source(), v6.header().destination()),
-        etherparse::LaxNetSlice::Arp(_) => return None,
-    };
-    let b = ip.payload;
-    let (sport, dport) = match ip.ip_number.0 {
-        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP if b.len() >= 4 => (
-            u16::from_be_bytes([b[0], b[1]]),
-            u16::from_be_bytes([b[2], b[3]]),
-        ),
-        ip_proto::ICMP | ip_proto::ICMPV6 if b.len() >= 6 => {
-            let id = u16::from_be_bytes([b[4], b[5]]);
-            (id, id)
-        }
-        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP | ip_proto::ICMP | ip_proto::ICMPV6 => {
-            return None;
-        }
-        _ => (0, 0),
-    };
-    Some(Tuple {
-        proto: ip.ip_number.0,
-        src,
-        dst,
-        sport,
-        dport,
-    })
 }
 
 const SCTP_INIT: u8 = 1;
@@ -936,86 +778,6 @@ impl Conntrack {
             (a.zone, a.orig.src, a.orig.sport).cmp(&(b.zone, b.orig.src, b.orig.sport))
         });
         out
-    }
-
-    /// Every live connection, for saving across a restart.
-    pub fn export(&self, now: Time) -> Vec<SavedConn> {
-        self.map
-            .iter()
-            .filter(|e| e.value().expires > now)
-            .map(|e| {
-                let (k, c) = (e.key(), e.value());
-                SavedConn {
-                    zone: k.zone,
-                    proto: k.proto,
-                    a: k.a,
-                    b: k.b,
-                    orig_is_a: c.orig_is_a,
-                    state: c.state,
-                    fin_seen: c.fin_seen,
-                    replied: c.replied,
-                    expires_in_ms: (c.expires.0 - now.0) / 1_000_000,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    mark: c.mark,
-                }
-            })
-            .collect()
-    }
-
-    /// Restores saved connections (up to `max_entries`; those already present
-    /// are left alone). Returns how many were restored.
-    pub fn import(&self, now: Time, saved: impl IntoIterator<Item = SavedConn>) -> usize {
-        let mut n = 0;
-        for s in saved {
-            if self.len.load(Relaxed) >= self.config.max_entries {
-                break;
-            }
-            let key = CanonKey {
-                zone: s.zone,
-                proto: s.proto,
-                a: s.a,
-                b: s.b,
-            };
-            let expires = now + Duration::from_millis(s.expires_in_ms);
-            if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
-                v.insert(Conn {
-                    orig_is_a: s.orig_is_a,
-                    state: s.state,
-                    fin_seen: s.fin_seen,
-                    replied: s.replied,
-                    expires,
-                    queued: expires,
-                    created: now,
-                    packets: s.packets,
-                    bytes: s.bytes,
-                    mark: s.mark,
-                    charge: None,
-                });
-                self.len.fetch_add(1, Relaxed);
-                self.schedule(key, expires);
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Drops every connection with an end at one of `addrs` (either
-    /// direction, every zone): what a pod leaving, or an address changing hands,
-    /// calls for, so no one reaches the address's next owner under a
-    /// connection made with its last one. Returns how many were dropped.
-    pub fn flush_addresses(&self, addrs: &[[u8; 16]]) -> usize {
-        if addrs.is_empty() {
-            return 0;
-        }
-        let mut removed = 0;
-        self.map.retain(|k, _| {
-            let keep = !addrs.contains(&k.a.0) && !addrs.contains(&k.b.0);
-            removed += usize::from(!keep);
-            keep
-        });
-        self.len.fetch_sub(removed, Relaxed);
-        removed
     }
 
     /// Drops every entry.
