@@ -369,14 +369,14 @@ impl Lane {
             // Ports and flows may have changed while we waited: take both
             // fresh (ports are published before flows, so these ports cover
             // the flows).
-            let (polled_ports, out) = (ports.clone(), self.fwd.published.ports.load_full());
+            let (polled_ports, out) = (&**ports, self.fwd.published.ports.load());
             self.worker.begin_batch();
             let now = clock.now();
             let mut went_down = false;
             for &token in &ready {
                 let i = token as usize;
                 if i < polled_ports.endpoints.len() {
-                    self.service(&polled_ports, i, &out, now);
+                    self.service(polled_ports, i, &out, now);
                     went_down |= polled_ports.endpoints[i]
                         .own
                         .as_ref()

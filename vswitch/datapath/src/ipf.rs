@@ -104,6 +104,8 @@ pub struct IpfStats {
 pub struct Ipf {
     config: IpfConfig,
     pending: HashMap<DgramKey, Pending>,
+    /// (deadline, datagram) in the order datagrams started.
+    deadlines: std::collections::VecDeque<(Time, DgramKey)>,
     by_source: HashMap<[u8; 16], usize>,
     held: usize,
     /// The last completed datagram, as one frame.
@@ -242,6 +244,18 @@ impl Ipf {
             return Added::Dropped(FragDrop::Limit);
         }
         let deadline = now + self.config.timeout;
+        if !self.pending.contains_key(&f.key) {
+            self.deadlines.push_back((deadline, f.key));
+            // Datagrams completed or rejected early leave their deadline
+            // behind; drop those now and then so the queue stays the size of
+            // what is pending (amortised: it at least halves each time).
+            if self.deadlines.len() > 2 * self.pending.len() + 1024 {
+                let pending = &self.pending;
+                self.deadlines
+                    .retain(|(d, k)| pending.get(k).is_some_and(|p| p.deadline == *d));
+                self.deadlines.push_back((deadline, f.key));
+            }
+        }
         let p = self.pending.entry(f.key).or_insert_with(|| Pending {
             parts: Vec::new(),
             frames: Vec::new(),
@@ -373,20 +387,24 @@ impl Ipf {
         self.take(key);
     }
 
-    /// Drops datagrams past their deadline.
+    /// Drops datagrams past their deadline. Deadlines are in the order
+    /// datagrams started (the timeout is one constant), so only the oldest
+    /// are looked at: a fragment flood costs no scan per fragment.
     pub fn expire(&mut self, now: Time) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let late: Vec<DgramKey> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in late {
-            self.take(&k);
-            self.stats.timeout += 1;
+        while let Some(&(deadline, key)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            // Completed or rejected since, or the same key started again later.
+            if self
+                .pending
+                .get(&key)
+                .is_some_and(|p| p.deadline == deadline)
+            {
+                self.take(&key);
+                self.stats.timeout += 1;
+            }
         }
     }
 
@@ -512,5 +530,14 @@ mod tests {
         // And they time out.
         ipf.expire(Time::from_secs(6));
         assert_eq!(ipf.held_bytes(), 0);
+        // Datagrams started and rejected at once leave no bookkeeping behind.
+        let t = Time::from_secs(10);
+        for id in 0..20_000u16 {
+            let (_, f) = fragments_v4(id, 4000, 1500);
+            ipf.add(t, PortNo(2), &f[0]);
+            ipf.add(t, PortNo(2), &f[0]); // overlaps itself: rejected
+        }
+        assert_eq!(ipf.held_bytes(), 0);
+        assert!(ipf.deadlines.len() <= 1025, "{}", ipf.deadlines.len());
     }
 }

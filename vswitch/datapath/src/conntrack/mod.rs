@@ -201,7 +201,7 @@ impl ConnState {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Conn {
     /// Whether the originator is endpoint `a` of the canonical key.
     orig_is_a: bool,
@@ -218,6 +218,25 @@ struct Conn {
     mark: u8,
     /// Who it is charged to, when its originator has an owner.
     charge: Option<Charge>,
+}
+
+impl Conn {
+    /// The connection's state without its charge.
+    fn uncharged(&self) -> Conn {
+        Conn {
+            orig_is_a: self.orig_is_a,
+            state: self.state,
+            fin_seen: self.fin_seen,
+            replied: self.replied,
+            expires: self.expires,
+            queued: self.queued,
+            created: self.created,
+            packets: self.packets,
+            bytes: self.bytes,
+            mark: self.mark,
+            charge: None,
+        }
+    }
 }
 
 /// A connection as `dump` reports it.
@@ -452,7 +471,9 @@ impl Conntrack {
         if let Some(conn) = self.map.get(&ck)
             && conn.expires > now
         {
-            let mut copy = conn.clone();
+            // A copy to advance without touching the entry; it holds no
+            // charge (cloning one would count against the owner's limit).
+            let mut copy = conn.uncharged();
             let orig = fwd == copy.orig_is_a;
             drop(conn);
             let mark = copy.mark;

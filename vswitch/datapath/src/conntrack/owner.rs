@@ -69,12 +69,6 @@ impl Charge {
     }
 }
 
-impl Clone for Charge {
-    fn clone(&self) -> Charge {
-        Charge::new(&self.0)
-    }
-}
-
 impl Drop for Charge {
     fn drop(&mut self) {
         self.0.give_back();
