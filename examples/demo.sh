@@ -21,7 +21,7 @@ show() { printf '$ %s\n' "$*"; "$@"; }
 
 offline_demo() {
     local manifests=examples/manifests
-    bold "The policy (examples/manifests/test-network-policy.yaml), compiled: tables 40 (egress) and 50 (ingress)"
+    bold "The policy (examples/manifests/test-network-policy.yaml), compiled: tables 41 (egress NetworkPolicy) and 51 (ingress NetworkPolicy)"
     show target/release/flowctl --manifests "$manifests" dump-flows --cookie test-network-policy
     bold "Allowed: a role=frontend pod in default to db on TCP 6379"
     show target/release/flowctl --manifests "$manifests" trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
@@ -165,7 +165,7 @@ try default/frontend other/client 80 "(no listener; the switch lets it through, 
 
 flowctl="$bin/flowctl --socket $work/vswitchd.sock"
 bold "The live policy flows, with counters"
-show $flowctl dump-flows --table 50
+show $flowctl dump-flows --table 51
 bold "Why was other/client denied? A trace against the live switch"
 show $flowctl trace tcp,src=other/client,dst=default/db,tp_dst=6379
 bold "And why was frontend allowed?"

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-use control::view::{ConnView, FlowView, PortView, StatsView};
+use control::view::{ConnView, FlowView, PolicyView, PortView, StatsView};
 
 use crate::render::{BOLD, DIM, paint};
 
@@ -384,4 +384,64 @@ pub fn watch_frame(
         &["PKT/S", "PACKETS", "BYTES", "TABLE", "PRIO", "MATCH"],
         &table_rows,
     )
+}
+
+/// Policies by tier, each with its status and rules.
+pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .map(|p| {
+            vec![
+                if p.tier.is_empty() {
+                    "-".into()
+                } else {
+                    p.tier.clone()
+                },
+                p.priority.map_or("-".into(), |n| n.to_string()),
+                p.kind.clone(),
+                p.name.clone(),
+                p.status.clone(),
+                p.rules.len().to_string(),
+                p.flows.to_string(),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        color,
+        &[
+            "TIER", "PRIORITY", "KIND", "NAME", "STATUS", "RULES", "FLOWS",
+        ],
+        &rows,
+    );
+    for p in policies {
+        let notes: Vec<&String> = p.message.iter().chain(&p.warnings).collect();
+        let rules: Vec<String> = p
+            .rules
+            .iter()
+            .filter(|r| p.kind != policy::status::NETWORK_POLICY || r.flows == 0)
+            .map(|r| {
+                let name = r
+                    .name
+                    .as_ref()
+                    .map_or(r.index.to_string(), |n| format!("{n:?}"));
+                format!(
+                    "{} rule {name}: {} ({} flows)",
+                    r.direction, r.action, r.flows
+                )
+            })
+            .collect();
+        if notes.is_empty() && (p.kind == policy::status::NETWORK_POLICY || rules.is_empty()) {
+            continue;
+        }
+        let _ = writeln!(out, "\n{} {}:", p.kind, paint(color, BOLD, &p.name));
+        for n in notes {
+            let _ = writeln!(out, "  ! {n}");
+        }
+        if p.kind != policy::status::NETWORK_POLICY {
+            for r in rules {
+                let _ = writeln!(out, "  {}", paint(color, DIM, &r));
+            }
+        }
+    }
+    out
 }

@@ -18,8 +18,11 @@ use policy::manifest;
 use policy::offline::Offline;
 use policy::probe::L4;
 
-use control::view::{ConnView, Deleted, FlowView, HealthView, PortView, StatsView, TraceView};
+use control::view::{
+    ConnView, Deleted, FlowView, HealthView, PolicyView, PortView, StatsView, TraceView,
+};
 use control::{Client, ConnFilter, DEFAULT_SOCKET, Request, error_chain};
+use policy::status::Rejections;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -60,6 +63,10 @@ enum Command {
         #[arg(long, value_name = "RULE")]
         cookie: Option<String>,
     },
+    /// Every policy by tier (Admin ClusterNetworkPolicies, NetworkPolicies,
+    /// Baseline ClusterNetworkPolicies): in force or rejected and why, rules,
+    /// flows, and what fails closed.
+    DumpPolicies,
     /// Trace a new connection: `tcp,src=NS/POD,dst=NS/POD|IP,tp_dst=PORT`.
     Trace {
         /// Packet: protocol (tcp|udp|sctp|icmp), src=, dst=, tp_dst=.
@@ -123,14 +130,32 @@ enum Command {
 
 /// Loads and compiles manifests, printing (not failing on) per-object errors.
 /// Returns the compiled cluster and whether any object was rejected.
-fn offline(dir: &Path) -> Result<(Offline, bool)> {
+fn offline(dir: &Path) -> Result<(Offline, Rejections, bool)> {
     let m = manifest::load(dir)
         .with_context(|| format!("failed to load manifests from {}", dir.display()))?;
+    let mut rejected = Rejections::new();
     for e in &m.errors {
         eprintln!("flowctl: {}", error_chain(e));
+        if let Some((kind, name)) = rejected_object(e) {
+            rejected.insert((kind.to_string(), name), error_chain(e));
+        }
+    }
+    for p in &m.cluster_policies {
+        for w in &p.warnings {
+            eprintln!("flowctl: ClusterNetworkPolicy {}: {w}", p.name);
+        }
     }
     let compiled = Offline::new(m.to_cluster()).context("failed to compile manifests")?;
-    Ok((compiled, !m.errors.is_empty()))
+    Ok((compiled, rejected, !m.errors.is_empty()))
+}
+
+/// (kind, name) of the object a manifest error rejected, when it names one.
+fn rejected_object(e: &policy::Error) -> Option<(&'static str, String)> {
+    match e {
+        policy::Error::InFile { source, .. } => rejected_object(source),
+        policy::Error::Invalid { kind, object, .. } => Some((kind, object.clone())),
+        _ => None,
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -146,12 +171,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let Some(dir) = &cli.manifests else {
         return live(&cli);
     };
-    let (offline, had_errors) = offline(dir)?;
+    let (offline, rejected, had_errors) = offline(dir)?;
     let json = cli.output == Output::Json;
     let color = !json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let out = match cli.command {
         Command::DumpFlows { table, cookie } => {
             render::dump_flows(&offline, table, cookie.as_deref(), json)
+        }
+        Command::DumpPolicies => {
+            let v = policy::status::views(&offline.compiler, &rejected);
+            if json {
+                pretty(&v)
+            } else {
+                live::policies_text(&v, color)
+            }
         }
         Command::Trace { spec } => {
             let spec = spec::parse(&spec).map_err(|e| anyhow::anyhow!("bad trace spec: {e}"))?;
@@ -213,6 +246,14 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 pretty(&kept)
             } else {
                 live::flows_text(&kept, color)
+            }
+        }
+        Command::DumpPolicies => {
+            let v: Vec<PolicyView> = typed(ask(&Request::DumpPolicies)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::policies_text(&v, color)
             }
         }
         Command::Trace { spec } => {

@@ -47,8 +47,9 @@ fn trace_json_names_the_rule() {
         .iter()
         .map(|s| s["table"].as_u64().unwrap())
         .collect();
-    assert_eq!(tables, vec![0, 10, 30, 30, 40, 50, 60, 70]);
-    let conj = &v["steps"][5]["conjunction"];
+    // Each direction passes the Admin tier, NetworkPolicy, the Baseline tier.
+    assert_eq!(tables, vec![0, 10, 30, 30, 40, 41, 42, 50, 51, 60, 70]);
+    let conj = &v["steps"][8]["conjunction"];
     assert_eq!(conj["clauses"].as_array().unwrap().len(), 3);
     let v = json(&[
         "--manifests",
@@ -116,11 +117,11 @@ fn dump_flows_filters_and_annotates() {
         examples().to_str().unwrap(),
         "dump-flows",
         "--table",
-        "50",
+        "51",
     ]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(out.status.success());
-    assert!(text.lines().all(|l| l.contains("table=50,")), "{text}");
+    assert!(text.lines().all(|l| l.contains("table=51,")), "{text}");
     assert!(text.contains("# default/test-network-policy ingress rule 0"));
     assert!(text.contains("tcp,tp_dst=6379,actions=conjunction("));
     let v = json(&[

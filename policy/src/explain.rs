@@ -12,10 +12,11 @@ use datapath::pipeline::End;
 use datapath::trace::{Outcome, Trace};
 use serde::{Deserialize, Serialize};
 
+use crate::cnp::RuleAction;
 use crate::compile::{Compiler, Provenance};
 use crate::pipeline::{self, Topology};
 use crate::probe::{Endpoint, L4};
-use crate::tables::{AFTER_EGRESS, EGRESS_TABLE, INGRESS_TABLE};
+use crate::tables::{is_egress_table, is_policy_table};
 
 /// What a cookie stands for, in words.
 pub fn describe(compiler: &Compiler, cookie: Cookie) -> String {
@@ -67,35 +68,54 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
             let mut rules = Vec::new();
             let mut deciding = Vec::new();
             let mut decided_by = Vec::new();
-            for step in &trace.steps {
-                let Some((_, flow)) = &step.flow else {
-                    continue;
-                };
-                if step.table.0 != EGRESS_TABLE && step.table.0 != INGRESS_TABLE {
-                    continue;
+            for egress in [true, false] {
+                // Egress matches the packet's source pod, ingress its destination.
+                let field = if egress { Field::NwSrc } else { Field::NwDst };
+                let mut seen = false;
+                let mut decided = false;
+                for step in &trace.steps {
+                    let Some((_, flow)) = &step.flow else {
+                        continue;
+                    };
+                    if !is_policy_table(step.table.0) || is_egress_table(step.table.0) != egress {
+                        continue;
+                    }
+                    seen = true;
+                    // Flows shared by equivalent rules: name the one whose
+                    // policy selects this packet's pod.
+                    let ip = wide_to_ip(step.key.get(field).to_be_bytes());
+                    let named = match compiler.cluster().pod_by_ip(ip) {
+                        Some(pod) => compiler.rule_for_pod(flow.cookie, pod),
+                        None => compiler.provenance(flow.cookie),
+                    };
+                    match named.or_else(|| compiler.provenance(flow.cookie)) {
+                        Some(
+                            p @ (Provenance::Rule { .. }
+                            | Provenance::NodeTraffic { .. }
+                            | Provenance::TierRule {
+                                action: RuleAction::Accept,
+                                ..
+                            }),
+                        ) => {
+                            rules.push(p.to_string());
+                            deciding.push(p.to_string());
+                            decided_by.push(p);
+                            decided = true;
+                        }
+                        // Pass: the next tier decides; say so on the way.
+                        Some(p @ Provenance::TierRule { .. }) => rules.push(p.to_string()),
+                        _ => {}
+                    }
                 }
-                // Flows shared by equivalent rules: name the one whose policy
-                // selects this packet's pod (destination for ingress, source for egress).
-                let field = if step.table.0 < AFTER_EGRESS {
-                    Field::NwSrc
-                } else {
-                    Field::NwDst
-                };
-                let ip = wide_to_ip(step.key.get(field).to_be_bytes());
-                let named = match compiler.cluster().pod_by_ip(ip) {
-                    Some(pod) => compiler.rule_for_pod(flow.cookie, pod),
-                    None => compiler.provenance(flow.cookie),
-                };
-                match named.or_else(|| compiler.provenance(flow.cookie)) {
-                    Some(p @ (Provenance::Rule { .. } | Provenance::NodeTraffic { .. })) => {
-                        rules.push(p.to_string());
-                        deciding.push(p.to_string());
-                        decided_by.push(p);
-                    }
-                    _ if step.table.0 < AFTER_EGRESS => {
-                        rules.push("source not isolated for egress".into())
-                    }
-                    _ => rules.push("destination not isolated for ingress".into()),
+                if seen && !decided {
+                    rules.push(
+                        if egress {
+                            "source not isolated for egress"
+                        } else {
+                            "destination not isolated for ingress"
+                        }
+                        .into(),
+                    );
                 }
             }
             let rule = if !deciding.is_empty() {
@@ -122,7 +142,14 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
             let decided_by = trace
                 .deciding_flow()
                 .and_then(|f| compiler.provenance(f.cookie))
-                .filter(|p| matches!(p, Provenance::DefaultDeny { .. } | Provenance::Rule { .. }))
+                .filter(|p| {
+                    matches!(
+                        p,
+                        Provenance::DefaultDeny { .. }
+                            | Provenance::Rule { .. }
+                            | Provenance::TierRule { .. }
+                    )
+                })
                 .into_iter()
                 .collect();
             Verdict {

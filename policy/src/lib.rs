@@ -7,6 +7,7 @@
 //! [`manifest`] loads YAML manifests; [`explain`] turns a datapath trace into a
 //! verdict naming the rule. No I/O except reading manifest files in [`manifest`].
 
+pub mod cnp;
 pub mod compile;
 pub mod cookie;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod offline;
 pub mod pipeline;
 pub mod probe;
 pub mod selector;
+pub mod status;
 pub mod synthetic;
 pub mod tables;
 

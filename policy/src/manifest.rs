@@ -1,4 +1,5 @@
-//! Manifests: YAML files of Namespace, Pod, Node and NetworkPolicy objects.
+//! Manifests: YAML files of Namespace, Pod, Node, NetworkPolicy and
+//! ClusterNetworkPolicy objects.
 //!
 //! Owns reading a directory of manifests into validated model objects. Each file
 //! may hold several documents (and `List` objects). A bad file or object is
@@ -13,6 +14,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::cnp::{self, ClusterPolicy};
 use crate::error::{Error, FieldError};
 use crate::model::{Cluster, Namespace, Node, Pod, Policy};
 
@@ -23,6 +25,7 @@ pub struct Manifests {
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
     pub policies: Vec<Policy>,
+    pub cluster_policies: Vec<ClusterPolicy>,
     pub errors: Vec<Error>,
     /// (kind, namespace/name) -> where it was first defined, to report duplicates.
     seen: HashMap<(String, String), String>,
@@ -43,6 +46,9 @@ impl Manifests {
         }
         for p in &self.policies {
             c.upsert_policy(p.clone());
+        }
+        for p in &self.cluster_policies {
+            c.upsert_cluster_policy(p.clone());
         }
         c
     }
@@ -143,7 +149,7 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
     let object = match (meta("namespace"), meta("name")) {
         (_, None) => "(unnamed)".to_string(),
         (Some(ns), Some(n)) => format!("{ns}/{n}"),
-        (None, Some(n)) if matches!(kind.as_str(), "Namespace" | "Node") => n,
+        (None, Some(n)) if matches!(kind.as_str(), "Namespace" | "Node" | cnp::KIND) => n,
         (None, Some(n)) => format!("default/{n}"),
     };
     let here = format!("{}:{index}", path.display());
@@ -165,7 +171,12 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
         }
     };
     let result: Result<(), Error> = match kind.as_str() {
-        "List" | "NamespaceList" | "PodList" | "NodeList" | "NetworkPolicyList" => {
+        "List"
+        | "NamespaceList"
+        | "PodList"
+        | "NodeList"
+        | "NetworkPolicyList"
+        | "ClusterNetworkPolicyList" => {
             let items = doc
                 .get("items")
                 .and_then(Value::as_array)
@@ -188,8 +199,16 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
         "NetworkPolicy" => typed::<NetworkPolicy>(&kind, &object, doc.clone())
             .and_then(|o| Policy::from_api(&o))
             .and_then(|p| first_time(&kind, &object).map(|_| m.policies.push(p))),
+        cnp::KIND => check_api_version(&doc, cnp::API_VERSION)
+            .map_err(|source| Error::Invalid {
+                kind: cnp::KIND,
+                object: object.clone(),
+                source,
+            })
+            .and_then(|_| ClusterPolicy::from_value(&doc))
+            .and_then(|p| first_time(&kind, &object).map(|_| m.cluster_policies.push(p))),
         other => Err(doc_err(format!(
-            "unsupported kind {other:?} ({object}); expected Namespace, Pod, Node or NetworkPolicy"
+            "unsupported kind {other:?} ({object}); expected Namespace, Pod, Node, NetworkPolicy or ClusterNetworkPolicy"
         ))),
     };
     if let Err(e) = result {
@@ -200,11 +219,29 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
     }
 }
 
+/// A ClusterNetworkPolicy of another API version may mean something else:
+/// rejected rather than guessed at (AdminNetworkPolicy's v1alpha1 is a
+/// different API).
+fn check_api_version(doc: &Value, want: &str) -> Result<(), FieldError> {
+    match doc.get("apiVersion").and_then(Value::as_str) {
+        Some(v) if v == want => Ok(()),
+        Some(v) => Err(FieldError::new(
+            "apiVersion",
+            format!("{v:?} is not supported: this switch reads {want}"),
+        )),
+        None => Err(FieldError::new(
+            "apiVersion",
+            format!("is required ({want})"),
+        )),
+    }
+}
+
 fn static_kind(kind: &str) -> &'static str {
     match kind {
         "Namespace" => "Namespace",
         "Pod" => "Pod",
         "Node" => "Node",
+        cnp::KIND => cnp::KIND,
         _ => "NetworkPolicy",
     }
 }
@@ -245,7 +282,7 @@ fn typed<T: DeserializeOwned + serde::Serialize>(
 
 /// The path of the first field of `given` that `known` (the same object read
 /// into its API type and written back) does not have.
-fn unknown_field(given: &Value, known: &Value, at: String) -> Option<String> {
+pub(crate) fn unknown_field(given: &Value, known: &Value, at: String) -> Option<String> {
     let join = |key: &str| {
         if at.is_empty() {
             key.to_string()

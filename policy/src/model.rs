@@ -5,7 +5,7 @@
 //! the API server would reject is refused here with the field that is wrong. It
 //! does no I/O and knows nothing of flows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use crate::names::ObjectKey;
 
+use crate::cnp::ClusterPolicy;
 use crate::error::{Error, FieldError};
 use crate::selector::{Labels, Selector, validate_labels};
 
@@ -107,9 +108,11 @@ impl Pod {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Node {
     pub name: String,
+    /// What ClusterNetworkPolicy `nodes` peers select on.
+    pub labels: Labels,
     pub addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
 }
@@ -350,7 +353,7 @@ fn convert_peers(
 }
 
 /// Parses a CIDR, masking host bits as Kubernetes does (`10.1.2.3/8` is `10.0.0.0/8`).
-fn parse_cidr(s: &str, path: &str) -> Result<IpNet, FieldError> {
+pub(crate) fn parse_cidr(s: &str, path: &str) -> Result<IpNet, FieldError> {
     IpNet::from_str(s.trim())
         .map(|n| n.trunc())
         .map_err(|_| FieldError::new(path, format!("{s:?} is not a valid CIDR")))
@@ -358,7 +361,7 @@ fn parse_cidr(s: &str, path: &str) -> Result<IpNet, FieldError> {
 
 /// An IANA service name: 1-15 characters of `[a-z0-9-]`, at least one letter, no
 /// leading, trailing or doubled hyphen.
-fn is_port_name(s: &str) -> bool {
+pub(crate) fn is_port_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
         && s.chars()
@@ -606,8 +609,11 @@ impl Node {
         for (i, c) in cidrs.iter().enumerate() {
             pod_cidrs.push(parse_cidr(c, &format!("spec.podCIDRs[{i}]")).map_err(invalid)?);
         }
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        validate_labels(&labels, "metadata.labels").map_err(invalid)?;
         Ok(Node {
             name,
+            labels,
             addresses,
             pod_cidrs,
         })
@@ -622,6 +628,10 @@ pub struct Cluster {
     pods: BTreeMap<String, BTreeMap<String, Pod>>,
     nodes: BTreeMap<String, Node>,
     policies: BTreeMap<ObjectKey, Policy>,
+    cluster_policies: BTreeMap<String, ClusterPolicy>,
+    /// Addresses learned from the pods' DNS answers, per name (lower case, no
+    /// trailing dot): what `domainNames` peers match.
+    resolved: BTreeMap<String, BTreeSet<IpAddr>>,
 }
 
 impl Cluster {
@@ -726,6 +736,49 @@ impl Cluster {
 
     pub fn remove_policy(&mut self, key: &ObjectKey) -> Option<Policy> {
         self.policies.remove(key)
+    }
+
+    pub fn cluster_policies(&self) -> impl Iterator<Item = &ClusterPolicy> {
+        self.cluster_policies.values()
+    }
+
+    pub fn cluster_policy(&self, name: &str) -> Option<&ClusterPolicy> {
+        self.cluster_policies.get(name)
+    }
+
+    pub fn upsert_cluster_policy(&mut self, p: ClusterPolicy) -> Option<ClusterPolicy> {
+        self.cluster_policies.insert(p.name.clone(), p)
+    }
+
+    pub fn remove_cluster_policy(&mut self, name: &str) -> Option<ClusterPolicy> {
+        self.cluster_policies.remove(name)
+    }
+
+    /// Every name learned from DNS answers, with its addresses.
+    pub fn resolved(&self) -> impl Iterator<Item = (&String, &BTreeSet<IpAddr>)> {
+        self.resolved.iter()
+    }
+
+    /// Sets the addresses a name resolves to (an empty set forgets it);
+    /// returns the previous set.
+    pub fn set_resolved(&mut self, name: &str, addresses: BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        if addresses.is_empty() {
+            self.resolved.remove(&name).unwrap_or_default()
+        } else {
+            self.resolved.insert(name, addresses).unwrap_or_default()
+        }
+    }
+
+    /// Whether a ClusterNetworkPolicy's subject includes `pod` (never a pod
+    /// without an address: host-network pods are their node).
+    pub fn subject_of(&self, policy: &ClusterPolicy, pod: &Pod) -> bool {
+        !pod.ips.is_empty()
+            && policy.subject.pods.matches(&pod.labels)
+            && policy
+                .subject
+                .namespaces
+                .matches(&self.namespace_labels(&pod.key.namespace))
     }
 
     /// Whether `policy` selects `pod`.

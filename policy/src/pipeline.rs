@@ -89,10 +89,12 @@ pub enum Purpose {
     OutputViaNode,
     SpoofguardRouterOnly,
     Sealed,
+    NoAdminDecision,
+    NoBaselineDecision,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 25] = [
+    const ALL: [Purpose; 27] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -118,6 +120,8 @@ impl Purpose {
         Purpose::OutputViaNode,
         Purpose::SpoofguardRouterOnly,
         Purpose::Sealed,
+        Purpose::NoAdminDecision,
+        Purpose::NoBaselineDecision,
     ];
 
     /// In words, as traces and dumps show it.
@@ -156,6 +160,8 @@ impl Purpose {
             Purpose::SpoofguardRouterOnly => {
                 "spoofguard: router advertisement, redirect or neighbour advertisement from a pod"
             }
+            Purpose::NoAdminDecision => "policy: no Admin tier rule decided, on to NetworkPolicy",
+            Purpose::NoBaselineDecision => "policy: no Baseline tier rule decided: allowed",
         }
     }
 
@@ -482,7 +488,7 @@ fn conntrack(topo: &Topology, out: &mut Vec<FlowEntry>) {
     out.push(flow(CONNTRACK, 0, Match::any(), Purpose::ConntrackLookup).action(goto(EGRESS_TABLE)));
 }
 
-/// Tables 40 and 50: what policy does not decide here (Service traffic, the other node's half of cross-node traffic) and the pass-through for what no policy flow decides.
+/// Tables 40-42 and 50-52: what policy does not decide here (Service traffic, the other node's half of cross-node traffic) and the pass-through for what no policy flow decides.
 fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 40 / 50, Services: a pod's packet to a ClusterIP goes to the node, whose
     // kernel translates it and sends it back through the gateway; policy is
@@ -491,7 +497,7 @@ fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
     for net in &topo.service_cidrs {
         for (table, next) in [(EGRESS_TABLE, AFTER_EGRESS), (INGRESS_TABLE, AFTER_INGRESS)] {
             let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), CLASS_POD, 0xff);
-            out.push(flow(table, 1000, m, Purpose::ServiceTraffic).action(goto(next)));
+            out.push(flow(table, priority::EXEMPT, m, Purpose::ServiceTraffic).action(goto(next)));
         }
     }
 
@@ -501,7 +507,7 @@ fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
         out.push(
             flow(
                 EGRESS_TABLE,
-                1000,
+                priority::EXEMPT,
                 Match::any().with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
                 Purpose::EgressElsewhere,
             )
@@ -515,18 +521,31 @@ fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
             for class in [CLASS_POD, CLASS_GATEWAY] {
                 let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), class, 0xff);
                 out.push(
-                    flow(INGRESS_TABLE, 1000, m, Purpose::IngressElsewhere)
-                        .action(goto(AFTER_INGRESS)),
+                    flow(
+                        INGRESS_TABLE,
+                        priority::EXEMPT,
+                        m,
+                        Purpose::IngressElsewhere,
+                    )
+                    .action(goto(AFTER_INGRESS)),
                 );
             }
         }
     }
 
-    // 40 / 50: what no policy flow decides passes.
-    out.push(flow(EGRESS_TABLE, 0, Match::any(), Purpose::NotIsolated).action(goto(AFTER_EGRESS)));
-    out.push(
-        flow(INGRESS_TABLE, 0, Match::any(), Purpose::NotIsolated).action(goto(AFTER_INGRESS)),
-    );
+    // What no rule of a tier decides goes on to the next tier: Admin, then
+    // NetworkPolicy (pods no NetworkPolicy isolates), then Baseline, then allowed.
+    for (admin, np, baseline, after) in [
+        (EGRESS_TABLE, EGRESS_NP, EGRESS_BASELINE, AFTER_EGRESS),
+        (INGRESS_TABLE, INGRESS_NP, INGRESS_BASELINE, AFTER_INGRESS),
+    ] {
+        let any = Match::any();
+        out.push(flow(admin, priority::PASS, any, Purpose::NoAdminDecision).action(goto(np)));
+        out.push(flow(np, priority::PASS, any, Purpose::NotIsolated).action(goto(baseline)));
+        out.push(
+            flow(baseline, priority::PASS, any, Purpose::NoBaselineDecision).action(goto(after)),
+        );
+    }
 }
 
 /// Table 60: the output port, into `reg1`.

@@ -72,7 +72,9 @@ fn endpoint_ips(cluster: &Cluster, e: &Endpoint) -> Result<Vec<IpAddr>, String> 
         Endpoint::Pod(k) => {
             let pod = cluster.pod(k).ok_or_else(|| format!("no pod {k}"))?;
             if pod.ips.is_empty() {
-                return Err(format!("pod {k} has no IP (not attached, no status.podIP)"));
+                return Err(format!(
+                    "pod {k} has no IP (not attached, no status.podIP; a host-network pod is its node: trace to the node's address)"
+                ));
             }
             Ok(pod.ips.clone())
         }

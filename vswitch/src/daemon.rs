@@ -59,7 +59,7 @@ impl Daemon {
         let (per_pod, per_namespace) = config.conntrack_limits();
         realiser.set_conntrack_limits(per_pod, per_namespace)?;
         if let Some(w) = watch.as_mut() {
-            crate::manifests::apply(&realiser, w.poll());
+            w.poll_into(&realiser);
         }
         let kubernetes = config.source == Source::Kubernetes;
         if kubernetes {

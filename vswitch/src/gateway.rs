@@ -96,8 +96,17 @@ pub fn write_cni_conf(path: &Path, socket: &Path, gateway: ipnet::IpNet) -> anyh
 /// server has one) plus the gateway's address and subnet and `node_addresses`,
 /// so traffic between the node and its pods is always allowed.
 pub fn own_node(config: &Config, api: Option<Node>) -> Node {
-    let mut node = api.unwrap_or(Node {
+    // Without a Node object, the labels every kubelet sets (what
+    // ClusterNetworkPolicy `nodes` peers commonly select on).
+    let mut node = api.unwrap_or_else(|| Node {
         name: config.node_name.clone(),
+        labels: [
+            ("kubernetes.io/hostname", config.node_name.as_str()),
+            ("kubernetes.io/os", "linux"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
         addresses: vec![],
         pod_cidrs: vec![],
     });

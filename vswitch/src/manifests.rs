@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use control::error_chain;
+use policy::cnp::ClusterPolicy;
 use policy::compile::Change;
 use policy::error::Error as PolicyError;
 use policy::manifest::{Manifests, files, load_str};
@@ -42,6 +43,7 @@ struct FileObjects {
     pods: BTreeMap<ObjectKey, Pod>,
     nodes: BTreeMap<String, Node>,
     policies: BTreeMap<ObjectKey, Policy>,
+    cluster_policies: BTreeMap<String, ClusterPolicy>,
 }
 
 impl From<&Manifests> for FileObjects {
@@ -62,6 +64,11 @@ impl From<&Manifests> for FileObjects {
                 .policies
                 .iter()
                 .map(|p| (p.key.clone(), p.clone()))
+                .collect(),
+            cluster_policies: m
+                .cluster_policies
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
                 .collect(),
         }
     }
@@ -86,6 +93,8 @@ pub struct ManifestWatch {
     signature: Vec<(PathBuf, Option<SystemTime>, u64)>,
     files: HashMap<PathBuf, FileObjects>,
     applied: FileObjects,
+    /// What the last scan rejected (shown by `flowctl dump-policies`).
+    rejected: policy::status::Rejections,
 }
 
 impl ManifestWatch {
@@ -109,6 +118,7 @@ impl ManifestWatch {
             signature: Vec::new(),
             files,
             applied: FileObjects::default(),
+            rejected: policy::status::Rejections::new(),
         }
     }
 
@@ -144,6 +154,7 @@ impl ManifestWatch {
         }
         self.signature = sig;
         let mut next_files = HashMap::new();
+        self.rejected.clear();
         for (path, _, _) in &self.signature {
             let previous = self.files.get(path).cloned().unwrap_or_default();
             let mut m = Manifests::default();
@@ -177,7 +188,22 @@ impl ManifestWatch {
                 next_files.insert(path.clone(), previous);
                 continue;
             }
+            for p in &m.cluster_policies {
+                for w in &p.warnings {
+                    log(format!(
+                        "{}: ClusterNetworkPolicy {}: {w}",
+                        path.display(),
+                        p.name
+                    ));
+                }
+            }
             let mut objs = FileObjects::from(&m);
+            for e in &m.errors {
+                if let Some((kind, object)) = rejected(e) {
+                    self.rejected
+                        .insert((kind.to_string(), object), error_chain(e));
+                }
+            }
             for (kind, object) in m.errors.iter().filter_map(rejected) {
                 match kind {
                     "NetworkPolicy" => {
@@ -192,6 +218,11 @@ impl ManifestWatch {
                             && let Some(p) = previous.pods.get(&k)
                         {
                             objs.pods.insert(k, p.clone());
+                        }
+                    }
+                    policy::cnp::KIND => {
+                        if let Some(p) = previous.cluster_policies.get(&object) {
+                            objs.cluster_policies.insert(object.clone(), p.clone());
                         }
                     }
                     "Namespace" => {
@@ -215,6 +246,7 @@ impl ManifestWatch {
             want.pods.extend(f.pods.clone());
             want.nodes.extend(f.nodes.clone());
             want.policies.extend(f.policies.clone());
+            want.cluster_policies.extend(f.cluster_policies.clone());
         }
         let mut changes = Vec::new();
         diff(
@@ -245,8 +277,22 @@ impl ManifestWatch {
             Change::Policy,
             Change::PolicyDeleted,
         );
+        diff(
+            &self.applied.cluster_policies,
+            &want.cluster_policies,
+            &mut changes,
+            Change::ClusterPolicy,
+            Change::ClusterPolicyDeleted,
+        );
         self.applied = want;
         changes
+    }
+
+    /// Polls and applies the changes to `realiser` as one generation, with
+    /// what was rejected (for `flowctl dump-policies`).
+    pub fn poll_into(&mut self, realiser: &Realiser) {
+        apply(realiser, self.poll());
+        realiser.set_rejections("manifests", self.rejected.clone());
     }
 
     /// Watches forever, applying changes to `realiser` as one generation each time.
@@ -289,7 +335,7 @@ impl ManifestWatch {
                 }
                 None => std::thread::sleep(every),
             }
-            apply(&realiser, self.poll());
+            self.poll_into(&realiser);
         }
     }
 }

@@ -178,6 +178,7 @@ impl Daemon {
             Request::Ports => answer(Ok::<_, String>(self.port_views())),
             Request::Trace { src, dst, l4 } => answer(self.realiser.trace(&src, &dst, l4)),
             Request::DumpFlows => answer(Ok::<_, String>(self.flow_views())),
+            Request::DumpPolicies => answer(Ok::<_, String>(self.realiser.policy_views())),
             Request::DumpConntrack { zone, filter } => {
                 answer(Ok::<_, String>(self.conn_views(zone, &filter)))
             }

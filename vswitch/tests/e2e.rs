@@ -966,7 +966,11 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
         .iter()
         .filter(|(k, n)| before.get(*k).copied().unwrap_or(0) < **n)
         .map(|(k, _)| k)
-        .filter(|k| k.contains("table=40,") || k.contains("table=50,"))
+        .filter(|k| {
+            ["40", "41", "42", "50", "51", "52"]
+                .iter()
+                .any(|t| k.contains(&format!("table={t},")))
+        })
         .collect();
     let allow = "obs/allow-client ingress rule 0";
     let deny = "default deny of obs/server (ingress)";
@@ -980,19 +984,22 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     );
     for k in &moved {
         assert!(
-            k.ends_with(allow) || k.ends_with(deny) || k.ends_with("policy: not isolated"),
+            k.ends_with(allow)
+                || k.ends_with(deny)
+                || k.ends_with("policy: not isolated")
+                || k.contains("tier rule decided"),
             "unexpected policy flow moved: {k}"
         );
     }
 
     // flowctl, live: flows with counters and rules, ports, connections, stats.
-    let text = flowctl(&socket, &["dump-flows", "--table", "50"]);
+    let text = flowctl(&socket, &["dump-flows", "--table", "51"]);
     assert!(
         text.lines()
             .any(|l| l.contains("n_packets=") && l.contains("duration=") && l.contains(allow)),
         "{text}"
     );
-    assert!(!text.contains("table=40,"), "--table filters: {text}");
+    assert!(!text.contains("table=50,"), "--table filters: {text}");
     let ports = flowctl(&socket, &["dump-ports"]);
     assert!(
         ports.starts_with("PORT") && ports.contains("obs/client"),

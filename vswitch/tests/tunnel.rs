@@ -35,6 +35,7 @@ fn switch() -> (
         name: "remote".into(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         pod_cidrs: vec!["10.9.0.0/24".parse().unwrap()],
+        ..Node::default()
     }))
     .unwrap();
     let (a, b) = (

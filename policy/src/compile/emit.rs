@@ -18,7 +18,7 @@ use super::matches::{family_type, ip_match, net_match, port_masks, subtract};
 use super::{HashMap, HashSet};
 use crate::cookie::CookieKind;
 use crate::model::{Cluster, Direction, ObjectKey, Pod, PortRef};
-use crate::tables::{AFTER_EGRESS, AFTER_INGRESS, EGRESS_TABLE, INGRESS_TABLE, priority};
+use crate::tables::{AFTER_EGRESS, AFTER_INGRESS, EGRESS_NP, INGRESS_NP, priority};
 
 /// The cookie of unit `id`.
 pub(crate) fn cookie_of(id: u32) -> Cookie {
@@ -43,8 +43,8 @@ pub(crate) struct Shape {
 
 pub(crate) fn shape(g: &GroupKey, f: Flags) -> Shape {
     let (table, next, sel_field, peer_field) = match g.direction {
-        Direction::Ingress => (INGRESS_TABLE, AFTER_INGRESS, Field::NwDst, Field::NwSrc),
-        Direction::Egress => (EGRESS_TABLE, AFTER_EGRESS, Field::NwSrc, Field::NwDst),
+        Direction::Ingress => (INGRESS_NP, AFTER_INGRESS, Field::NwDst, Field::NwSrc),
+        Direction::Egress => (EGRESS_NP, AFTER_EGRESS, Field::NwSrc, Field::NwDst),
     };
     let has_numeric = g
         .ports
@@ -250,8 +250,8 @@ pub(crate) fn compile_deny(
         return vec![];
     }
     let (table, field) = match direction {
-        Direction::Ingress => (INGRESS_TABLE, Field::NwDst),
-        Direction::Egress => (EGRESS_TABLE, Field::NwSrc),
+        Direction::Ingress => (INGRESS_NP, Field::NwDst),
+        Direction::Egress => (EGRESS_NP, Field::NwSrc),
     };
     pod.ips
         .iter()
@@ -265,23 +265,29 @@ pub(crate) fn compile_deny(
         .collect()
 }
 
+/// Own-node traffic: a pod a NetworkPolicy isolates may always talk to and
+/// from its node (kubelet probes). Only isolated pods: for the others the
+/// NetworkPolicy tier decides nothing, and the Baseline tier does.
 pub(crate) fn compile_node(cluster: &Cluster, node: &str, id: u32) -> Vec<FlowEntry> {
     let Some(n) = cluster.node(node) else {
         return vec![];
     };
-    let pod_ips: Vec<IpAddr> = cluster
-        .pods()
-        .filter(|p| p.node.as_deref() == Some(node))
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
-    if pod_ips.is_empty() || n.addresses.is_empty() {
+    if n.addresses.is_empty() {
         return vec![];
     }
     let mut out = Vec::new();
     for (dir, part) in [(Direction::Egress, 0), (Direction::Ingress, 1)] {
+        let pod_ips: Vec<IpAddr> = cluster
+            .pods()
+            .filter(|p| p.node.as_deref() == Some(node) && cluster.is_isolated(p, dir))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        if pod_ips.is_empty() {
+            continue;
+        }
         let (table, next, pod_field, node_field) = match dir {
-            Direction::Egress => (EGRESS_TABLE, AFTER_EGRESS, Field::NwSrc, Field::NwDst),
-            Direction::Ingress => (INGRESS_TABLE, AFTER_INGRESS, Field::NwDst, Field::NwSrc),
+            Direction::Egress => (EGRESS_NP, AFTER_EGRESS, Field::NwSrc, Field::NwDst),
+            Direction::Ingress => (INGRESS_NP, AFTER_INGRESS, Field::NwDst, Field::NwSrc),
         };
         let id = conj_id(id, part);
         let flow = |matcher, action| FlowEntry {

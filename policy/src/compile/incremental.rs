@@ -14,7 +14,9 @@ use super::emit::{compile_deny, compile_frame, compile_member, compile_node, mer
 use super::groups::{
     CanonNs, CanonPeer, GroupInfo, GroupKey, Resolver, Roles, in_block, roles, rule_refs,
 };
+use super::tier;
 use super::units::{DiffBuilder, State, Unit};
+use crate::cnp::ClusterPolicy;
 use crate::model::{Cluster, Direction, ObjectKey, Pod, Policy};
 /// Pending work of one change.
 #[derive(Default)]
@@ -184,6 +186,13 @@ fn recompile_unit(state: &mut State, cluster: &Cluster, u: &Unit, diff: Option<&
             let id = state.alloc(u);
             compile_node(cluster, n, id)
         }
+        Unit::Tier(r) => match cluster.cluster_policy(&r.policy) {
+            Some(p) if r.index < p.rules(r.direction).len() => {
+                let id = state.alloc(u);
+                tier::compile_tier_rule(cluster, p, r.direction, r.index, id)
+            }
+            _ => vec![],
+        },
     };
     merge_within(&mut flows);
     let frame = matches!(u, Unit::Frame(_));
@@ -199,10 +208,15 @@ fn recompile_unit(state: &mut State, cluster: &Cluster, u: &Unit, diff: Option<&
     state.alloc(u);
     state.install(u, flows, diff);
 }
+/// A NetworkPolicy of `namespace` changed: which of its pods are isolated may
+/// have too (their default denies, and their nodes' own-node allowances).
 pub(super) fn deny_units_in(cluster: &Cluster, namespace: &str, work: &mut Work) {
     for pod in cluster.pods_in(namespace) {
         for dir in [Direction::Ingress, Direction::Egress] {
             work.units.insert(Unit::Deny(pod.key.clone(), dir));
+        }
+        if let Some(node) = &pod.node {
+            work.units.insert(Unit::Node(node.clone()));
         }
     }
 }
@@ -228,6 +242,7 @@ pub(super) fn pod_work(
             work.units.insert(Unit::Node(node.clone()));
         }
     }
+    tier_pod_work(cluster, old, new, work);
     // Groups with a member rule whose policy selects the pod now.
     let mut selecting: HashSet<&Arc<GroupKey>> = HashSet::default();
     if let Some(pod) = new {
@@ -262,6 +277,49 @@ pub(super) fn pod_work(
         }
     }
 }
+/// The tier rules a pod change can touch: those whose subject or pod peers
+/// include it before or after.
+fn tier_pod_work(cluster: &Cluster, old: Option<&Pod>, new: Option<&Pod>, work: &mut Work) {
+    for p in cluster.cluster_policies() {
+        for r in tier::rule_refs(p) {
+            let rule = &p.rules(r.direction)[r.index];
+            if old
+                .into_iter()
+                .chain(new)
+                .any(|pod| tier::touches_pod(cluster, p, rule, pod))
+            {
+                work.units.insert(Unit::Tier(r));
+            }
+        }
+    }
+}
+
+/// The tier rules of a ClusterNetworkPolicy, before and after a change.
+pub(super) fn tier_policy_work(
+    old: Option<&ClusterPolicy>,
+    new: Option<&ClusterPolicy>,
+    work: &mut Work,
+) {
+    for p in old.into_iter().chain(new) {
+        work.units.extend(tier::rule_refs(p).map(Unit::Tier));
+    }
+}
+
+/// The tier rules whose peers select `pred` (nodes, or a DNS name).
+pub(super) fn tier_peer_work(
+    cluster: &Cluster,
+    pred: impl Fn(&crate::cnp::TierRule) -> bool,
+    work: &mut Work,
+) {
+    for p in cluster.cluster_policies() {
+        for r in tier::rule_refs(p) {
+            if pred(&p.rules(r.direction)[r.index]) {
+                work.units.insert(Unit::Tier(r));
+            }
+        }
+    }
+}
+
 pub(super) fn namespace_work(
     state: &State,
     cluster: &Cluster,
@@ -270,6 +328,15 @@ pub(super) fn namespace_work(
     work: &mut Work,
 ) {
     let after = cluster.namespace_labels(name);
+    for p in cluster.cluster_policies() {
+        for r in tier::rule_refs(p) {
+            let rule = &p.rules(r.direction)[r.index];
+            if tier::touches_namespace(p, rule, before) || tier::touches_namespace(p, rule, &after)
+            {
+                work.units.insert(Unit::Tier(r));
+            }
+        }
+    }
     for g in state.groups.keys() {
         let affected = g.peers.iter().flatten().any(|peer| match peer {
             CanonPeer::Pods {

@@ -1,4 +1,5 @@
-//! NetworkPolicy -> flows in tables 40 (egress) and 50 (ingress).
+//! NetworkPolicy -> flows in tables 41 (egress) and 51 (ingress);
+//! ClusterNetworkPolicy -> the Admin (40, 50) and Baseline (42, 52) tiers.
 //!
 //! Owns the translation and its bookkeeping. The unit of compilation is a *unit*
 //! ([`Provenance`]): one rule of one policy, one pod's default deny in one direction,
@@ -23,16 +24,19 @@ use std::fmt;
 
 use datapath::flow::{Cookie, FlowEntry, FlowIdentity};
 
+use crate::cnp::{ClusterPolicy, RuleAction, Tier};
 use crate::model::{Cluster, Direction, Namespace, Node, ObjectKey, Pod, Policy};
 
 mod emit;
 mod groups;
 mod incremental;
 mod matches;
+mod tier;
 mod units;
 
 pub(crate) use matches::net_match;
 pub use matches::{port_masks, subtract};
+pub use tier::TierRuleRef;
 
 use emit::cookie_of;
 use groups::RuleRef;
@@ -57,8 +61,22 @@ pub enum Provenance {
         pod: ObjectKey,
         direction: Direction,
     },
-    /// Traffic between a node and its own pods, always allowed.
+    /// Traffic between a node and its own pods, always allowed by the
+    /// NetworkPolicy tier.
     NodeTraffic { node: String },
+    /// Rule `index` of a ClusterNetworkPolicy (Admin or Baseline tier).
+    TierRule {
+        policy: String,
+        tier: Tier,
+        priority: u16,
+        direction: Direction,
+        index: usize,
+        /// The rule's name, when it has one.
+        name: Option<String>,
+        action: RuleAction,
+        /// Why it fails closed, when it does.
+        fail_closed: bool,
+    },
     /// A base-pipeline flow (classifier, spoofguard, ...).
     Pipeline(String),
 }
@@ -75,6 +93,30 @@ impl fmt::Display for Provenance {
                 write!(f, "default deny of {pod} ({direction})")
             }
             Provenance::NodeTraffic { node } => write!(f, "own-node traffic of {node}"),
+            Provenance::TierRule {
+                policy,
+                tier,
+                priority,
+                direction,
+                index,
+                name,
+                action,
+                fail_closed,
+            } => {
+                write!(
+                    f,
+                    "ClusterNetworkPolicy {policy} ({tier} tier, priority {priority}) {direction} rule "
+                )?;
+                match name {
+                    Some(n) => write!(f, "{n:?}")?,
+                    None => write!(f, "{index}")?,
+                }
+                write!(f, ": {action}")?;
+                if *fail_closed {
+                    f.write_str(" (fails closed: a peer or protocol not understood)")?;
+                }
+                Ok(())
+            }
             Provenance::Pipeline(what) => f.write_str(what),
         }
     }
@@ -109,6 +151,14 @@ pub enum Change {
     NodeDeleted(String),
     Policy(Policy),
     PolicyDeleted(ObjectKey),
+    ClusterPolicy(ClusterPolicy),
+    ClusterPolicyDeleted(String),
+    /// The addresses a DNS name resolves to now (learned from the pods' DNS
+    /// answers; an empty set: expired). What `domainNames` peers match.
+    Resolved {
+        name: String,
+        addresses: std::collections::BTreeSet<std::net::IpAddr>,
+    },
 }
 
 impl Change {
@@ -123,6 +173,11 @@ impl Change {
             Change::NodeDeleted(n) => format!("node {n} deleted"),
             Change::Policy(p) => format!("networkpolicy {}", p.key),
             Change::PolicyDeleted(k) => format!("networkpolicy {k} deleted"),
+            Change::ClusterPolicy(p) => format!("clusternetworkpolicy {}", p.name),
+            Change::ClusterPolicyDeleted(n) => format!("clusternetworkpolicy {n} deleted"),
+            Change::Resolved { name, addresses } => {
+                format!("dns {name}: {} addresses", addresses.len())
+            }
         }
     }
 }
@@ -156,6 +211,9 @@ impl Compiler {
         for n in c.cluster.nodes() {
             work.units.insert(Unit::Node(n.name.clone()));
         }
+        for p in c.cluster.cluster_policies() {
+            work.units.extend(tier::rule_refs(p).map(Unit::Tier));
+        }
         incremental::run(&mut c.state, &c.cluster, work, None);
         c
     }
@@ -184,7 +242,22 @@ impl Compiler {
                 direction: *direction,
             }),
             Unit::Node(node) => Some(Provenance::NodeTraffic { node: node.clone() }),
+            Unit::Tier(r) => self.tier_provenance(r),
         }
+    }
+    fn tier_provenance(&self, r: &TierRuleRef) -> Option<Provenance> {
+        let p = self.cluster.cluster_policy(&r.policy)?;
+        let rule = p.rules(r.direction).get(r.index)?;
+        Some(Provenance::TierRule {
+            policy: p.name.clone(),
+            tier: p.tier,
+            priority: p.priority,
+            direction: r.direction,
+            index: r.index,
+            name: rule.name.clone(),
+            action: rule.action,
+            fail_closed: rule.fail_closed.is_some(),
+        })
     }
     /// Where a cookie came from; for flows shared by equivalent rules, the first
     /// of them (see [`Compiler::rules`]).
@@ -237,6 +310,16 @@ impl Compiler {
             }
             Provenance::DefaultDeny { pod, direction } => Unit::Deny(pod.clone(), *direction),
             Provenance::NodeTraffic { node } => Unit::Node(node.clone()),
+            Provenance::TierRule {
+                policy,
+                direction,
+                index,
+                ..
+            } => Unit::Tier(TierRuleRef {
+                policy: policy.clone(),
+                direction: *direction,
+                index: *index,
+            }),
             Provenance::Pipeline(_) => return None,
         };
         self.state.units.get(&unit).map(|u| cookie_of(u.id))
@@ -302,10 +385,12 @@ impl Compiler {
             Change::Node(node) => {
                 work.units.insert(Unit::Node(node.name.clone()));
                 self.cluster.upsert_node(node);
+                incremental::tier_peer_work(&self.cluster, tier::has_node_peers, &mut work);
             }
             Change::NodeDeleted(name) => {
                 self.cluster.remove_node(&name);
                 work.units.insert(Unit::Node(name));
+                incremental::tier_peer_work(&self.cluster, tier::has_node_peers, &mut work);
             }
             Change::Policy(p) => {
                 let key = p.key.clone();
@@ -317,6 +402,24 @@ impl Compiler {
                 let old = self.cluster.remove_policy(&key);
                 incremental::regroup(&mut self.state, old.as_ref(), None, &mut work);
                 incremental::deny_units_in(&self.cluster, &key.namespace, &mut work);
+            }
+            Change::ClusterPolicy(p) => {
+                let old = self.cluster.upsert_cluster_policy(p.clone());
+                incremental::tier_policy_work(old.as_ref(), Some(&p), &mut work);
+            }
+            Change::ClusterPolicyDeleted(name) => {
+                let old = self.cluster.remove_cluster_policy(&name);
+                incremental::tier_policy_work(old.as_ref(), None, &mut work);
+            }
+            Change::Resolved { name, addresses } => {
+                let before = self.cluster.set_resolved(&name, addresses.clone());
+                if before != addresses {
+                    incremental::tier_peer_work(
+                        &self.cluster,
+                        |r| tier::touches_name(r, &name),
+                        &mut work,
+                    );
+                }
             }
         }
         let mut diff = units::DiffBuilder::default();

@@ -13,6 +13,7 @@ use smallvec::SmallVec;
 
 use super::emit::conj_key;
 use super::groups::{GroupInfo, GroupKey, RuleRef};
+use super::tier::TierRuleRef;
 use super::{FlowDiff, HashMap};
 use crate::cookie::CookieKind;
 use crate::model::{Direction, ObjectKey};
@@ -25,6 +26,8 @@ pub(crate) enum Unit {
     Member(Arc<GroupKey>, ObjectKey),
     Deny(ObjectKey, Direction),
     Node(String),
+    /// One rule of a ClusterNetworkPolicy.
+    Tier(TierRuleRef),
 }
 
 #[derive(Debug, Clone)]

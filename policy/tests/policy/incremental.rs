@@ -9,6 +9,7 @@ use datapath::ofctl::format_match;
 use datapath::{FlowTables, Time};
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use policy::cnp::{ClusterPolicy, DomainName, RuleAction, Subject, Tier, TierPeer, TierRule};
 use policy::compile::{Change, Compiler};
 use policy::model::{
     NamedPort, Namespace, Node, NsSel, ObjectKey, Peer, Pod, Policy, PortRef, PortSpec, Protocol,
@@ -238,13 +239,105 @@ fn arb_change() -> impl Strategy<Value = Change> {
             Change::Namespace(Namespace { name, labels })
         }),
         1 => (0u8..3).prop_map(|ns| Change::NamespaceDeleted(["a", "b", "c"][ns as usize].to_string())),
-        1 => (0u8..2).prop_map(|n| Change::Node(Node {
+        1 => (0u8..2, any::<bool>()).prop_map(|(n, red)| Change::Node(Node {
             name: format!("n{n}"),
+            labels: if red { BTreeMap::from([("team".to_string(), "red".to_string())]) } else { BTreeMap::new() },
             addresses: vec![format!("192.168.0.{}", n + 1).parse().unwrap()],
             pod_cidrs: vec![],
         })),
+        3 => arb_cluster_policy().prop_map(Change::ClusterPolicy),
+        1 => (0u8..3).prop_map(|n| Change::ClusterPolicyDeleted(format!("c{n}"))),
+        1 => (0u8..2, prop::collection::btree_set(0u8..3, 0..3)).prop_map(|(n, ips)| Change::Resolved {
+            name: ["api.example.com", "example.org"][n as usize].into(),
+            addresses: ips.into_iter().map(|i| format!("203.0.113.{i}").parse().unwrap()).collect(),
+        }),
         1 => (0u8..2).prop_map(|n| Change::NodeDeleted(format!("n{n}"))),
     ]
+}
+
+fn arb_tier_peer() -> impl Strategy<Value = TierPeer> {
+    prop_oneof![
+        (arb_ns_selector(), arb_selector())
+            .prop_map(|(namespaces, pods)| TierPeer::Pods { namespaces, pods }),
+        prop_oneof![Just(sel(&[], None)), Just(sel(&[("team", "red")], None))]
+            .prop_map(TierPeer::Nodes),
+        (0u8..3)
+            .prop_map(|ns| TierPeer::Networks(vec![format!("10.{ns}.0.0/16").parse().unwrap()])),
+        any::<bool>().prop_map(|w| TierPeer::Domains(vec![
+            DomainName::parse(if w { "*.example.com" } else { "example.org" }).unwrap()
+        ])),
+    ]
+}
+
+fn arb_tier_rule() -> impl Strategy<Value = TierRule> {
+    (
+        prop::sample::select(vec![RuleAction::Accept, RuleAction::Deny, RuleAction::Pass]),
+        prop::collection::vec(arb_tier_peer(), 1..3),
+        prop::option::of(prop::collection::vec(arb_port(), 1..3)),
+        0u8..8,
+    )
+        .prop_map(|(action, peers, ports, fail)| {
+            let named = ports
+                .iter()
+                .flatten()
+                .any(|p| matches!(p.port, PortRef::Named(_)));
+            let mut peers = peers;
+            // The API's rules: named ports only with pod peers, domain names only in Accept.
+            if named {
+                peers.retain(|p| matches!(p, TierPeer::Pods { .. }));
+            }
+            if action != RuleAction::Accept {
+                peers.retain(|p| !matches!(p, TierPeer::Domains(_)));
+            }
+            if peers.is_empty() {
+                peers.push(TierPeer::Pods {
+                    namespaces: sel(&[], None),
+                    pods: sel(&[], None),
+                });
+            }
+            TierRule {
+                name: None,
+                action,
+                peers,
+                ports,
+                fail_closed: (fail == 0).then(|| "test: a peer not understood".to_string()),
+            }
+        })
+}
+
+fn arb_cluster_policy() -> impl Strategy<Value = ClusterPolicy> {
+    (
+        0u8..3,
+        any::<bool>(),
+        0u16..3,
+        arb_ns_selector(),
+        arb_selector(),
+        prop::collection::vec(arb_tier_rule(), 0..3),
+        prop::collection::vec(arb_tier_rule(), 0..3),
+    )
+        .prop_map(
+            |(n, admin, priority, namespaces, pods, ingress, egress)| ClusterPolicy {
+                name: format!("c{n}"),
+                tier: if admin { Tier::Admin } else { Tier::Baseline },
+                priority,
+                subject: Subject { namespaces, pods },
+                ingress: ingress
+                    .into_iter()
+                    .map(|mut r| {
+                        r.peers.retain(|p| matches!(p, TierPeer::Pods { .. }));
+                        if r.peers.is_empty() {
+                            r.peers.push(TierPeer::Pods {
+                                namespaces: sel(&[], None),
+                                pods: sel(&[], None),
+                            });
+                        }
+                        r
+                    })
+                    .collect(),
+                egress,
+                warnings: vec![],
+            },
+        )
 }
 
 proptest! {

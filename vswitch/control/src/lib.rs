@@ -53,6 +53,9 @@ pub enum Request {
     },
     /// Flows with counters and the rule each comes from: [`view::FlowView`]s.
     DumpFlows,
+    /// Every policy (NetworkPolicy, ClusterNetworkPolicy) in force or
+    /// rejected, with its tier, rules and flow counts: [`view::PolicyView`]s.
+    DumpPolicies,
     /// Tracked connections, optionally of one zone, that pass `filter`:
     /// [`view::ConnView`]s.
     DumpConntrack {

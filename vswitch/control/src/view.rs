@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use policy::explain::TraceView;
+pub use policy::status::{PolicyView, RuleView};
 
 /// The answer to hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 //! generation ([`Published`]); packet threads read nothing else. Until a port is
 //! attached and its flows published, its frames are dropped (fail closed).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +22,7 @@ use policy::explain::{TraceView, Traced, Verdict};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, assemble, base_flows};
 use policy::probe::{Endpoint, L4};
+use policy::status::{PolicyView, Rejections};
 
 use crate::forwarder::{Clock, PortSet, Published};
 use crate::port::{Port, PortCounters};
@@ -101,6 +102,8 @@ pub struct PortInfo {
 pub struct Realiser {
     published: Arc<Published>,
     state: Mutex<State>,
+    /// Policies a source rejected, per source, with the reason.
+    rejections: Mutex<BTreeMap<&'static str, Rejections>>,
 }
 
 impl Realiser {
@@ -159,7 +162,30 @@ impl Realiser {
                 owners: HashMap::new(),
                 ns_owners: HashMap::new(),
             }),
+            rejections: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Records what `source` rejects now (replacing what it rejected before).
+    pub fn set_rejections(&self, source: &'static str, rejected: Rejections) {
+        self.rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(source, rejected);
+    }
+
+    /// Every policy in force and every rejected one, with its status.
+    pub fn policy_views(&self) -> Vec<PolicyView> {
+        let mut all = Rejections::new();
+        for r in self
+            .rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+        {
+            all.extend(r.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        policy::status::views(&self.state().compiler, &all)
     }
 
     /// What packet threads read: the datapath, the port set, the clock.

@@ -1,0 +1,174 @@
+//! Realisation status of every policy: in force (with its rules and flows) or
+//! rejected (with the reason).
+//!
+//! Owns the one view `flowctl dump-policies` prints, offline and live, and the
+//! record of rejected objects the sources (manifest directory, Kubernetes
+//! watcher) keep. No I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::compile::{Compiler, Provenance};
+use crate::model::Direction;
+
+/// NetworkPolicy's kind, as views name it.
+pub const NETWORK_POLICY: &str = "NetworkPolicy";
+
+/// One policy as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// `NetworkPolicy` or `ClusterNetworkPolicy`.
+    pub kind: String,
+    /// `namespace/name` for a NetworkPolicy, `name` for a ClusterNetworkPolicy.
+    pub name: String,
+    /// `Admin`, `NetworkPolicy` or `Baseline`: where it is evaluated.
+    pub tier: String,
+    pub priority: Option<u16>,
+    /// `accepted` (in force) or `rejected`.
+    pub status: String,
+    /// Why it was rejected; with a version in force, that version stays.
+    pub message: Option<String>,
+    /// What it has that this switch fails closed on.
+    pub warnings: Vec<String>,
+    pub rules: Vec<RuleView>,
+    /// Flows compiled for it (a flow shared by equivalent rules counts for each).
+    pub flows: usize,
+}
+
+/// One rule of a policy in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    pub direction: String,
+    pub index: usize,
+    pub name: Option<String>,
+    /// `Accept`, `Deny`, `Pass`, or `Allow` for a NetworkPolicy rule.
+    pub action: String,
+    pub flows: usize,
+}
+
+/// Objects a source rejected: (kind, name) -> reason.
+pub type Rejections = BTreeMap<(String, String), String>;
+
+/// The status of every policy in force in `compiler` and every rejected one.
+pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
+    // Flows per rule.
+    let mut per_rule: HashMap<Provenance, usize> = HashMap::new();
+    for f in compiler.flows() {
+        for p in compiler.rules(f.cookie) {
+            *per_rule.entry(p).or_default() += 1;
+        }
+    }
+    let cluster = compiler.cluster();
+    let mut out = Vec::new();
+    let message = |kind: &str, name: &str| {
+        rejected
+            .get(&(kind.to_string(), name.to_string()))
+            .map(|r| format!("{r} (the last good version stays in force)"))
+    };
+    for p in cluster.cluster_policies() {
+        let mut rules = Vec::new();
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for (index, r) in p.rules(dir).iter().enumerate() {
+                let prov = Provenance::TierRule {
+                    policy: p.name.clone(),
+                    tier: p.tier,
+                    priority: p.priority,
+                    direction: dir,
+                    index,
+                    name: r.name.clone(),
+                    action: r.action,
+                    fail_closed: r.fail_closed.is_some(),
+                };
+                let flows = per_rule.get(&prov).copied().unwrap_or(0);
+                rules.push(RuleView {
+                    direction: dir.to_string(),
+                    index,
+                    name: r.name.clone(),
+                    action: r.action.to_string(),
+                    flows,
+                });
+            }
+        }
+        let message = message(crate::cnp::KIND, &p.name);
+        out.push(PolicyView {
+            kind: crate::cnp::KIND.into(),
+            name: p.name.clone(),
+            tier: p.tier.to_string(),
+            priority: Some(p.priority),
+            status: if message.is_some() {
+                "rejected"
+            } else {
+                "accepted"
+            }
+            .into(),
+            flows: rules.iter().map(|r| r.flows).sum(),
+            message,
+            warnings: p.warnings.clone(),
+            rules,
+        });
+    }
+    for p in cluster.policies() {
+        let mut rules = Vec::new();
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for index in 0..p.rules(dir).map_or(0, <[_]>::len) {
+                let prov = Provenance::Rule {
+                    policy: p.key.clone(),
+                    direction: dir,
+                    index,
+                };
+                rules.push(RuleView {
+                    direction: dir.to_string(),
+                    index,
+                    name: None,
+                    action: "Allow".into(),
+                    flows: per_rule.get(&prov).copied().unwrap_or(0),
+                });
+            }
+        }
+        let name = p.key.to_string();
+        let message = message(NETWORK_POLICY, &name);
+        out.push(PolicyView {
+            kind: NETWORK_POLICY.into(),
+            tier: NETWORK_POLICY.into(),
+            priority: None,
+            status: if message.is_some() {
+                "rejected"
+            } else {
+                "accepted"
+            }
+            .into(),
+            flows: rules.iter().map(|r| r.flows).sum(),
+            message,
+            warnings: vec![],
+            rules,
+            name,
+        });
+    }
+    // Rejected, with no version in force.
+    for ((kind, name), reason) in rejected {
+        let in_force = out.iter().any(|v| &v.kind == kind && &v.name == name);
+        if in_force || (kind != NETWORK_POLICY && kind != crate::cnp::KIND) {
+            continue;
+        }
+        out.push(PolicyView {
+            kind: kind.clone(),
+            name: name.clone(),
+            tier: String::new(),
+            priority: None,
+            status: "rejected".into(),
+            message: Some(reason.clone()),
+            warnings: vec![],
+            rules: vec![],
+            flows: 0,
+        });
+    }
+    let rank = |v: &PolicyView| match v.tier.as_str() {
+        "Admin" => 0,
+        NETWORK_POLICY => 1,
+        "Baseline" => 2,
+        _ => 3,
+    };
+    out.sort_by(|a, b| (rank(a), a.priority, &a.name).cmp(&(rank(b), b.priority, &b.name)));
+    out
+}
