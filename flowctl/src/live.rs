@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
-use control::view::{ConnView, FlowView, PolicyView, PortView, StatsView};
+use control::view::{ConnView, DnsView, FlowView, PolicyView, PortView, StatsView};
 
 use crate::render::{BOLD, DIM, paint};
 
@@ -444,4 +444,21 @@ pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
         }
     }
     out
+}
+
+/// Learned names, one row per address.
+pub fn dns_text(names: &[DnsView], color: bool) -> String {
+    let rows: Vec<Vec<String>> = names
+        .iter()
+        .flat_map(|n| {
+            n.addresses.iter().map(|a| {
+                vec![
+                    n.name.clone(),
+                    a.address.to_string(),
+                    a.expires_in_s.to_string(),
+                ]
+            })
+        })
+        .collect();
+    table(color, &["NAME", "ADDRESS", "EXPIRES_IN_S"], &rows)
 }

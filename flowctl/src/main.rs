@@ -19,7 +19,7 @@ use policy::offline::Offline;
 use policy::probe::L4;
 
 use control::view::{
-    ConnView, Deleted, FlowView, HealthView, PolicyView, PortView, StatsView, TraceView,
+    ConnView, Deleted, DnsView, FlowView, HealthView, PolicyView, PortView, StatsView, TraceView,
 };
 use control::{Client, ConnFilter, DEFAULT_SOCKET, Request, error_chain};
 use policy::status::Rejections;
@@ -67,6 +67,9 @@ enum Command {
     /// Baseline ClusterNetworkPolicies): in force or rejected and why, rules,
     /// flows, and what fails closed.
     DumpPolicies,
+    /// Names learned from the pods' DNS answers (for ClusterNetworkPolicy
+    /// `domainNames` peers), with their addresses and expiry (live).
+    DumpDns,
     /// Trace a new connection: `tcp,src=NS/POD,dst=NS/POD|IP,tp_dst=PORT`.
     Trace {
         /// Packet: protocol (tcp|udp|sctp|icmp), src=, dst=, tp_dst=.
@@ -202,6 +205,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             render::reachability(&offline, l4, json, color)
         }
         Command::DumpPorts
+        | Command::DumpDns
         | Command::Health
         | Command::DumpConntrack { .. }
         | Command::Stats
@@ -267,6 +271,14 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 pretty(&v)
             } else {
                 render::trace_text(&v, color)
+            }
+        }
+        Command::DumpDns => {
+            let v: Vec<DnsView> = typed(ask(&Request::DumpDns)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::dns_text(&v, color)
             }
         }
         Command::DumpPorts => {

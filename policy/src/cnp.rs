@@ -205,6 +205,14 @@ pub struct ClusterPolicy {
 }
 
 impl ClusterPolicy {
+    /// Whether a rule has `domainNames` peers (the switch then learns from
+    /// DNS answers).
+    pub fn has_domain_peers(&self) -> bool {
+        self.egress
+            .iter()
+            .any(|r| r.peers.iter().any(|p| matches!(p, TierPeer::Domains(_))))
+    }
+
     pub fn rules(&self, dir: Direction) -> &[TierRule] {
         match dir {
             Direction::Ingress => &self.ingress,

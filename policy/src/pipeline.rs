@@ -58,6 +58,10 @@ pub struct Topology {
     /// Nothing is forwarded (the cluster state is not known yet): every port
     /// is unknown to the classifier.
     pub sealed: bool,
+    /// DNS answers to pods are copied to the control plane (a
+    /// ClusterNetworkPolicy has `domainNames` peers: it learns what they
+    /// resolve to).
+    pub snoop_dns: bool,
 }
 
 /// What a base-pipeline flow is for; its cookie says it (the payload is the
@@ -91,10 +95,11 @@ pub enum Purpose {
     Sealed,
     NoAdminDecision,
     NoBaselineDecision,
+    DnsAnswer,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 27] = [
+    const ALL: [Purpose; 28] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -122,6 +127,7 @@ impl Purpose {
         Purpose::Sealed,
         Purpose::NoAdminDecision,
         Purpose::NoBaselineDecision,
+        Purpose::DnsAnswer,
     ];
 
     /// In words, as traces and dumps show it.
@@ -162,6 +168,7 @@ impl Purpose {
             }
             Purpose::NoAdminDecision => "policy: no Admin tier rule decided, on to NetworkPolicy",
             Purpose::NoBaselineDecision => "policy: no Baseline tier rule decided: allowed",
+            Purpose::DnsAnswer => "output: a DNS answer to a pod, copied for domainNames peers",
         }
     }
 
@@ -646,8 +653,26 @@ fn output(topo: &Topology, out: &mut Vec<FlowEntry>) {
         .map(|p| p.port)
         .chain(topo.gateway.iter().map(|g| g.port))
         .chain(topo.tunnels.iter().map(|t| t.port));
+    let pod_ports: Vec<PortNo> = topo.pods.iter().map(|p| p.port).collect();
     for port in ports {
         let m = Match::any().with(Field::Reg(1), port.0.into());
+        // A DNS answer (UDP from port 53) to a pod, in a connection the pod
+        // opened: delivered, and copied to the control plane, which learns
+        // what names resolve to (for `domainNames` peers).
+        if topo.snoop_dns && pod_ports.contains(&port) {
+            for dl in [ether_type::IPV4, ether_type::IPV6] {
+                let dns = m
+                    .with(Field::DlType, dl.into())
+                    .with(Field::NwProto, 17)
+                    .with(Field::TpSrc, 53)
+                    .with_masked(Field::CtState, 0x28, 0x29);
+                out.push(
+                    flow(OUTPUT, 95, dns, Purpose::DnsAnswer)
+                        .action(Action::Controller)
+                        .action(Action::Output(port)),
+                );
+            }
+        }
         if topo.gateway.is_some() {
             out.push(
                 flow(
@@ -748,5 +773,6 @@ pub fn offline_topology(cluster: &Cluster) -> Topology {
         service_cidrs: vec![],
         zone: 1,
         sealed: false,
+        snoop_dns: false,
     }
 }

@@ -59,6 +59,10 @@ pub struct Config {
     /// The audit log of denied (and optionally allowed) new connections.
     #[serde(default)]
     pub audit: Option<AuditConfig>,
+    /// DNS snooping for ClusterNetworkPolicy `domainNames` peers: which
+    /// servers' answers are trusted, and how long learned addresses last.
+    #[serde(default)]
+    pub dns: crate::dns::DnsConfig,
     /// Where the cluster state comes from: the manifest directory
     /// (`"manifests"`, standalone) or the Kubernetes API server (`"kubernetes"`).
     #[serde(default)]

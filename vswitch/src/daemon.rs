@@ -63,8 +63,9 @@ impl Daemon {
         }
         let kubernetes = config.source == Source::Kubernetes;
         if kubernetes {
-            // Nothing is forwarded until Namespaces, Pods, Nodes and
-            // NetworkPolicies have all been listed and compiled: a policy list
+            // Nothing is forwarded until Namespaces, Pods, Nodes,
+            // NetworkPolicies and ClusterNetworkPolicies (or the API server's
+            // 404: no CRD) have all been listed and compiled: a policy list
             // that is slow or failing never means "no policy" (fail closed).
             realiser.set_sealed(true)?;
             // Until a pod's object arrives from the API server its labels are

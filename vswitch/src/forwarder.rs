@@ -102,7 +102,15 @@ pub struct Published {
 pub struct Forwarder {
     published: Arc<Published>,
     events: OnceLock<EventSink>,
+    /// Frames a flow sent to the control plane (`controller`): DNS answers.
+    punts: OnceLock<PuntSink>,
     stop: AtomicBool,
+}
+
+#[derive(Debug)]
+struct PuntSink {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    lost: AtomicU64,
 }
 
 impl Forwarder {
@@ -110,8 +118,36 @@ impl Forwarder {
         Arc::new(Forwarder {
             published,
             events: OnceLock::new(),
+            punts: OnceLock::new(),
             stop: AtomicBool::new(false),
         })
+    }
+
+    /// Sends copies of the frames flows send to the control plane to the
+    /// returned receiver (at most `capacity` waiting; beyond, they are
+    /// counted lost and the frame is still forwarded). Once only.
+    pub fn punted_frames(&self, capacity: usize) -> Option<std::sync::mpsc::Receiver<Vec<u8>>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        self.punts
+            .set(PuntSink {
+                tx,
+                lost: AtomicU64::new(0),
+            })
+            .ok()
+            .map(|()| rx)
+    }
+
+    /// Punted frames dropped because their consumer fell behind.
+    pub fn punts_lost(&self) -> u64 {
+        self.punts.get().map_or(0, |p| p.lost.load(Relaxed))
+    }
+
+    fn punt(&self, frame: &[u8]) {
+        if let Some(sink) = self.punts.get()
+            && sink.tx.try_send(frame.to_vec()).is_err()
+        {
+            sink.lost.fetch_add(1, Relaxed);
+        }
     }
 
     /// Sends connection events to the returned receiver from now on (at most
@@ -289,7 +325,11 @@ impl Lane {
         if verdict.held {
             return;
         }
+        let punt = verdict.punt;
         let outputs: SmallVec<[PortNo; 4]> = verdict.outputs.iter().copied().collect();
+        if punt {
+            self.fwd.punt(&self.buf[start..end]);
+        }
         if !verdict.fragments.is_empty() {
             // A reassembled datagram was decided: its fragments go out, each
             // on its own (they need no offload header, and get a blank one).

@@ -1,5 +1,6 @@
-//! The Kubernetes source: Namespaces, Pods, Nodes and NetworkPolicies from the
-//! API server, into the same cluster model as the manifest directory.
+//! The Kubernetes source: Namespaces, Pods, Nodes, NetworkPolicies and
+//! ClusterNetworkPolicies from the API server, into the same cluster model as
+//! the manifest directory.
 //!
 //! Owns the watchers (kube-runtime: list, then watch from the list's
 //! resourceVersion; relists after a dropped watch that cannot resume or a 410
@@ -9,6 +10,13 @@
 //! and published. While the API server is unreachable the last known state stays
 //! in force. Objects the API server hands us that fail validation are reported
 //! and their last good version stays in force.
+//!
+//! ClusterNetworkPolicy is a CRD (upstream's release installs it). Without it
+//! the API server answers 404: that means "no admin policy", reported once,
+//! and the watcher keeps trying, so installing it later takes effect. Each
+//! ClusterNetworkPolicy's realisation is written to its `status.conditions`
+//! (`vswitch.io/Accepted`: accepted, accepted with rules that fail closed, or
+//! rejected with the reason), the same on every node.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,8 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use futures_util::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use policy::cnp::ClusterPolicy;
 use policy::compile::Change;
 use policy::model::{Namespace, Node, ObjectKey, Pod, Policy};
 
@@ -28,16 +38,51 @@ use crate::config::Config;
 use crate::gateway::own_node;
 use crate::realiser::Realiser;
 
-/// One event from any of the four watchers (boxed: API objects are large).
+/// ClusterNetworkPolicy as the API server serves it. The spec stays raw JSON
+/// here: [`policy::cnp::ClusterPolicy::from_value`] validates it strictly,
+/// naming fields, and fails closed on peers it does not understand, which a
+/// typed spec would silently drop.
+#[derive(kube::CustomResource, serde::Deserialize, serde::Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "policy.networking.k8s.io",
+    version = "v1alpha2",
+    kind = "ClusterNetworkPolicy",
+    plural = "clusternetworkpolicies",
+    status = "ClusterNetworkPolicyStatus",
+    schema = "disabled"
+)]
+pub struct ClusterNetworkPolicySpec {
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What the switch reports on a ClusterNetworkPolicy.
+#[derive(serde::Deserialize, serde::Serialize, Clone, Debug, Default, PartialEq)]
+pub struct ClusterNetworkPolicyStatus {
+    #[serde(default)]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+/// The condition type vswitchd writes.
+pub const CONDITION: &str = "vswitch.io/Accepted";
+
+/// One event from any of the watchers (boxed: API objects are large).
 enum Event {
     Namespace(Box<watcher::Result<watcher::Event<ApiNamespace>>>),
     Pod(Box<watcher::Result<watcher::Event<ApiPod>>>),
     Node(Box<watcher::Result<watcher::Event<ApiNode>>>),
     Policy(Box<watcher::Result<watcher::Event<NetworkPolicy>>>),
+    ClusterPolicy(Box<watcher::Result<watcher::Event<ClusterNetworkPolicy>>>),
 }
 
 /// The kinds, in the order of `Mirror::synced`.
-const KINDS: [&str; 4] = ["Namespace", "Pod", "Node", "NetworkPolicy"];
+const KINDS: [&str; 5] = [
+    "Namespace",
+    "Pod",
+    "Node",
+    "NetworkPolicy",
+    "ClusterNetworkPolicy",
+];
 
 /// Objects of one kind as applied, plus the buffer of a relist in progress.
 #[derive(Debug)]
@@ -110,7 +155,15 @@ struct Mirror {
     pods: Kind<ObjectKey, Pod>,
     nodes: Kind<String, Node>,
     policies: Kind<ObjectKey, Policy>,
-    synced: [bool; 4],
+    cluster_policies: Kind<String, ClusterPolicy>,
+    synced: [bool; 5],
+    /// Objects rejected now, for `flowctl dump-policies`.
+    rejected: policy::status::Rejections,
+    /// The status each ClusterNetworkPolicy should show: (accepted, reason,
+    /// message), by name, with the generation it was computed for.
+    status: BTreeMap<String, (Option<i64>, Condition)>,
+    /// The CRD was missing at the last list (reported once).
+    crd_missing: bool,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -136,7 +189,7 @@ fn fold<A, K: Ord + Clone, V: PartialEq + Clone>(
     kind: &mut Kind<K, V>,
     synced: &mut bool,
     event: watcher::Event<A>,
-    conv: impl Fn(&A) -> (K, Option<V>),
+    mut conv: impl FnMut(&A) -> (K, Option<V>),
     fill: impl FnOnce(&mut BTreeMap<K, V>),
     upsert: impl Fn(V) -> Change,
     delete: impl Fn(K) -> Change,
@@ -168,7 +221,14 @@ fn fold<A, K: Ord + Clone, V: PartialEq + Clone>(
 impl Mirror {
     /// Folds one watcher event into `out`.
     fn handle(&mut self, config: &Config, event: Event, out: &mut Vec<Change>) {
-        let [ns_synced, pods_synced, nodes_synced, policies_synced] = &mut self.synced;
+        let [
+            ns_synced,
+            pods_synced,
+            nodes_synced,
+            policies_synced,
+            cluster_synced,
+        ] = &mut self.synced;
+        let rejected = &mut self.rejected;
         match event {
             Event::Namespace(e) => match *e {
                 Ok(e) => fold(
@@ -250,7 +310,14 @@ impl Mirror {
                     e,
                     |o: &NetworkPolicy| {
                         let key = key_of(&o.metadata);
-                        let v = checked("NetworkPolicy", &key.to_string(), Policy::from_api(o));
+                        let r = Policy::from_api(o);
+                        note(
+                            rejected,
+                            "NetworkPolicy",
+                            &key.to_string(),
+                            r.as_ref().err(),
+                        );
+                        let v = checked("NetworkPolicy", &key.to_string(), r);
                         (key, v)
                     },
                     |_| {},
@@ -260,8 +327,144 @@ impl Mirror {
                 ),
                 Err(e) => watch_error(KINDS[3], &e),
             },
+            Event::ClusterPolicy(e) => match *e {
+                Ok(e) => {
+                    let status = &mut self.status;
+                    if matches!(e, watcher::Event::InitDone) && self.crd_missing {
+                        tracing::info!("ClusterNetworkPolicy CRD found: admin tiers enforced");
+                        self.crd_missing = false;
+                    }
+                    if let watcher::Event::Delete(o) = &e {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        status.remove(&name);
+                        rejected.remove(&(policy::cnp::KIND.to_string(), name));
+                    }
+                    fold(
+                        &mut self.cluster_policies,
+                        cluster_synced,
+                        e,
+                        |o: &ClusterNetworkPolicy| {
+                            let name = o.metadata.name.clone().unwrap_or_default();
+                            let r = serde_json::to_value(o)
+                                .map_err(|e| policy::error::Error::Invalid {
+                                    kind: policy::cnp::KIND,
+                                    object: name.clone(),
+                                    source: policy::error::FieldError::new(
+                                        "(object)",
+                                        e.to_string(),
+                                    ),
+                                })
+                                .and_then(|v| ClusterPolicy::from_value(&v));
+                            note(rejected, policy::cnp::KIND, &name, r.as_ref().err());
+                            status.insert(
+                                name.clone(),
+                                (o.metadata.generation, condition_for(o, r.as_ref())),
+                            );
+                            if let Ok(p) = &r {
+                                for w in &p.warnings {
+                                    tracing::warn!(object = %name, warning = %w, "ClusterNetworkPolicy: fails closed");
+                                }
+                            }
+                            (name.clone(), checked(policy::cnp::KIND, &name, r))
+                        },
+                        |_| {},
+                        Change::ClusterPolicy,
+                        Change::ClusterPolicyDeleted,
+                        out,
+                    )
+                }
+                // No CRD: no admin policy. Whatever was applied is gone (the
+                // API server deletes a CRD's objects with it); keep watching.
+                Err(
+                    watcher::Error::InitialListFailed(kube::Error::Api(s))
+                    | watcher::Error::WatchStartFailed(kube::Error::Api(s)),
+                ) if s.code == 404 => {
+                    if !self.crd_missing {
+                        tracing::warn!(
+                            "the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) is not installed: no admin tiers until it is (see the README)"
+                        );
+                        self.crd_missing = true;
+                    }
+                    self.cluster_policies.init();
+                    self.cluster_policies.init_done(
+                        Change::ClusterPolicy,
+                        Change::ClusterPolicyDeleted,
+                        out,
+                    );
+                    self.status.clear();
+                    *cluster_synced = true;
+                }
+                Err(e) => watch_error(KINDS[4], &e),
+            },
         }
     }
+}
+
+/// Records (or clears) why an object was rejected.
+fn note(
+    rejected: &mut policy::status::Rejections,
+    kind: &str,
+    name: &str,
+    error: Option<&policy::error::Error>,
+) {
+    let key = (kind.to_string(), name.to_string());
+    match error {
+        Some(e) => {
+            rejected.insert(key, chain(e));
+        }
+        None => {
+            rejected.remove(&key);
+        }
+    }
+}
+
+/// The condition a ClusterNetworkPolicy should carry after validation.
+fn condition_for(
+    o: &ClusterNetworkPolicy,
+    r: Result<&ClusterPolicy, &policy::error::Error>,
+) -> Condition {
+    let (status, reason, message) = match r {
+        Ok(p) if p.warnings.is_empty() => ("True", "Accepted", "enforced by vswitch".to_string()),
+        Ok(p) => (
+            "True",
+            "FailsClosed",
+            format!("enforced by vswitch; {}", p.warnings.join("; ")),
+        ),
+        Err(e) => (
+            "False",
+            "Invalid",
+            format!("{} (the last good version stays in force)", chain(e)),
+        ),
+    };
+    let previous = o
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION));
+    let since = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+        }
+    };
+    Condition {
+        type_: CONDITION.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: o.metadata.generation,
+        last_transition_time: since,
+    }
+}
+
+/// Whether the object already shows `want` (its time aside).
+fn shows(o: Option<&ClusterNetworkPolicyStatus>, want: &Condition) -> bool {
+    o.and_then(|s| s.conditions.iter().find(|c| c.type_ == CONDITION))
+        .is_some_and(|c| {
+            c.status == want.status
+                && c.reason == want.reason
+                && c.message == want.message
+                && c.observed_generation == want.observed_generation
+        })
 }
 
 fn watch_error(kind: &str, e: &watcher::Error) {
@@ -349,35 +552,98 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
                 .default_backoff()
                 .map(|e| Event::Node(Box::new(e)))
                 .boxed(),
-            watcher(Api::<NetworkPolicy>::all(client), wc)
+            watcher(Api::<NetworkPolicy>::all(client.clone()), wc.clone())
                 .default_backoff()
                 .map(|e| Event::Policy(Box::new(e)))
                 .boxed(),
+            watcher(Api::<ClusterNetworkPolicy>::all(client.clone()), wc)
+                .default_backoff()
+                .map(|e| Event::ClusterPolicy(Box::new(e)))
+                .boxed(),
         ];
+        let cnps = Api::<ClusterNetworkPolicy>::all(client);
         let mut events = futures_util::stream::select_all(streams);
         let mut mirror = Mirror {
             namespaces: Kind::new(),
             pods: Kind::new(),
             nodes: Kind::new(),
             policies: Kind::new(),
-            synced: [false; 4],
+            cluster_policies: Kind::new(),
+            synced: [false; 5],
+            rejected: policy::status::Rejections::new(),
+            status: BTreeMap::new(),
+            crd_missing: false,
         };
+        // What each ClusterNetworkPolicy shows, as last seen from the API server.
+        let mut shown: BTreeMap<String, Option<ClusterNetworkPolicyStatus>> = BTreeMap::new();
+        let mut status_forbidden = false;
         while let Some(first) = events.next().await {
             // Take what else is already waiting, so a relist (or a burst of
             // edits) is compiled and published as one generation.
             let mut changes = Vec::new();
+            let mut seen = |e: &Event| {
+                if let Event::ClusterPolicy(r) = e {
+                    match r.as_ref() {
+                        Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                            shown.insert(o.metadata.name.clone().unwrap_or_default(), o.status.clone());
+                        }
+                        Ok(watcher::Event::Delete(o)) => {
+                            shown.remove(o.metadata.name.as_deref().unwrap_or_default());
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            seen(&first);
             mirror.handle(&config, first, &mut changes);
             for _ in 0..4096 {
                 match events.next().now_or_never() {
-                    Some(Some(e)) => mirror.handle(&config, e, &mut changes),
+                    Some(Some(e)) => {
+                        seen(&e);
+                        mirror.handle(&config, e, &mut changes)
+                    }
                     _ => break,
                 }
             }
+            realiser.set_rejections("kubernetes", mirror.rejected.clone());
             if !changes.is_empty() {
                 let n = changes.len();
                 match realiser.apply_all(changes) {
                     Ok(generation) => tracing::info!(changes = n, generation, "applied"),
                     Err(e) => tracing::error!(error = %chain(&e), "cannot install flows"),
+                }
+            }
+            // Status: only where the object does not show it yet (every node
+            // computes the same; the write is idempotent).
+            for (name, (_, want)) in &mirror.status {
+                let Some(current) = shown.get(name) else {
+                    continue;
+                };
+                if status_forbidden || shows(current.as_ref(), want) {
+                    continue;
+                }
+                let patch = serde_json::json!({
+                    "apiVersion": policy::cnp::API_VERSION,
+                    "kind": policy::cnp::KIND,
+                    "status": {"conditions": [want]},
+                });
+                let params = kube::api::PatchParams::apply("vswitchd").force();
+                match cnps
+                    .patch_status(name, &params, &kube::api::Patch::Apply(&patch))
+                    .await
+                {
+                    Ok(o) => {
+                        shown.insert(name.clone(), o.status);
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 403 => {
+                        tracing::warn!(
+                            "not allowed to write ClusterNetworkPolicy status (RBAC: patch clusternetworkpolicies/status); realisation stays visible in flowctl dump-policies"
+                        );
+                        status_forbidden = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(object = %name, error = %chain(&e), "cannot write ClusterNetworkPolicy status; retried on the next change");
+                    }
                 }
             }
             if !ready.load(Relaxed) && mirror.synced.iter().all(|s| *s) {

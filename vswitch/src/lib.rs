@@ -13,6 +13,7 @@ pub mod audit;
 pub mod cni;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod forwarder;
 pub mod gateway;
 pub mod kubernetes;

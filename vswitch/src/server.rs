@@ -179,6 +179,10 @@ impl Daemon {
             Request::Trace { src, dst, l4 } => answer(self.realiser.trace(&src, &dst, l4)),
             Request::DumpFlows => answer(Ok::<_, String>(self.flow_views())),
             Request::DumpPolicies => answer(Ok::<_, String>(self.realiser.policy_views())),
+            Request::DumpDns => answer(Ok::<_, String>(
+                self.realiser
+                    .with_learned(|l| l.views(std::time::Instant::now())),
+            )),
             Request::DumpConntrack { zone, filter } => {
                 answer(Ok::<_, String>(self.conn_views(zone, &filter)))
             }

@@ -9,56 +9,21 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use control::{L4, Request};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use policy::compile::Change;
 use policy::model::{ObjectKey, Pod, Policy};
+use vswitch::Tap;
 use vswitch::port::TapPort;
-use vswitch::{Forwarder, Realiser, Tap};
 
 mod common;
 
 use common::{
-    Attached, Cni, Netns, TempDir, Vswitchd, eventually, flowctl, ip, privileged, probe, send_raw,
-    serve_tcp, tcp, udp, write_config,
+    Attached, Cni, Netns, Running, TempDir, Vswitchd, eventually, flowctl, ip, privileged, probe,
+    send_raw, serve_tcp, tcp, udp, write_config,
 };
-
-/// A switch (its realiser) with its packet thread, stopped on drop.
-struct Running {
-    switch: Arc<Realiser>,
-    forwarder: Arc<Forwarder>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    /// A switch whose packet thread is named `name` (at most 15 bytes).
-    fn new(name: &str) -> Running {
-        Running::with(name, Default::default())
-    }
-
-    fn with(name: &str, config: datapath::DatapathConfig) -> Running {
-        let switch = Realiser::new(config);
-        let forwarder = Forwarder::new(switch.published().clone());
-        let thread = Some(forwarder.spawn(name, Duration::ZERO).unwrap());
-        Running {
-            switch,
-            forwarder,
-            thread,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.forwarder.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 struct Lab {
     // Field order matters: the switch (and its TAP fds) goes before the namespaces.
@@ -1040,7 +1005,7 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
             "--interval",
             "0.2",
             "--table",
-            "50",
+            "51",
         ],
     );
     assert_eq!(top.matches("flowctl watch:").count(), 2, "{top}");

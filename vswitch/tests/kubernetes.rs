@@ -65,7 +65,9 @@ impl Node {
 
     /// Attaches a persistent TAP (created here) as `pod` with `ip`.
     fn attach(&mut self, pod: &str, ip: &str) {
-        let name = format!("vsk{}{}", std::process::id() % 10_000, self.taps.len());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vsk{}t{n}", std::process::id() % 10_000);
         drop(Tap::open(&name, true).expect("create TAP"));
         self.taps.push(name.clone());
         let n = self.taps.len() as u8;
@@ -569,4 +571,124 @@ fn nothing_is_forwarded_until_every_kind_is_listed() {
     }
     assert!(!common::tcp(&na, "10.62.0.2", 80));
     common::eventually("b reaches a at last", || common::tcp(&nb, "10.62.0.1", 80));
+}
+
+fn cnp(name: &str, spec: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": spec})
+}
+
+#[test]
+fn cluster_network_policies_from_the_api_server_with_status() {
+    if !privileged(&format!("vsc{}x", std::process::id() % 10_000)) {
+        return;
+    }
+    let api = ApiServer::start();
+    // A cluster without the CRD: vswitchd still becomes ready (no admin tiers).
+    api.set_crd(false);
+    api.apply(Kind::Namespace, ns("app", json!({"team": "a"})));
+    api.apply(Kind::Namespace, ns("other", json!({"team": "b"})));
+    api.apply(Kind::Node, node("node-a", "192.168.8.1", "10.61.0.0/24"));
+    api.apply(
+        Kind::Pod,
+        pod("app", "web", json!({"app": "web"}), "node-a", "10.61.0.1"),
+    );
+    api.apply(
+        Kind::Pod,
+        pod("other", "db", json!({"app": "db"}), "node-a", "10.61.0.2"),
+    );
+    let dir = std::env::temp_dir().join(format!("vswitch-k8s-cnp-{}", std::process::id()));
+    let mut n = start(&api, &dir, "", "");
+    n.attach("app/web", "10.61.0.1");
+    n.attach("other/db", "10.61.0.2");
+    common::eventually("ready without the ClusterNetworkPolicy CRD", || n.ready());
+    n.converges("no policy", "app/web", "other/db", 5432, ("allow", ""));
+
+    // The CRD arrives, then an Admin Deny: enforced, and its status written.
+    api.set_crd(true);
+    let deny = json!({"tier": "Admin", "priority": 10, "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                      "egress": [{"name": "not-to-b", "action": "Deny", "to": [{"namespaces": {"matchLabels": {"team": "b"}}}]}]});
+    api.apply(Kind::ClusterNetworkPolicy, cnp("isolate-a", deny));
+    n.converges(
+        "the Admin Deny from the API server",
+        "app/web",
+        "other/db",
+        5432,
+        ("deny", "ClusterNetworkPolicy isolate-a (Admin tier, priority 10) egress rule \"not-to-b\": Deny"),
+    );
+    let condition = |name: &str| -> Value {
+        api.get(Kind::ClusterNetworkPolicy, name)
+            .and_then(|o| {
+                o["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "vswitch.io/Accepted")
+                    .cloned()
+            })
+            .unwrap_or(Value::Null)
+    };
+    common::eventually("status: accepted", || {
+        condition("isolate-a")["status"] == "True"
+    });
+    assert_eq!(condition("isolate-a")["reason"], "Accepted");
+    assert_eq!(condition("isolate-a")["observedGeneration"], 1);
+
+    // An invalid one: rejected, with the field, in status and in flowctl; the
+    // valid one stays in force.
+    let bad = json!({"tier": "Admin", "priority": 5000, "subject": {"namespaces": {}},
+                     "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]});
+    api.apply(Kind::ClusterNetworkPolicy, cnp("too-high", bad));
+    common::eventually("status: rejected", || {
+        condition("too-high")["status"] == "False"
+    });
+    let c = condition("too-high");
+    assert_eq!(c["reason"], "Invalid");
+    assert!(
+        c["message"].as_str().unwrap().contains("spec.priority"),
+        "{c}"
+    );
+    let views = n.ask(&Request::DumpPolicies).unwrap();
+    let view = views
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "too-high")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(view["status"], "rejected", "{views}");
+    n.converges(
+        "still denied",
+        "app/web",
+        "other/db",
+        5432,
+        ("deny", "isolate-a"),
+    );
+    // Status is written once per realisation, not on every event.
+    let writes = api.status_patches().len();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(api.status_patches().len(), writes, "no status write loop");
+
+    // A Pass in front hands the decision to NetworkPolicy (none: allowed).
+    let pass = json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                      "egress": [{"action": "Pass", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}}}]}]});
+    api.apply(Kind::ClusterNetworkPolicy, cnp("pass-db", pass));
+    n.converges(
+        "Pass skips the Admin Deny",
+        "app/web",
+        "other/db",
+        5432,
+        ("allow", ""),
+    );
+    api.delete(Kind::ClusterNetworkPolicy, "pass-db");
+    n.converges(
+        "Pass removed",
+        "app/web",
+        "other/db",
+        5432,
+        ("deny", "isolate-a"),
+    );
+
+    // The CRD goes (and its objects with it): no admin policy, still ready.
+    api.set_crd(false);
+    n.converges("CRD removed", "app/web", "other/db", 5432, ("allow", ""));
+    assert!(n.ready());
 }

@@ -53,6 +53,9 @@ pub enum Request {
     },
     /// Flows with counters and the rule each comes from: [`view::FlowView`]s.
     DumpFlows,
+    /// Names learned from DNS answers, with their addresses and expiry:
+    /// [`view::DnsView`]s.
+    DumpDns,
     /// Every policy (NetworkPolicy, ClusterNetworkPolicy) in force or
     /// rejected, with its tier, rules and flow counts: [`view::PolicyView`]s.
     DumpPolicies,

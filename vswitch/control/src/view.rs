@@ -191,3 +191,17 @@ pub struct HealthView {
 pub struct Deleted {
     pub deleted: usize,
 }
+
+/// A name learned from DNS answers (for ClusterNetworkPolicy `domainNames`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsView {
+    pub name: String,
+    pub addresses: Vec<DnsAddress>,
+}
+
+/// One learned address and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsAddress {
+    pub address: std::net::IpAddr,
+    pub expires_in_s: u64,
+}

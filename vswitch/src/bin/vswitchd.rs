@@ -84,6 +84,14 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .name("audit".into())
             .spawn(move || vswitch::audit::run(realiser, events, audit))?;
     }
+    // DNS answers copied by the datapath (only while a ClusterNetworkPolicy
+    // has domainNames peers): learned for those peers.
+    if let Some(frames) = forwarder.punted_frames(4096) {
+        let (realiser, dns) = (realiser.clone(), daemon.config.dns.clone());
+        std::thread::Builder::new()
+            .name("dns".into())
+            .spawn(move || vswitch::dns::run(realiser, dns, frames))?;
+    }
     if let Some(address) = daemon.config.metrics_address {
         vswitch::metrics::start(address, realiser.clone(), forwarder.clone())?;
         tracing::info!(%address, "serving metrics on /metrics");

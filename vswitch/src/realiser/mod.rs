@@ -28,6 +28,7 @@ use crate::forwarder::{Clock, PortSet, Published};
 use crate::port::{Port, PortCounters};
 use crate::tunnel::TunnelIo;
 
+mod revalidate;
 mod state;
 
 use state::{Local, State};
@@ -104,6 +105,8 @@ pub struct Realiser {
     state: Mutex<State>,
     /// Policies a source rejected, per source, with the reason.
     rejections: Mutex<BTreeMap<&'static str, Rejections>>,
+    /// What DNS answers taught the switch (for `domainNames` peers).
+    learned: Mutex<crate::dns::Learned>,
 }
 
 impl Realiser {
@@ -163,7 +166,16 @@ impl Realiser {
                 ns_owners: HashMap::new(),
             }),
             rejections: Mutex::new(BTreeMap::new()),
+            learned: Mutex::new(crate::dns::Learned::default()),
         })
+    }
+
+    /// Runs `f` on what DNS answers taught the switch.
+    pub fn with_learned<T>(&self, f: impl FnOnce(&mut crate::dns::Learned) -> T) -> T {
+        f(&mut self
+            .learned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Records what `source` rejects now (replacing what it rejected before).
@@ -215,6 +227,11 @@ impl Realiser {
         let started = Instant::now();
         st.refresh_peers();
         st.refresh_owners(&self.published.dp.conntrack);
+        st.topology.snoop_dns = st
+            .compiler
+            .cluster()
+            .cluster_policies()
+            .any(policy::cnp::ClusterPolicy::has_domain_peers);
         self.published.ports.store(Arc::new(st.port_set()));
         let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&st.topology)
             .into_iter()
@@ -443,6 +460,7 @@ impl Realiser {
         // Attached pods keep the addresses they were attached with.
         released.retain(|ip| !st.topology.pods.iter().any(|p| p.ips.contains(ip)));
         self.forget_connections(&released);
+        self.revalidate_connections(&st);
         Ok(generation)
     }
 

@@ -1,5 +1,6 @@
 //! A small Kubernetes API server for tests: the real list/watch protocol for
-//! Namespaces, Pods, Nodes and NetworkPolicies, over plain HTTP/1.1.
+//! Namespaces, Pods, Nodes, NetworkPolicies and ClusterNetworkPolicies (a CRD:
+//! 404 until installed), and status patches, over plain HTTP/1.1.
 //!
 //! Lists are JSON `…List` objects with `metadata.resourceVersion`; `?watch=1`
 //! streams `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK` events (chunked, one JSON
@@ -23,6 +24,7 @@ pub enum Kind {
     Pod,
     Node,
     NetworkPolicy,
+    ClusterNetworkPolicy,
 }
 
 impl Kind {
@@ -32,6 +34,9 @@ impl Kind {
             "/api/v1/pods" => Some(Kind::Pod),
             "/api/v1/nodes" => Some(Kind::Node),
             "/apis/networking.k8s.io/v1/networkpolicies" => Some(Kind::NetworkPolicy),
+            "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => {
+                Some(Kind::ClusterNetworkPolicy)
+            }
             _ => None,
         }
     }
@@ -39,6 +44,7 @@ impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1alpha2",
             _ => "v1",
         }
     }
@@ -49,6 +55,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Node => "Node",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 }
@@ -70,6 +77,10 @@ struct State {
     list_delay: BTreeMap<Kind, Duration>,
     /// Lists of these kinds fail (500).
     list_fail: std::collections::BTreeSet<Kind>,
+    /// The ClusterNetworkPolicy CRD is not installed: its paths are 404.
+    no_crd: bool,
+    /// Status patches received: (object, body).
+    pub status_patches: Vec<(String, Value)>,
 }
 
 /// The server; stops listening when dropped.
@@ -147,6 +158,19 @@ impl ApiServer {
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
             let id = object_id(&obj);
             obj["metadata"]["uid"] = json!(format!("uid-{}", id.replace('/', "-")));
+            // The status subresource is not written through the object, and
+            // the generation counts spec changes.
+            let generation = match s.objects.get(&(kind, id.clone())) {
+                Some(old) => {
+                    if kind == Kind::ClusterNetworkPolicy {
+                        obj["status"] = old["status"].clone();
+                    }
+                    let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                    if old["spec"] != obj["spec"] { g + 1 } else { g }
+                }
+                None => 1,
+            };
+            obj["metadata"]["generation"] = json!(generation);
             let ty = if s.objects.contains_key(&(kind, id.clone())) {
                 "MODIFIED"
             } else {
@@ -207,6 +231,37 @@ impl ApiServer {
         });
     }
 
+    /// Installs (`true`) or removes the ClusterNetworkPolicy CRD; removing it
+    /// deletes its objects, as the real API server does.
+    pub fn set_crd(&self, installed: bool) {
+        if installed {
+            self.with(|s| s.no_crd = false);
+            return;
+        }
+        let names: Vec<String> = self.with(|s| {
+            s.objects
+                .keys()
+                .filter(|(k, _)| *k == Kind::ClusterNetworkPolicy)
+                .map(|(_, n)| n.clone())
+                .collect()
+        });
+        for n in names {
+            self.delete(Kind::ClusterNetworkPolicy, &n);
+        }
+        self.with(|s| s.no_crd = true);
+        self.drop_watches();
+    }
+
+    /// The status patches received so far: (name, patch body).
+    pub fn status_patches(&self) -> Vec<(String, Value)> {
+        self.with(|s| s.status_patches.clone())
+    }
+
+    /// The stored object `id` of `kind`.
+    pub fn get(&self, kind: Kind, id: &str) -> Option<Value> {
+        self.with(|s| s.objects.get(&(kind, id.to_string())).cloned())
+    }
+
     /// (lists, watches) served so far.
     pub fn requests(&self) -> (u64, u64) {
         self.with(|s| (s.lists, s.watches))
@@ -227,13 +282,20 @@ fn serve(conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) {
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    // Skip the headers.
+    // The headers: only the body's length matters.
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         match reader.read_line(&mut h) {
             Ok(0) | Err(_) => return,
             Ok(_) if h == "\r\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
         }
     }
     let target = line.split_whitespace().nth(1).unwrap_or("/");
@@ -243,6 +305,63 @@ fn serve(conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) {
         .filter_map(|kv| kv.split_once('='))
         .collect();
     let mut out = conn;
+    let reply = |out: &mut TcpStream, status: &str, body: String| {
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    };
+    let not_found = || {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string()
+    };
+    if path.starts_with("/apis/policy.networking.k8s.io/") && state.0.lock().unwrap().no_crd {
+        reply(&mut out, "404 Not Found", not_found());
+        return;
+    }
+    // PATCH of a status: `<collection>/<name>/status` (server-side apply of
+    // `status.conditions`, merged by type).
+    if line.starts_with("PATCH ")
+        && let Some(rest) = path.strip_suffix("/status")
+        && let Some((collection, name)) = rest.rsplit_once('/')
+        && let Some(kind) = Kind::of_path(collection)
+    {
+        let mut body = vec![0u8; length];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
+        }
+        let patch: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let (m, cv) = &**state;
+        let mut s = m.lock().unwrap();
+        s.status_patches.push((name.to_string(), patch.clone()));
+        let Some(mut obj) = s.objects.get(&(kind, name.to_string())).cloned() else {
+            drop(s);
+            reply(&mut out, "404 Not Found", not_found());
+            return;
+        };
+        let mut conditions: Vec<Value> = obj["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for c in patch["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            conditions.retain(|x| x["type"] != c["type"]);
+            conditions.push(c.clone());
+        }
+        obj["status"] = json!({"conditions": conditions});
+        s.rv += 1;
+        let rv = s.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.objects.insert((kind, name.to_string()), obj.clone());
+        s.events.push((rv, kind, "MODIFIED", obj.clone()));
+        drop(s);
+        cv.notify_all();
+        reply(&mut out, "200 OK", obj.to_string());
+        return;
+    }
     // GET of one object: `<collection>/<name>`.
     if Kind::of_path(path).is_none()
         && let Some((collection, name)) = path.rsplit_once('/')

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -507,4 +508,38 @@ pub fn place_in(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
     ]);
     ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
     ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+}
+
+/// A switch (its realiser) with its packet thread, stopped on drop.
+pub struct Running {
+    pub switch: Arc<vswitch::Realiser>,
+    pub forwarder: Arc<vswitch::Forwarder>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// A switch whose packet thread is named `name` (at most 15 bytes).
+    pub fn new(name: &str) -> Running {
+        Running::with(name, Default::default())
+    }
+
+    pub fn with(name: &str, config: datapath::DatapathConfig) -> Running {
+        let switch = vswitch::Realiser::new(config);
+        let forwarder = vswitch::Forwarder::new(switch.published().clone());
+        let thread = Some(forwarder.spawn(name, Duration::ZERO).unwrap());
+        Running {
+            switch,
+            forwarder,
+            thread,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.forwarder.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -801,6 +801,28 @@ impl Conntrack {
         out
     }
 
+    /// Drops every connection for which `keep(zone, original tuple)` is
+    /// false; returns how many were dropped. What a policy change calls so
+    /// that connections the new policy would not admit are cut at once.
+    pub fn retain(&self, mut keep: impl FnMut(u16, &Tuple) -> bool) -> usize {
+        let mut removed = 0;
+        self.map.retain(|k, c| {
+            let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
+            let orig = Tuple {
+                proto: k.proto,
+                src: o.0,
+                sport: o.1,
+                dst: r.0,
+                dport: r.1,
+            };
+            let kept = keep(k.zone, &orig);
+            removed += usize::from(!kept);
+            kept
+        });
+        self.len.fetch_sub(removed, Relaxed);
+        removed
+    }
+
     /// Drops every entry.
     pub fn flush(&self) {
         self.map.clear();
