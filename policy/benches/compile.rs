@@ -17,7 +17,7 @@ use std::time::Instant;
 use divan::Bencher;
 use policy::compile::{Change, Compiler};
 use policy::model::ObjectKey;
-use policy::synthetic::{cluster, pod_labels};
+use policy::synthetic::{cluster, cluster_policies, pod_labels};
 
 struct Counting;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -68,7 +68,55 @@ fn main() {
     );
     drop(flows);
     drop(compiler);
+    let c = with_tiers();
+    let base = CURRENT.load(Relaxed);
+    PEAK.store(base, Relaxed);
+    let t = Instant::now();
+    let compiler = Compiler::from_cluster(c);
+    let took = t.elapsed();
+    let peak = PEAK.load(Relaxed) - base;
+    eprintln!(
+        "scale with tiers: + {TIERS} ClusterNetworkPolicies -> {} flows; one full compile {:.0} ms, peak heap {:.1} MiB",
+        compiler.len(),
+        took.as_secs_f64() * 1e3,
+        peak as f64 / (1 << 20) as f64
+    );
+    drop(compiler);
     divan::main();
+}
+
+const TIERS: usize = 200;
+
+/// The cluster above plus 200 ClusterNetworkPolicies (Admin and Baseline).
+fn with_tiers() -> policy::Cluster {
+    let mut c = cluster(NAMESPACES, PODS_PER_NS);
+    for p in cluster_policies(TIERS) {
+        c.upsert_cluster_policy(p);
+    }
+    c
+}
+
+#[divan::bench(sample_count = 5)]
+fn full_compile_with_200_cluster_network_policies(bencher: Bencher) {
+    let c = with_tiers();
+    bencher
+        .with_inputs(|| c.clone())
+        .bench_values(|c| black_box(Compiler::from_cluster(c).len()));
+}
+
+/// Relabels one pod with the tiers in force.
+#[divan::bench(sample_count = 50)]
+fn relabel_one_pod_with_tiers(bencher: Bencher) {
+    let mut compiler = Compiler::from_cluster(with_tiers());
+    let key = ObjectKey::new("ns-500", "pod-4");
+    let mut pod = compiler.cluster().pod(&key).unwrap().clone();
+    let mut flip = false;
+    bencher.bench_local(|| {
+        flip = !flip;
+        pod.labels = pod_labels(if flip { 3 } else { 4 }, flip);
+        let diff = compiler.apply(Change::Pod(pod.clone()));
+        black_box(diff.len())
+    });
 }
 
 #[divan::bench(sample_count = 5)]

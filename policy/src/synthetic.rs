@@ -100,3 +100,77 @@ pub fn cluster(namespaces: usize, pods_per_ns: usize) -> Cluster {
     }
     c
 }
+
+/// The `i`th of a mix of ClusterNetworkPolicies, as admins write them:
+/// tenant (team) isolation, shared monitoring, cloud metadata blocked, egress
+/// allow-lists by domain, same-team Pass, node access, named-port access and a
+/// Baseline default deny per team.
+fn cluster_policy_yaml(i: usize) -> String {
+    let team = format!("t{}", i % 50);
+    let prio = i % 1000;
+    let (tier, body) = match i % 8 {
+        0 => (
+            "Admin",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  ingress: [{{name: other-teams, action: Deny, from: [{{namespaces: {{matchExpressions: [{{key: team, operator: NotIn, values: [{team}]}}]}}}}]}}]"
+            ),
+        ),
+        1 => (
+            "Admin",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  ingress: [{{name: monitoring, action: Accept, from: [{{pods: {{namespaceSelector: {{matchLabels: {{{NAMESPACE_NAME_LABEL}: ns-0}}}}, podSelector: {{matchLabels: {{app: a0}}}}}}}}], protocols: [{{tcp: {{destinationPort: {{number: 9090}}}}}}]}}]"
+            ),
+        ),
+        2 => (
+            "Admin",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  egress: [{{name: metadata, action: Deny, to: [{{networks: [169.254.169.254/32, 'fd00:ec2::254/128']}}]}}]"
+            ),
+        ),
+        3 => (
+            "Admin",
+            format!(
+                "subject: {{pods: {{namespaceSelector: {{matchLabels: {{team: {team}}}}}, podSelector: {{matchLabels: {{tier: web}}}}}}}}\n  egress: [{{name: apis, action: Accept, to: [{{domainNames: ['*.example.com', api.github.com]}}], protocols: [{{tcp: {{destinationPort: {{number: 443}}}}}}]}}, {{name: internet, action: Deny, to: [{{networks: [0.0.0.0/0]}}]}}]"
+            ),
+        ),
+        4 => (
+            "Admin",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  ingress: [{{name: same-team, action: Pass, from: [{{namespaces: {{matchLabels: {{team: {team}}}}}}}]}}]"
+            ),
+        ),
+        5 => (
+            "Baseline",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  egress: [{{name: nodes, action: Deny, to: [{{nodes: {{matchLabels: {{kubernetes.io/os: linux}}}}}}]}}]"
+            ),
+        ),
+        6 => (
+            "Admin",
+            format!(
+                "subject: {{pods: {{namespaceSelector: {{matchLabels: {{team: {team}}}}}, podSelector: {{matchLabels: {{tier: db}}}}}}}}\n  ingress: [{{name: web-to-db, action: Accept, from: [{{pods: {{namespaceSelector: {{matchLabels: {{team: {team}}}}}, podSelector: {{matchLabels: {{tier: web}}}}}}}}], protocols: [{{destinationNamedPort: http}}]}}]"
+            ),
+        ),
+        _ => (
+            "Baseline",
+            format!(
+                "subject: {{namespaces: {{matchLabels: {{team: {team}}}}}}}\n  ingress: [{{name: default-deny, action: Deny, from: [{{namespaces: {{}}}}]}}]"
+            ),
+        ),
+    };
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: cnp-{i}}}\nspec:\n  tier: {tier}\n  priority: {prio}\n  {body}\n"
+    )
+}
+
+/// `n` ClusterNetworkPolicies of the mix above (see [`cluster`] for the
+/// namespaces and teams they select).
+pub fn cluster_policies(n: usize) -> Vec<crate::cnp::ClusterPolicy> {
+    (0..n)
+        .map(|i| {
+            let v: serde_json::Value = serde_saphyr::from_str(&cluster_policy_yaml(i))
+                .expect("generated cluster policy parses");
+            crate::cnp::ClusterPolicy::from_value(&v).expect("generated cluster policy is valid")
+        })
+        .collect()
+}

@@ -60,6 +60,9 @@ pub mod priority {
     pub const TIER_TOP: u16 = 60000;
     /// Rule slots per ClusterNetworkPolicy priority (the API allows 25 rules).
     pub const TIER_RULE_SLOTS: u16 = 25;
+    /// The one priority of every tier rule's conjunctive clause flows, above
+    /// every rule's decision (`conj_id`) flow, below the exemptions.
+    pub const TIER_CLAUSE: u16 = 60100;
     /// Traffic between a node and its own pods: allowed.
     pub const NODE_TRAFFIC: u16 = 400;
     /// NetworkPolicy allow rules.

@@ -237,6 +237,18 @@ fn record(
             Provenance::DefaultDeny { pod, direction } => {
                 json!({"default_deny_of": pod.to_string(), "direction": direction.to_string()})
             }
+            Provenance::TierRule {
+                policy,
+                tier,
+                priority,
+                direction,
+                index,
+                name,
+                action,
+                ..
+            } => json!({"cluster_policy": policy, "tier": tier.to_string(), "priority": priority,
+                        "direction": direction.to_string(), "rule_index": index, "rule_name": name,
+                        "action": action.to_string()}),
             other => json!({"other": other.to_string()}),
         })
         .collect();
@@ -280,6 +292,19 @@ fn count(
                 format!("{}/*", pod.namespace),
                 direction.to_string(),
                 "default-deny".into(),
+                verdict.into(),
+            ]),
+            // ClusterNetworkPolicies are cluster-scoped: the policy is its name.
+            Provenance::TierRule {
+                policy,
+                direction,
+                index,
+                name,
+                ..
+            } => Some([
+                policy.clone(),
+                direction.to_string(),
+                name.clone().unwrap_or_else(|| index.to_string()),
                 verdict.into(),
             ]),
             _ => None,

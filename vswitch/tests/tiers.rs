@@ -329,9 +329,13 @@ fn tenants_cannot_open_what_the_admin_tier_closes() {
          spec: {{hostNetwork: true, containers: [{{name: c}}]}}\nstatus: {{podIP: {gw_ip}}}\n"
     );
     std::fs::write(manifests.join("cluster.yaml"), cluster).unwrap();
+    let audit = dir.join("audit.log");
     let (config, socket) = write_config(
         &dir,
-        &format!("[gateway]\nname = \"{tag}\"\naddress = \"{gw_ip}/24\"\n"),
+        &format!(
+            "[gateway]\nname = \"{tag}\"\naddress = \"{gw_ip}/24\"\n[audit]\npath = {:?}\n",
+            audit.to_str().unwrap()
+        ),
     );
     let daemon = Vswitchd::start(&config, &socket);
     let cni = Cni {
@@ -408,6 +412,19 @@ fn tenants_cannot_open_what_the_admin_tier_closes() {
         Seen::TimedOut,
         "Baseline default deny where no NetworkPolicy decides"
     );
+
+    // The audit log names the tier rule that denied.
+    eventually("the denial is audited with its tier rule", || {
+        std::fs::read_to_string(&audit).is_ok_and(|log| {
+            log.lines().any(|l| {
+                let v: Value = serde_json::from_str(l).unwrap_or_default();
+                v["verdict"] == "deny"
+                    && v["decided_by"][0]["cluster_policy"] == "isolate-tenant-b"
+                    && v["decided_by"][0]["rule_name"] == "deny-other-tenants"
+                    && v["decided_by"][0]["tier"] == "Admin"
+            })
+        })
+    });
 
     // flowctl names the deciding tier rule, live.
     let trace = flowctl(

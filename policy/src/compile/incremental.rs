@@ -25,6 +25,9 @@ pub(crate) struct Work {
     pub(crate) groups: BTreeSet<Arc<GroupKey>>,
     /// Single units to recompile.
     pub(crate) units: BTreeSet<Unit>,
+    /// ClusterNetworkPolicies changed: (old, new) versions, whose rules'
+    /// frames and every pod either involves are recompiled.
+    pub(crate) tier_policies: Vec<(Option<ClusterPolicy>, Option<ClusterPolicy>)>,
 }
 
 /// Moves a policy's rules out of their old groups and into their new ones;
@@ -154,8 +157,31 @@ pub(super) fn run(
             }
             units.insert(Unit::Frame(g.clone()));
         }
-        for u in units {
-            recompile_unit(state, cluster, &u, diff.as_deref_mut());
+        for (old, new) in &work.tier_policies {
+            for p in old.iter().chain(new) {
+                units.extend(tier::rule_refs(p).map(Unit::Tier));
+                for rule in p.egress.iter().chain(&p.ingress) {
+                    units.extend(
+                        tier::members(cluster, p, rule)
+                            .into_iter()
+                            .map(Unit::TierPod),
+                    );
+                }
+            }
+        }
+        // Pods' tier flows name their rules' conjunctions: frames first.
+        let (pods, rest): (Vec<Unit>, Vec<Unit>) = units
+            .into_iter()
+            .partition(|u| matches!(u, Unit::TierPod(_)));
+        for u in rest {
+            recompile_unit(state, cluster, &u, None, diff.as_deref_mut());
+        }
+        if !pods.is_empty() {
+            let rules =
+                tier::RuleSet::new(cluster, |r| state.units.get(&Unit::Tier(r)).map(|u| u.id));
+            for u in pods {
+                recompile_unit(state, cluster, &u, Some(&rules), diff.as_deref_mut());
+            }
         }
         // Groups without rules are gone.
         for g in &work.groups {
@@ -166,7 +192,13 @@ pub(super) fn run(
         }
     }
 }
-fn recompile_unit(state: &mut State, cluster: &Cluster, u: &Unit, diff: Option<&mut DiffBuilder>) {
+fn recompile_unit(
+    state: &mut State,
+    cluster: &Cluster,
+    u: &Unit,
+    rules: Option<&tier::RuleSet<'_>>,
+    diff: Option<&mut DiffBuilder>,
+) {
     let mut flows = match u {
         Unit::Frame(g) => match state.groups.get(g) {
             Some(info) if !info.rules.is_empty() => compile_frame(g, info),
@@ -189,7 +221,14 @@ fn recompile_unit(state: &mut State, cluster: &Cluster, u: &Unit, diff: Option<&
         Unit::Tier(r) => match cluster.cluster_policy(&r.policy) {
             Some(p) if r.index < p.rules(r.direction).len() => {
                 let id = state.alloc(u);
-                tier::compile_tier_rule(cluster, p, r.direction, r.index, id)
+                tier::compile_tier_frame(cluster, p, r.direction, r.index, id)
+            }
+            _ => vec![],
+        },
+        Unit::TierPod(key) => match (rules, cluster.pod(key)) {
+            (Some(rules), Some(pod)) => {
+                let id = state.alloc(u);
+                rules.compile_pod(cluster, pod, id)
             }
             _ => vec![],
         },
@@ -277,20 +316,13 @@ pub(super) fn pod_work(
         }
     }
 }
-/// The tier rules a pod change can touch: those whose subject or pod peers
-/// include it before or after.
+/// A pod changed: its tier flows, when any ClusterNetworkPolicy exists.
 fn tier_pod_work(cluster: &Cluster, old: Option<&Pod>, new: Option<&Pod>, work: &mut Work) {
-    for p in cluster.cluster_policies() {
-        for r in tier::rule_refs(p) {
-            let rule = &p.rules(r.direction)[r.index];
-            if old
-                .into_iter()
-                .chain(new)
-                .any(|pod| tier::touches_pod(cluster, p, rule, pod))
-            {
-                work.units.insert(Unit::Tier(r));
-            }
-        }
+    if cluster.cluster_policies().next().is_none() {
+        return;
+    }
+    if let Some(p) = new.or(old) {
+        work.units.insert(Unit::TierPod(p.key.clone()));
     }
 }
 
@@ -300,9 +332,7 @@ pub(super) fn tier_policy_work(
     new: Option<&ClusterPolicy>,
     work: &mut Work,
 ) {
-    for p in old.into_iter().chain(new) {
-        work.units.extend(tier::rule_refs(p).map(Unit::Tier));
-    }
+    work.tier_policies.push((old.cloned(), new.cloned()));
 }
 
 /// The tier rules whose peers select `pred` (nodes, or a DNS name).
@@ -328,14 +358,19 @@ pub(super) fn namespace_work(
     work: &mut Work,
 ) {
     let after = cluster.namespace_labels(name);
-    for p in cluster.cluster_policies() {
-        for r in tier::rule_refs(p) {
-            let rule = &p.rules(r.direction)[r.index];
-            if tier::touches_namespace(p, rule, before) || tier::touches_namespace(p, rule, &after)
-            {
-                work.units.insert(Unit::Tier(r));
-            }
-        }
+    // Only this namespace's pods can join or leave a tier rule.
+    let touched = cluster.cluster_policies().any(|p| {
+        p.egress
+            .iter()
+            .chain(&p.ingress)
+            .any(|r| tier::touches_namespace(p, r, before) || tier::touches_namespace(p, r, &after))
+    });
+    if touched {
+        work.units.extend(
+            cluster
+                .pods_in(name)
+                .map(|pod| Unit::TierPod(pod.key.clone())),
+        );
     }
     for g in state.groups.keys() {
         let affected = g.peers.iter().flatten().any(|peer| match peer {

@@ -77,6 +77,9 @@ pub enum Provenance {
         /// Why it fails closed, when it does.
         fail_closed: bool,
     },
+    /// A pod's clause flows in the ClusterNetworkPolicy rules that name it
+    /// (the rules are the conjunctions it feeds).
+    TierPod { pod: ObjectKey },
     /// A base-pipeline flow (classifier, spoofguard, ...).
     Pipeline(String),
 }
@@ -116,6 +119,9 @@ impl fmt::Display for Provenance {
                     f.write_str(" (fails closed: a peer or protocol not understood)")?;
                 }
                 Ok(())
+            }
+            Provenance::TierPod { pod } => {
+                write!(f, "ClusterNetworkPolicy clauses of {pod}")
             }
             Provenance::Pipeline(what) => f.write_str(what),
         }
@@ -214,6 +220,10 @@ impl Compiler {
         for p in c.cluster.cluster_policies() {
             work.units.extend(tier::rule_refs(p).map(Unit::Tier));
         }
+        if c.cluster.cluster_policies().next().is_some() {
+            work.units
+                .extend(c.cluster.pods().map(|p| Unit::TierPod(p.key.clone())));
+        }
         incremental::run(&mut c.state, &c.cluster, work, None);
         c
     }
@@ -243,6 +253,7 @@ impl Compiler {
             }),
             Unit::Node(node) => Some(Provenance::NodeTraffic { node: node.clone() }),
             Unit::Tier(r) => self.tier_provenance(r),
+            Unit::TierPod(pod) => Some(Provenance::TierPod { pod: pod.clone() }),
         }
     }
     fn tier_provenance(&self, r: &TierRuleRef) -> Option<Provenance> {
@@ -320,6 +331,7 @@ impl Compiler {
                 direction: *direction,
                 index: *index,
             }),
+            Provenance::TierPod { pod } => Unit::TierPod(pod.clone()),
             Provenance::Pipeline(_) => return None,
         };
         self.state.units.get(&unit).map(|u| cookie_of(u.id))

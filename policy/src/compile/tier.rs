@@ -1,14 +1,17 @@
 //! The Admin and Baseline tiers: ClusterNetworkPolicy rules -> flows.
 //!
 //! Owns what one tier rule compiles to and which rules a change can touch. A
-//! rule is one unit: its flows sit in its tier's table (40/50 Admin, 42/52
-//! Baseline) at a priority that orders policies by `priority` and rules by
-//! their place in the list, and match with conjunctions: clause 1 the subject
-//! pods, clause 2 the peers (pod, node and learned DNS addresses, CIDRs),
-//! clause 3 the ports. Named ports are resolved per destination pod, so for
-//! them the destination and the port share a clause (a second conjunction).
-//! The `conj_id` flow carries the action: Accept jumps past the direction's
-//! remaining tiers, Deny drops, Pass jumps to the next tier.
+//! rule's flows sit in its tier's table (40/50 Admin, 42/52 Baseline) and
+//! match with conjunctions: clause 1 the subject pods, clause 2 the peers
+//! (pod, node and learned DNS addresses, CIDRs), clause 3 the ports. Named
+//! ports are resolved per destination pod, so for them the destination and
+//! the port share a clause (a second conjunction). The `conj_id` flow carries
+//! the action (Accept jumps past the direction's remaining tiers, Deny drops,
+//! Pass jumps to the next tier) at a priority that orders policies by
+//! `priority` and rules by their place in the list; clause flows of all rules
+//! share one priority and merge (see [`Emit`]). A rule compiles as a frame
+//! (pod-independent flows) plus one member unit per pod it involves, so a pod
+//! change recompiles only that pod's flows.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -21,7 +24,7 @@ use ipnet::IpNet;
 use super::emit::{conj_id, cookie_of};
 use super::matches::{family_type, ip_match, net_match, port_masks};
 use crate::cnp::{ClusterPolicy, RuleAction, Tier, TierPeer, TierRule};
-use crate::model::{Cluster, Direction, Pod, PortRef, Protocol};
+use crate::model::{Cluster, Direction, ObjectKey, Pod, PortRef, Protocol};
 use crate::tables::{
     AFTER_EGRESS, AFTER_INGRESS, EGRESS_BASELINE, EGRESS_NP, EGRESS_TABLE, INGRESS_BASELINE,
     INGRESS_NP, INGRESS_TABLE, priority,
@@ -69,38 +72,30 @@ pub(crate) fn tables(tier: Tier, dir: Direction) -> TierTables {
     }
 }
 
-/// The subject's pods, each with its addresses.
-pub(crate) fn subject_pods<'a>(cluster: &'a Cluster, p: &ClusterPolicy) -> Vec<&'a Pod> {
+/// The pods a rule involves (subjects and pod peers): its member units.
+pub(crate) fn members(cluster: &Cluster, p: &ClusterPolicy, rule: &TierRule) -> Vec<ObjectKey> {
     let mut out = Vec::new();
     for ns in cluster.namespace_names() {
-        if !p.subject.namespaces.matches(&cluster.namespace_labels(ns)) {
+        let labels = cluster.namespace_labels(ns);
+        let subject_ns = p.subject.namespaces.matches(&labels);
+        let peer_ns: Vec<&TierPeer> = rule
+            .peers
+            .iter()
+            .filter(|peer| matches!(peer, TierPeer::Pods { namespaces, .. } if namespaces.matches(&labels)))
+            .collect();
+        if !subject_ns && peer_ns.is_empty() {
             continue;
         }
-        out.extend(
-            cluster
-                .pods_in(ns)
-                .filter(|pod| !pod.ips.is_empty() && p.subject.pods.matches(&pod.labels)),
-        );
-    }
-    out
-}
-
-/// The pods a rule's pod peers match.
-fn peer_pods<'a>(cluster: &'a Cluster, rule: &TierRule) -> Vec<&'a Pod> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for peer in &rule.peers {
-        let TierPeer::Pods { namespaces, pods } = peer else {
-            continue;
-        };
-        for ns in cluster.namespace_names() {
-            if !namespaces.matches(&cluster.namespace_labels(ns)) {
+        for pod in cluster.pods_in(ns) {
+            if pod.ips.is_empty() {
                 continue;
             }
-            for pod in cluster.pods_in(ns) {
-                if !pod.ips.is_empty() && pods.matches(&pod.labels) && seen.insert(&pod.key) {
-                    out.push(pod);
-                }
+            let subject = subject_ns && p.subject.pods.matches(&pod.labels);
+            let peer = peer_ns.iter().any(
+                |peer| matches!(peer, TierPeer::Pods { pods, .. } if pods.matches(&pod.labels)),
+            );
+            if subject || peer {
+                out.push(pod.key.clone());
             }
         }
     }
@@ -132,197 +127,260 @@ fn other_peers(cluster: &Cluster, rule: &TierRule) -> (BTreeSet<IpAddr>, BTreeSe
     (ips, nets)
 }
 
-/// The flows of rule `index` of `policy` in `dir`, under unit `id`.
-pub(crate) fn compile_tier_rule(
+/// How a rule compiles: its table, the conj_id flows' priority and action,
+/// and its conjunctions (part 0: any or numeric ports; part 1: named ports).
+struct Shape {
+    table: u8,
+    priority: u16,
+    actions: Vec<Action>,
+    sel_field: Field,
+    peer_field: Field,
+    fail_closed: bool,
+    /// Part 0's clause count (2: subject, peers; 3: and ports), if it exists.
+    numeric: Option<u8>,
+    named: bool,
+    direction: Direction,
+}
+
+fn shape(policy: &ClusterPolicy, dir: Direction, index: usize) -> Option<(Shape, &TierRule)> {
+    let rule = policy.rules(dir).get(index)?;
+    let action = rule.effective_action()?; // an Accept that fails closed matches nothing
+    let t = tables(policy.tier, dir);
+    let (sel_field, peer_field) = match dir {
+        Direction::Egress => (Field::NwSrc, Field::NwDst),
+        Direction::Ingress => (Field::NwDst, Field::NwSrc),
+    };
+    let has_numeric = rule
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| !matches!(p.port, PortRef::Named(_)));
+    let fail_closed = rule.fail_closed.is_some();
+    let numeric = if fail_closed || rule.ports.is_none() {
+        Some(2)
+    } else {
+        has_numeric.then_some(3)
+    };
+    Some((
+        Shape {
+            table: t.table,
+            priority: priority::tier_rule(policy.priority, index as u16),
+            actions: match action {
+                RuleAction::Accept => vec![Action::GotoTable(TableId(t.accept))],
+                RuleAction::Pass => vec![Action::GotoTable(TableId(t.pass))],
+                RuleAction::Deny => vec![],
+            },
+            sel_field,
+            peer_field,
+            fail_closed,
+            numeric,
+            named: !fail_closed && rule.has_named_ports(),
+            direction: dir,
+        },
+        rule,
+    ))
+}
+
+/// Builds a rule's flows. Clause flows of every rule of a table share one
+/// priority ([`priority::TIER_CLAUSE`]), so flows with the same match merge
+/// into one carrying each rule's conjunction action, and a pod costs a flow
+/// per role and address however many rules name it; the order of rules is
+/// the order of their `conj_id` flows (the classifier takes the best
+/// complete conjunction at a priority level).
+struct Emit<'a> {
+    shape: &'a Shape,
+    /// The rule's unit: its conjunction ids.
+    id: u32,
+    /// The cookie of the unit emitting.
+    cookie: datapath::flow::Cookie,
+    out: Vec<FlowEntry>,
+}
+
+impl Emit<'_> {
+    fn clause(&mut self, part: u32, k: u8, n: u8, m: Match) {
+        self.out.push(FlowEntry {
+            table: TableId(self.shape.table),
+            priority: priority::TIER_CLAUSE,
+            matcher: m,
+            actions: smallvec::smallvec![Action::Conjunction {
+                id: conj_id(self.id, part),
+                clause: k,
+                n_clauses: n,
+            }],
+            cookie: self.cookie,
+        });
+    }
+
+    fn decide(&mut self, part: u32) {
+        self.out.push(FlowEntry {
+            table: TableId(self.shape.table),
+            priority: self.shape.priority,
+            matcher: Match::any().with(Field::ConjId, conj_id(self.id, part).into()),
+            actions: self.shape.actions.iter().cloned().collect(),
+            cookie: cookie_of(self.id),
+        });
+    }
+}
+
+/// The pod-independent flows of a rule (its frame), under unit `id`: the
+/// `conj_id` flows, the ports clause, CIDR, node and learned DNS peers.
+pub(crate) fn compile_tier_frame(
     cluster: &Cluster,
     policy: &ClusterPolicy,
     dir: Direction,
     index: usize,
     id: u32,
 ) -> Vec<FlowEntry> {
-    let Some(rule) = policy.rules(dir).get(index) else {
+    let Some((sh, rule)) = shape(policy, dir, index) else {
         return vec![];
     };
-    let Some(action) = rule.effective_action() else {
-        return vec![]; // an Accept that fails closed matches nothing
-    };
-    let t = tables(policy.tier, dir);
-    let prio = priority::tier_rule(policy.priority, index as u16);
-    let actions: Vec<Action> = match action {
-        RuleAction::Accept => vec![Action::GotoTable(TableId(t.accept))],
-        RuleAction::Pass => vec![Action::GotoTable(TableId(t.pass))],
-        RuleAction::Deny => vec![],
-    };
-    let (sel_field, peer_field) = match dir {
-        Direction::Egress => (Field::NwSrc, Field::NwDst),
-        Direction::Ingress => (Field::NwDst, Field::NwSrc),
-    };
-    let flow = |matcher: Match, actions: Vec<Action>| FlowEntry {
-        table: TableId(t.table),
-        priority: prio,
-        matcher,
-        actions: actions.into_iter().collect(),
+    let mut e = Emit {
+        shape: &sh,
+        id,
         cookie: cookie_of(id),
+        out: Vec::new(),
     };
-    let clause = |part: u32, k: u8, n: u8, m: Match| {
-        flow(
-            m,
-            vec![Action::Conjunction {
-                id: conj_id(id, part),
-                clause: k,
-                n_clauses: n,
-            }],
-        )
-    };
-    let subjects = subject_pods(cluster, policy);
-    let mut out = Vec::new();
-    if rule.fail_closed.is_some() {
-        // Deny everything of the subject in this direction.
-        for pod in &subjects {
-            for ip in &pod.ips {
-                out.push(flow(ip_match(sel_field, *ip), actions.clone()));
-            }
+    if let Some(n) = sh.numeric {
+        e.decide(0);
+        if sh.fail_closed {
+            // Everything of the subject: the peer clause matches anything.
+            e.clause(0, 2, 2, Match::any());
+            return e.out;
         }
-        return out;
-    }
-    let pods = peer_pods(cluster, rule);
-    let (ips, nets) = other_peers(cluster, rule);
-    let mut peer_matches: Vec<Match> = Vec::new();
-    let mut seen = BTreeSet::new();
-    for ip in pods.iter().flat_map(|p| p.ips.iter()).chain(&ips) {
-        if seen.insert(*ip) {
-            peer_matches.push(ip_match(peer_field, *ip));
+        let (ips, nets) = other_peers(cluster, rule);
+        for ip in &ips {
+            e.clause(0, 2, n, ip_match(sh.peer_field, *ip));
         }
-    }
-    peer_matches.extend(nets.iter().map(|n| net_match(peer_field, *n)));
-    if subjects.is_empty() || peer_matches.is_empty() {
-        return out;
-    }
-    let families: BTreeSet<bool> = subjects
-        .iter()
-        .flat_map(|p| p.ips.iter().map(IpAddr::is_ipv6))
-        .collect();
-    let numeric: Vec<(Protocol, u16, u16)> = rule
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| match p.port {
-            PortRef::Range { start, end } => Some((p.protocol, start, end)),
-            PortRef::Any => Some((p.protocol, 0, u16::MAX)),
-            PortRef::Named(_) => None,
-        })
-        .collect();
-    // Part 0: any port, or the numeric ports.
-    if rule.ports.is_none() || !numeric.is_empty() {
-        let n = if rule.ports.is_none() { 2 } else { 3 };
-        for pod in &subjects {
-            for ip in &pod.ips {
-                out.push(clause(0, 1, n, ip_match(sel_field, *ip)));
-            }
-        }
-        for m in &peer_matches {
-            out.push(clause(0, 2, n, *m));
+        for net in &nets {
+            e.clause(0, 2, n, net_match(sh.peer_field, *net));
         }
         if n == 3 {
-            let mut ports = super::HashSet::default();
-            for &v6 in &families {
-                for &(proto, start, end) in &numeric {
+            let mut seen = super::HashSet::default();
+            for v6 in [false, true] {
+                for p in rule.ports.iter().flatten() {
+                    let (start, end) = match p.port {
+                        PortRef::Range { start, end } => (start, end),
+                        PortRef::Any => (0, u16::MAX),
+                        PortRef::Named(_) => continue,
+                    };
                     let base = Match::any()
                         .with(Field::DlType, family_type(v6).into())
-                        .with(Field::NwProto, proto.ip_proto().into());
+                        .with(Field::NwProto, p.protocol.ip_proto().into());
                     for (v, mask) in port_masks(start, end) {
                         let m = if mask == 0 {
                             base
                         } else {
                             base.with_masked(Field::TpDst, v.into(), mask.into())
                         };
-                        if ports.insert(m) {
-                            out.push(clause(0, 3, n, m));
+                        if seen.insert(m) {
+                            e.clause(0, 3, n, m);
                         }
                     }
                 }
             }
         }
-        out.push(flow(
-            Match::any().with(Field::ConjId, conj_id(id, 0).into()),
-            actions.clone(),
-        ));
     }
-    // Part 1: named ports, resolved on each destination pod.
-    if rule.has_named_ports() {
-        let dests: &[&Pod] = match dir {
-            Direction::Ingress => &subjects,
-            Direction::Egress => &pods,
-        };
-        let mut any = false;
-        for pod in dests {
-            let resolved: BTreeSet<(Protocol, u16)> = rule
-                .ports
-                .iter()
-                .flatten()
-                .filter_map(|p| match &p.port {
-                    PortRef::Named(name) => pod.resolve(name, p.protocol).map(|n| (p.protocol, n)),
-                    _ => None,
-                })
-                .collect();
-            let dest_field = match dir {
-                Direction::Ingress => sel_field,
-                Direction::Egress => peer_field,
-            };
-            let k = match dir {
-                Direction::Ingress => 1,
-                Direction::Egress => 2,
-            };
-            for ip in &pod.ips {
-                for (proto, port) in &resolved {
-                    any = true;
-                    let m = ip_match(dest_field, *ip)
-                        .with(Field::NwProto, proto.ip_proto().into())
-                        .with(Field::TpDst, (*port).into());
-                    out.push(clause(1, k, 2, m));
-                }
-            }
-        }
-        if any {
-            match dir {
-                Direction::Ingress => {
-                    for m in &peer_matches {
-                        out.push(clause(1, 2, 2, *m));
-                    }
-                }
-                Direction::Egress => {
-                    for pod in &subjects {
-                        for ip in &pod.ips {
-                            out.push(clause(1, 1, 2, ip_match(sel_field, *ip)));
-                        }
-                    }
-                }
-            }
-            out.push(flow(
-                Match::any().with(Field::ConjId, conj_id(id, 1).into()),
-                actions,
-            ));
-        }
+    if sh.named {
+        e.decide(1);
     }
-    out
+    e.out
 }
 
-/// Whether a tier rule's flows can depend on `pod` (as subject, peer, or
-/// owner of a named port: the last two are peers or subjects too).
-pub(crate) fn touches_pod(
-    cluster: &Cluster,
-    policy: &ClusterPolicy,
-    rule: &TierRule,
-    pod: &Pod,
-) -> bool {
-    if cluster.subject_of(policy, pod) {
-        return true;
+/// Every rule of every ClusterNetworkPolicy with its shape and unit id:
+/// what compiling a pod's tier flows reads, built once per change.
+pub(crate) struct RuleSet<'a> {
+    rules: Vec<(&'a ClusterPolicy, &'a TierRule, Shape, u32)>,
+}
+
+impl<'a> RuleSet<'a> {
+    /// `frame` gives a rule's unit id (its frame must be compiled).
+    pub(crate) fn new(cluster: &'a Cluster, frame: impl Fn(TierRuleRef) -> Option<u32>) -> Self {
+        let mut rules = Vec::new();
+        for p in cluster.cluster_policies() {
+            for r in rule_refs(p) {
+                let (dir, index) = (r.direction, r.index);
+                if let (Some((sh, rule)), Some(id)) = (shape(p, dir, index), frame(r)) {
+                    rules.push((p, rule, sh, id));
+                }
+            }
+        }
+        RuleSet { rules }
     }
-    let ns = cluster.namespace_labels(&pod.key.namespace);
-    rule.peers.iter().any(|p| match p {
-        TierPeer::Pods { namespaces, pods } => namespaces.matches(&ns) && pods.matches(&pod.labels),
-        _ => false,
-    })
+
+    /// One pod's flows in every rule (as subject, pod peer, owner of a named
+    /// port: the destination), under unit `unit`.
+    pub(crate) fn compile_pod(&self, cluster: &Cluster, pod: &Pod, unit: u32) -> Vec<FlowEntry> {
+        let mut out = Vec::new();
+        if pod.ips.is_empty() {
+            return out;
+        }
+        let ns = cluster.namespace_labels(&pod.key.namespace);
+        for (policy, rule, sh, id) in &self.rules {
+            let subject =
+                policy.subject.namespaces.matches(&ns) && policy.subject.pods.matches(&pod.labels);
+            let peer = !sh.fail_closed
+                && rule.peers.iter().any(|p| {
+                    matches!(p, TierPeer::Pods { namespaces, pods } if namespaces.matches(&ns) && pods.matches(&pod.labels))
+                });
+            if !subject && !peer {
+                continue;
+            }
+            let mut e = Emit {
+                shape: sh,
+                id: *id,
+                cookie: cookie_of(unit),
+                out: std::mem::take(&mut out),
+            };
+            member_flows(&mut e, rule, pod, subject, peer);
+            out = e.out;
+        }
+        out
+    }
+}
+
+fn member_flows(e: &mut Emit<'_>, rule: &TierRule, pod: &Pod, subject: bool, peer: bool) {
+    let sh = e.shape;
+    let dest = match sh.direction {
+        Direction::Ingress => subject,
+        Direction::Egress => peer,
+    };
+    let resolved: BTreeSet<(Protocol, u16)> = if sh.named && dest {
+        rule.ports
+            .iter()
+            .flatten()
+            .filter_map(|p| match &p.port {
+                PortRef::Named(name) => pod.resolve(name, p.protocol).map(|n| (p.protocol, n)),
+                _ => None,
+            })
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    for ip in &pod.ips {
+        if let Some(n) = sh.numeric {
+            if subject {
+                e.clause(0, 1, n, ip_match(sh.sel_field, *ip));
+            }
+            if peer {
+                e.clause(0, 2, n, ip_match(sh.peer_field, *ip));
+            }
+        }
+        if sh.named {
+            let (dest_field, dest_k, other_k, other_field, other) = match sh.direction {
+                Direction::Ingress => (sh.sel_field, 1, 2, sh.peer_field, peer),
+                Direction::Egress => (sh.peer_field, 2, 1, sh.sel_field, subject),
+            };
+            for (proto, port) in &resolved {
+                let m = ip_match(dest_field, *ip)
+                    .with(Field::NwProto, proto.ip_proto().into())
+                    .with(Field::TpDst, (*port).into());
+                e.clause(1, dest_k, 2, m);
+            }
+            if other {
+                e.clause(1, other_k, 2, ip_match(other_field, *ip));
+            }
+        }
+    }
 }
 
 /// Whether a tier rule selects namespaces by labels that `labels` match.

@@ -26,8 +26,13 @@ pub(crate) enum Unit {
     Member(Arc<GroupKey>, ObjectKey),
     Deny(ObjectKey, Direction),
     Node(String),
-    /// One rule of a ClusterNetworkPolicy.
+    /// One rule of a ClusterNetworkPolicy: its pod-independent flows (it
+    /// also owns the rule's cookie and conjunction ids).
     Tier(TierRuleRef),
+    /// One pod's flows in every ClusterNetworkPolicy rule (as subject, peer,
+    /// owner of a named port), merged: a pod costs a flow per table, role and
+    /// address however many rules name it.
+    TierPod(ObjectKey),
 }
 
 #[derive(Debug, Clone)]
