@@ -7,6 +7,7 @@
 //! [`manifest`] loads YAML manifests; [`explain`] turns a datapath trace into a
 //! verdict naming the rule. No I/O except reading manifest files in [`manifest`].
 
+pub mod cluster;
 pub mod cnp;
 pub mod compile;
 pub mod cookie;
@@ -20,9 +21,11 @@ pub mod pipeline;
 pub mod probe;
 pub mod selector;
 pub mod status;
+pub mod strict;
 pub mod synthetic;
 pub mod tables;
 
+pub use cluster::Cluster;
 pub use compile::{Change, Compiler, FlowDiff, Provenance};
 pub use error::{Error, FieldError};
-pub use model::{Cluster, Direction, ObjectKey, Policy, Protocol};
+pub use model::{Direction, ObjectKey, Policy, Protocol};

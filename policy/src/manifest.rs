@@ -14,9 +14,10 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::cluster::Cluster;
 use crate::cnp::{self, ClusterPolicy};
 use crate::error::{Error, FieldError};
-use crate::model::{Cluster, Namespace, Node, Pod, Policy};
+use crate::model::{Namespace, Node, Pod, Policy};
 
 /// Objects loaded from manifests, and what failed.
 #[derive(Debug, Default)]
@@ -270,7 +271,7 @@ fn typed<T: DeserializeOwned + serde::Serialize>(
     let typed: T = serde_path_to_error::deserialize(v.clone())
         .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
     let known = serde_json::to_value(&typed).unwrap_or(Value::Null);
-    if let Some(path) = unknown_field(&v, &known, String::new()) {
+    if let Some(path) = crate::strict::unknown_field(&v, &known, String::new()) {
         return Err(invalid(
             path,
             "unknown field (is it misspelled?): the object is rejected rather than read without it"
@@ -278,35 +279,6 @@ fn typed<T: DeserializeOwned + serde::Serialize>(
         ));
     }
     Ok(typed)
-}
-
-/// The path of the first field of `given` that `known` (the same object read
-/// into its API type and written back) does not have.
-pub(crate) fn unknown_field(given: &Value, known: &Value, at: String) -> Option<String> {
-    let join = |key: &str| {
-        if at.is_empty() {
-            key.to_string()
-        } else {
-            format!("{at}.{key}")
-        }
-    };
-    match (given, known) {
-        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(key, gv)| {
-            if gv.is_null() {
-                return None;
-            }
-            match k.get(key) {
-                None => Some(join(key)),
-                Some(kv) => unknown_field(gv, kv, join(key)),
-            }
-        }),
-        (Value::Array(g), Value::Array(k)) => g
-            .iter()
-            .zip(k)
-            .enumerate()
-            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, format!("{at}[{i}]"))),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,11 @@ use datapath::field::ct_state;
 use datapath::trace::{CtSource, trace};
 use datapath::{FlowKey, FlowTables, Time};
 
+use crate::cluster::Cluster;
 use crate::compile::Compiler;
 use crate::error::Error;
 use crate::explain::{Traced, Verdict, explain};
-use crate::model::{Cluster, ObjectKey};
+use crate::model::ObjectKey;
 use crate::pipeline::{Topology, assemble, offline_topology};
 use crate::probe::{Endpoint, L4, packet};
 

@@ -12,9 +12,10 @@ use datapath::field::{Field, ether_type, ipv4_mapped, mac_value};
 use datapath::flow::{Action, Cookie, FlowEntry, TableId, Zone};
 use datapath::{Match, PortNo};
 
+use crate::cluster::Cluster;
 use crate::compile::{Compiler, net_match};
 use crate::cookie::CookieKind;
-use crate::model::{Cluster, ObjectKey};
+use crate::model::ObjectKey;
 use crate::tables::*;
 
 /// Another node, reached through a tunnel port: its pods' addresses.

@@ -12,7 +12,8 @@ use datapath::field::{ether_type, tcp_flags};
 use datapath::key::ip_to_wide;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Cluster, ObjectKey};
+use crate::cluster::Cluster;
+use crate::model::ObjectKey;
 use crate::pipeline::{OFFLINE_GATEWAY, OFFLINE_GATEWAY_MAC, Topology};
 
 /// Source port of traced packets.

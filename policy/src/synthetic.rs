@@ -9,9 +9,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::model::{
-    Cluster, NAMESPACE_NAME_LABEL, NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol,
-};
+use crate::cluster::Cluster;
+use crate::model::{NAMESPACE_NAME_LABEL, NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol};
 
 fn labels(kv: &[(&str, String)]) -> BTreeMap<String, String> {
     kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()

@@ -19,16 +19,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use control::view::{DnsAddress, DnsView};
 use ipnet::IpNet;
-use policy::compile::Change;
 use serde::Deserialize;
-
-use crate::realiser::Realiser;
 
 /// `[dns]` in the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -315,70 +310,6 @@ impl Learned {
             })
             .collect()
     }
-}
-
-/// Learns from the frames the packet threads copy, until `rx` closes.
-pub fn run(realiser: Arc<Realiser>, config: DnsConfig, rx: Receiver<Vec<u8>>) {
-    let mut next_expiry = Instant::now() + Duration::from_secs(1);
-    loop {
-        let wait = next_expiry.saturating_duration_since(Instant::now());
-        let frame = match rx.recv_timeout(wait) {
-            Ok(f) => Some(f),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let now = Instant::now();
-        let mut changed = Vec::new();
-        if let Some(answer) = frame.as_deref().and_then(parse_frame) {
-            if trusted(&realiser, &config, answer.server) {
-                changed = realiser
-                    .with_learned(|l| l.learn(&answer, now, config.min_ttl, config.max_names));
-            } else {
-                realiser.with_learned(|l| l.ignored += 1);
-                tracing::debug!(server = %answer.server, "DNS answer from an untrusted server ignored");
-            }
-        }
-        if now >= next_expiry {
-            next_expiry = now + Duration::from_secs(1);
-            // Addresses live connections still use (not ones closing).
-            use datapath::conntrack::ConnState as S;
-            let in_use: BTreeSet<IpAddr> = realiser
-                .datapath()
-                .conntrack
-                .dump(realiser.now(), None)
-                .iter()
-                .filter(|c| matches!(c.state, S::TcpEstablished | S::SctpEstablished | S::Replied))
-                .map(|c| datapath::key::wide_to_ip(c.orig.dst))
-                .collect();
-            changed
-                .extend(realiser.with_learned(|l| l.expire(now, &in_use, Duration::from_secs(10))));
-        }
-        if changed.is_empty() {
-            continue;
-        }
-        changed.sort();
-        changed.dedup();
-        let changes: Vec<Change> = changed
-            .into_iter()
-            .map(|name| Change::Resolved {
-                addresses: realiser.with_learned(|l| l.addresses(&name)),
-                name,
-            })
-            .collect();
-        if let Err(e) = realiser.apply_all(changes) {
-            tracing::error!(error = %control::error_chain(&e), "cannot install flows for learned DNS names");
-        }
-    }
-}
-
-/// Whether answers from `server` are trusted.
-fn trusted(realiser: &Realiser, config: &DnsConfig, server: IpAddr) -> bool {
-    config.servers.iter().any(|n| n.contains(&server))
-        || realiser.with_compiler(|c| {
-            c.cluster().pod_by_ip(server).is_some_and(|p| {
-                p.labels.get(DNS_POD_LABEL.0).map(String::as_str) == Some(DNS_POD_LABEL.1)
-            })
-        })
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod port;
 pub mod realiser;
 pub mod server;
+pub mod snoop;
 pub mod state;
 pub mod sys;
 pub mod tap;

@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use datapath::{Datapath, DatapathConfig, PortNo, Time};
 use etherparse::PacketBuilder;
+use policy::cluster::Cluster;
 use policy::compile::Compiler;
-use policy::model::{Cluster, ObjectKey, Pod};
+use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{PodPort, Topology, assemble};
 
 const MAC_A: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 1];

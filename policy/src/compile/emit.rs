@@ -16,8 +16,9 @@ use smallvec::SmallVec;
 use super::groups::{CanonPeer, Flags, GroupInfo, GroupKey, resolved_ports};
 use super::matches::{family_type, ip_match, net_match, port_masks, subtract};
 use super::{HashMap, HashSet};
+use crate::cluster::Cluster;
 use crate::cookie::CookieKind;
-use crate::model::{Cluster, Direction, ObjectKey, Pod, PortRef};
+use crate::model::{Direction, ObjectKey, Pod, PortRef};
 use crate::tables::{AFTER_EGRESS, AFTER_INGRESS, EGRESS_NP, INGRESS_NP, priority};
 
 /// The cookie of unit `id`.

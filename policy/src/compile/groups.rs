@@ -14,9 +14,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::{HashMap, HashSet, Provenance};
+use crate::cluster::Cluster;
 use crate::model::{
-    Cluster, Direction, Namespace, NsSel, ObjectKey, Peer, Pod, Policy, PortRef, PortSpec,
-    Protocol, Rule,
+    Direction, Namespace, NsSel, ObjectKey, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule,
 };
 /// A rule of a policy: (policy, direction, index).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

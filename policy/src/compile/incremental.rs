@@ -16,8 +16,9 @@ use super::groups::{
 };
 use super::tier;
 use super::units::{DiffBuilder, State, Unit};
+use crate::cluster::Cluster;
 use crate::cnp::ClusterPolicy;
-use crate::model::{Cluster, Direction, ObjectKey, Pod, Policy};
+use crate::model::{Direction, ObjectKey, Pod, Policy};
 /// Pending work of one change.
 #[derive(Default)]
 pub(crate) struct Work {

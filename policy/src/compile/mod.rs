@@ -24,8 +24,9 @@ use std::fmt;
 
 use datapath::flow::{Cookie, FlowEntry, FlowIdentity};
 
+use crate::cluster::Cluster;
 use crate::cnp::{ClusterPolicy, RuleAction, Tier};
-use crate::model::{Cluster, Direction, Namespace, Node, ObjectKey, Pod, Policy};
+use crate::model::{Direction, Namespace, Node, ObjectKey, Pod, Policy};
 
 mod emit;
 mod groups;

@@ -23,8 +23,9 @@ use ipnet::IpNet;
 
 use super::emit::{conj_id, cookie_of};
 use super::matches::{family_type, ip_match, net_match, port_masks};
+use crate::cluster::Cluster;
 use crate::cnp::{ClusterPolicy, RuleAction, Tier, TierPeer, TierRule};
-use crate::model::{Cluster, Direction, ObjectKey, Pod, PortRef, Protocol};
+use crate::model::{Direction, ObjectKey, Pod, PortRef, Protocol};
 use crate::tables::{
     AFTER_EGRESS, AFTER_INGRESS, EGRESS_BASELINE, EGRESS_NP, EGRESS_TABLE, INGRESS_BASELINE,
     INGRESS_NP, INGRESS_TABLE, priority,

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use policy::cluster::Cluster;
 use policy::cnp::ClusterPolicy;
-use policy::model::{Cluster, NamedPort, Namespace, Node, ObjectKey, Pod, Policy, Protocol};
+use policy::model::{NamedPort, Namespace, Node, ObjectKey, Pod, Policy, Protocol};
 use policy::offline::Offline;
 use policy::probe::{Endpoint, L4};
 use serde_json::Value;

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use policy::model::{Cluster, NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol};
+use policy::cluster::Cluster;
+use policy::model::{NamedPort, Namespace, ObjectKey, Pod, Policy, Protocol};
 use policy::offline::Offline;
 use policy::probe::{Endpoint, L4};
 use serde_json::Value;

@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use policy::cluster::Cluster;
 use policy::compile::{Compiler, Provenance};
 use policy::model::{
-    Cluster, Direction, NsSel, ObjectKey, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule,
+    Direction, NsSel, ObjectKey, Peer, Pod, Policy, PortRef, PortSpec, Protocol, Rule,
 };
 use policy::selector::Selector;
 

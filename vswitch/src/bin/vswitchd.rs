@@ -90,7 +90,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let (realiser, dns) = (realiser.clone(), daemon.config.dns.clone());
         std::thread::Builder::new()
             .name("dns".into())
-            .spawn(move || vswitch::dns::run(realiser, dns, frames))?;
+            .spawn(move || vswitch::snoop::run(realiser, dns, frames))?;
     }
     if let Some(address) = daemon.config.metrics_address {
         vswitch::metrics::start(address, realiser.clone(), forwarder.clone())?;

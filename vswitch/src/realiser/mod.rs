@@ -122,7 +122,7 @@ impl Realiser {
     /// Fails when the compiled flows cannot be installed.
     pub fn with_cluster(
         config: DatapathConfig,
-        cluster: policy::model::Cluster,
+        cluster: policy::cluster::Cluster,
     ) -> Result<Arc<Realiser>, Error> {
         let started = Instant::now();
         let r = Realiser::build(config, Compiler::from_cluster(cluster));
