@@ -29,6 +29,12 @@ offline_demo() {
     show target/release/flowctl --manifests "$manifests" trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379
     bold "Every pod to every pod on TCP 6379"
     show target/release/flowctl --manifests "$manifests" reachability --port 6379
+    local mt=examples/multi-tenancy
+    bold "Admin tiers (examples/multi-tenancy): the policies by tier"
+    show target/release/flowctl --manifests "$mt" dump-policies
+    bold "Tenants isolated by an Admin Deny that tenant B's NetworkPolicy cannot undo"
+    show target/release/flowctl --manifests "$mt" reachability --port 80
+    show target/release/flowctl --manifests "$mt" trace tcp,src=tenant-a/worker,dst=tenant-b/web,tp_dst=80
 }
 
 echo "==> building vswitchd, vswitch-cni, flowctl"
@@ -54,7 +60,9 @@ work=$(mktemp -d /tmp/vswitch-demo.XXXXXX)
 tag="vsd$$"
 daemon_pid=""
 servers=()
-pods=(default/db default/frontend other/client)
+pods=(default/db default/frontend other/client tenant-a/web tenant-a/worker tenant-b/web shared/dns)
+# A pod's network namespace (and CNI container id): $tag-NAMESPACE-POD.
+nsof() { printf '%s-%s' "$tag" "${1//\//-}"; }
 
 netconf() {
     cat <<EOF
@@ -66,7 +74,7 @@ EOF
 
 cni() { # cni COMMAND NAMESPACE/POD
     local ns=${2%/*} pod=${2#*/}
-    netconf | CNI_COMMAND=$1 CNI_CONTAINERID="$tag-$pod" CNI_NETNS="/var/run/netns/$tag-$pod" \
+    netconf | CNI_COMMAND=$1 CNI_CONTAINERID="$(nsof "$2")" CNI_NETNS="/var/run/netns/$(nsof "$2")" \
         CNI_IFNAME=eth0 CNI_ARGS="K8S_POD_NAMESPACE=$ns;K8S_POD_NAME=$pod" \
         CNI_PATH=/usr/lib/cni:/opt/cni/bin "$bin/vswitch-cni"
 }
@@ -76,7 +84,7 @@ cleanup() {
     for s in "${servers[@]}"; do kill "$s" 2>/dev/null; done
     for p in "${pods[@]}"; do cni DEL "$p" >/dev/null 2>&1; done
     [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
-    for p in "${pods[@]}"; do ip netns del "$tag-${p#*/}" 2>/dev/null; done
+    for p in "${pods[@]}"; do ip netns del "$(nsof "$p")" 2>/dev/null; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -106,6 +114,8 @@ apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: other, labels: {app: client}}
 EOF
+# Two tenants and shared services: their policies come later (the admin tiers).
+grep -v '^status:' examples/multi-tenancy/cluster.yaml > "$work/manifests/tenants-cluster.yaml"
 cat > "$work/vswitchd.toml" <<EOF
 socket = "$work/vswitchd.sock"
 state_dir = "$work/state"
@@ -119,10 +129,10 @@ bold "Starting vswitchd (standalone, manifests in $work/manifests)"
 daemon_pid=$!
 for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
 
-bold "Three pods through vswitch-cni (CNI ADD, IPAM by host-local)"
+bold "Seven pods through vswitch-cni (CNI ADD, IPAM by host-local)"
 declare -A ip
 for p in "${pods[@]}"; do
-    ip netns add "$tag-${p#*/}"
+    ip netns add "$(nsof "$p")"
     if ! result=$(cni ADD "$p"); then
         echo "CNI ADD $p failed: $result" >&2
         exit 1
@@ -133,7 +143,7 @@ done
 
 # Servers in db: redis-like on 6379, web on 80; a server in frontend on 80.
 serve() { # serve POD PORT
-    ip netns exec "$tag-${1#*/}" socat "TCP-LISTEN:$2,fork,reuseaddr" SYSTEM:'echo hello' </dev/null >/dev/null 2>&1 &
+    ip netns exec "$(nsof "$1")" socat "TCP-LISTEN:$2,fork,reuseaddr" SYSTEM:'echo hello' </dev/null >/dev/null 2>&1 &
     servers+=($!)
 }
 serve default/db 6379
@@ -144,7 +154,7 @@ sleep 0.3
 try() { # try FROM TO PORT WHY
     local from=$1 to=$2 port=$3 why=$4 out start took
     start=$(date +%s%N)
-    if out=$(ip netns exec "$tag-${from#*/}" socat -T2 - "TCP:${ip[$to]}:$port,connect-timeout=2" </dev/null 2>/dev/null) && [ -n "$out" ]; then
+    if out=$(ip netns exec "$(nsof "$from")" socat -T2 - "TCP:${ip[$to]}:$port,connect-timeout=2" </dev/null 2>/dev/null) && [ -n "$out" ]; then
         printf '  \033[32mconnected\033[0m   %-17s -> %-17s tcp/%-5s %s\n' "$from" "$to" "$port" "$why"
         return
     fi
@@ -179,3 +189,21 @@ sleep 0.5
 show cat "$work/audit.log"
 bold "Counters"
 show $flowctl stats
+
+bold "Admin tiers: two tenants, shared services (examples/multi-tenancy)"
+serve tenant-a/web 80
+serve tenant-b/web 80
+serve shared/dns 80
+sleep 0.3
+echo "Before any ClusterNetworkPolicy, tenants reach each other:"
+try tenant-b/web tenant-a/web 80 "(no policy)"
+cp examples/multi-tenancy/admin.yaml examples/multi-tenancy/tenants.yaml "$work/manifests/"
+sleep 1
+echo "With the admin's policies and the tenants' NetworkPolicies:"
+try tenant-a/worker tenant-a/web 80 "(tenant A's NetworkPolicy overrides the Baseline deny)"
+try tenant-b/web tenant-a/web 80 "(Admin Deny: tenants are isolated)"
+try tenant-a/worker tenant-b/web 80 "(tenant B's NetworkPolicy opens it to A: the Admin Deny wins)"
+try tenant-a/web shared/dns 80 "(Admin Accept at priority 10: shared services)"
+try shared/dns tenant-a/worker 80 "(Baseline default deny: no NetworkPolicy selects worker)"
+show $flowctl dump-policies
+show $flowctl trace tcp,src=tenant-a/worker,dst=tenant-b/web,tp_dst=80

@@ -55,7 +55,14 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
     // Flows per rule.
     let mut per_rule: HashMap<Provenance, usize> = HashMap::new();
     for f in compiler.flows() {
-        for p in compiler.rules(f.cookie) {
+        // A clause flow serves the rules of its conjunctions (tier clause
+        // flows are owned by the pod they match, and serve many rules).
+        let mut of_flow: std::collections::BTreeSet<Provenance> =
+            compiler.rules(f.cookie).into_iter().collect();
+        for (id, _, _) in f.conjunctions() {
+            of_flow.extend(compiler.conjunction_rules(id));
+        }
+        for p in of_flow {
             *per_rule.entry(p).or_default() += 1;
         }
     }

@@ -337,6 +337,12 @@ impl Compiler {
         };
         self.state.units.get(&unit).map(|u| cookie_of(u.id))
     }
+    /// The rules conjunction `conj_id` stands for.
+    pub fn conjunction_rules(&self, conj_id: u32) -> Vec<Provenance> {
+        conj_id
+            .checked_sub(1)
+            .map_or_else(Vec::new, |n| self.rules(cookie_of(n / 2)))
+    }
     /// Who owns conjunction `conj_id` (every rule, joined) and which part it is.
     pub fn conjunction_owner(&self, conj_id: u32) -> Option<(String, u32)> {
         let n = conj_id.checked_sub(1)?;
