@@ -264,18 +264,6 @@ fn upstream_cluster_network_policy_cases_over_real_traffic() {
     eprintln!("{checked} upstream ClusterNetworkPolicy probes over real traffic");
 }
 
-/// A pod's first address from a CNI ADD result.
-fn cni_ip(result: &Value) -> IpAddr {
-    result["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn tenants_cannot_open_what_the_admin_tier_closes() {
     let pid = std::process::id() % 100_000;
@@ -338,31 +326,17 @@ fn tenants_cannot_open_what_the_admin_tier_closes() {
         ),
     );
     let daemon = Vswitchd::start(&config, &socket);
-    let cni = Cni {
-        netconf: serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "vswitch",
-            "type": "vswitch-cni",
-            "socket": socket,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("10.96.{subnet}.0/24"), "gateway": gw_ip}]], "dataDir": dir.join("ipam")},
-        })
-        .to_string(),
-    };
+    let cni = Cni::host_local(&socket, &format!("10.96.{subnet}.0/24"), &gw_ip, &dir);
     let names = [
         "tenant-a/web",
         "tenant-a/worker",
         "tenant-b/web",
         "shared/dns",
     ];
-    let spaces: Vec<Netns> = (0..names.len())
-        .map(|i| Netns::new(format!("{tag}p{i}")))
-        .collect();
+    let (spaces, addrs) = cni.add_all(&tag, &names);
     let mut ip = BTreeMap::new();
     let mut ns_of = BTreeMap::new();
-    for (pod, ns) in names.iter().zip(&spaces) {
-        let (ok, result) = cni.call("ADD", ns, pod);
-        assert!(ok, "CNI ADD {pod}: {result}");
-        let addr = cni_ip(&result);
+    for ((pod, ns), addr) in names.iter().zip(&spaces).zip(addrs) {
         serve_tcp(ns, &addr.to_string(), 80);
         ip.insert(*pod, addr);
         ns_of.insert(*pod, ns.0.clone());
@@ -637,28 +611,15 @@ fn domain_names_are_learned_from_trusted_dns_answers_only() {
         &format!("[gateway]\nname = \"{tag}\"\naddress = \"{gw_ip}/24\"\n[dns]\nmin_ttl = 1\n"),
     );
     let daemon = Vswitchd::start(&config, &socket);
-    let cni = Cni {
-        netconf: serde_json::json!({
-            "cniVersion": "1.0.0", "name": "vswitch", "type": "vswitch-cni", "socket": socket,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("10.97.{subnet}.0/24"), "gateway": gw_ip}]], "dataDir": dir.join("ipam")},
-        })
-        .to_string(),
-    };
+    let cni = Cni::host_local(&socket, &format!("10.97.{subnet}.0/24"), &gw_ip, &dir);
     let names = [
         "kube-system/coredns",
         "app/client",
         "app/liar",
         "ext/target",
     ];
-    let spaces: Vec<Netns> = (0..names.len())
-        .map(|i| Netns::new(format!("{tag}p{i}")))
-        .collect();
-    let mut ip = BTreeMap::new();
-    for (pod, ns) in names.iter().zip(&spaces) {
-        let (ok, result) = cni.call("ADD", ns, pod);
-        assert!(ok, "CNI ADD {pod}: {result}");
-        ip.insert(*pod, cni_ip(&result));
-    }
+    let (spaces, addrs) = cni.add_all(&tag, &names);
+    let ip: BTreeMap<&str, IpAddr> = names.iter().copied().zip(addrs).collect();
     let attached = Attached {
         cni: &cni,
         pods: names

@@ -543,3 +543,33 @@ impl Drop for Running {
         }
     }
 }
+
+impl Cni {
+    /// vswitch-cni talking to `socket`, IPAM by host-local over `subnet`
+    /// (`a.b.c.0/24`) with `gateway`, its state under `dir`.
+    pub fn host_local(socket: &Path, subnet: &str, gateway: &str, dir: &Path) -> Cni {
+        Cni {
+            netconf: serde_json::json!({
+                "cniVersion": "1.0.0", "name": "vswitch", "type": "vswitch-cni", "socket": socket,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet, "gateway": gateway}]], "dataDir": dir.join("ipam")},
+            })
+            .to_string(),
+        }
+    }
+
+    /// A network namespace per pod (`{tag}p{i}`), each attached by CNI ADD;
+    /// the namespaces and every pod's first address, in `pods`' order.
+    pub fn add_all(&self, tag: &str, pods: &[&str]) -> (Vec<Netns>, Vec<IpAddr>) {
+        let spaces: Vec<Netns> = (0..pods.len())
+            .map(|i| Netns::new(format!("{tag}p{i}")))
+            .collect();
+        let mut ips = Vec::new();
+        for (pod, ns) in pods.iter().zip(&spaces) {
+            let (ok, result) = self.call("ADD", ns, pod);
+            assert!(ok, "CNI ADD {pod}: {result}");
+            let addr = result["ips"][0]["address"].as_str().unwrap_or_default();
+            ips.push(addr.split('/').next().unwrap().parse().expect("an address"));
+        }
+        (spaces, ips)
+    }
+}
