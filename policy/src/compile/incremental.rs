@@ -234,7 +234,10 @@ fn recompile_unit(
             _ => vec![],
         },
     };
-    merge_within(&mut flows);
+    // A pod's tier flows come merged.
+    if !matches!(u, Unit::TierPod(_)) {
+        merge_within(&mut flows);
+    }
     let frame = matches!(u, Unit::Frame(_));
     if flows.is_empty() {
         if state.units.contains_key(u) {

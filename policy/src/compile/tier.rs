@@ -287,10 +287,15 @@ pub(crate) fn compile_tier_frame(
     e.out
 }
 
+type NsCache = Option<(String, Vec<(bool, smallvec::SmallVec<[bool; 4]>)>)>;
+
 /// Every rule of every ClusterNetworkPolicy with its shape and unit id:
 /// what compiling a pod's tier flows reads, built once per change.
 pub(crate) struct RuleSet<'a> {
     rules: Vec<(&'a ClusterPolicy, &'a TierRule, Shape, u32)>,
+    /// For the last namespace seen: per rule, whether its subject's namespace
+    /// selector matches, and whether each peer's namespace selector does.
+    ns_cache: std::cell::RefCell<NsCache>,
 }
 
 impl<'a> RuleSet<'a> {
@@ -305,23 +310,50 @@ impl<'a> RuleSet<'a> {
                 }
             }
         }
-        RuleSet { rules }
+        RuleSet {
+            rules,
+            ns_cache: std::cell::RefCell::new(None),
+        }
     }
 
     /// One pod's flows in every rule (as subject, pod peer, owner of a named
-    /// port: the destination), under unit `unit`.
+    /// port: the destination), under unit `unit`, merged: one flow per match
+    /// with every rule's conjunction action.
     pub(crate) fn compile_pod(&self, cluster: &Cluster, pod: &Pod, unit: u32) -> Vec<FlowEntry> {
         let mut out = Vec::new();
         if pod.ips.is_empty() {
             return out;
         }
-        let ns = cluster.namespace_labels(&pod.key.namespace);
-        for (policy, rule, sh, id) in &self.rules {
-            let subject =
-                policy.subject.namespaces.matches(&ns) && policy.subject.pods.matches(&pod.labels);
+        // What depends on the namespace only, once per namespace (units are
+        // compiled in key order: a namespace's pods come together).
+        let mut cache = self.ns_cache.borrow_mut();
+        if cache
+            .as_ref()
+            .is_none_or(|(ns, _)| *ns != pod.key.namespace)
+        {
+            let labels = cluster.namespace_labels(&pod.key.namespace);
+            let per_rule = self
+                .rules
+                .iter()
+                .map(|(policy, rule, _, _)| {
+                    let peers: smallvec::SmallVec<[bool; 4]> = rule
+                        .peers
+                        .iter()
+                        .map(|p| {
+                            matches!(p, TierPeer::Pods { namespaces, .. } if namespaces.matches(&labels))
+                        })
+                        .collect();
+                    (policy.subject.namespaces.matches(&labels), peers)
+                })
+                .collect();
+            *cache = Some((pod.key.namespace.clone(), per_rule));
+        }
+        let per_rule = &cache.as_ref().expect("filled above").1;
+        for ((policy, rule, sh, id), (subject_ns, peer_ns)) in self.rules.iter().zip(per_rule) {
+            let subject = *subject_ns && policy.subject.pods.matches(&pod.labels);
             let peer = !sh.fail_closed
-                && rule.peers.iter().any(|p| {
-                    matches!(p, TierPeer::Pods { namespaces, pods } if namespaces.matches(&ns) && pods.matches(&pod.labels))
+                && rule.peers.iter().zip(peer_ns).any(|(p, ns_ok)| {
+                    *ns_ok && matches!(p, TierPeer::Pods { pods, .. } if pods.matches(&pod.labels))
                 });
             if !subject && !peer {
                 continue;
@@ -335,7 +367,23 @@ impl<'a> RuleSet<'a> {
             member_flows(&mut e, rule, pod, subject, peer);
             out = e.out;
         }
-        out
+        // Merge: the actions of one pod's flows are distinct (rules and
+        // clauses differ), so no action needs comparing.
+        let mut at: super::HashMap<datapath::flow::FlowIdentity, usize> =
+            super::HashMap::with_capacity_and_hasher(out.len(), Default::default());
+        let mut merged: Vec<FlowEntry> = Vec::with_capacity(out.len());
+        for f in out {
+            match at.entry(f.identity()) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    merged[*e.get()].actions.extend(f.actions);
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(merged.len());
+                    merged.push(f);
+                }
+            }
+        }
+        merged
     }
 }
 
