@@ -22,23 +22,27 @@ show() { printf '$ %s\n' "$*"; "$@"; }
 offline_demo() {
     local manifests=examples/manifests
     bold "The policy (examples/manifests/test-network-policy.yaml), compiled: tables 41 (egress NetworkPolicy) and 51 (ingress NetworkPolicy)"
-    show target/release/flowctl --manifests "$manifests" dump-flows --cookie test-network-policy
+    show "$bin/flowctl" --manifests "$manifests" dump-flows --cookie test-network-policy
     bold "Allowed: a role=frontend pod in default to db on TCP 6379"
-    show target/release/flowctl --manifests "$manifests" trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
+    show "$bin/flowctl" --manifests "$manifests" trace tcp,src=default/frontend,dst=default/db,tp_dst=6379
     bold "Denied: 172.17.1.5 is inside the ipBlock's except"
-    show target/release/flowctl --manifests "$manifests" trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379
+    show "$bin/flowctl" --manifests "$manifests" trace tcp,src=172.17.1.5,dst=default/db,tp_dst=6379
     bold "Every pod to every pod on TCP 6379"
-    show target/release/flowctl --manifests "$manifests" reachability --port 6379
+    show "$bin/flowctl" --manifests "$manifests" reachability --port 6379
     local mt=examples/multi-tenancy
     bold "Admin tiers (examples/multi-tenancy): the policies by tier"
-    show target/release/flowctl --manifests "$mt" dump-policies
+    show "$bin/flowctl" --manifests "$mt" dump-policies
     bold "Tenants isolated by an Admin Deny that tenant B's NetworkPolicy cannot undo"
-    show target/release/flowctl --manifests "$mt" reachability --port 80
-    show target/release/flowctl --manifests "$mt" trace tcp,src=tenant-a/worker,dst=tenant-b/web,tp_dst=80
+    show "$bin/flowctl" --manifests "$mt" reachability --port 80
+    show "$bin/flowctl" --manifests "$mt" trace tcp,src=tenant-a/worker,dst=tenant-b/web,tp_dst=80
 }
 
-echo "==> building vswitchd, vswitch-cni, flowctl"
-cargo build --release --quiet -p vswitch -p flowctl
+# Where cargo builds (CARGO_TARGET_DIR, or a cargo config, may move it).
+target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin="${target:-$PWD/target}/release"
+echo "==> building vswitchd, vswitch-cni, flowctl into $bin"
+echo "    (the first build downloads crates from crates.io and takes a few minutes on 2 cores; later ones seconds)"
+cargo build --release -p vswitch -p flowctl
 
 if [ "$(id -u)" != 0 ] || [ ! -c /dev/net/tun ]; then
     echo "(not root, or no /dev/net/tun: showing the offline demo; run as root for real pods and traffic)"
@@ -55,7 +59,6 @@ if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-bin="$PWD/target/release"
 work=$(mktemp -d /tmp/vswitch-demo.XXXXXX)
 tag="vsd$$"
 daemon_pid=""

@@ -27,6 +27,8 @@ fi
 echo "==> module circles"
 python3 scripts/module-cycles.py
 echo "==> cargo test (workspace)"
+echo "    (WARN and ERROR log lines below come from tests that provoke failures on purpose:"
+echo "     bad manifests, a refused API server, dead ports; a test fails only with FAILED)"
 cargo test --workspace --locked
 echo "==> benchmarks build"
 cargo bench --workspace --no-run --locked >/dev/null

@@ -70,9 +70,10 @@ enum Command {
     /// Names learned from the pods' DNS answers (for ClusterNetworkPolicy
     /// `domainNames` peers), with their addresses and expiry (live).
     DumpDns,
-    /// Trace a new connection: `tcp,src=NS/POD,dst=NS/POD|IP,tp_dst=PORT`.
+    /// Trace a new connection: `tcp,src=NS/POD|IP,dst=NS/POD|IP,tp_dst=PORT`.
     Trace {
-        /// Packet: protocol (tcp|udp|sctp|icmp), src=, dst=, tp_dst=.
+        /// Packet: protocol (tcp|udp|sctp|icmp), src= and dst= (a pod as
+        /// NS/POD, or an IP address), tp_dst=.
         spec: String,
     },
     /// Ports with their pods and counters: rx/tx, drops by reason (live).
@@ -117,7 +118,7 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         limit: usize,
     },
-    /// Every pod to every pod, for one protocol and port.
+    /// Every pod to every pod, for one protocol and port (default tcp/80).
     Reachability {
         #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp", "sctp"])]
         protocol: String,
