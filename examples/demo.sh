@@ -125,6 +125,7 @@ state_dir = "$work/state"
 manifests = "$work/manifests"
 [audit]
 path = "$work/audit.log"
+attempt_quiet_ms = 1000   # a denied attempt's line is written 1 s after its last retry
 EOF
 
 bold "Starting vswitchd (standalone, manifests in $work/manifests)"
@@ -187,8 +188,8 @@ bold "Ports, with counters and drops by reason"
 show $flowctl dump-ports
 bold "Connections conntrack is following"
 show $flowctl dump-conntrack proto=tcp
-bold "The audit log: every denied connection, with the deciding rule"
-sleep 0.5
+bold "The audit log: every denied connection attempt, with the deciding rule and its packets"
+sleep 1.5
 show cat "$work/audit.log"
 bold "Counters"
 show $flowctl stats

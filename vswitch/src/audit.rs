@@ -2,8 +2,10 @@
 //!
 //! Owns turning connection events from the packet threads (a new connection
 //! committed, or a first packet dropped by a policy table) into JSON lines naming
-//! the deciding rule, deduplicated to one line per connection tuple per second,
-//! written to a size-rotated file or stdout; and counting connections per
+//! the deciding rule: an allowed connection is one line when it is committed;
+//! a denied attempt (its first packet and every retransmission of it) is one
+//! line with the number of packets dropped, written once the attempt has been
+//! quiet for `attempt_quiet_ms`; lines go to a size-rotated file or stdout; and counting connections per
 //! policy rule for the metrics (bounded label sets). Explaining an event runs
 //! the trace machinery against the current tables on this thread, never on a
 //! packet thread.
@@ -13,8 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
-use std::time::UNIX_EPOCH;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use datapath::field::ip_proto;
 use policy::compile::Provenance;
@@ -132,40 +134,116 @@ pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<
             }
         }
     });
-    // (tuple, verdict) -> the second it was last logged.
-    let mut seen: HashMap<(Tuple, bool), u64> = HashMap::new();
+    let quiet = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.attempt_quiet_ms));
+    // Denied attempts being counted: tuple -> (line, packets, first, last).
+    let mut attempts: HashMap<Tuple, Attempt> = HashMap::new();
+    // Allowed: (tuple) -> the second it was last logged (one commit each).
+    let mut seen: HashMap<Tuple, u64> = HashMap::new();
     let mut second = 0;
     let mut series: HashSet<[String; 4]> = HashSet::new();
-    for event in events {
-        let now = event
-            .at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if now != second {
-            seen.retain(|_, s| *s == now);
-            second = now;
+    let mut write = |line: &Value| {
+        if let Some(sink) = &mut sink {
+            let line = line.to_string();
+            let written = match sink {
+                Sink::Stdout => writeln!(std::io::stdout(), "{line}"),
+                Sink::File(f) => f.write_line(&line),
+            };
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot write an audit line");
+            }
         }
-        let tuple = Tuple::of(&event.key);
-        if seen.insert((tuple, event.allowed), now) == Some(now) {
+    };
+    loop {
+        let event = match events.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                for (_, a) in attempts.drain() {
+                    write(&a.finish());
+                }
+                return;
+            }
+        };
+        let now = Instant::now();
+        attempts.retain(|_, a| {
+            let due =
+                now.duration_since(a.last) >= quiet || now.duration_since(a.first) >= MAX_ATTEMPT;
+            if due {
+                write(&a.finish());
+            }
+            !due
+        });
+        let Some(event) = event else {
             continue;
+        };
+        let tuple = Tuple::of(&event.key);
+        if !event.allowed {
+            if let Some(a) = attempts.get_mut(&tuple) {
+                a.packets += 1;
+                a.last = now;
+                continue;
+            }
+        } else {
+            let at = event
+                .at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if at != second {
+                seen.retain(|_, s| *s == at);
+                second = at;
+            }
+            if seen.insert(tuple, at) == Some(at) {
+                continue;
+            }
         }
         let (verdict, src_pod, dst_pod) = realiser.explain_new(&event.key);
         count(&mut series, event.allowed, &verdict.decided_by, &dst_pod);
-        let (Some(config), Some(sink)) = (&config, &mut sink) else {
+        let Some(config) = &config else {
             continue;
         };
         let namespaces = decision_namespaces(&verdict.decided_by, &src_pod, &dst_pod);
         if !config.wants(event.allowed, &namespaces) {
             continue;
         }
-        let line = record(&event, &tuple, &verdict, &src_pod, &dst_pod).to_string();
-        let written = match sink {
-            Sink::Stdout => writeln!(std::io::stdout(), "{line}"),
-            Sink::File(f) => f.write_line(&line),
-        };
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "cannot write an audit line");
+        let line = record(&event, &tuple, &verdict, &src_pod, &dst_pod);
+        if event.allowed {
+            write(&line);
+        } else {
+            attempts.insert(
+                tuple,
+                Attempt {
+                    line,
+                    packets: 1,
+                    first: now,
+                    last: now,
+                    first_at: event.at,
+                },
+            );
         }
+    }
+}
+
+/// The longest a denied attempt is held before its line is written.
+const MAX_ATTEMPT: Duration = Duration::from_secs(60);
+
+/// A denied connection attempt being counted.
+struct Attempt {
+    line: Value,
+    packets: u64,
+    first: Instant,
+    last: Instant,
+    first_at: std::time::SystemTime,
+}
+
+impl Attempt {
+    /// Its line: the first packet's, with how many were dropped and when the
+    /// last one was.
+    fn finish(&self) -> Value {
+        let mut line = self.line.clone();
+        line["packets"] = json!(self.packets);
+        let last = self.first_at + self.last.duration_since(self.first);
+        line["last_time"] = json!(rfc3339(last));
+        line
     }
 }
 

@@ -202,6 +202,12 @@ pub struct AuditConfig {
     /// Log allowed new connections.
     #[serde(default)]
     pub allowed: bool,
+    /// A denied connection attempt (a SYN and its retransmissions, a
+    /// datagram and its retries) is one line, written once no packet of it
+    /// has been dropped for this long (milliseconds), with the number of
+    /// packets dropped; at most a minute after its first.
+    #[serde(default = "default_attempt_quiet_ms")]
+    pub attempt_quiet_ms: u64,
     /// Per-namespace overrides of `denied` / `allowed`, by the namespace of the
     /// deciding policy (or of the pods at either end when no policy decided).
     #[serde(default)]
@@ -221,6 +227,10 @@ fn default_max_bytes() -> u64 {
 
 fn default_keep() -> u32 {
     5
+}
+
+fn default_attempt_quiet_ms() -> u64 {
+    10_000
 }
 
 fn yes() -> bool {

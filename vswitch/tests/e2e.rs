@@ -860,7 +860,7 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     let (config, socket) = write_config(
         &dir,
         &format!(
-            "metrics_address = {metrics:?}\n[audit]\npath = {:?}\nallowed = true\n",
+            "metrics_address = {metrics:?}\n[audit]\npath = {:?}\nallowed = true\nattempt_quiet_ms = 1500\n",
             audit.to_str().unwrap()
         ),
     );
@@ -1094,20 +1094,22 @@ fn operators_see_flows_ports_connections_audit_and_metrics() {
     assert_eq!(denied["dst_port"], 8080);
     assert_eq!(denied["protocol"], "tcp");
     assert_eq!(denied["decided_by"][0]["default_deny_of"], "obs/server");
-    // One line per connection tuple per second: retransmitted SYNs are folded.
-    let mut per_second = Map::new();
+    // One line per connection attempt: the retransmitted SYNs of a denied
+    // connect are folded into its line and counted.
+    let mut per_attempt = Map::new();
     for l in &lines {
         let key = format!(
-            "{} {} {} {} {}",
-            l["verdict"],
-            l["src_ip"],
-            l["src_port"],
-            l["dst_port"],
-            &l["time"].as_str().unwrap()[..19]
+            "{} {} {} {}",
+            l["verdict"], l["src_ip"], l["src_port"], l["dst_port"]
         );
-        *per_second.entry(key).or_insert(0) += 1;
+        *per_attempt.entry(key).or_insert(0) += 1;
     }
-    assert!(per_second.values().all(|n| *n == 1), "{per_second:?}");
+    assert!(per_attempt.values().all(|n| *n == 1), "{per_attempt:?}");
+    assert!(
+        denied["packets"].as_u64().unwrap() >= 2,
+        "the SYN and its retransmission, in one line: {denied}"
+    );
+    assert!(denied["last_time"].as_str().unwrap() > denied["time"].as_str().unwrap());
 
     // The metrics endpoint serves the expected series.
     let mut body = String::new();

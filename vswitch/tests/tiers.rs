@@ -321,7 +321,7 @@ fn tenants_cannot_open_what_the_admin_tier_closes() {
     let (config, socket) = write_config(
         &dir,
         &format!(
-            "[gateway]\nname = \"{tag}\"\naddress = \"{gw_ip}/24\"\n[audit]\npath = {:?}\n",
+            "[gateway]\nname = \"{tag}\"\naddress = \"{gw_ip}/24\"\n[audit]\npath = {:?}\nattempt_quiet_ms = 1000\n",
             audit.to_str().unwrap()
         ),
     );
