@@ -4,6 +4,7 @@
 //! datapath code the switch runs and answers from the compiled tables; live mode
 //! talks to vswitchd's control socket. Text by default, `--output json` for scripts.
 
+mod diff;
 mod live;
 mod render;
 mod spec;
@@ -125,6 +126,18 @@ enum Command {
         #[arg(long, default_value_t = 80)]
         port: u16,
     },
+    /// The reachability changes from the `--manifests` set to NEW (offline):
+    /// every pod in both, to every other, on every port a policy of either set
+    /// names (and tcp/80), or only `--protocol`/`--port`. Exits 1 when
+    /// something changes, like `diff`.
+    Diff {
+        /// The changed manifest directory (or file).
+        new: PathBuf,
+        #[arg(long, value_parser = ["tcp", "udp", "sctp"])]
+        protocol: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -204,6 +217,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => L4::Tcp(port),
             };
             render::reachability(&offline, l4, json, color)
+        }
+        Command::Diff {
+            new,
+            protocol,
+            port,
+        } => {
+            let (after, _, new_errors) = self::offline(&new)?;
+            let only = match (protocol.as_deref(), port) {
+                (None, None) => None,
+                (p, port) => {
+                    let port = port.unwrap_or(80);
+                    Some(match p {
+                        Some("udp") => L4::Udp(port),
+                        Some("sctp") => L4::Sctp(port),
+                        _ => L4::Tcp(port),
+                    })
+                }
+            };
+            let changes = diff::changes(&offline, &after, only);
+            print!(
+                "{}",
+                if json {
+                    pretty(&changes)
+                } else {
+                    diff::text(&changes, color)
+                }
+            );
+            return Ok(if had_errors || new_errors {
+                ExitCode::from(2)
+            } else if changes.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Command::DumpPorts
         | Command::DumpDns
@@ -391,6 +438,7 @@ fn live(cli: &Cli) -> Result<ExitCode> {
             String::new()
         }
         Command::Reachability { .. } => bail!("reachability runs offline: use --manifests DIR"),
+        Command::Diff { .. } => bail!("diff runs offline: flowctl --manifests OLD diff NEW"),
         Command::Completions { .. } => unreachable!("handled before"),
     };
     print!("{out}");

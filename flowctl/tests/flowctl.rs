@@ -189,3 +189,57 @@ fn completions_and_live_mode_without_a_switch() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no running switch"));
 }
+
+#[test]
+fn diff_lists_what_a_change_opens_and_closes() {
+    let tenants = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/multi-tenancy");
+    let t = tenants.to_str().unwrap();
+    // The same set: nothing changes, exit 0.
+    let same = flowctl(&["--manifests", t, "diff", t]);
+    assert!(same.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&same.stdout),
+        "no reachability changes\n"
+    );
+    // Without the admin's policies: the tenants' isolation is gone, exit 1.
+    let dir = std::env::temp_dir().join(format!("flowctl-diff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["cluster.yaml", "tenants.yaml"] {
+        std::fs::copy(tenants.join(f), dir.join(f)).unwrap();
+    }
+    let out = flowctl(&[
+        "--manifests",
+        t,
+        "-o",
+        "json",
+        "diff",
+        dir.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1), "changes exit 1, like diff");
+    let changes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let opened = changes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["from"] == "tenant-a/worker" && c["to"] == "tenant-b/web")
+        .expect("tenant A reaches tenant B once the Admin Deny is gone");
+    assert_eq!(opened["before"], "deny");
+    assert_eq!(opened["after"], "allow");
+    assert_eq!(opened["port"], 80);
+    assert!(
+        opened["before_rule"]
+            .as_str()
+            .unwrap()
+            .contains("isolate-tenant-b"),
+        "{opened}"
+    );
+    assert!(
+        changes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["after"] == "allow"),
+        "removing deny policies only opens: {changes}"
+    );
+}
