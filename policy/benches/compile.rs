@@ -107,16 +107,7 @@ fn full_compile_with_200_cluster_network_policies(bencher: Bencher) {
 /// Relabels one pod with the tiers in force.
 #[divan::bench(sample_count = 50)]
 fn relabel_one_pod_with_tiers(bencher: Bencher) {
-    let mut compiler = Compiler::from_cluster(with_tiers());
-    let key = ObjectKey::new("ns-500", "pod-4");
-    let mut pod = compiler.cluster().pod(&key).unwrap().clone();
-    let mut flip = false;
-    bencher.bench_local(|| {
-        flip = !flip;
-        pod.labels = pod_labels(if flip { 3 } else { 4 }, flip);
-        let diff = compiler.apply(Change::Pod(pod.clone()));
-        black_box(diff.len())
-    });
+    relabel(bencher, with_tiers());
 }
 
 #[divan::bench(sample_count = 5)]
@@ -130,7 +121,12 @@ fn full_compile_10k_pods_10k_policies(bencher: Bencher) {
 /// Relabels one pod (alternating two label sets): recompiles what it touches.
 #[divan::bench(sample_count = 50)]
 fn relabel_one_pod(bencher: Bencher) {
-    let mut compiler = Compiler::from_cluster(cluster(NAMESPACES, PODS_PER_NS));
+    relabel(bencher, cluster(NAMESPACES, PODS_PER_NS));
+}
+
+/// Relabels one pod of `c`, alternating two label sets.
+fn relabel(bencher: Bencher, c: policy::Cluster) {
+    let mut compiler = Compiler::from_cluster(c);
     let key = ObjectKey::new("ns-500", "pod-4");
     let mut pod = compiler.cluster().pod(&key).unwrap().clone();
     let mut flip = false;

@@ -47,6 +47,37 @@ pub struct RuleView {
     pub flows: usize,
 }
 
+impl PolicyView {
+    /// A policy with a version in force; `message` says why its latest
+    /// version was rejected, when it was.
+    fn in_force(
+        kind: &str,
+        name: String,
+        tier: String,
+        priority: Option<u16>,
+        message: Option<String>,
+        warnings: Vec<String>,
+        rules: Vec<RuleView>,
+    ) -> PolicyView {
+        PolicyView {
+            kind: kind.into(),
+            name,
+            tier,
+            priority,
+            status: if message.is_some() {
+                "rejected"
+            } else {
+                "accepted"
+            }
+            .into(),
+            message,
+            warnings,
+            flows: rules.iter().map(|r| r.flows).sum(),
+            rules,
+        }
+    }
+}
+
 /// Objects a source rejected: (kind, name) -> reason.
 pub type Rejections = BTreeMap<(String, String), String>;
 
@@ -97,23 +128,15 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
                 });
             }
         }
-        let message = message(crate::cnp::KIND, &p.name);
-        out.push(PolicyView {
-            kind: crate::cnp::KIND.into(),
-            name: p.name.clone(),
-            tier: p.tier.to_string(),
-            priority: Some(p.priority),
-            status: if message.is_some() {
-                "rejected"
-            } else {
-                "accepted"
-            }
-            .into(),
-            flows: rules.iter().map(|r| r.flows).sum(),
-            message,
-            warnings: p.warnings.clone(),
+        out.push(PolicyView::in_force(
+            crate::cnp::KIND,
+            p.name.clone(),
+            p.tier.to_string(),
+            Some(p.priority),
+            message(crate::cnp::KIND, &p.name),
+            p.warnings.clone(),
             rules,
-        });
+        ));
     }
     for p in cluster.policies() {
         let mut rules = Vec::new();
@@ -135,22 +158,15 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
         }
         let name = p.key.to_string();
         let message = message(NETWORK_POLICY, &name);
-        out.push(PolicyView {
-            kind: NETWORK_POLICY.into(),
-            tier: NETWORK_POLICY.into(),
-            priority: None,
-            status: if message.is_some() {
-                "rejected"
-            } else {
-                "accepted"
-            }
-            .into(),
-            flows: rules.iter().map(|r| r.flows).sum(),
-            message,
-            warnings: vec![],
-            rules,
+        out.push(PolicyView::in_force(
+            NETWORK_POLICY,
             name,
-        });
+            NETWORK_POLICY.into(),
+            None,
+            message,
+            vec![],
+            rules,
+        ));
     }
     // Rejected, with no version in force.
     for ((kind, name), reason) in rejected {

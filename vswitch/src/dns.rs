@@ -258,6 +258,15 @@ impl Learned {
         changed
     }
 
+    /// Whether some address has expired (what makes [`Learned::expire`]
+    /// worth its look at conntrack).
+    pub fn due(&self, now: Instant) -> bool {
+        self.names
+            .values()
+            .flat_map(|a| a.values())
+            .any(|until| *until <= now)
+    }
+
     /// Forgets expired addresses, except those `in_use` says a tracked
     /// connection still reaches (kept `grace` longer); returns the names
     /// whose sets changed.

@@ -34,9 +34,13 @@ pub fn run(realiser: Arc<Realiser>, config: DnsConfig, rx: Receiver<Vec<u8>>) {
                 tracing::debug!(server = %answer.server, "DNS answer from an untrusted server ignored");
             }
         }
-        if now >= next_expiry {
+        // Once a second; conntrack is read only when an address has expired:
+        // which of them live connections still use (not ones closing).
+        let tick = now >= next_expiry;
+        if tick {
             next_expiry = now + Duration::from_secs(1);
-            // Addresses live connections still use (not ones closing).
+        }
+        if tick && realiser.with_learned(|l| l.due(now)) {
             use datapath::conntrack::ConnState as S;
             let in_use: BTreeSet<IpAddr> = realiser
                 .datapath()
