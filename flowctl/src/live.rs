@@ -401,6 +401,7 @@ pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
                 p.kind.clone(),
                 p.name.clone(),
                 p.status.clone(),
+                p.mode.clone(),
                 p.rules.len().to_string(),
                 p.flows.to_string(),
             ]
@@ -409,10 +410,16 @@ pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
     let mut out = table(
         color,
         &[
-            "TIER", "PRIORITY", "KIND", "NAME", "STATUS", "RULES", "FLOWS",
+            "TIER", "PRIORITY", "KIND", "NAME", "STATUS", "MODE", "RULES", "FLOWS",
         ],
         &rows,
     );
+    if policies.iter().any(|p| p.mode == "audit") {
+        let _ = writeln!(
+            out,
+            "mode audit: staged (vswitch.io/mode: audit): evaluated on new connections, not enforced"
+        );
+    }
     for p in policies {
         let notes: Vec<&String> = p.message.iter().chain(&p.warnings).collect();
         let rules: Vec<String> = p

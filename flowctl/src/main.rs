@@ -6,6 +6,7 @@
 
 mod diff;
 mod live;
+mod preview;
 mod render;
 mod spec;
 
@@ -138,6 +139,16 @@ enum Command {
         #[arg(long)]
         port: Option<u16>,
     },
+    /// Connections the switch has seen recently, per source, destination and
+    /// port: counts allowed and denied, the verdict now and what staged
+    /// policies would do (live).
+    Recent,
+    /// Replay the connections the switch has seen recently against the
+    /// policy set in `--manifests DIR` (its NetworkPolicies and
+    /// ClusterNetworkPolicies; the switch's own pods, namespaces and nodes)
+    /// and list every connection whose verdict would change, grouped by
+    /// rule (live). Exits 1 when something would change, 0 when nothing.
+    WhatIf,
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -185,6 +196,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::WhatIf = cli.command {
+        let Some(dir) = &cli.manifests else {
+            bail!(
+                "what-if needs --manifests DIR: the policy set to replay recent connections against"
+            );
+        };
+        return what_if(&cli, dir);
+    }
     let Some(dir) = &cli.manifests else {
         return live(&cli);
     };
@@ -196,7 +215,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             render::dump_flows(&offline, table, cookie.as_deref(), json)
         }
         Command::DumpPolicies => {
-            let v = policy::status::views(&offline.compiler, &rejected);
+            // The staged compiler has every policy, staged ones included.
+            let compiler = offline
+                .shadow
+                .as_ref()
+                .map_or(&offline.compiler, |s| &s.compiler);
+            let v = policy::status::views(compiler, &rejected);
             if json {
                 pretty(&v)
             } else {
@@ -260,10 +284,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         | Command::AddFlow { .. }
         | Command::ModFlows { .. }
         | Command::DelFlows { .. }
+        | Command::Recent
         | Command::Watch { .. } => {
             bail!("this command needs a running switch (drop --manifests)")
         }
-        Command::Completions { .. } => unreachable!("handled above"),
+        Command::Completions { .. } | Command::WhatIf => unreachable!("handled above"),
     };
     print!("{out}");
     Ok(if had_errors {
@@ -273,16 +298,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
     })
 }
 
-/// Live mode: ask vswitchd over its control socket.
-fn live(cli: &Cli) -> Result<ExitCode> {
+/// `what-if`: the proposal read here (errors reported here), replayed by
+/// the switch.
+fn what_if(cli: &Cli, dir: &Path) -> Result<ExitCode> {
+    let files = preview::proposal(dir)?;
+    let mut client = connect(cli)?;
+    let v: control::view::WhatIfView = typed(
+        client
+            .call(&Request::WhatIf { files })
+            .map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    )?;
+    let json = cli.output == Output::Json;
+    let color = !json && std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    if json {
+        print!("{}", pretty(&v));
+    } else {
+        print!("{}", preview::what_if_text(&v, color));
+    }
+    Ok(if v.changes.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The control socket, with a clear error when no switch runs.
+fn connect(cli: &Cli) -> Result<Client> {
     if !cli.socket.exists() {
         bail!(
             "no running switch: control socket {} does not exist (start vswitchd, or use --manifests DIR for offline mode)",
             cli.socket.display()
         );
     }
-    let mut client =
-        Client::connect(&cli.socket, "flowctl").map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    Client::connect(&cli.socket, "flowctl").map_err(|e| anyhow::anyhow!(error_chain(&e)))
+}
+
+/// Live mode: ask vswitchd over its control socket.
+fn live(cli: &Cli) -> Result<ExitCode> {
+    let mut client = connect(cli)?;
     let mut ask = |req: &Request| -> Result<serde_json::Value> {
         client
             .call(req)
@@ -327,6 +380,14 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 pretty(&v)
             } else {
                 live::dns_text(&v, color)
+            }
+        }
+        Command::Recent => {
+            let v: control::view::RecentView = typed(ask(&Request::Recent)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                preview::recent_text(&v, color)
             }
         }
         Command::DumpPorts => {
@@ -439,7 +500,7 @@ fn live(cli: &Cli) -> Result<ExitCode> {
         }
         Command::Reachability { .. } => bail!("reachability runs offline: use --manifests DIR"),
         Command::Diff { .. } => bail!("diff runs offline: flowctl --manifests OLD diff NEW"),
-        Command::Completions { .. } => unreachable!("handled before"),
+        Command::Completions { .. } | Command::WhatIf => unreachable!("handled before"),
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ use crate::spec::Spec;
 
 const GREEN: &str = "\x1b[32m";
 const RED: &str = "\x1b[31m";
+const YELLOW: &str = "\x1b[33m";
 pub(crate) const DIM: &str = "\x1b[2m";
 pub(crate) const BOLD: &str = "\x1b[1m";
 const RESET: &str = "\x1b[0m";
@@ -149,6 +150,15 @@ pub fn trace_text(v: &TraceView, color: bool) -> String {
         paint(color, BOLD, "verdict:"),
         v.rule
     );
+    if let Some(s) = &v.staged {
+        let _ = writeln!(
+            out,
+            "{} {} by {} (vswitch.io/mode: audit, not enforced)",
+            paint(color, BOLD, "staged:"),
+            paint(color, YELLOW, &s.verdict.to_uppercase()),
+            s.rule
+        );
+    }
     let outputs: Vec<String> = v
         .output
         .iter()

@@ -118,6 +118,25 @@ impl Cluster {
         self.nodes.remove(name)
     }
 
+    /// The same cluster with another policy set (NetworkPolicies and
+    /// ClusterNetworkPolicies): what `what-if` compiles.
+    pub fn with_policies(
+        &self,
+        policies: &[Policy],
+        cluster_policies: &[ClusterPolicy],
+    ) -> Cluster {
+        let mut c = self.clone();
+        c.policies = policies
+            .iter()
+            .map(|p| (p.key.clone(), p.clone()))
+            .collect();
+        c.cluster_policies = cluster_policies
+            .iter()
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        c
+    }
+
     pub fn upsert_policy(&mut self, p: Policy) -> Option<Policy> {
         self.policies.insert(p.key.clone(), p)
     }

@@ -194,6 +194,8 @@ pub struct Traced {
     pub key: FlowKey,
     pub trace: Trace,
     pub verdict: Verdict,
+    /// The verdict with staged policies enforced (`None`: nothing staged).
+    pub staged: Option<Verdict>,
 }
 
 /// A trace as operators see it, offline or live: the one shape `flowctl`
@@ -213,6 +215,29 @@ pub struct TraceView {
     pub rules: Vec<String>,
     pub output: Vec<OutputView>,
     pub steps: Vec<StepView>,
+    /// What staged policies (`vswitch.io/mode: audit`) would change about
+    /// this connection, when something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedView>,
+}
+
+/// A staged verdict next to the enforced one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedView {
+    /// `would deny` or `would allow`.
+    pub verdict: String,
+    /// The deciding rule(s) with staged policies enforced, in words.
+    pub rule: String,
+}
+
+impl StagedView {
+    /// The view when staged policies change something about the verdict.
+    pub fn of(enforced: &Verdict, staged: &Verdict) -> Option<StagedView> {
+        crate::staging::compare(enforced, staged).map(|v| StagedView {
+            verdict: v.to_string(),
+            rule: staged.rule.clone(),
+        })
+    }
 }
 
 /// The traced packet.
@@ -375,5 +400,9 @@ pub fn trace_view(
         rules: traced.verdict.rules.clone(),
         output,
         steps,
+        staged: traced
+            .staged
+            .as_ref()
+            .and_then(|s| StagedView::of(&traced.verdict, s)),
     }
 }

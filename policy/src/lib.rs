@@ -20,6 +20,7 @@ pub mod offline;
 pub mod pipeline;
 pub mod probe;
 pub mod selector;
+pub mod staging;
 pub mod status;
 pub mod strict;
 pub mod synthetic;

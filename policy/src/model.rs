@@ -175,6 +175,9 @@ pub struct Policy {
     /// `Some` when the policy isolates selected pods for ingress (policyTypes).
     pub ingress: Option<Vec<Rule>>,
     pub egress: Option<Vec<Rule>>,
+    /// `vswitch.io/mode: audit`: evaluated on traffic, not enforced
+    /// ([`crate::staging`]).
+    pub staged: bool,
 }
 
 impl Policy {
@@ -208,6 +211,7 @@ impl Policy {
         if name.is_empty() {
             return Err(invalid(FieldError::new("metadata.name", "is required")));
         }
+        let staged = crate::staging::staged(np.metadata.annotations.as_ref()).map_err(invalid)?;
         let spec = np.spec.clone().unwrap_or_default();
         let pod_selector = match &spec.pod_selector {
             Some(s) => Selector::from_api(s, "spec.podSelector").map_err(invalid)?,
@@ -278,6 +282,7 @@ impl Policy {
             pod_selector,
             ingress: has_ingress.then_some(ingress),
             egress: has_egress.then_some(egress),
+            staged,
         })
     }
 }

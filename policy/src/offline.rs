@@ -16,6 +16,7 @@ use crate::explain::{Traced, Verdict, explain};
 use crate::model::ObjectKey;
 use crate::pipeline::{Topology, assemble, offline_topology};
 use crate::probe::{Endpoint, L4, packet};
+use crate::staging::{self, Shadow};
 
 /// One cell of a reachability matrix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +29,12 @@ pub struct Reach {
 /// A compiled cluster, ready to trace.
 #[derive(Debug)]
 pub struct Offline {
+    /// What is enforced (staged policies left out).
     pub compiler: Compiler,
     pub topology: Topology,
     pub tables: FlowTables,
+    /// Everything with staged policies enforced, while some policy is staged.
+    pub shadow: Option<Shadow>,
 }
 
 impl Offline {
@@ -39,6 +43,12 @@ impl Offline {
     /// Fails only if a compiled flow is rejected by the datapath (a bug).
     pub fn new(cluster: Cluster) -> Result<Offline, Error> {
         let topology = offline_topology(&cluster);
+        let (shadow, cluster) = if staging::has_staged(&cluster) {
+            let enforced = staging::enforced_cluster(&cluster);
+            (Some(Shadow::build(cluster, &topology)?), enforced)
+        } else {
+            (None, cluster)
+        };
         let compiler = Compiler::from_cluster(cluster);
         let mut tables = FlowTables::new();
         for f in assemble(&topology, &compiler) {
@@ -48,6 +58,7 @@ impl Offline {
             compiler,
             topology,
             tables,
+            shadow,
         })
     }
 
@@ -68,6 +79,7 @@ impl Offline {
             key: *key,
             trace: t,
             verdict,
+            staged: self.shadow.as_ref().map(|s| s.verdict(key)),
         }
     }
 

@@ -34,6 +34,25 @@ pub struct PolicyView {
     pub rules: Vec<RuleView>,
     /// Flows compiled for it (a flow shared by equivalent rules counts for each).
     pub flows: usize,
+    /// `enforce`, or `audit` for a staged policy (`vswitch.io/mode: audit`):
+    /// evaluated on new connections, not enforced; its flows are in the
+    /// staged tables only.
+    #[serde(default = "enforce")]
+    pub mode: String,
+}
+
+fn enforce() -> String {
+    "enforce".into()
+}
+
+impl PolicyView {
+    /// Marks a staged policy's view.
+    fn staged(mut self, staged: bool) -> PolicyView {
+        if staged {
+            self.mode = "audit".into();
+        }
+        self
+    }
 }
 
 /// One rule of a policy in force.
@@ -74,6 +93,7 @@ impl PolicyView {
             warnings,
             flows: rules.iter().map(|r| r.flows).sum(),
             rules,
+            mode: enforce(),
         }
     }
 }
@@ -81,7 +101,8 @@ impl PolicyView {
 /// Objects a source rejected: (kind, name) -> reason.
 pub type Rejections = BTreeMap<(String, String), String>;
 
-/// The status of every policy in force in `compiler` and every rejected one.
+/// The status of every policy in force in `compiler` (staged ones too, when
+/// it is the staged compiler) and every rejected one.
 pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
     // Flows per rule.
     let mut per_rule: HashMap<Provenance, usize> = HashMap::new();
@@ -128,15 +149,18 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
                 });
             }
         }
-        out.push(PolicyView::in_force(
-            crate::cnp::KIND,
-            p.name.clone(),
-            p.tier.to_string(),
-            Some(p.priority),
-            message(crate::cnp::KIND, &p.name),
-            p.warnings.clone(),
-            rules,
-        ));
+        out.push(
+            PolicyView::in_force(
+                crate::cnp::KIND,
+                p.name.clone(),
+                p.tier.to_string(),
+                Some(p.priority),
+                message(crate::cnp::KIND, &p.name),
+                p.warnings.clone(),
+                rules,
+            )
+            .staged(p.staged),
+        );
     }
     for p in cluster.policies() {
         let mut rules = Vec::new();
@@ -158,15 +182,18 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
         }
         let name = p.key.to_string();
         let message = message(NETWORK_POLICY, &name);
-        out.push(PolicyView::in_force(
-            NETWORK_POLICY,
-            name,
-            NETWORK_POLICY.into(),
-            None,
-            message,
-            vec![],
-            rules,
-        ));
+        out.push(
+            PolicyView::in_force(
+                NETWORK_POLICY,
+                name,
+                NETWORK_POLICY.into(),
+                None,
+                message,
+                vec![],
+                rules,
+            )
+            .staged(p.staged),
+        );
     }
     // Rejected, with no version in force.
     for ((kind, name), reason) in rejected {
@@ -184,6 +211,7 @@ pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
             warnings: vec![],
             rules: vec![],
             flows: 0,
+            mode: enforce(),
         });
     }
     let rank = |v: &PolicyView| match v.tier.as_str() {

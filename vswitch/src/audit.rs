@@ -25,7 +25,8 @@ use serde_json::{Value, json};
 
 use crate::config::AuditConfig;
 use crate::forwarder::ConnEvent;
-use crate::realiser::Realiser;
+use crate::realiser::{Explained, Realiser};
+use crate::recent::Recent;
 
 /// A log file rotated by size: `path` → `path.1` → ... → `path.{keep}`.
 #[derive(Debug)]
@@ -120,7 +121,12 @@ pub const MAX_RULE_SERIES: usize = 2000;
 
 /// Consumes connection events: audit lines (when configured) and per-rule
 /// connection counts (always). Runs until the switch drops the sender.
-pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<AuditConfig>) {
+pub fn run(
+    realiser: Arc<Realiser>,
+    events: Receiver<ConnEvent>,
+    config: Option<AuditConfig>,
+    recent: Arc<Recent>,
+) {
     let mut sink = config.as_ref().map(|c| {
         if c.path.as_os_str() == "-" {
             Sink::Stdout
@@ -141,6 +147,8 @@ pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<
     let mut seen: HashMap<Tuple, u64> = HashMap::new();
     let mut second = 0;
     let mut series: HashSet<[String; 4]> = HashSet::new();
+    let mut staged_series: HashSet<[String; 4]> = HashSet::new();
+    let mut expired = Instant::now();
     let mut write = |line: &Value| {
         if let Some(sink) = &mut sink {
             let line = line.to_string();
@@ -165,6 +173,10 @@ pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<
             }
         };
         let now = Instant::now();
+        if now.duration_since(expired) >= Duration::from_secs(1) {
+            recent.expire();
+            expired = now;
+        }
         attempts.retain(|_, a| {
             let due =
                 now.duration_since(a.last) >= quiet || now.duration_since(a.first) >= MAX_ATTEMPT;
@@ -196,16 +208,53 @@ pub fn run(realiser: Arc<Realiser>, events: Receiver<ConnEvent>, config: Option<
                 continue;
             }
         }
-        let (verdict, src_pod, dst_pod) = realiser.explain_new(&event.key);
-        count(&mut series, event.allowed, &verdict.decided_by, &dst_pod);
+        let explained = realiser.explain_new(&event.key);
+        recent.record(&event.key, event.allowed, event.at, &explained);
+        let Explained {
+            verdict,
+            staged,
+            src_pod,
+            dst_pod,
+        } = &explained;
+        count(
+            &mut series,
+            CONNECTIONS,
+            if event.allowed { "allow" } else { "deny" },
+            &verdict.decided_by,
+            dst_pod,
+        );
+        // What staged policies would change: its own series and line fields.
+        let would = staged
+            .as_ref()
+            .and_then(|s| policy::staging::compare(verdict, s).map(|w| (w, s)));
+        if let Some((w, s)) = would {
+            count(
+                &mut staged_series,
+                STAGED,
+                &w.replace(' ', "-"),
+                &s.decided_by,
+                dst_pod,
+            );
+        }
         let Some(config) = &config else {
             continue;
         };
-        let namespaces = decision_namespaces(&verdict.decided_by, &src_pod, &dst_pod);
-        if !config.wants(event.allowed, &namespaces) {
+        let namespaces = decision_namespaces(&verdict.decided_by, src_pod, dst_pod);
+        // A connection staged policies would deny is logged like a denied one.
+        let would_deny = would.is_some_and(|(w, _)| w == "would deny");
+        let wanted = config.wants(event.allowed, &namespaces)
+            || (would_deny && config.wants(false, &namespaces));
+        if !wanted {
             continue;
         }
-        let line = record(&event, &tuple, &verdict, &src_pod, &dst_pod);
+        let mut line = record(&event, &tuple, verdict, src_pod, dst_pod);
+        if let Some((w, s)) = would {
+            line["staged"] = json!({
+                "verdict": w,
+                "rule": s.rule,
+                "decided_by": decisions(&s.decided_by),
+            });
+        }
         if event.allowed {
             write(&line);
         } else {
@@ -303,8 +352,24 @@ fn record(
 ) -> Value {
     let k = &event.key;
     let ports = matches!(k.nw_proto, 6 | 17 | 132);
-    let decisions: Vec<Value> = verdict
-        .decided_by
+    json!({
+        "time": rfc3339(event.at),
+        "verdict": if event.allowed { "allow" } else { "deny" },
+        "protocol": ip_proto::name(t.proto),
+        "src_ip": k.src_ip().to_string(),
+        "src_port": ports.then_some(k.tp_src),
+        "src_pod": src_pod.as_ref().map(ToString::to_string),
+        "dst_ip": k.dst_ip().to_string(),
+        "dst_port": ports.then_some(k.tp_dst),
+        "dst_pod": dst_pod.as_ref().map(ToString::to_string),
+        "rule": verdict.rule,
+        "decided_by": decisions(&verdict.decided_by),
+    })
+}
+
+/// The deciding rules of a verdict, as audit-line objects.
+fn decisions(decided_by: &[Provenance]) -> Vec<Value> {
+    decided_by
         .iter()
         .map(|p| match p {
             Provenance::Rule {
@@ -329,30 +394,23 @@ fn record(
                         "action": action.to_string()}),
             other => json!({"other": other.to_string()}),
         })
-        .collect();
-    json!({
-        "time": rfc3339(event.at),
-        "verdict": if event.allowed { "allow" } else { "deny" },
-        "protocol": ip_proto::name(t.proto),
-        "src_ip": k.src_ip().to_string(),
-        "src_port": ports.then_some(k.tp_src),
-        "src_pod": src_pod.as_ref().map(ToString::to_string),
-        "dst_ip": k.dst_ip().to_string(),
-        "dst_port": ports.then_some(k.tp_dst),
-        "dst_pod": dst_pod.as_ref().map(ToString::to_string),
-        "rule": verdict.rule,
-        "decided_by": decisions,
-    })
+        .collect()
 }
 
-/// Counts a connection under each deciding rule (or under `not-isolated`).
+/// Connections per deciding rule.
+const CONNECTIONS: &str = "vswitch_policy_connections_total";
+/// Connections staged policies would decide otherwise, per staged deciding rule.
+const STAGED: &str = "vswitch_policy_staged_connections_total";
+
+/// Counts a connection in `metric` under each deciding rule (or under
+/// `not-isolated`).
 fn count(
     series: &mut HashSet<[String; 4]>,
-    allowed: bool,
+    metric: &'static str,
+    verdict: &str,
     decided_by: &[Provenance],
     dst: &Option<ObjectKey>,
 ) {
-    let verdict = if allowed { "allow" } else { "deny" };
     let mut labels: Vec<[String; 4]> = decided_by
         .iter()
         .filter_map(|p| match p {
@@ -405,7 +463,7 @@ fn count(
             ["other".into(), l[1].clone(), "other".into(), l[3].clone()]
         };
         let [policy, direction, rule, verdict] = l;
-        metrics::counter!("vswitch_policy_connections_total",
+        metrics::counter!(metric,
             "policy" => policy, "direction" => direction, "rule" => rule, "verdict" => verdict)
         .increment(1);
     }

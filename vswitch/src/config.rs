@@ -59,6 +59,13 @@ pub struct Config {
     /// The audit log of denied (and optionally allowed) new connections.
     #[serde(default)]
     pub audit: Option<AuditConfig>,
+    /// The summary of recent connections that `flowctl what-if` replays and
+    /// the web view shows.
+    #[serde(default)]
+    pub recent: crate::recent::RecentConfig,
+    /// Serve the live web view (read only) on `metrics_address` at `/`.
+    #[serde(default)]
+    pub web: bool,
     /// DNS snooping for ClusterNetworkPolicy `domainNames` peers: which
     /// servers' answers are trusted, and how long learned addresses last.
     #[serde(default)]
@@ -319,6 +326,11 @@ impl Config {
         }
         if c.watch_interval_ms == 0 {
             return Err(invalid("watch_interval_ms must be at least 1".into()));
+        }
+        if c.web && c.metrics_address.is_none() {
+            return Err(invalid(
+                "web = true needs metrics_address: the web view is served there".into(),
+            ));
         }
         if let Some(a) = &c.audit
             && a.path.as_os_str().is_empty()

@@ -38,6 +38,8 @@ pub struct Daemon {
     /// The cluster state has been loaded (manifests) or fully synced from the
     /// API server, compiled and published.
     pub ready: Arc<AtomicBool>,
+    /// The connections seen recently (`what-if`, the web view).
+    pub recent: Arc<crate::recent::Recent>,
 }
 
 impl Daemon {
@@ -112,6 +114,7 @@ impl Daemon {
         let forwarder = Forwarder::new(realiser.published().clone());
         let daemon = Arc::new(Daemon {
             ready: Arc::new(AtomicBool::new(!kubernetes)),
+            recent: Arc::new(crate::recent::Recent::new(config.recent.clone())),
             state: StateDir(config.state_dir.clone()),
             config,
             realiser,

@@ -6,7 +6,8 @@
 //! `server` (the control socket), `gateway` (the port towards the node),
 //! `state` (files kept across restarts), `config`. Data plane: `forwarder`
 //! (packet threads) over `port`s: `tap` devices and the `tunnel`. Around them:
-//! `audit` (the audit log), `metrics` (Prometheus), `cni` (the plugin), and
+//! `audit` (the audit log), `recent` (the recent-connections summary),
+//! `web` (the live web view), `metrics` (Prometheus), `cni` (the plugin), and
 //! `sys` (the kernel calls, the crate's only `unsafe`).
 
 pub mod audit;
@@ -21,12 +22,14 @@ pub mod manifests;
 pub mod metrics;
 pub mod port;
 pub mod realiser;
+pub mod recent;
 pub mod server;
 pub mod snoop;
 pub mod state;
 pub mod sys;
 pub mod tap;
 pub mod tunnel;
+pub mod whatif;
 
 pub use forwarder::Forwarder;
 pub use realiser::Realiser;

@@ -1397,7 +1397,7 @@ fn the_control_socket_is_root_only_and_bounded() {
     );
     let huge = format!(
         "{{\"op\":\"add-flow\",\"flow\":\"{}\"}}\n",
-        "x".repeat(100_000)
+        "x".repeat(control::MAX_REQUEST_BYTES + 10)
     );
     let answer = line(&mut s, &huge);
     assert!(answer.contains("longer than"), "{answer}");

@@ -202,6 +202,9 @@ pub struct ClusterPolicy {
     pub egress: Vec<TierRule>,
     /// What the switch does not understand and fails closed on, by field path.
     pub warnings: Vec<String>,
+    /// `vswitch.io/mode: audit`: evaluated on traffic, not enforced
+    /// ([`crate::staging`]).
+    pub staged: bool,
 }
 
 impl ClusterPolicy {
@@ -268,8 +271,11 @@ impl ClusterPolicy {
         if let Some(l) = &api.metadata.labels {
             validate_labels(l, "metadata.labels").map_err(invalid)?;
         }
+        let staged = crate::staging::staged(api.metadata.annotations.as_ref()).map_err(invalid)?;
         let mut warnings = Vec::new();
-        parse::parse_spec(name, &api.spec, &mut warnings).map_err(invalid)
+        let mut policy = parse::parse_spec(name, &api.spec, &mut warnings).map_err(invalid)?;
+        policy.staged = staged;
+        Ok(policy)
     }
 }
 

@@ -147,6 +147,7 @@ pub(super) fn parse_spec(
         ingress: rules.remove(&Direction::Ingress).unwrap_or_default(),
         egress: rules.remove(&Direction::Egress).unwrap_or_default(),
         warnings: std::mem::take(warnings),
+        staged: false,
     })
 }
 

@@ -176,6 +176,7 @@ fn arb_policy() -> impl Strategy<Value = Policy> {
             pod_selector,
             ingress,
             egress,
+            staged: false,
         })
 }
 
@@ -336,6 +337,7 @@ fn arb_cluster_policy() -> impl Strategy<Value = ClusterPolicy> {
                     .collect(),
                 egress,
                 warnings: vec![],
+                staged: false,
             },
         )
 }

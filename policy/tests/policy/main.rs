@@ -7,3 +7,4 @@ mod example;
 mod incremental;
 mod scale;
 mod semantics;
+mod staging;

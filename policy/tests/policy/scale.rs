@@ -52,6 +52,7 @@ fn thousand_peers_thousand_pods_ten_ports_is_a_sum() {
             ports: Some(ports),
         }]),
         egress: None,
+        staged: false,
     });
     let compiler = Compiler::from_cluster(c);
     let rule = Provenance::Rule {
@@ -109,6 +110,7 @@ fn equivalent_rules_share_flows_and_traces_name_the_right_one() {
                 }]),
             }]),
             egress: None,
+            staged: false,
         });
     }
     let o = Offline::new(c).unwrap();

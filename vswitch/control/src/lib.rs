@@ -28,9 +28,17 @@ pub const PROTOCOL: u32 = 1;
 /// Where vswitchd listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vswitch/vswitchd.sock";
 
-/// The longest request line the daemon reads (a request is small; a larger
-/// one is refused rather than buffered).
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The longest request line the daemon reads (a request is small, except
+/// `what-if`, which carries a policy set; a larger one is refused rather
+/// than buffered).
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// A manifest file sent with a request: its name (for errors) and text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    pub path: String,
+    pub text: String,
+}
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +64,12 @@ pub enum Request {
     /// Names learned from DNS answers, with their addresses and expiry:
     /// [`view::DnsView`]s.
     DumpDns,
+    /// The recent-connections summary: [`view::RecentView`].
+    Recent,
+    /// Replay the recent connections against another policy set (the
+    /// NetworkPolicies and ClusterNetworkPolicies in `files`, manifest
+    /// text; the live pods, namespaces and nodes): [`view::WhatIfView`].
+    WhatIf { files: Vec<ManifestFile> },
     /// Every policy (NetworkPolicy, ClusterNetworkPolicy) in force or
     /// rejected, with its tier, rules and flow counts: [`view::PolicyView`]s.
     DumpPolicies,

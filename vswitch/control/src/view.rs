@@ -205,3 +205,70 @@ pub struct DnsAddress {
     pub address: std::net::IpAddr,
     pub expires_in_s: u64,
 }
+
+/// Connections the switch has seen recently, summarised per (protocol,
+/// source, destination, destination port): what `what-if` replays and the
+/// web view shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentView {
+    /// How far back the summary reaches (seconds) and how many tuples it
+    /// holds at most; older and least recently seen tuples are forgotten.
+    pub window_secs: u64,
+    pub max_tuples: usize,
+    /// Tuples forgotten to stay within `max_tuples`.
+    pub evicted: u64,
+    pub tuples: Vec<TupleView>,
+}
+
+/// One tuple of the recent-connections summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TupleView {
+    pub protocol: String,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    /// The destination port (TCP, UDP, SCTP).
+    pub dst_port: Option<u16>,
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+    /// New connections allowed and denied attempts, since first seen.
+    pub allowed: u64,
+    pub denied: u64,
+    /// The latest connection's verdict and deciding rule.
+    pub verdict: String,
+    pub rule: String,
+    /// What staged policies would do to it (latest connection), when they
+    /// change something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<policy::explain::StagedView>,
+    /// RFC 3339.
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// What a policy set would change about the connections seen recently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhatIfView {
+    /// Tuples replayed, and how many connections they stand for.
+    pub tuples: usize,
+    pub connections: u64,
+    pub window_secs: u64,
+    /// Policies in the proposed set.
+    pub policies: usize,
+    pub cluster_policies: usize,
+    /// Tuples whose verdict would change, grouped by the change and the
+    /// rule that decides it under the proposed set.
+    pub changes: Vec<WhatIfGroup>,
+}
+
+/// Tuples whose verdict changes the same way, by the same rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhatIfGroup {
+    /// `allow -> deny` or `deny -> allow`.
+    pub change: String,
+    /// The deciding rule under the proposed set.
+    pub rule: String,
+    /// The rule in force now.
+    pub was: String,
+    pub connections: u64,
+    pub tuples: Vec<TupleView>,
+}

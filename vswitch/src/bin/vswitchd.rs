@@ -77,12 +77,18 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let interval = Duration::from_millis(config.watch_interval_ms);
     let daemon = Daemon::start(config, &mut watch)?;
     let (realiser, forwarder) = (daemon.realiser.clone(), daemon.forwarder.clone());
-    let wants_events = daemon.config.metrics_address.is_some() || daemon.config.audit.is_some();
+    let wants_events = daemon.config.metrics_address.is_some()
+        || daemon.config.audit.is_some()
+        || daemon.config.recent.max_tuples > 0;
     if wants_events && let Some(events) = forwarder.connection_events(16_384) {
-        let (realiser, audit) = (realiser.clone(), daemon.config.audit.clone());
+        let (realiser, audit, recent) = (
+            realiser.clone(),
+            daemon.config.audit.clone(),
+            daemon.recent.clone(),
+        );
         std::thread::Builder::new()
             .name("audit".into())
-            .spawn(move || vswitch::audit::run(realiser, events, audit))?;
+            .spawn(move || vswitch::audit::run(realiser, events, audit, recent))?;
     }
     // DNS answers copied by the datapath (only while a ClusterNetworkPolicy
     // has domainNames peers): learned for those peers.

@@ -98,6 +98,16 @@ pub struct PortInfo {
     pub counters: Arc<PortCounters>,
 }
 
+/// A new connection explained: see [`Realiser::explain_new`].
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub verdict: Verdict,
+    /// With staged policies enforced (`None`: nothing is staged).
+    pub staged: Option<Verdict>,
+    pub src_pod: Option<ObjectKey>,
+    pub dst_pod: Option<ObjectKey>,
+}
+
 /// The control plane of one switch.
 #[derive(Debug)]
 pub struct Realiser {
@@ -125,9 +135,18 @@ impl Realiser {
         cluster: policy::cluster::Cluster,
     ) -> Result<Arc<Realiser>, Error> {
         let started = Instant::now();
-        let r = Realiser::build(config, Compiler::from_cluster(cluster));
+        let staged = policy::staging::has_staged(&cluster);
+        let enforced = if staged {
+            policy::staging::enforced_cluster(&cluster)
+        } else {
+            cluster.clone()
+        };
+        let r = Realiser::build(config, Compiler::from_cluster(enforced));
         {
             let mut st = r.state();
+            if staged {
+                st.shadow = st.build_shadow(cluster);
+            }
             st.compile_time = started.elapsed();
             st.in_sync = false;
             r.publish(&mut st)?;
@@ -164,6 +183,7 @@ impl Realiser {
                 ct_limits: (usize::MAX, usize::MAX),
                 owners: HashMap::new(),
                 ns_owners: HashMap::new(),
+                shadow: None,
             }),
             rejections: Mutex::new(BTreeMap::new()),
             learned: Mutex::new(crate::dns::Learned::default()),
@@ -197,7 +217,10 @@ impl Realiser {
         {
             all.extend(r.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        policy::status::views(&self.state().compiler, &all)
+        let st = self.state();
+        // The staged compiler has every policy, staged ones included.
+        let compiler = st.shadow.as_ref().map_or(&st.compiler, |s| &s.compiler);
+        policy::status::views(compiler, &all)
     }
 
     /// What packet threads read: the datapath, the port set, the clock.
@@ -240,17 +263,27 @@ impl Realiser {
         let pending = std::mem::take(&mut st.pending);
         let now = self.now();
         let dp = &self.published.dp;
+        let base_removed: Vec<FlowIdentity> = st
+            .base
+            .keys()
+            .filter(|id| !base.contains_key(id))
+            .cloned()
+            .collect();
+        let base_added: Vec<FlowEntry> = base
+            .iter()
+            .filter(|(id, f)| st.base.get(id) != Some(f))
+            .map(|(_, f)| f.clone())
+            .collect();
         let result = if st.in_sync {
+            st.shadow_base(&base_removed, &base_added);
             dp.update(now, |t| {
                 let mut changed = 0;
-                for id in st.base.keys().filter(|id| !base.contains_key(id)) {
+                for id in &base_removed {
                     changed += usize::from(t.remove(id));
                 }
-                for (id, f) in &base {
-                    if st.base.get(id) != Some(f) {
-                        t.add(f.clone(), now)?;
-                        changed += 1;
-                    }
+                for f in &base_added {
+                    t.add(f.clone(), now)?;
+                    changed += 1;
                 }
                 for diff in &pending {
                     for id in &diff.deleted {
@@ -266,6 +299,12 @@ impl Realiser {
         } else {
             // Everything again; manual flows stay (flowctl still lists them),
             // unless a compiled flow now has their identity.
+            if let Some(shadow) = &mut st.shadow
+                && let Err(e) = shadow.retable(&st.topology)
+            {
+                tracing::error!(error = %e, "staged policies: cannot rebuild the shadow tables");
+                st.shadow = None;
+            }
             let mut flows = assemble(&st.topology, &st.compiler);
             let compiled: std::collections::HashSet<FlowIdentity> =
                 flows.iter().map(FlowEntry::identity).collect();
@@ -540,10 +579,16 @@ impl Realiser {
             datapath::trace::CtSource::Live(&self.published.dp.conntrack, self.now()),
         );
         let verdict = policy::explain::explain(&st.compiler, &trace);
+        // Staged policies judge new connections only.
+        let new = trace
+            .ct_lookups
+            .first()
+            .is_none_or(|(_, state)| state & datapath::field::ct_state::NEW != 0);
         let traced = Traced {
             key,
             trace,
             verdict,
+            staged: st.shadow.as_ref().filter(|_| new).map(|s| s.verdict(&key)),
         };
         Ok(policy::explain::trace_view(
             &st.compiler,
@@ -557,9 +602,10 @@ impl Realiser {
     }
 
     /// Explains the first packet of a connection against the current tables
-    /// (conntrack assumed new): the verdict with the deciding rules, and the
-    /// pods at both ends when known.
-    pub fn explain_new(&self, key: &FlowKey) -> (Verdict, Option<ObjectKey>, Option<ObjectKey>) {
+    /// (conntrack assumed new): the verdict with the deciding rules, the
+    /// verdict with staged policies enforced (while some are), and the pods
+    /// at both ends when known.
+    pub fn explain_new(&self, key: &FlowKey) -> Explained {
         use datapath::field::ct_state::{NEW, TRK};
         let snap = self.published.dp.snapshot();
         let trace = datapath::trace::trace(
@@ -569,11 +615,19 @@ impl Realiser {
         );
         let st = self.state();
         let pod = |ip| st.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
-        (
-            policy::explain::explain(&st.compiler, &trace),
-            pod(key.src_ip()),
-            pod(key.dst_ip()),
-        )
+        Explained {
+            verdict: policy::explain::explain(&st.compiler, &trace),
+            staged: st.shadow.as_ref().map(|s| s.verdict(key)),
+            src_pod: pod(key.src_ip()),
+            dst_pod: pod(key.dst_ip()),
+        }
+    }
+
+    /// The cluster (what is enforced) and the topology, copied: what a
+    /// replay against another policy set starts from.
+    pub fn model(&self) -> (policy::Cluster, Topology) {
+        let st = self.state();
+        (st.compiler.cluster().clone(), st.topology.clone())
     }
 
     /// The last policy realisation.

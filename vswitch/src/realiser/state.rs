@@ -15,6 +15,7 @@ use datapath::{FlowEntry, FlowIdentity, PortNo};
 use policy::compile::{Change, Compiler, FlowDiff};
 use policy::model::ObjectKey;
 use policy::pipeline::{PodPort, Topology, TunnelPeer};
+use policy::staging::{self, Shadow};
 
 use super::{Error, FIRST_POD_PORT, FIRST_TUNNEL_PORT, GATEWAY_PORT, Realisation};
 use crate::forwarder::{Endpoint as IoEndpoint, PortSet};
@@ -71,16 +72,55 @@ pub(super) struct State {
     /// publications: their counts are live connections).
     pub(super) owners: HashMap<ObjectKey, Arc<Owner>>,
     pub(super) ns_owners: HashMap<String, Arc<Owner>>,
+    /// Staged policies enforced too, traced beside the real tables while
+    /// some policy is staged (`vswitch.io/mode: audit`).
+    pub(super) shadow: Option<Shadow>,
 }
 
 impl State {
     pub(super) fn compile(&mut self, change: Change) {
         let _span = tracing::debug_span!("compile", change = change.describe()).entered();
         let t = Instant::now();
-        let diff = self.compiler.apply(change);
+        if self.shadow.is_none() && staging::stages(&change) {
+            // The first staged policy: the shadow starts as what is enforced.
+            self.shadow = self.build_shadow(self.compiler.cluster().clone());
+        }
+        if let Some(shadow) = &mut self.shadow {
+            if let Err(e) = shadow.apply(change.clone()) {
+                tracing::error!(error = %e, "staged policies: cannot compile the shadow tables; staged verdicts stop until the next change");
+                self.shadow = None;
+            } else if !shadow.needed() {
+                self.shadow = None;
+            }
+        }
+        let diff = self.compiler.apply(staging::enforced(change));
         self.compile_time += t.elapsed();
         if !diff.is_empty() {
             self.pending.push(diff);
+        }
+    }
+
+    /// The shadow of `cluster` (staged policies included) over this topology.
+    pub(super) fn build_shadow(&self, cluster: policy::Cluster) -> Option<Shadow> {
+        Shadow::build(cluster, &self.topology)
+            .inspect_err(|e| tracing::error!(error = %e, "staged policies: cannot compile the shadow tables"))
+            .ok()
+    }
+
+    /// Applies the base pipeline's changes to the shadow's tables too.
+    pub(super) fn shadow_base(&mut self, removed: &[FlowIdentity], added: &[FlowEntry]) {
+        let Some(shadow) = &mut self.shadow else {
+            return;
+        };
+        for id in removed {
+            shadow.tables.remove(id);
+        }
+        for f in added {
+            if let Err(e) = shadow.tables.add(f.clone(), datapath::Time::ZERO) {
+                tracing::error!(error = %e, "staged policies: cannot install a base flow in the shadow tables");
+                self.shadow = None;
+                return;
+            }
         }
     }
 

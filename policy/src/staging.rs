@@ -1,0 +1,185 @@
+//! Staged policies: evaluated on real traffic, never enforced.
+//!
+//! Owns what `vswitch.io/mode: audit` means. A staged NetworkPolicy or
+//! ClusterNetworkPolicy is kept out of the enforcing compiler (as if it were
+//! deleted there) and compiled, together with everything enforced, by a
+//! *shadow* compiler whose tables are never published to packet threads. A
+//! connection traced through both gives the real verdict and the verdict it
+//! would get once the staged policies are enforced. The shadow exists only
+//! while some policy is staged; flipping the annotation is one incremental
+//! change in each compiler, never a recompile of the rest.
+
+use std::collections::BTreeMap;
+
+use datapath::field::ct_state;
+use datapath::trace::{CtSource, trace};
+use datapath::{FlowKey, FlowTables, Time};
+
+use crate::cluster::Cluster;
+use crate::compile::{Change, Compiler};
+use crate::error::{Error, FieldError};
+use crate::explain::{Verdict, explain};
+use crate::pipeline::{Topology, assemble};
+
+/// The annotation that stages a policy.
+pub const MODE_ANNOTATION: &str = "vswitch.io/mode";
+
+/// Reads a policy's mode from its annotations: `Ok(true)` when staged
+/// (`audit`), `Ok(false)` when enforced (`enforce`, or no annotation).
+///
+/// Fails on any other value, naming the annotation: a policy whose mode is
+/// mistyped is rejected rather than guessed at.
+pub fn staged(annotations: Option<&BTreeMap<String, String>>) -> Result<bool, FieldError> {
+    match annotations
+        .and_then(|a| a.get(MODE_ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("enforce") => Ok(false),
+        Some("audit") => Ok(true),
+        Some(other) => Err(FieldError::new(
+            format!("metadata.annotations[{MODE_ANNOTATION}]"),
+            format!("unsupported value {other:?} (audit, enforce)"),
+        )),
+    }
+}
+
+/// What the enforcing compiler gets for `change`: a staged policy is absent
+/// there, so its arrival deletes any enforced version.
+pub fn enforced(change: Change) -> Change {
+    match change {
+        Change::Policy(p) if p.staged => Change::PolicyDeleted(p.key),
+        Change::ClusterPolicy(p) if p.staged => Change::ClusterPolicyDeleted(p.name),
+        other => other,
+    }
+}
+
+/// Whether `change` stages a policy (the shadow is needed from then on).
+pub fn stages(change: &Change) -> bool {
+    match change {
+        Change::Policy(p) => p.staged,
+        Change::ClusterPolicy(p) => p.staged,
+        _ => false,
+    }
+}
+
+/// `cluster` without its staged policies: what is enforced.
+pub fn enforced_cluster(cluster: &Cluster) -> Cluster {
+    let mut out = cluster.clone();
+    let staged: Vec<_> = cluster
+        .policies()
+        .filter(|p| p.staged)
+        .map(|p| p.key.clone())
+        .collect();
+    for key in staged {
+        out.remove_policy(&key);
+    }
+    let staged: Vec<_> = cluster
+        .cluster_policies()
+        .filter(|p| p.staged)
+        .map(|p| p.name.clone())
+        .collect();
+    for name in staged {
+        out.remove_cluster_policy(&name);
+    }
+    out
+}
+
+/// Whether some policy of `cluster` is staged.
+pub fn has_staged(cluster: &Cluster) -> bool {
+    cluster.policies().any(|p| p.staged) || cluster.cluster_policies().any(|p| p.staged)
+}
+
+/// Everything enforced plus every staged policy, compiled into tables that
+/// only traces read.
+#[derive(Debug)]
+pub struct Shadow {
+    pub compiler: Compiler,
+    pub tables: FlowTables,
+}
+
+impl Shadow {
+    /// Compiles `cluster` (staged policies included) over `topology`.
+    ///
+    /// Fails only if a compiled flow is rejected by the datapath (a bug).
+    pub fn build(cluster: Cluster, topology: &Topology) -> Result<Shadow, Error> {
+        let compiler = Compiler::from_cluster(cluster);
+        let tables = tables_of(topology, &compiler)?;
+        Ok(Shadow { compiler, tables })
+    }
+
+    /// Rebuilds the tables from the compiler (after the topology changed).
+    ///
+    /// Fails only if a compiled flow is rejected by the datapath (a bug).
+    pub fn retable(&mut self, topology: &Topology) -> Result<(), Error> {
+        self.tables = tables_of(topology, &self.compiler)?;
+        Ok(())
+    }
+
+    /// Applies a change to the shadow compiler and its tables.
+    ///
+    /// Fails only if a compiled flow is rejected by the datapath (a bug).
+    pub fn apply(&mut self, change: Change) -> Result<(), Error> {
+        let diff = self.compiler.apply(change);
+        for id in &diff.deleted {
+            self.tables.remove(id);
+        }
+        for f in diff.added.into_iter().chain(diff.modified) {
+            self.tables.add(f, Time::ZERO).map_err(Error::Flows)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a staged policy is still in the shadow (else it can go).
+    pub fn needed(&self) -> bool {
+        has_staged(self.compiler.cluster())
+    }
+
+    /// The verdict a new connection would get with staged policies enforced.
+    pub fn verdict(&self, key: &FlowKey) -> Verdict {
+        let t = trace(
+            &self.tables,
+            key,
+            CtSource::Assume(ct_state::TRK | ct_state::NEW),
+        );
+        explain(&self.compiler, &t)
+    }
+}
+
+fn tables_of(topology: &Topology, compiler: &Compiler) -> Result<FlowTables, Error> {
+    let mut tables = FlowTables::new();
+    for f in assemble(topology, compiler) {
+        tables.add(f, Time::ZERO).map_err(Error::Flows)?;
+    }
+    Ok(tables)
+}
+
+/// How a staged verdict relates to the enforced one, for people: `None`
+/// when the staged policies change nothing about the connection.
+pub fn compare(enforced: &Verdict, staged: &Verdict) -> Option<&'static str> {
+    match (enforced.allowed, staged.allowed) {
+        (true, false) => Some("would deny"),
+        (false, true) => Some("would allow"),
+        _ if enforced.decided_by != staged.decided_by => Some(if staged.allowed {
+            "would allow"
+        } else {
+            "would deny"
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_annotation_reads_strictly() {
+        let a = |v: &str| BTreeMap::from([(MODE_ANNOTATION.to_string(), v.to_string())]);
+        assert_eq!(staged(None), Ok(false));
+        assert_eq!(staged(Some(&a("enforce"))), Ok(false));
+        assert_eq!(staged(Some(&a("audit"))), Ok(true));
+        let e = staged(Some(&a("Audit"))).unwrap_err();
+        assert_eq!(e.path, "metadata.annotations[vswitch.io/mode]");
+        assert!(e.message.contains("\"Audit\""), "{e}");
+    }
+}
