@@ -8,6 +8,8 @@ need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 # host-local, the IPAM plugin vswitch-cni delegates to (end-to-end tests).
 [ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need_pkgs+=(containernetworking-plugins)
+# The web view's test drives a real headless browser.
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || need_pkgs+=(chromium chromium-driver)
 # Validating deploy/: python3 with venv for kubernetes-validate.
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

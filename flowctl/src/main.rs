@@ -8,7 +8,6 @@ mod diff;
 mod live;
 mod preview;
 mod render;
-mod spec;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ use policy::probe::L4;
 use control::view::{
     ConnView, Deleted, DnsView, FlowView, HealthView, PolicyView, PortView, StatsView, TraceView,
 };
-use control::{Client, ConnFilter, DEFAULT_SOCKET, Request, error_chain};
+use control::{Client, ConnFilter, DEFAULT_SOCKET, Request, error_chain, spec};
 use policy::status::Rejections;
 
 #[derive(Parser, Debug)]
@@ -147,7 +146,8 @@ enum Command {
     /// policy set in `--manifests DIR` (its NetworkPolicies and
     /// ClusterNetworkPolicies; the switch's own pods, namespaces and nodes)
     /// and list every connection whose verdict would change, grouped by
-    /// rule (live). Exits 1 when something would change, 0 when nothing.
+    /// rule (live). Exits 0 when nothing would change, 1 when something
+    /// would, 2 on errors (an invalid manifest in DIR, no switch).
     WhatIf,
     /// Print shell completions.
     Completions {
@@ -202,7 +202,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "what-if needs --manifests DIR: the policy set to replay recent connections against"
             );
         };
-        return what_if(&cli, dir);
+        // Like diff: 0 nothing changes, 1 something does, 2 cannot tell.
+        return Ok(what_if(&cli, dir).unwrap_or_else(|e| {
+            eprintln!("flowctl: {e:#}");
+            ExitCode::from(2)
+        }));
     }
     let Some(dir) = &cli.manifests else {
         return live(&cli);

@@ -29,6 +29,7 @@ pub mod state;
 pub mod sys;
 pub mod tap;
 pub mod tunnel;
+pub mod web;
 pub mod whatif;
 
 pub use forwarder::Forwarder;

@@ -1,7 +1,7 @@
 //! Prometheus metrics: the switch's counters, published on `metrics_address`.
 //!
-//! Owns the exporter (metrics-exporter-prometheus on its own thread) and a
-//! collector thread that copies the switch's own counters (kept per packet
+//! Owns the recorder (metrics-exporter-prometheus, rendered on `/metrics` by
+//! `web`, which also serves the web view when configured) and a collector thread that copies the switch's own counters (kept per packet
 //! thread and per port, never through the metrics facade on the packet path)
 //! into Prometheus series once a second. Latency histograms and per-rule
 //! connection counts are recorded where they happen (`switch`, `audit`).
@@ -23,25 +23,29 @@ const BUCKETS: [f64; 13] = [
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Starts the exporter on `address` and the collector thread.
+/// Serves `/metrics` (and with `web`, the web view) on `address`, and
+/// starts the collector thread.
 ///
-/// Fails when the listener cannot be set up (address in use, no permission).
+/// Fails when the address cannot be bound (in use, no permission) or a
+/// recorder is already installed.
 pub fn start(
     address: SocketAddr,
     realiser: Arc<Realiser>,
     forwarder: Arc<Forwarder>,
+    web: Option<crate::web::Web>,
 ) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(address)
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
-        .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {address}: {e}"))?;
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    crate::web::serve(address, handle.clone(), web)?;
     describe();
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             loop {
                 collect(&realiser, &forwarder);
+                handle.run_upkeep();
                 std::thread::sleep(Duration::from_secs(1));
             }
         })?;

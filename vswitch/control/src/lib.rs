@@ -6,6 +6,8 @@
 //! `{"ok": true, "data": ...}` with the request's typed view ([`view`]), or
 //! `{"ok": false, "error": "..."}`. The client side ([`Client`]) lives here;
 //! the daemon side decodes with [`decode`] and answers with [`encode_answer`].
+//! Also what both ends show people the same way: the trace packet syntax
+//! ([`spec`]) and the text of a trace ([`text`]).
 //! No threads, no async runtime, no Kubernetes client: flowctl links this.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,6 +19,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub mod spec;
+pub mod text;
 pub mod view;
 
 pub use policy::probe::{Endpoint, L4};

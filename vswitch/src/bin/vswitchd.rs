@@ -99,8 +99,18 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             .spawn(move || vswitch::snoop::run(realiser, dns, frames))?;
     }
     if let Some(address) = daemon.config.metrics_address {
-        vswitch::metrics::start(address, realiser.clone(), forwarder.clone())?;
+        let web = daemon.config.web.then(|| vswitch::web::Web {
+            realiser: realiser.clone(),
+            recent: daemon.recent.clone(),
+            node: daemon.config.node_name.clone(),
+            ready: daemon.ready.clone(),
+        });
+        let web_on = web.is_some();
+        vswitch::metrics::start(address, realiser.clone(), forwarder.clone(), web)?;
         tracing::info!(%address, "serving metrics on /metrics");
+        if web_on {
+            tracing::info!("serving the web view on http://{address}/ (read only)");
+        }
     }
     let packets = forwarder.spawn("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
     daemon.serve()?;

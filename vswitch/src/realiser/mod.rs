@@ -623,6 +623,23 @@ impl Realiser {
         }
     }
 
+    /// Explains a new connection from `src` to `dst` (conntrack assumed
+    /// new): what a reachability matrix shows.
+    ///
+    /// Fails when an endpoint is unknown or the two share no address family.
+    pub fn explain_probe(
+        &self,
+        src: &Endpoint,
+        dst: &Endpoint,
+        l4: L4,
+    ) -> Result<Explained, String> {
+        let key = {
+            let st = self.state();
+            policy::probe::packet(st.compiler.cluster(), &st.topology, src, dst, l4)?
+        };
+        Ok(self.explain_new(&key))
+    }
+
     /// The cluster (what is enforced) and the topology, copied: what a
     /// replay against another policy set starts from.
     pub fn model(&self) -> (policy::Cluster, Topology) {
