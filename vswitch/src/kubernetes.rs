@@ -424,6 +424,14 @@ fn condition_for(
     r: Result<&ClusterPolicy, &policy::error::Error>,
 ) -> Condition {
     let (status, reason, message) = match r {
+        Ok(p) if p.staged => (
+            "True",
+            "Staged",
+            format!(
+                "evaluated by vswitch on new connections, not enforced (vswitch.io/mode: audit){}",
+                p.warnings.iter().map(|w| format!("; {w}")).collect::<String>()
+            ),
+        ),
         Ok(p) if p.warnings.is_empty() => ("True", "Accepted", "enforced by vswitch".to_string()),
         Ok(p) => (
             "True",

@@ -687,6 +687,38 @@ fn cluster_network_policies_from_the_api_server_with_status() {
         ("deny", "isolate-a"),
     );
 
+    // Staged (vswitch.io/mode: audit): evaluated, not enforced, and the
+    // status says so.
+    let accept = json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchLabels": {"team": "a"}}},
+                        "egress": [{"name": "db-ok", "action": "Accept", "to": [{"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}}}]}]});
+    api.apply(
+        Kind::ClusterNetworkPolicy,
+        json!({"metadata": {"name": "staged-accept", "annotations": {"vswitch.io/mode": "audit"}}, "spec": accept}),
+    );
+    common::eventually("status: staged", || {
+        condition("staged-accept")["reason"] == "Staged"
+    });
+    n.converges(
+        "a staged Accept is not enforced",
+        "app/web",
+        "other/db",
+        5432,
+        ("deny", "isolate-a"),
+    );
+    let t = n
+        .ask(&Request::Trace {
+            src: common::endpoint("app/web"),
+            dst: common::endpoint("other/db"),
+            l4: control::L4::Tcp(5432),
+        })
+        .unwrap();
+    assert_eq!(t["staged"]["verdict"], "would allow", "{t}");
+    assert!(
+        t["staged"]["rule"].as_str().unwrap_or("").contains("staged-accept"),
+        "{t}"
+    );
+    api.delete(Kind::ClusterNetworkPolicy, "staged-accept");
+
     // The CRD goes (and its objects with it): no admin policy, still ready.
     api.set_crd(false);
     n.converges("CRD removed", "app/web", "other/db", 5432, ("allow", ""));
