@@ -50,6 +50,19 @@ fn web_no_egress(mode: &str) -> String {
     )
 }
 
+/// A Baseline Deny whose rule name is markup: the page must show it as text.
+const HOSTILE_NAME: &str = "<img src=x onerror=window.pwned=1>";
+
+fn batch_not_to_web() -> String {
+    format!(
+        "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\n\
+         metadata: {{name: batch-not-to-web}}\n\
+         spec:\n  tier: Baseline\n  priority: 1\n\
+         \x20 subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: batch}}}}}}}}\n\
+         \x20 egress: [{{name: '{HOSTILE_NAME}', action: Deny, to: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}}}]}}]\n"
+    )
+}
+
 const PODS: [&str; 3] = ["shop/web", "shop/db", "shop/batch"];
 
 /// A switch with the shop's three pods attached through CNI, the database
@@ -295,7 +308,7 @@ fn the_web_view_shows_pods_live_connections_and_traces_in_a_browser() {
     let shop = Shop::start(
         &tag,
         subnet,
-        &[db_from_web(None), web_no_egress("audit")],
+        &[db_from_web(None), web_no_egress("audit"), batch_not_to_web()],
         "web = true",
     );
     let socket = shop.daemon.socket.clone();
@@ -364,6 +377,22 @@ fn the_web_view_shows_pods_live_connections_and_traces_in_a_browser() {
             Duration::from_secs(5),
         )
         .expect("rule counters");
+
+    // Names from the cluster are text, never markup.
+    let ns = shop.ns("shop/batch").0.clone();
+    let web_ip = shop.ips["shop/web"];
+    std::thread::spawn(move || common::probe(&ns, web_ip, 80, false).join().unwrap());
+    let (shown, _) = browser
+        .wait_for(
+            "const r = document.querySelector('#live tbody tr[data-src=\"shop/batch\"][data-dst=\"shop/web\"]'); \
+             return r ? [r.textContent, document.querySelectorAll('#live img, #rules img').length, window.pwned === undefined] : null;",
+            json!([]),
+            Duration::from_secs(5),
+        )
+        .expect("batch -> web is shown");
+    assert!(shown[0].as_str().unwrap().contains(HOSTILE_NAME), "{shown}");
+    assert_eq!(shown[1], 0, "no element from a rule name");
+    assert_eq!(shown[2], true, "no script from a rule name");
 
     // The reachability matrix on 5432.
     browser.type_into("#matrix-port", "5432");
