@@ -5,6 +5,7 @@
 #   scripts/bench-net.sh [SECONDS]        (default 5 s per throughput measurement)
 #   VSWITCH_OFFLOAD=false scripts/bench-net.sh   (vswitch without TAP offloads)
 #   VSWITCH_BUSY_POLL_US=N scripts/bench-net.sh  (vswitchd's busy_poll_us; default: its own)
+#   VSWITCH_CONFIG=$'[recent]\nmax_tuples = 0' scripts/bench-net.sh  (appended to vswitchd's config)
 #   SWITCHES="bridge vswitch" scripts/bench-net.sh (measure only these)
 #   MEASURES="rtt50 crr" scripts/bench-net.sh   (only these measurements)
 #
@@ -153,6 +154,7 @@ EOF
     printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' \
         "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-true}" >"$work/vswitchd.toml"
     [ -n "${VSWITCH_BUSY_POLL_US:-}" ] && echo "busy_poll_us = $VSWITCH_BUSY_POLL_US" >>"$work/vswitchd.toml"
+    [ -n "${VSWITCH_CONFIG:-}" ] && printf '%s\n' "$VSWITCH_CONFIG" >>"$work/vswitchd.toml"
     "$bin/vswitchd" --config "$work/vswitchd.toml" 2>"$work/vswitchd.log" &
     daemon_pid=$!
     for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done

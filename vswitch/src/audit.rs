@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use datapath::field::ip_proto;
@@ -149,6 +149,11 @@ pub fn run(
     let mut series: HashSet<[String; 4]> = HashSet::new();
     let mut staged_series: HashSet<[String; 4]> = HashSet::new();
     let mut expired = Instant::now();
+    // Explanations per tuple (source port aside: no policy matches on it)
+    // while the tables stay the same generation: a client reconnecting is
+    // traced once, not once per connection.
+    let mut explanations: HashMap<Tuple, Arc<Explained>> = HashMap::new();
+    let mut explained_generation = u64::MAX;
     let mut write = |line: &Value| {
         if let Some(sink) = &mut sink {
             let line = line.to_string();
@@ -161,17 +166,22 @@ pub fn run(
             }
         }
     };
+    // Events are drained in batches between short sleeps rather than waited
+    // for one by one: a packet thread's send then never has to wake this
+    // thread (a futex call and a context switch per connection).
+    let mut batch: Vec<ConnEvent> = Vec::with_capacity(BATCH);
     loop {
-        let event = match events.recv_timeout(Duration::from_millis(200)) {
-            Ok(e) => Some(e),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                for (_, a) in attempts.drain() {
-                    write(&a.finish());
+        let mut gone = false;
+        while batch.len() < BATCH {
+            match events.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    gone = true;
+                    break;
                 }
-                return;
             }
-        };
+        }
         let now = Instant::now();
         if now.duration_since(expired) >= Duration::from_secs(1) {
             recent.expire();
@@ -185,92 +195,125 @@ pub fn run(
             }
             !due
         });
-        let Some(event) = event else {
-            continue;
-        };
-        let tuple = Tuple::of(&event.key);
-        if !event.allowed {
-            if let Some(a) = attempts.get_mut(&tuple) {
-                a.packets += 1;
-                a.last = now;
-                continue;
+        let idle = batch.is_empty();
+        for event in batch.drain(..) {
+            let tuple = Tuple::of(&event.key);
+            if !event.allowed {
+                if let Some(a) = attempts.get_mut(&tuple) {
+                    a.packets += 1;
+                    a.last = now;
+                    continue;
+                }
+            } else {
+                let at = event
+                    .at
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                if at != second {
+                    seen.retain(|_, s| *s == at);
+                    second = at;
+                }
+                if seen.insert(tuple, at) == Some(at) {
+                    continue;
+                }
             }
-        } else {
-            let at = event
-                .at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            if at != second {
-                seen.retain(|_, s| *s == at);
-                second = at;
+            let generation = realiser.datapath().snapshot().generation;
+            if generation != explained_generation {
+                explanations.clear();
+                explained_generation = generation;
             }
-            if seen.insert(tuple, at) == Some(at) {
-                continue;
-            }
-        }
-        let explained = realiser.explain_new(&event.key);
-        recent.record(&event.key, event.allowed, event.at, &explained);
-        let Explained {
-            verdict,
-            staged,
-            src_pod,
-            dst_pod,
-        } = &explained;
-        count(
-            &mut series,
-            CONNECTIONS,
-            if event.allowed { "allow" } else { "deny" },
-            &verdict.decided_by,
-            dst_pod,
-        );
-        // What staged policies would change: its own series and line fields.
-        let would = staged
-            .as_ref()
-            .and_then(|s| policy::staging::compare(verdict, s).map(|w| (w, s)));
-        if let Some((w, s)) = would {
+            let any_port = Tuple { sport: 0, ..tuple };
+            let explained = match explanations.get(&any_port) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = Arc::new(realiser.explain_new(&event.key));
+                    if explanations.len() < MAX_EXPLANATIONS {
+                        explanations.insert(any_port, e.clone());
+                    }
+                    e
+                }
+            };
+            recent.record(&event.key, event.allowed, event.at, &explained);
+            let Explained {
+                verdict,
+                staged,
+                src_pod,
+                dst_pod,
+            } = &*explained;
             count(
-                &mut staged_series,
-                STAGED,
-                &w.replace(' ', "-"),
-                &s.decided_by,
+                &mut series,
+                CONNECTIONS,
+                if event.allowed { "allow" } else { "deny" },
+                &verdict.decided_by,
                 dst_pod,
             );
+            // What staged policies would change: its own series and line fields.
+            let would = staged
+                .as_ref()
+                .and_then(|s| policy::staging::compare(verdict, s).map(|w| (w, s)));
+            if let Some((w, s)) = would {
+                count(
+                    &mut staged_series,
+                    STAGED,
+                    &w.replace(' ', "-"),
+                    &s.decided_by,
+                    dst_pod,
+                );
+            }
+            let Some(config) = &config else {
+                continue;
+            };
+            let namespaces = decision_namespaces(&verdict.decided_by, src_pod, dst_pod);
+            // A connection staged policies would deny is logged like a denied one.
+            let would_deny = would.is_some_and(|(w, _)| w == "would deny");
+            let wanted = config.wants(event.allowed, &namespaces)
+                || (would_deny && config.wants(false, &namespaces));
+            if !wanted {
+                continue;
+            }
+            let mut line = record(&event, &tuple, verdict, src_pod, dst_pod);
+            if let Some((w, s)) = would {
+                line["staged"] = json!({
+                    "verdict": w,
+                    "rule": s.rule,
+                    "decided_by": decisions(&s.decided_by),
+                });
+            }
+            if event.allowed {
+                write(&line);
+            } else {
+                attempts.insert(
+                    tuple,
+                    Attempt {
+                        line,
+                        packets: 1,
+                        first: now,
+                        last: now,
+                        first_at: event.at,
+                    },
+                );
+            }
         }
-        let Some(config) = &config else {
-            continue;
-        };
-        let namespaces = decision_namespaces(&verdict.decided_by, src_pod, dst_pod);
-        // A connection staged policies would deny is logged like a denied one.
-        let would_deny = would.is_some_and(|(w, _)| w == "would deny");
-        let wanted = config.wants(event.allowed, &namespaces)
-            || (would_deny && config.wants(false, &namespaces));
-        if !wanted {
-            continue;
+        if gone {
+            for (_, a) in attempts.drain() {
+                write(&a.finish());
+            }
+            return;
         }
-        let mut line = record(&event, &tuple, verdict, src_pod, dst_pod);
-        if let Some((w, s)) = would {
-            line["staged"] = json!({
-                "verdict": w,
-                "rule": s.rule,
-                "decided_by": decisions(&s.decided_by),
-            });
-        }
-        if event.allowed {
-            write(&line);
-        } else {
-            attempts.insert(
-                tuple,
-                Attempt {
-                    line,
-                    packets: 1,
-                    first: now,
-                    last: now,
-                    first_at: event.at,
-                },
-            );
-        }
+        std::thread::sleep(if idle { IDLE_SLEEP } else { BUSY_SLEEP });
     }
 }
+
+/// The most explanations kept for reuse within one table generation.
+const MAX_EXPLANATIONS: usize = 65_536;
+
+/// The most events handled between two looks at the clock.
+const BATCH: usize = 1024;
+
+/// How long the audit thread sleeps between batches: short while events
+/// come, longer when none did.
+const BUSY_SLEEP: Duration = Duration::from_millis(5);
+const IDLE_SLEEP: Duration = Duration::from_millis(50);
 
 /// The longest a denied attempt is held before its line is written.
 const MAX_ATTEMPT: Duration = Duration::from_secs(60);

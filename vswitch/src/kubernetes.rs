@@ -429,7 +429,10 @@ fn condition_for(
             "Staged",
             format!(
                 "evaluated by vswitch on new connections, not enforced (vswitch.io/mode: audit){}",
-                p.warnings.iter().map(|w| format!("; {w}")).collect::<String>()
+                p.warnings
+                    .iter()
+                    .map(|w| format!("; {w}"))
+                    .collect::<String>()
             ),
         ),
         Ok(p) if p.warnings.is_empty() => ("True", "Accepted", "enforced by vswitch".to_string()),

@@ -12,7 +12,7 @@
 //! connection), read by the control socket and the web view.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use control::view::{RecentView, TupleView};
@@ -96,10 +96,19 @@ struct Entry {
     allowed: u64,
     denied: u64,
     verdict_allowed: bool,
-    rule: String,
-    staged: Option<StagedView>,
-    src_pod: Option<String>,
-    dst_pod: Option<String>,
+    /// The latest connection's explanation (shared with the audit thread's
+    /// cache: nothing is copied per connection).
+    explained: Arc<Explained>,
+}
+
+/// One connection in the feed, as recorded (rendered when read).
+#[derive(Debug, Clone)]
+struct Fed {
+    seq: u64,
+    key: FlowKey,
+    at: SystemTime,
+    allowed: bool,
+    explained: Arc<Explained>,
 }
 
 /// One connection in the live feed.
@@ -131,7 +140,7 @@ struct Inner {
     order: BTreeMap<u64, Tuple>,
     next_stamp: u64,
     evicted: u64,
-    feed: VecDeque<FeedItem>,
+    feed: VecDeque<Fed>,
     next_seq: u64,
     rules: HashMap<String, RuleCount>,
 }
@@ -162,39 +171,37 @@ impl Recent {
     }
 
     /// Records one new connection (allowed) or denied attempt, explained.
-    pub fn record(&self, key: &FlowKey, allowed: bool, at: SystemTime, e: &Explained) {
-        let staged = e
+    pub fn record(&self, key: &FlowKey, allowed: bool, at: SystemTime, e: &Arc<Explained>) {
+        let would = e
             .staged
             .as_ref()
-            .and_then(|s| StagedView::of(&e.verdict, s));
+            .and_then(|s| policy::staging::compare(&e.verdict, s));
         let mut inner = self.inner();
         let inner = &mut *inner;
-        count_rule(&mut inner.rules, &e.verdict.rule, allowed, staged.as_ref());
+        count_rule(&mut inner.rules, &e.verdict.rule, allowed, would);
         if self.config.max_tuples == 0 {
             return;
         }
         let tuple = Tuple::of(key);
         let stamp = inner.next_stamp;
         inner.next_stamp += 1;
+        let now = Instant::now();
         let entry = inner.entries.entry(tuple).or_insert_with(|| Entry {
             key: *key,
             first: at,
             last: at,
-            last_mono: Instant::now(),
+            last_mono: now,
             stamp,
             allowed: 0,
             denied: 0,
             verdict_allowed: allowed,
-            rule: String::new(),
-            staged: None,
-            src_pod: None,
-            dst_pod: None,
+            explained: e.clone(),
         });
         inner.order.remove(&entry.stamp);
         inner.order.insert(stamp, tuple);
         entry.key = *key;
         entry.last = at;
-        entry.last_mono = Instant::now();
+        entry.last_mono = now;
         entry.stamp = stamp;
         if allowed {
             entry.allowed += 1;
@@ -202,11 +209,7 @@ impl Recent {
             entry.denied += 1;
         }
         entry.verdict_allowed = allowed;
-        entry.rule.clone_from(&e.verdict.rule);
-        entry.staged = staged;
-        entry.src_pod = e.src_pod.as_ref().map(ToString::to_string);
-        entry.dst_pod = e.dst_pod.as_ref().map(ToString::to_string);
-        let view = view(entry);
+        entry.explained = e.clone();
         while inner.entries.len() > self.config.max_tuples {
             let Some((_, oldest)) = inner.order.pop_first() else {
                 break;
@@ -216,14 +219,16 @@ impl Recent {
         }
         let seq = inner.next_seq;
         inner.next_seq += 1;
-        inner.feed.push_back(FeedItem {
-            seq,
-            time: crate::audit::rfc3339(at),
-            tuple: view,
-        });
-        while inner.feed.len() > FEED {
+        if inner.feed.len() == FEED {
             inner.feed.pop_front();
         }
+        inner.feed.push_back(Fed {
+            seq,
+            key: *key,
+            at,
+            allowed,
+            explained: e.clone(),
+        });
     }
 
     /// Forgets tuples not seen within the window.
@@ -281,7 +286,17 @@ impl Recent {
             .feed
             .iter()
             .filter(|i| seq.is_none_or(|s| i.seq > s))
-            .cloned()
+            .map(|f| FeedItem {
+                seq: f.seq,
+                time: crate::audit::rfc3339(f.at),
+                tuple: tuple_view(
+                    &f.key,
+                    &f.explained,
+                    f.allowed,
+                    (u64::from(f.allowed), u64::from(!f.allowed)),
+                    (f.at, f.at),
+                ),
+            })
             .collect()
     }
 
@@ -301,7 +316,7 @@ fn count_rule(
     rules: &mut HashMap<String, RuleCount>,
     rule: &str,
     allowed: bool,
-    staged: Option<&StagedView>,
+    would: Option<&str>,
 ) {
     let name = if rules.contains_key(rule) || rules.len() < MAX_RULES {
         rule
@@ -317,7 +332,7 @@ fn count_rule(
     } else {
         c.denied += 1;
     }
-    match staged.map(|s| s.verdict.as_str()) {
+    match would {
         Some("would deny") => c.would_deny += 1,
         Some("would allow") => c.would_allow += 1,
         _ => {}
@@ -325,21 +340,39 @@ fn count_rule(
 }
 
 fn view(e: &Entry) -> TupleView {
-    let k = &e.key;
+    tuple_view(
+        &e.key,
+        &e.explained,
+        e.verdict_allowed,
+        (e.allowed, e.denied),
+        (e.first, e.last),
+    )
+}
+
+fn tuple_view(
+    k: &FlowKey,
+    e: &Explained,
+    allowed: bool,
+    (n_allowed, n_denied): (u64, u64),
+    (first, last): (SystemTime, SystemTime),
+) -> TupleView {
     TupleView {
         protocol: ip_proto::name(k.nw_proto).to_string(),
         src_ip: k.src_ip(),
         dst_ip: k.dst_ip(),
         dst_port: has_ports(k.nw_proto).then_some(k.tp_dst),
-        src_pod: e.src_pod.clone(),
-        dst_pod: e.dst_pod.clone(),
-        allowed: e.allowed,
-        denied: e.denied,
-        verdict: if e.verdict_allowed { "allow" } else { "deny" }.to_string(),
-        rule: e.rule.clone(),
-        staged: e.staged.clone(),
-        first_seen: crate::audit::rfc3339(e.first),
-        last_seen: crate::audit::rfc3339(e.last),
+        src_pod: e.src_pod.as_ref().map(ToString::to_string),
+        dst_pod: e.dst_pod.as_ref().map(ToString::to_string),
+        allowed: n_allowed,
+        denied: n_denied,
+        verdict: if allowed { "allow" } else { "deny" }.to_string(),
+        rule: e.verdict.rule.clone(),
+        staged: e
+            .staged
+            .as_ref()
+            .and_then(|s| StagedView::of(&e.verdict, s)),
+        first_seen: crate::audit::rfc3339(first),
+        last_seen: crate::audit::rfc3339(last),
     }
 }
 
@@ -360,8 +393,8 @@ mod tests {
         k
     }
 
-    fn explained(allowed: bool, rule: &str) -> Explained {
-        Explained {
+    fn explained(allowed: bool, rule: &str) -> Arc<Explained> {
+        Arc::new(Explained {
             verdict: Verdict {
                 allowed,
                 rule: rule.into(),
@@ -371,7 +404,7 @@ mod tests {
             staged: None,
             src_pod: None,
             dst_pod: None,
-        }
+        })
     }
 
     #[test]

@@ -714,7 +714,10 @@ fn cluster_network_policies_from_the_api_server_with_status() {
         .unwrap();
     assert_eq!(t["staged"]["verdict"], "would allow", "{t}");
     assert!(
-        t["staged"]["rule"].as_str().unwrap_or("").contains("staged-accept"),
+        t["staged"]["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("staged-accept"),
         "{t}"
     );
     api.delete(Kind::ClusterNetworkPolicy, "staged-accept");

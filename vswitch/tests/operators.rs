@@ -308,7 +308,11 @@ fn the_web_view_shows_pods_live_connections_and_traces_in_a_browser() {
     let shop = Shop::start(
         &tag,
         subnet,
-        &[db_from_web(None), web_no_egress("audit"), batch_not_to_web()],
+        &[
+            db_from_web(None),
+            web_no_egress("audit"),
+            batch_not_to_web(),
+        ],
         "web = true",
     );
     let socket = shop.daemon.socket.clone();
