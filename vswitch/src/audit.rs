@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use crate::config::AuditConfig;
 use crate::forwarder::ConnEvent;
 use crate::realiser::{Explained, Realiser};
-use crate::recent::Recent;
+use crate::recent::{Recent, Tuple};
 
 /// A log file rotated by size: `path` → `path.1` → ... → `path.{keep}`.
 #[derive(Debug)]
@@ -222,7 +222,7 @@ pub fn run(
                 explanations.clear();
                 explained_generation = generation;
             }
-            let any_port = Tuple { sport: 0, ..tuple };
+            let any_port = tuple.any_source_port();
             let explained = match explanations.get(&any_port) {
                 Some(e) => e.clone(),
                 None => {
@@ -271,7 +271,7 @@ pub fn run(
             if !wanted {
                 continue;
             }
-            let mut line = record(&event, &tuple, verdict, src_pod, dst_pod);
+            let mut line = record(&event, verdict, src_pod, dst_pod);
             if let Some((w, s)) = would {
                 line["staged"] = json!({
                     "verdict": w,
@@ -339,29 +339,6 @@ impl Attempt {
     }
 }
 
-/// A connection's addresses and ports, as the first packet carried them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Tuple {
-    proto: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-}
-
-impl Tuple {
-    fn of(k: &datapath::FlowKey) -> Tuple {
-        let ports = matches!(k.nw_proto, 6 | 17 | 132);
-        Tuple {
-            proto: k.nw_proto,
-            src: k.nw_src,
-            dst: k.nw_dst,
-            sport: if ports { k.tp_src } else { k.icmp_id },
-            dport: if ports { k.tp_dst } else { 0 },
-        }
-    }
-}
-
 fn decision_namespaces<'a>(
     decided_by: &'a [Provenance],
     src: &'a Option<ObjectKey>,
@@ -388,7 +365,6 @@ fn decision_namespaces<'a>(
 /// One audit line.
 fn record(
     event: &ConnEvent,
-    t: &Tuple,
     verdict: &policy::explain::Verdict,
     src_pod: &Option<ObjectKey>,
     dst_pod: &Option<ObjectKey>,
@@ -398,7 +374,7 @@ fn record(
     json!({
         "time": rfc3339(event.at),
         "verdict": if event.allowed { "allow" } else { "deny" },
-        "protocol": ip_proto::name(t.proto),
+        "protocol": ip_proto::name(k.nw_proto),
         "src_ip": k.src_ip().to_string(),
         "src_port": ports.then_some(k.tp_src),
         "src_pod": src_pod.as_ref().map(ToString::to_string),

@@ -60,23 +60,34 @@ pub const FEED: usize = 512;
 /// are counted under `other`.
 pub const MAX_RULES: usize = 2000;
 
-/// A tuple: what one entry summarises.
+/// A connection's addresses and ports, as its first packet carried them
+/// (ICMP: the echo id as the source port). An entry summarises the tuples
+/// that differ only in the source port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Tuple {
+pub(crate) struct Tuple {
     proto: u8,
     src: [u8; 16],
     dst: [u8; 16],
+    sport: u16,
     dport: u16,
 }
 
 impl Tuple {
-    fn of(k: &FlowKey) -> Tuple {
+    pub(crate) fn of(k: &FlowKey) -> Tuple {
+        let ports = has_ports(k.nw_proto);
         Tuple {
             proto: k.nw_proto,
             src: k.nw_src,
             dst: k.nw_dst,
-            dport: if has_ports(k.nw_proto) { k.tp_dst } else { 0 },
+            sport: if ports { k.tp_src } else { k.icmp_id },
+            dport: if ports { k.tp_dst } else { 0 },
         }
+    }
+
+    /// The same with any source port: what policy sees (no rule matches on
+    /// a source port).
+    pub(crate) fn any_source_port(self) -> Tuple {
+        Tuple { sport: 0, ..self }
     }
 }
 
@@ -182,7 +193,7 @@ impl Recent {
         if self.config.max_tuples == 0 {
             return;
         }
-        let tuple = Tuple::of(key);
+        let tuple = Tuple::of(key).any_source_port();
         let stamp = inner.next_stamp;
         inner.next_stamp += 1;
         let now = Instant::now();
