@@ -221,6 +221,21 @@ pub struct TraceView {
     pub staged: Option<StagedView>,
 }
 
+/// How a staged verdict relates to the enforced one, for people: `None`
+/// when the staged policies change nothing about the connection.
+pub fn compare_staged(enforced: &Verdict, staged: &Verdict) -> Option<&'static str> {
+    match (enforced.allowed, staged.allowed) {
+        (true, false) => Some("would deny"),
+        (false, true) => Some("would allow"),
+        _ if enforced.decided_by != staged.decided_by => Some(if staged.allowed {
+            "would allow"
+        } else {
+            "would deny"
+        }),
+        _ => None,
+    }
+}
+
 /// A staged verdict next to the enforced one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagedView {
@@ -233,7 +248,7 @@ pub struct StagedView {
 impl StagedView {
     /// The view when staged policies change something about the verdict.
     pub fn of(enforced: &Verdict, staged: &Verdict) -> Option<StagedView> {
-        crate::staging::compare(enforced, staged).map(|v| StagedView {
+        compare_staged(enforced, staged).map(|v| StagedView {
             verdict: v.to_string(),
             rule: staged.rule.clone(),
         })

@@ -14,6 +14,7 @@ pub mod cookie;
 pub mod error;
 pub mod explain;
 pub mod manifest;
+pub mod mode;
 pub mod model;
 pub mod names;
 pub mod offline;

@@ -211,7 +211,7 @@ impl Policy {
         if name.is_empty() {
             return Err(invalid(FieldError::new("metadata.name", "is required")));
         }
-        let staged = crate::staging::staged(np.metadata.annotations.as_ref()).map_err(invalid)?;
+        let staged = crate::mode::staged(np.metadata.annotations.as_ref()).map_err(invalid)?;
         let spec = np.spec.clone().unwrap_or_default();
         let pod_selector = match &spec.pod_selector {
             Some(s) => Selector::from_api(s, "spec.podSelector").map_err(invalid)?,

@@ -7,9 +7,8 @@
 //! connection traced through both gives the real verdict and the verdict it
 //! would get once the staged policies are enforced. The shadow exists only
 //! while some policy is staged; flipping the annotation is one incremental
-//! change in each compiler, never a recompile of the rest.
-
-use std::collections::BTreeMap;
+//! change in each compiler, never a recompile of the rest. The annotation
+//! itself is read in [`crate::mode`].
 
 use datapath::field::ct_state;
 use datapath::trace::{CtSource, trace};
@@ -17,31 +16,9 @@ use datapath::{FlowKey, FlowTables, Time};
 
 use crate::cluster::Cluster;
 use crate::compile::{Change, Compiler};
-use crate::error::{Error, FieldError};
+use crate::error::Error;
 use crate::explain::{Verdict, explain};
 use crate::pipeline::{Topology, assemble};
-
-/// The annotation that stages a policy.
-pub const MODE_ANNOTATION: &str = "vswitch.io/mode";
-
-/// Reads a policy's mode from its annotations: `Ok(true)` when staged
-/// (`audit`), `Ok(false)` when enforced (`enforce`, or no annotation).
-///
-/// Fails on any other value, naming the annotation: a policy whose mode is
-/// mistyped is rejected rather than guessed at.
-pub fn staged(annotations: Option<&BTreeMap<String, String>>) -> Result<bool, FieldError> {
-    match annotations
-        .and_then(|a| a.get(MODE_ANNOTATION))
-        .map(String::as_str)
-    {
-        None | Some("enforce") => Ok(false),
-        Some("audit") => Ok(true),
-        Some(other) => Err(FieldError::new(
-            format!("metadata.annotations[{MODE_ANNOTATION}]"),
-            format!("unsupported value {other:?} (audit, enforce)"),
-        )),
-    }
-}
 
 /// What the enforcing compiler gets for `change`: a staged policy is absent
 /// there, so its arrival deletes any enforced version.
@@ -151,35 +128,4 @@ fn tables_of(topology: &Topology, compiler: &Compiler) -> Result<FlowTables, Err
         tables.add(f, Time::ZERO).map_err(Error::Flows)?;
     }
     Ok(tables)
-}
-
-/// How a staged verdict relates to the enforced one, for people: `None`
-/// when the staged policies change nothing about the connection.
-pub fn compare(enforced: &Verdict, staged: &Verdict) -> Option<&'static str> {
-    match (enforced.allowed, staged.allowed) {
-        (true, false) => Some("would deny"),
-        (false, true) => Some("would allow"),
-        _ if enforced.decided_by != staged.decided_by => Some(if staged.allowed {
-            "would allow"
-        } else {
-            "would deny"
-        }),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_mode_annotation_reads_strictly() {
-        let a = |v: &str| BTreeMap::from([(MODE_ANNOTATION.to_string(), v.to_string())]);
-        assert_eq!(staged(None), Ok(false));
-        assert_eq!(staged(Some(&a("enforce"))), Ok(false));
-        assert_eq!(staged(Some(&a("audit"))), Ok(true));
-        let e = staged(Some(&a("Audit"))).unwrap_err();
-        assert_eq!(e.path, "metadata.annotations[vswitch.io/mode]");
-        assert!(e.message.contains("\"Audit\""), "{e}");
-    }
 }

@@ -28,6 +28,7 @@ pub mod snoop;
 pub mod state;
 pub mod sys;
 pub mod tap;
+pub mod timefmt;
 pub mod tunnel;
 pub mod web;
 pub mod whatif;

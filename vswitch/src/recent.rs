@@ -186,7 +186,7 @@ impl Recent {
         let would = e
             .staged
             .as_ref()
-            .and_then(|s| policy::staging::compare(&e.verdict, s));
+            .and_then(|s| policy::explain::compare_staged(&e.verdict, s));
         let mut inner = self.inner();
         let inner = &mut *inner;
         count_rule(&mut inner.rules, &e.verdict.rule, allowed, would);
@@ -299,7 +299,7 @@ impl Recent {
             .filter(|i| seq.is_none_or(|s| i.seq > s))
             .map(|f| FeedItem {
                 seq: f.seq,
-                time: crate::audit::rfc3339(f.at),
+                time: crate::timefmt::rfc3339(f.at),
                 tuple: tuple_view(
                     &f.key,
                     &f.explained,
@@ -382,8 +382,8 @@ fn tuple_view(
             .staged
             .as_ref()
             .and_then(|s| StagedView::of(&e.verdict, s)),
-        first_seen: crate::audit::rfc3339(first),
-        last_seen: crate::audit::rfc3339(last),
+        first_seen: crate::timefmt::rfc3339(first),
+        last_seen: crate::timefmt::rfc3339(last),
     }
 }
 

@@ -425,7 +425,7 @@ impl Daemon {
                     .at
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_secs_f64()),
-                at_rfc3339: r.at.map(crate::audit::rfc3339),
+                at_rfc3339: r.at.map(crate::timefmt::rfc3339),
             },
         }
     }

@@ -271,7 +271,7 @@ impl ClusterPolicy {
         if let Some(l) = &api.metadata.labels {
             validate_labels(l, "metadata.labels").map_err(invalid)?;
         }
-        let staged = crate::staging::staged(api.metadata.annotations.as_ref()).map_err(invalid)?;
+        let staged = crate::mode::staged(api.metadata.annotations.as_ref()).map_err(invalid)?;
         let mut warnings = Vec::new();
         let mut policy = parse::parse_spec(name, &api.spec, &mut warnings).map_err(invalid)?;
         policy.staged = staged;
