@@ -33,6 +33,9 @@ pub(crate) trait Execute {
     fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> Result<(), CtRefused>;
     /// `ct(table=N)`: the packet's `(ct_state, ct_mark)` in `zone`.
     fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8);
+    /// `nd_advert`: turn the solicitation into its advertisement; false when
+    /// the frame cannot be answered (then the pass outputs nothing).
+    fn nd_advert(&mut self, key: &FlowKey, mac: [u8; 6], router: bool) -> bool;
 }
 
 /// How a packet's passes ended.
@@ -76,6 +79,7 @@ pub(crate) fn run<T: Translate, E: Execute>(
         ran.end = x.end;
         let mut recirc = None;
         let mut fields_rewritten = false;
+        let outputs_before = outputs.len();
         for a in &x.actions {
             match *a {
                 DpAction::Output(p) => outputs.push(p),
@@ -92,6 +96,12 @@ pub(crate) fn run<T: Translate, E: Execute>(
                 }
                 DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
                 DpAction::Controller => ran.punt = true,
+                DpAction::NdAdvert { mac, router } => {
+                    if !e.nd_advert(rewritten.as_ref().unwrap_or(packet), mac, router) {
+                        outputs.truncate(outputs_before);
+                        return ran;
+                    }
+                }
             }
         }
         let Some((zone, table)) = recirc else {

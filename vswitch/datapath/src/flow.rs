@@ -82,6 +82,15 @@ pub enum Action {
     },
     /// Send the packet to the control plane.
     Controller,
+    /// Turn an ICMPv6 neighbour solicitation into the neighbour advertisement
+    /// answering it, from `mac` (with the router flag when `router`), in
+    /// place: the IPv6 counterpart of an ARP responder's field rewrites,
+    /// which ICMPv6's checksum and option layout do not allow field by field.
+    /// Only for flows matching `icmp6,icmpv6_type=135`; then `output:in_port`.
+    NdAdvert {
+        mac: [u8; 6],
+        router: bool,
+    },
     /// A comment carried with the flow; no effect.
     Note(Box<str>),
 }
@@ -158,6 +167,8 @@ pub enum FlowError {
         nbits: u8,
         bits: u32,
     },
+    #[error("nd_advert needs a match on icmp6,icmpv6_type=135 (a neighbour solicitation)")]
+    NdAdvertNeedsSolicitation,
     #[error("register reg{0} does not exist (reg0-reg7)")]
     BadRegister(u8),
 }
@@ -280,6 +291,16 @@ impl FlowEntry {
                 }
                 Action::Ct { zone, .. } => check_zone(*zone)?,
                 Action::Drop if i != last => return Err(FlowError::NotLast("drop")),
+                Action::NdAdvert { .. } => {
+                    let m = &self.matcher;
+                    let is = |f: Field, v: u128, mask: u128| m.get(f) == (v, mask);
+                    let solicitation = is(Field::DlType, ether_type::IPV6.into(), 0xffff)
+                        && is(Field::NwProto, ip_proto::ICMPV6.into(), 0xff)
+                        && is(Field::TpSrc, 135, 0xffff);
+                    if !solicitation {
+                        return Err(FlowError::NdAdvertNeedsSolicitation);
+                    }
+                }
                 Action::SetField { field, .. } => check_rewrite(*field, arp)?,
                 Action::Load {
                     field, ofs, nbits, ..
@@ -370,8 +391,23 @@ impl FlowEntry {
             proto == Some(ip_proto::TCP),
             "nw_proto=6 (tcp)",
         )?;
-        need(Field::ArpSha, is_arp, "dl_type=0x0806 (arp)")?;
-        need(Field::ArpTha, is_arp, "dl_type=0x0806 (arp)")?;
+        // Neighbour discovery keeps its link-layer options where ARP keeps
+        // its hardware addresses (nd_sll, nd_tll).
+        let (icmp_type, type_mask) = m.get(Field::TpSrc);
+        let nd = dl_type == Some(ether_type::IPV6)
+            && proto == Some(ip_proto::ICMPV6)
+            && type_mask == 0xffff
+            && matches!(icmp_type, 135 | 136);
+        need(
+            Field::ArpSha,
+            is_arp || nd,
+            "dl_type=0x0806 (arp), or icmp6 with icmpv6_type=135 or 136",
+        )?;
+        need(
+            Field::ArpTha,
+            is_arp || nd,
+            "dl_type=0x0806 (arp), or icmp6 with icmpv6_type=135 or 136",
+        )?;
         if m.has(Field::ConjId) {
             let (v, mask) = m.get(Field::ConjId);
             if mask != Field::ConjId.full_mask() || v == 0 {

@@ -333,6 +333,42 @@ fn ipv6_later_fragment(mut next: u8, exts: &[u8]) -> bool {
     }
 }
 
+/// A neighbour solicitation or advertisement: like OVS, its target goes in
+/// `nw_dst` (the message's own destination, a solicited-node multicast
+/// address, is needed by no table) and its source / target link-layer
+/// address options in `arp_sha` / `arp_tha` (`nd_target`, `nd_sll`, `nd_tll`
+/// in flows). RFC 4861 makes receivers discard one that a router forwarded
+/// (hop limit below 255), with a code, or too short: malformed here.
+fn neighbour_discovery(key: &mut FlowKey, code: u8, hop_limit: u8, body: &[u8]) {
+    let Some(target) = body.get(..16) else {
+        key.flags.0 |= KeyFlags::MALFORMED;
+        return;
+    };
+    if code != 0 || hop_limit != 255 {
+        key.flags.0 |= KeyFlags::MALFORMED;
+        return;
+    }
+    key.nw_dst.copy_from_slice(target);
+    let mut options = &body[16..];
+    while let [kind, len, ..] = *options {
+        let bytes = usize::from(len) * 8;
+        if bytes == 0 || bytes > options.len() {
+            key.flags.0 |= KeyFlags::MALFORMED;
+            return;
+        }
+        if len == 1 {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&options[2..8]);
+            match kind {
+                1 => key.arp_sha = mac,
+                2 => key.arp_tha = mac,
+                _ => {}
+            }
+        }
+        options = &options[bytes..];
+    }
+}
+
 /// The general parser: every shape etherparse knows, lax about truncation.
 pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
     let mut key = FlowKey {
@@ -451,6 +487,13 @@ pub fn parse_general(in_port: PortNo, frame: &[u8]) -> FlowKey {
             if matches!(icmp.type_u8(), 128 | 129) {
                 let b = icmp.bytes5to8();
                 key.icmp_id = u16::from_be_bytes([b[0], b[1]]);
+            }
+            if matches!(icmp.type_u8(), 135 | 136) {
+                let hop_limit = match &pkt.net {
+                    Some(LaxNetSlice::Ipv6(ip)) => ip.header().hop_limit(),
+                    _ => 0,
+                };
+                neighbour_discovery(&mut key, icmp.code_u8(), hop_limit, icmp.payload());
             }
         }
         Some(TransportSlice::Igmp(_)) => {}

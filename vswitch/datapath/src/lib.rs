@@ -15,6 +15,7 @@ pub mod field;
 pub mod flow;
 pub mod ipf;
 pub mod key;
+pub mod nd;
 pub mod ofctl;
 pub mod pipeline;
 pub mod table;

@@ -43,14 +43,14 @@ fn field_by_name(name: &str) -> Option<Field> {
         "dl_type" | "eth_type" => Field::DlType,
         "vlan_tci" => Field::VlanTci,
         "nw_src" | "ip_src" | "ipv6_src" | "arp_spa" => Field::NwSrc,
-        "nw_dst" | "ip_dst" | "ipv6_dst" | "arp_tpa" => Field::NwDst,
+        "nw_dst" | "ip_dst" | "ipv6_dst" | "arp_tpa" | "nd_target" => Field::NwDst,
         "nw_proto" | "ip_proto" | "arp_op" => Field::NwProto,
         "nw_frag" => Field::NwFrag,
         "tp_src" | "tcp_src" | "udp_src" | "sctp_src" | "icmp_type" | "icmpv6_type" => Field::TpSrc,
         "tp_dst" | "tcp_dst" | "udp_dst" | "sctp_dst" | "icmp_code" | "icmpv6_code" => Field::TpDst,
         "tcp_flags" => Field::TcpFlags,
-        "arp_sha" => Field::ArpSha,
-        "arp_tha" => Field::ArpTha,
+        "arp_sha" | "nd_sll" => Field::ArpSha,
+        "arp_tha" | "nd_tll" => Field::ArpTha,
         "ct_state" => Field::CtState,
         "ct_zone" => Field::CtZone,
         "ct_mark" => Field::CtMark,
@@ -336,7 +336,12 @@ fn display_name(field: Field, m: &Match) -> &'static str {
     let dl = if dl_mask == 0xffff { dl as u16 } else { 0 };
     let (proto, pmask) = m.get(Field::NwProto);
     let icmp = pmask == 0xff && (proto as u8 == ip_proto::ICMP || proto as u8 == ip_proto::ICMPV6);
+    let (icmp_type, tmask) = m.get(Field::TpSrc);
+    let nd = icmp && dl == ether_type::IPV6 && tmask == 0xffff && matches!(icmp_type, 135 | 136);
     match (field, dl) {
+        (Field::NwDst, _) if nd => "nd_target",
+        (Field::ArpSha, _) if nd => "nd_sll",
+        (Field::ArpTha, _) if nd => "nd_tll",
         (Field::NwSrc, ether_type::ARP) => "arp_spa",
         (Field::NwDst, ether_type::ARP) => "arp_tpa",
         (Field::NwProto, ether_type::ARP) => "arp_op",
@@ -454,6 +459,13 @@ impl fmt::Display for Action {
                 write!(f, "move:{}->{}", src.name(), dst.name())
             }
             Action::Controller => f.write_str("controller"),
+            Action::NdAdvert { mac, router } => {
+                write!(f, "nd_advert({}", fmt_mac(crate::field::mac_value(*mac)))?;
+                if *router {
+                    f.write_str(",router")?;
+                }
+                f.write_str(")")
+            }
             Action::Note(text) => write!(f, "note:{text}"),
         }
     }
@@ -512,6 +524,23 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
     }
     if t == "controller" {
         return Ok(Action::Controller);
+    }
+    if let Some(inner) = t
+        .strip_prefix("nd_advert(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let (mac, router) = match inner.split_once(',') {
+            Some((mac, "router")) => (mac, true),
+            Some((_, other)) => {
+                return Err(bad(
+                    token,
+                    format!("nd_advert: unknown flag `{other}` (router)"),
+                ));
+            }
+            None => (inner, false),
+        };
+        let mac = crate::field::mac_bytes(parse_mac(token, mac)?);
+        return Ok(Action::NdAdvert { mac, router });
     }
     if let Some(p) = t.strip_prefix("output:") {
         return Ok(Action::Output(parse_port(token, p)?));

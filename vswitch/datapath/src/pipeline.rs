@@ -39,6 +39,11 @@ pub enum DpAction {
         table: TableId,
     },
     Controller,
+    /// Answer the neighbour solicitation in place (see [`Action::NdAdvert`]).
+    NdAdvert {
+        mac: [u8; 6],
+        router: bool,
+    },
 }
 
 /// How a pass ended.
@@ -202,6 +207,10 @@ impl<O: Observer> Run<'_, O> {
                         self.rewrite(key, *dst);
                     }
                     Action::Controller => self.x.actions.push(DpAction::Controller),
+                    Action::NdAdvert { mac, router } => self.x.actions.push(DpAction::NdAdvert {
+                        mac: *mac,
+                        router: *router,
+                    }),
                     Action::Note(_) => {}
                 }
             }

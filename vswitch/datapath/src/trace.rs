@@ -152,6 +152,10 @@ struct Observed<'a> {
 impl Execute for Observed<'_> {
     fn rewrite(&mut self, _: &FlowKey, _: Field, _: u128) {}
 
+    fn nd_advert(&mut self, _: &FlowKey, _: [u8; 6], _: bool) -> bool {
+        true
+    }
+
     fn commit(&mut self, zone: u16, _: Option<u8>, _: &FlowKey) -> Result<(), CtRefused> {
         self.commits.push(zone);
         Ok(())

@@ -629,6 +629,11 @@ impl Execute for Live<'_> {
         self.conntrack
             .lookup_marked(self.now, zone, key, self.frame)
     }
+
+    fn nd_advert(&mut self, key: &FlowKey, mac: [u8; 6], router: bool) -> bool {
+        let l3 = if key.vlan_tci != 0 { 18 } else { 14 };
+        crate::nd::advertise(self.frame, l3, mac, router)
+    }
 }
 
 fn drop_verdict<'a>(
