@@ -35,6 +35,28 @@ pub struct PodPort {
     pub ips: Vec<IpAddr>,
 }
 
+/// The link-local address of an interface with `mac` (modified EUI-64,
+/// RFC 4291 appendix A): what vswitch-cni gives a pod, and the gateway.
+pub fn link_local(mac: [u8; 6]) -> IpAddr {
+    let mut a = [0u8; 16];
+    a[0] = 0xfe;
+    a[1] = 0x80;
+    a[8] = mac[0] ^ 0x02;
+    a[9] = mac[1];
+    a[10] = mac[2];
+    a[11] = 0xff;
+    a[12] = 0xfe;
+    a[13] = mac[3];
+    a[14] = mac[4];
+    a[15] = mac[5];
+    IpAddr::V6(std::net::Ipv6Addr::from(a))
+}
+
+/// The IPv6 router pods route through (`default via fe80::1`): the switch
+/// answers for it with the gateway's MAC, as the ARP responder does for the
+/// IPv4 gateway address.
+pub const VIRTUAL_ROUTER: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// The port towards the node (and beyond).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gateway {
@@ -97,10 +119,14 @@ pub enum Purpose {
     NoAdminDecision,
     NoBaselineDecision,
     DnsAnswer,
+    NdReply,
+    SpoofguardNeighbour,
+    SpoofguardDadProbe,
+    SpoofguardHostOnly,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 28] = [
+    const ALL: [Purpose; 32] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -129,6 +155,10 @@ impl Purpose {
         Purpose::NoAdminDecision,
         Purpose::NoBaselineDecision,
         Purpose::DnsAnswer,
+        Purpose::NdReply,
+        Purpose::SpoofguardNeighbour,
+        Purpose::SpoofguardDadProbe,
+        Purpose::SpoofguardHostOnly,
     ];
 
     /// In words, as traces and dumps show it.
@@ -165,11 +195,21 @@ impl Purpose {
                 "classifier: not ready (the cluster state is not synced yet): nothing is forwarded"
             }
             Purpose::SpoofguardRouterOnly => {
-                "spoofguard: router advertisement, redirect or neighbour advertisement from a pod"
+                "spoofguard: router advertisement, redirect or neighbour advertisement (the switch answers for every address)"
             }
             Purpose::NoAdminDecision => "policy: no Admin tier rule decided, on to NetworkPolicy",
             Purpose::NoBaselineDecision => "policy: no Baseline tier rule decided: allowed",
             Purpose::DnsAnswer => "output: a DNS answer to a pod, copied for domainNames peers",
+            Purpose::NdReply => "neighbour discovery: advertisement for a known address",
+            Purpose::SpoofguardNeighbour => {
+                "spoofguard: neighbour solicitation from its own address and MAC"
+            }
+            Purpose::SpoofguardDadProbe => {
+                "spoofguard: duplicate address detection probe (unanswered: the address is the pod's)"
+            }
+            Purpose::SpoofguardHostOnly => {
+                "spoofguard: router solicitation or multicast listener message (routes are static; no multicast between pods)"
+            }
         }
     }
 
@@ -340,19 +380,56 @@ fn spoofguard(topo: &Topology, out: &mut Vec<FlowEntry>) {
         // advertisements, redirects, and neighbour advertisements (the switch
         // answers neighbour solicitations for pods; a pod's own would be a way
         // to claim addresses that are not its).
-        for icmp_type in [134u8, 136, 137] {
-            out.push(flow(
-                SPOOFGUARD,
-                300,
-                Match::any()
-                    .with(Field::InPort, p.port.0.into())
-                    .with(Field::DlType, ether_type::IPV6.into())
-                    .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
-                    .with(Field::TpSrc, icmp_type.into()),
-                Purpose::SpoofguardRouterOnly,
-            ));
+        ipv6_control(p.port, out);
+        let icmp6 = port
+            .with(Field::DlType, ether_type::IPV6.into())
+            .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into());
+        // Duplicate address detection: never answered, so the pod keeps the
+        // address (spoofguard keeps it from taking anyone else's).
+        out.push(flow(
+            SPOOFGUARD,
+            260,
+            icmp6
+                .with(Field::TpSrc, 135)
+                .with(Field::NwSrc, u128::from(std::net::Ipv6Addr::UNSPECIFIED)),
+            Purpose::SpoofguardDadProbe,
+        ));
+        let v6: Vec<IpAddr> = p
+            .ips
+            .iter()
+            .copied()
+            .filter(IpAddr::is_ipv6)
+            .chain([link_local(p.mac)])
+            .collect();
+        for ip in &v6 {
+            let (_, addr) = ip_of(ip);
+            // Solicitations from its own address, its own MAC in the option
+            // (or none, allowed for unicast ones): to the responder.
+            for sll in [mac_value(p.mac), 0] {
+                out.push(
+                    flow(
+                        SPOOFGUARD,
+                        250,
+                        icmp6
+                            .with(Field::TpSrc, 135)
+                            .with(Field::NwSrc, addr)
+                            .with(Field::ArpSha, sll),
+                        Purpose::SpoofguardNeighbour,
+                    )
+                    .action(goto(ARP_RESPONDER)),
+                );
+            }
         }
-        for ip in &p.ips {
+        // Any other solicitation (another source, another MAC in its option)
+        // would poison a neighbour cache: dropped.
+        out.push(flow(
+            SPOOFGUARD,
+            240,
+            icmp6.with(Field::TpSrc, 135),
+            Purpose::SpoofguardDrop,
+        ));
+        let link_local_only = [link_local(p.mac)];
+        for ip in p.ips.iter().chain(&link_local_only) {
             let (dl, addr) = ip_of(ip);
             out.push(
                 flow(
@@ -376,6 +453,18 @@ fn spoofguard(topo: &Topology, out: &mut Vec<FlowEntry>) {
     }
     if let Some(g) = &topo.gateway {
         let port = Match::any().with(Field::InPort, g.port.0.into());
+        ipv6_control(g.port, out);
+        out.push(
+            flow(
+                SPOOFGUARD,
+                250,
+                port.with(Field::DlType, ether_type::IPV6.into())
+                    .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
+                    .with(Field::TpSrc, 135),
+                Purpose::SpoofguardGateway,
+            )
+            .action(goto(ARP_RESPONDER)),
+        );
         out.push(
             flow(
                 SPOOFGUARD,
@@ -407,7 +496,35 @@ fn spoofguard(topo: &Topology, out: &mut Vec<FlowEntry>) {
     out.push(flow(SPOOFGUARD, 0, Match::any(), Purpose::SpoofguardDrop));
 }
 
-/// Table 20: ARP requests for every address the switch knows are answered here; no broadcast crosses pods.
+/// ICMPv6 a port never gets through: router advertisements, redirects and
+/// neighbour advertisements (the switch answers for every address; a pod's
+/// own would claim addresses), router solicitations (routes are static) and
+/// multicast listener messages (no multicast crosses pods).
+fn ipv6_control(port: PortNo, out: &mut Vec<FlowEntry>) {
+    let m = Match::any()
+        .with(Field::InPort, port.0.into())
+        .with(Field::DlType, ether_type::IPV6.into())
+        .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into());
+    for (icmp_type, purpose) in [
+        (134u8, Purpose::SpoofguardRouterOnly),
+        (136, Purpose::SpoofguardRouterOnly),
+        (137, Purpose::SpoofguardRouterOnly),
+        (133, Purpose::SpoofguardHostOnly),
+        (130, Purpose::SpoofguardHostOnly),
+        (131, Purpose::SpoofguardHostOnly),
+        (132, Purpose::SpoofguardHostOnly),
+        (143, Purpose::SpoofguardHostOnly),
+    ] {
+        out.push(flow(
+            SPOOFGUARD,
+            300,
+            m.with(Field::TpSrc, icmp_type.into()),
+            purpose,
+        ));
+    }
+}
+
+/// Table 20: ARP requests and IPv6 neighbour solicitations for every address the switch knows are answered here; no broadcast or multicast crosses pods.
 fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 20: ARP responder, for every address the switch knows.
     let known = topo
@@ -415,6 +532,36 @@ fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
         .iter()
         .map(|p| (p.mac, &p.ips))
         .chain(topo.gateway.iter().map(|g| (g.mac, &g.ips)));
+    let solicitation = Match::any()
+        .with(Field::DlType, ether_type::IPV6.into())
+        .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
+        .with(Field::TpSrc, 135);
+    let mut advertise = |target: IpAddr, mac: [u8; 6], router: bool| {
+        let (_, addr) = ip_of(&target);
+        out.push(
+            flow(
+                ARP_RESPONDER,
+                100,
+                solicitation.with(Field::NwDst, addr),
+                Purpose::NdReply,
+            )
+            .action(Action::NdAdvert { mac, router })
+            .action(Action::Output(PortNo::IN_PORT)),
+        );
+    };
+    for p in &topo.pods {
+        for ip in p.ips.iter().filter(|ip| ip.is_ipv6()) {
+            advertise(*ip, p.mac, false);
+        }
+        advertise(link_local(p.mac), p.mac, false);
+    }
+    if let Some(g) = &topo.gateway {
+        for ip in g.ips.iter().filter(|ip| ip.is_ipv6()) {
+            advertise(*ip, g.mac, true);
+        }
+        advertise(link_local(g.mac), g.mac, true);
+        advertise(IpAddr::V6(VIRTUAL_ROUTER), g.mac, true);
+    }
     for (mac, ips) in known {
         for ip in ips.iter().filter(|ip| ip.is_ipv4()) {
             let (_, addr) = ip_of(ip);

@@ -448,9 +448,34 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
             error_chain(&e),
         ));
     }
+    let v6 = ips.iter().any(IpAddr::is_ipv6);
     let configure = || -> Result<(), CniError> {
+        if v6 {
+            // IPv6: the link-local address the switch expects (from the MAC,
+            // whatever the host's address generation mode), and no duplicate
+            // address detection (IPAM and spoofguard keep addresses unique;
+            // DAD would hold them tentative for a second).
+            ip(&["-n", &ns, "link", "set", &env.ifname, "addrgenmode", "none"])?;
+            let ll = policy::pipeline::link_local(mac.0);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ll}/64"),
+                "dev",
+                &env.ifname,
+                "nodad",
+            ])?;
+        }
         for (a, _) in &addrs {
-            ip(&["-n", &ns, "addr", "add", &a.to_string(), "dev", &env.ifname])?;
+            let mut args = vec!["-n", &ns, "addr", "add"];
+            let a = a.to_string();
+            args.extend([a.as_str(), "dev", &env.ifname]);
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            ip(&args)?;
         }
         // Segments small enough to cross a tunnel to another node in one UDP
         // datagram with their headers (best effort: older kernels lack it).
@@ -464,25 +489,18 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
             "64000",
         ]);
         ip(&["-n", &ns, "link", "set", &env.ifname, "up"])?;
-        for (a, gw) in &addrs {
-            if let Some(gw) = gw {
-                let default = if a.addr().is_ipv6() {
-                    "::/0"
-                } else {
-                    "0.0.0.0/0"
-                };
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "replace",
-                    default,
-                    "via",
-                    &gw.to_string(),
-                    "dev",
-                    &env.ifname,
-                ])?;
-            }
+        for (default, via) in default_routes(&addrs) {
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "replace",
+                default,
+                "via",
+                &via.to_string(),
+                "dev",
+                &env.ifname,
+            ])?;
         }
         Ok(())
     };
@@ -501,11 +519,9 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
             v
         })
         .collect();
-    let routes: Vec<Value> = addrs
-        .iter()
-        .filter_map(|(a, gw)| {
-            gw.map(|g| json!({"dst": if a.addr().is_ipv6() { "::/0" } else { "0.0.0.0/0" }, "gw": g.to_string()}))
-        })
+    let routes: Vec<Value> = default_routes(&addrs)
+        .into_iter()
+        .map(|(dst, gw)| json!({"dst": dst, "gw": gw.to_string()}))
         .collect();
     Ok(json!({
         "cniVersion": conf.cni_version,
@@ -514,6 +530,26 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
         "routes": routes,
         "dns": result.get("dns").cloned().unwrap_or(json!({})),
     }))
+}
+
+/// The pod's default routes: IPv4 through IPAM's gateway (answered by the
+/// switch's ARP responder); IPv6 through the switch's virtual router
+/// `fe80::1` whenever the pod has an IPv6 address (answered by its neighbour
+/// discovery responder with the gateway's MAC). Routes are static: router
+/// advertisements never reach pods.
+fn default_routes(addrs: &[(IpNet, Option<IpAddr>)]) -> Vec<(&'static str, IpAddr)> {
+    let mut out = Vec::new();
+    if let Some(gw) = addrs
+        .iter()
+        .find(|(a, gw)| a.addr().is_ipv4() && gw.is_some())
+        .and_then(|(_, gw)| *gw)
+    {
+        out.push(("0.0.0.0/0", gw));
+    }
+    if addrs.iter().any(|(a, _)| a.addr().is_ipv6()) {
+        out.push(("::/0", IpAddr::V6(policy::pipeline::VIRTUAL_ROUTER)));
+    }
+    out
 }
 
 fn del(conf: &NetConf, raw: &[u8], env: &Env) -> Result<(), CniError> {

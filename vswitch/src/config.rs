@@ -155,6 +155,11 @@ pub struct GatewayConfig {
     /// this node's `spec.podCIDR`.
     #[serde(default)]
     pub address: Option<IpNet>,
+    /// The gateway's IPv6 address with the pod subnet's IPv6 prefix, e.g.
+    /// `fd00:10:244::1/64`, for dual-stack pods (IPv6 pods route through the
+    /// switch's `fe80::1`, answered with the gateway's MAC).
+    #[serde(default)]
+    pub address6: Option<IpNet>,
     /// Other addresses of this node (for "traffic to the own node is allowed").
     #[serde(default)]
     pub node_addresses: Vec<IpAddr>,

@@ -95,7 +95,7 @@ impl Daemon {
                 .ok_or_else(|| anyhow::anyhow!("gateway {} has no address", g.name))?;
             gateway::bring_up(&realiser, g, address, config.offload)?;
             if let Some(path) = &config.kubernetes.cni_conf {
-                gateway::write_cni_conf(path, &config.socket, address)?;
+                gateway::write_cni_conf(path, &config.socket, address, g.address6)?;
             }
             realiser.apply(Change::Node(gateway::own_node(&config, None)))?;
         }

@@ -48,6 +48,13 @@ pub fn bring_up(
     let tap = Tap::open_with(&g.name, false, offload)
         .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
     run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
+    if let Some(a6) = &g.address6 {
+        if !a6.addr().is_ipv6() {
+            anyhow::bail!("gateway.address6 {a6} is not an IPv6 address");
+        }
+        // The switch vouches for pods' addresses: no duplicate address detection.
+        run_ip(&["addr", "replace", &a6.to_string(), "dev", &g.name, "nodad"])?;
+    }
     run_ip(&["link", "set", &g.name, "up"])?;
     let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", g.name))?;
     let mac: control::Mac = mac_text
@@ -60,7 +67,11 @@ pub fn bring_up(
         format!("/proc/sys/net/ipv4/conf/{}/send_redirects", g.name),
         "0",
     );
-    realiser.set_gateway(Arc::new(TapPort(tap)), mac.0, vec![address.addr()])?;
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", g.name), "0");
+    let ips = std::iter::once(address.addr())
+        .chain(g.address6.map(|a| a.addr()))
+        .collect();
+    realiser.set_gateway(Arc::new(TapPort(tap)), mac.0, ips)?;
     Ok(())
 }
 
@@ -68,7 +79,18 @@ pub fn bring_up(
 /// talking to `socket`, host-local IPAM over the gateway's subnet.
 ///
 /// Fails when the file cannot be written.
-pub fn write_cni_conf(path: &Path, socket: &Path, gateway: ipnet::IpNet) -> anyhow::Result<()> {
+pub fn write_cni_conf(
+    path: &Path,
+    socket: &Path,
+    gateway: ipnet::IpNet,
+    gateway6: Option<ipnet::IpNet>,
+) -> anyhow::Result<()> {
+    let mut ranges = vec![
+        serde_json::json!([{"subnet": gateway.trunc().to_string(), "gateway": gateway.addr().to_string()}]),
+    ];
+    if let Some(g6) = gateway6 {
+        ranges.push(serde_json::json!([{"subnet": g6.trunc().to_string(), "gateway": g6.addr().to_string()}]));
+    }
     let conf = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "vswitch",
@@ -77,7 +99,7 @@ pub fn write_cni_conf(path: &Path, socket: &Path, gateway: ipnet::IpNet) -> anyh
             "socket": socket,
             "ipam": {
                 "type": "host-local",
-                "ranges": [[{"subnet": gateway.trunc().to_string(), "gateway": gateway.addr().to_string()}]],
+                "ranges": ranges,
             },
         }],
     });
@@ -111,16 +133,16 @@ pub fn own_node(config: &Config, api: Option<Node>) -> Node {
         pod_cidrs: vec![],
     });
     if let Some(g) = &config.gateway {
-        let gateway = g.address.iter().map(|a| a.addr());
+        let gateway = g.address.iter().chain(&g.address6).map(|a| a.addr());
         for a in gateway.chain(g.node_addresses.iter().copied()) {
             if !node.addresses.contains(&a) {
                 node.addresses.push(a);
             }
         }
-        if let Some(net) = g.address.map(|a| a.trunc())
-            && !node.pod_cidrs.contains(&net)
-        {
-            node.pod_cidrs.push(net);
+        for net in g.address.iter().chain(&g.address6).map(|a| a.trunc()) {
+            if !node.pod_cidrs.contains(&net) {
+                node.pod_cidrs.push(net);
+            }
         }
     }
     node
