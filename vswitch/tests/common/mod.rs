@@ -420,7 +420,12 @@ pub fn udp(from: &Netns, to_ns: &Netns, to: &str, port: u16) -> bool {
     let rx = to_ns.run(move || UdpSocket::bind(addr).expect("bind in netns"));
     rx.set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
-    let tx = from.run(|| UdpSocket::bind("0.0.0.0:0").expect("bind"));
+    let any = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    let tx = from.run(move || UdpSocket::bind(any).expect("bind"));
     // ARP may take the first datagram's turn; send a few.
     for _ in 0..3 {
         tx.send_to(b"datagram", addr).unwrap();
@@ -443,7 +448,8 @@ pub fn probe(ns: &str, to: IpAddr, port: u16, udp: bool) -> JoinHandle<bool> {
         if !udp {
             return TcpStream::connect_timeout(&addr, Duration::from_millis(600)).is_ok();
         }
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let s = UdpSocket::bind(any).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
         for _ in 0..2 {
@@ -507,6 +513,20 @@ pub fn place_in(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
         &control::Mac(mac).to_string(),
     ]);
     ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev]);
+    ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+}
+
+/// Like [`place_in`] for an IPv6 address: the link-local address the switch
+/// expects (from the MAC) and the address, without duplicate address
+/// detection, as vswitch-cni configures a pod.
+pub fn place_in6(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
+    ip(&["link", "set", dev, "netns", &ns.0]);
+    let mac_text = control::Mac(mac).to_string();
+    ip(&["-n", &ns.0, "link", "set", dev, "address", &mac_text]);
+    ip(&["-n", &ns.0, "link", "set", dev, "addrgenmode", "none"]);
+    let ll = format!("{}/64", policy::pipeline::link_local(mac));
+    ip(&["-n", &ns.0, "addr", "add", &ll, "dev", dev, "nodad"]);
+    ip(&["-n", &ns.0, "addr", "add", cidr, "dev", dev, "nodad"]);
     ip(&["-n", &ns.0, "link", "set", dev, "up"]);
 }
 
