@@ -17,8 +17,8 @@
 #            (b admits ingress only from pods labelled role=client; a is one)
 # Measurements: TCP throughput 1 and 4 streams (iperf3), UDP 64-byte packet rate
 # (iperf3, received), ping RTT p50/p99 (1000 pings, 2 ms apart), sequential TCP
-# connections per second (vswitch/examples/crr.rs). Ratios are vswitch over each
-# baseline. Everything it creates is removed on exit, also when interrupted.
+# connections per second (vswitch/examples/crr.rs); over IPv6 too (every pod is
+# dual-stack): TCP 1 stream and RTT p50. Ratios are vswitch over each baseline. Everything it creates is removed on exit, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -41,7 +41,7 @@ daemon_pid=""
 namespaces=()
 
 cni() { # cni COMMAND POD
-    printf '{"cniVersion":"1.0.0","name":"bench","type":"vswitch-cni","socket":"%s","ipam":{"type":"host-local","ranges":[[{"subnet":"10.92.0.0/24"}]],"dataDir":"%s"}}' \
+    printf '{"cniVersion":"1.0.0","name":"bench","type":"vswitch-cni","socket":"%s","ipam":{"type":"host-local","ranges":[[{"subnet":"10.92.0.0/24"}],[{"subnet":"fd00:92::/64"}]],"dataDir":"%s"}}' \
         "$work/vswitchd.sock" "$work/ipam" |
         CNI_COMMAND=$1 CNI_CONTAINERID="$tag-$2" CNI_NETNS="/var/run/netns/$tag-v$2" CNI_IFNAME=eth0 \
             CNI_ARGS="K8S_POD_NAMESPACE=bench;K8S_POD_NAME=$2" CNI_PATH=/usr/lib/cni:/opt/cni/bin "$bin/vswitch-cni"
@@ -77,7 +77,8 @@ newns() { # newns NAME
     ip -n "$1" link set lo up
 }
 
-declare -A server # switch -> IP of pod b
+declare -A server  # switch -> IPv4 address of pod b
+declare -A server6 # switch -> IPv6 address of pod b
 
 # Linux bridge with veth pairs.
 setup_bridge() {
@@ -89,10 +90,12 @@ setup_bridge() {
         ip link add "$tag-l$p" type veth peer name eth0 netns "$tag-l$p"
         ip link set "$tag-l$p" master "$tag-br" up
         ip -n "$tag-l$p" addr add "10.93.0.$n/24" dev eth0
+        ip -n "$tag-l$p" addr add "fd00:93::$n/64" dev eth0 nodad
         ip -n "$tag-l$p" link set eth0 up
         n=$((n + 1))
     done
     server[bridge]=10.93.0.2
+    server6[bridge]=fd00:93::2
 }
 
 # Open vSwitch, userspace datapath, in its own run directory. TSO: $2 = true|false.
@@ -118,12 +121,14 @@ setup_ovs() { # setup_ovs NAME TSO SUBNET LETTER (LETTER: unique, for device nam
         newns "$ns"
         ip link set "$dev" netns "$ns"
         ip -n "$ns" addr add "$subnet.$n/24" dev "$dev"
+        ip -n "$ns" addr add "fd00:${subnet:3:2}::$n/64" dev "$dev" nodad
         ip -n "$ns" link set "$dev" up
         n=$((n + 1))
     done
     ip link set "$br" up
     unset OVS_RUNDIR OVS_DBDIR OVS_LOGDIR
     server[$name]="$subnet.2"
+    server6[$name]="fd00:${subnet:3:2}::2"
 }
 
 # vswitchd and two pods through vswitch-cni, with a NetworkPolicy in force.
@@ -160,9 +165,12 @@ EOF
     for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
     for p in a b; do
         newns "$tag-v$p"
-        local ip
-        ip=$(cni ADD "$p" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
-        [ "$p" = b ] && server[vswitch]=$ip
+        local result
+        result=$(cni ADD "$p")
+        if [ "$p" = b ]; then
+            server[vswitch]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
+            server6[vswitch]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9a-f:]*:[0-9a-f:]*\)\/.*/\1/p')
+        fi
     done
     return 0
 }
@@ -176,12 +184,12 @@ nsof() { # nsof SWITCH POD
     esac
 }
 
-iperf() { # iperf SWITCH ARGS... -> one number
-    local s=$1
-    shift
+iperf() { # iperf SWITCH ADDRESS ARGS... -> one number
+    local s=$1 addr=$2
+    shift 2
     ip netns exec "$(nsof "$s" b)" iperf3 -s -p 5201 -1 -D >/dev/null 2>&1
     sleep 0.3
-    ip netns exec "$(nsof "$s" a)" iperf3 -c "${server[$s]}" -p 5201 -t "$secs" -J "$@" 2>/dev/null |
+    ip netns exec "$(nsof "$s" a)" iperf3 -c "$addr" -p 5201 -t "$secs" -J "$@" 2>/dev/null |
         python3 -c 'import json,sys
 d=json.load(sys.stdin)["end"]
 s=d.get("sum", {})
@@ -191,10 +199,11 @@ else:  # TCP: received throughput, Gbit/s
     print(round(d["sum_received"]["bits_per_second"]/1e9,2))'
 }
 
-rtt() { # rtt SWITCH p50|p99 -> microseconds (cached per switch)
-    local f="$work/rtt-$1"
+rtt() { # rtt SWITCH p50|p99 [6] -> microseconds (cached per switch and family)
+    local f="$work/rtt-$1${3:-}" addr=${server[$1]}
+    [ "${3:-}" = 6 ] && addr=${server6[$1]}
     if [ ! -f "$f" ]; then
-        ip netns exec "$(nsof "$1" a)" ping -c 1000 -i 0.002 -W 1 "${server[$1]}" |
+        ip netns exec "$(nsof "$1" a)" ping -c 1000 -i 0.002 -W 1 "$addr" |
             sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' >"$f"
     fi
     python3 -c 'import sys
@@ -218,7 +227,7 @@ try: a,b=float(sys.argv[1]),float(sys.argv[2]); print(round(a/b,2) if b else '-'
 except ValueError: print('-')" "$1" "$2"; }
 
 declare -A v # "switch measurement" -> value
-measures=(tcp1 tcp4 udp64 rtt50 rtt99 crr)
+measures=(tcp1 tcp4 udp64 rtt50 rtt99 crr tcp1v6 rtt50v6)
 measure_all() { # measure_all SWITCH
     local s=$1
     # Warm up ARP and the switch's caches.
@@ -226,11 +235,17 @@ measure_all() { # measure_all SWITCH
         echo "no connectivity through $s" >&2
         exit 1
     }
+    ip netns exec "$(nsof "$s" a)" ping -c 2 -i 0.2 -W 1 "${server6[$s]}" >/dev/null || {
+        echo "no IPv6 connectivity through $s" >&2
+        exit 1
+    }
     echo "measuring $s..." >&2
     local m=" ${MEASURES:-${measures[*]}} "
-    [[ $m == *" tcp1 "* ]] && v[$s tcp1]=$(iperf "$s")
-    [[ $m == *" tcp4 "* ]] && v[$s tcp4]=$(iperf "$s" -P 4)
-    [[ $m == *" udp64 "* ]] && v[$s udp64]=$(iperf "$s" -u -l 64 -b 0)
+    [[ $m == *" tcp1 "* ]] && v[$s tcp1]=$(iperf "$s" "${server[$s]}")
+    [[ $m == *" tcp4 "* ]] && v[$s tcp4]=$(iperf "$s" "${server[$s]}" -P 4)
+    [[ $m == *" udp64 "* ]] && v[$s udp64]=$(iperf "$s" "${server[$s]}" -u -l 64 -b 0)
+    [[ $m == *" tcp1v6 "* ]] && v[$s tcp1v6]=$(iperf "$s" "${server6[$s]}")
+    [[ $m == *" rtt50v6 "* ]] && v[$s rtt50v6]=$(rtt "$s" p50 6)
     [[ $m == *" rtt50 "* ]] && v[$s rtt50]=$(rtt "$s" p50)
     [[ $m == *" rtt99 "* ]] && v[$s rtt99]=$(rtt "$s" p99)
     [[ $m == *" crr "* ]] && v[$s crr]=$(crr_rate "$s")
@@ -259,7 +274,7 @@ if want vswitch; then
     measure_all vswitch
 fi
 
-names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s")
+names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s" "IPv6 TCP 1 stream (Gbit/s)" "IPv6 ping RTT p50 (us)")
 printf '\n%-26s %10s %10s %10s %10s  %9s %9s\n' "measurement" "bridge" "ovs" "ovs+tso" "vswitch" "vs/ovstso" "vs/bridge"
 for i in "${!measures[@]}"; do
     m=${measures[$i]}

@@ -78,15 +78,29 @@ impl Daemon {
             // Pods attached here run on this node: own-node traffic is theirs.
             realiser.set_local_node(&config.node_name);
         }
-        if kubernetes && config.gateway.as_ref().is_some_and(|g| g.address.is_none()) {
-            // The gateway is the first address of this node's pod CIDR.
-            let cidr = crate::kubernetes::own_pod_cidr(&config)?;
-            let first = cidr
-                .hosts()
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("pod CIDR {cidr} has no host address"))?;
+        let unset = |g: &crate::config::GatewayConfig| g.address.is_none() || g.address6.is_none();
+        if kubernetes && config.gateway.as_ref().is_some_and(unset) {
+            // The gateway is the first address of each of this node's pod
+            // CIDRs (IPv4, IPv6 when dual-stack; IPv6 alone on an IPv6-only node).
+            let cidrs = crate::kubernetes::own_pod_cidrs(&config)?;
+            let first = |v6: bool| -> anyhow::Result<Option<ipnet::IpNet>> {
+                let Some(cidr) = cidrs.iter().find(|c| c.addr().is_ipv6() == v6) else {
+                    return Ok(None);
+                };
+                let host = cidr
+                    .hosts()
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("pod CIDR {cidr} has no host address"))?;
+                Ok(Some(ipnet::IpNet::new(host, cidr.prefix_len())?))
+            };
+            let (v4, v6) = (first(false)?, first(true)?);
             if let Some(g) = config.gateway.as_mut() {
-                g.address = Some(ipnet::IpNet::new(first, cidr.prefix_len())?);
+                if g.address.is_none() {
+                    g.address = v4.or(v6);
+                }
+                if g.address6.is_none() && g.address.is_some_and(|a| a.addr().is_ipv4()) {
+                    g.address6 = v6;
+                }
             }
         }
         if let Some(g) = &config.gateway {

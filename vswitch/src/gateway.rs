@@ -47,8 +47,12 @@ pub fn bring_up(
 ) -> anyhow::Result<()> {
     let tap = Tap::open_with(&g.name, false, offload)
         .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
-    run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
-    if let Some(a6) = &g.address6 {
+    if address.addr().is_ipv6() {
+        run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name, "nodad"])?;
+    } else {
+        run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
+    }
+    if let Some(a6) = g.address6.as_ref().filter(|a| Some(**a) != g.address) {
         if !a6.addr().is_ipv6() {
             anyhow::bail!("gateway.address6 {a6} is not an IPv6 address");
         }
@@ -68,9 +72,8 @@ pub fn bring_up(
         "0",
     );
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", g.name), "0");
-    let ips = std::iter::once(address.addr())
-        .chain(g.address6.map(|a| a.addr()))
-        .collect();
+    let mut ips = vec![address.addr()];
+    ips.extend(g.address6.map(|a| a.addr()).filter(|a| *a != address.addr()));
     realiser.set_gateway(Arc::new(TapPort(tap)), mac.0, ips)?;
     Ok(())
 }

@@ -504,11 +504,12 @@ async fn client(config: &Config) -> anyhow::Result<Client> {
     Client::try_from(kube_config).map_err(|e| anyhow::anyhow!("cannot build the API client: {e}"))
 }
 
-/// This node's pod CIDR (`spec.podCIDR` of its Node object), retried until the
-/// API server answers: until then nothing can be forwarded anyway.
+/// This node's pod CIDRs (`spec.podCIDRs` of its Node object, one per family
+/// when dual-stack; else `spec.podCIDR`), retried until the API server
+/// answers: until then nothing can be forwarded anyway.
 ///
-/// Fails when no client can be built or the Node has no pod CIDR.
-pub fn own_pod_cidr(config: &Config) -> anyhow::Result<ipnet::IpNet> {
+/// Fails when no client can be built, or the Node has no or a bad pod CIDR.
+pub fn own_pod_cidrs(config: &Config) -> anyhow::Result<Vec<ipnet::IpNet>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -519,13 +520,21 @@ pub fn own_pod_cidr(config: &Config) -> anyhow::Result<ipnet::IpNet> {
         loop {
             match nodes.get(&config.node_name).await {
                 Ok(node) => {
-                    let cidr = node
-                        .spec
-                        .and_then(|s| s.pod_cidr)
+                    // podCIDRs (dual-stack: one per family), else podCIDR.
+                    let spec = node.spec.unwrap_or_default();
+                    let cidrs: Vec<String> = spec
+                        .pod_cidrs
+                        .filter(|c| !c.is_empty())
+                        .or_else(|| spec.pod_cidr.map(|c| vec![c]))
                         .ok_or_else(|| anyhow::anyhow!("node {} has no spec.podCIDR", config.node_name))?;
-                    return cidr
-                        .parse()
-                        .map_err(|e| anyhow::anyhow!("node {}: bad podCIDR {cidr:?}: {e}", config.node_name));
+                    return cidrs
+                        .iter()
+                        .map(|cidr| {
+                            cidr.parse().map_err(|e| {
+                                anyhow::anyhow!("node {}: bad podCIDR {cidr:?}: {e}", config.node_name)
+                            })
+                        })
+                        .collect();
                 }
                 Err(e) => {
                     tracing::warn!(node = %config.node_name, error = %e, "cannot read this node's pod CIDR yet");
