@@ -361,7 +361,10 @@ fn gateway_and_cni_config_come_from_the_node_object() {
         return;
     }
     let api = ApiServer::start();
-    api.apply(Kind::Node, node("node-a", "192.168.8.1", "10.62.0.0/24"));
+    // Dual-stack: a pod CIDR per family.
+    let mut dual = node("node-a", "192.168.8.1", "10.62.0.0/24");
+    dual["spec"]["podCIDRs"] = json!(["10.62.0.0/24", "fd00:62::/64"]);
+    api.apply(Kind::Node, dual);
     let dir = std::env::temp_dir().join(format!("vswitch-k8s-gw-{}", std::process::id()));
     let conf = dir.join("net.d/10-vswitch.conflist");
     let node_a = start(
@@ -379,15 +382,18 @@ fn gateway_and_cni_config_come_from_the_node_object() {
     let range = &written["plugins"][0]["ipam"]["ranges"][0][0];
     assert_eq!(range["subnet"], "10.62.0.0/24", "{written}");
     assert_eq!(range["gateway"], "10.62.0.1", "{written}");
+    let range6 = &written["plugins"][0]["ipam"]["ranges"][1][0];
+    assert_eq!(range6["subnet"], "fd00:62::/64", "{written}");
+    assert_eq!(range6["gateway"], "fd00:62::1", "{written}");
     assert_eq!(written["plugins"][0]["type"], "vswitch-cni");
     let addr = Command::new("ip")
         .args(["-o", "addr", "show", "dev", &gw])
         .output()
         .unwrap();
+    let addrs = String::from_utf8_lossy(&addr.stdout);
     assert!(
-        String::from_utf8_lossy(&addr.stdout).contains("10.62.0.1/24"),
-        "gateway address from the podCIDR: {}",
-        String::from_utf8_lossy(&addr.stdout)
+        addrs.contains("10.62.0.1/24") && addrs.contains("fd00:62::1/64"),
+        "gateway addresses from the podCIDRs: {addrs}"
     );
 
     // A pod as kubelet starts it: the runtime runs the plugin of the written
