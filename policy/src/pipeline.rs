@@ -252,7 +252,8 @@ pub const REMOTE_ROUTER_MAC: [u8; 6] = [0x0a, 0x58, 0xff, 0xff, 0xff, 0xfe];
 pub fn remote_next_hop(net: &ipnet::IpNet) -> Option<IpAddr> {
     match net {
         ipnet::IpNet::V4(n) => n.hosts().next().map(IpAddr::V4),
-        ipnet::IpNet::V6(_) => None,
+        // IPv6: after the subnet-router anycast address.
+        ipnet::IpNet::V6(n) => n.hosts().nth(1).map(IpAddr::V6),
     }
 }
 
@@ -532,35 +533,30 @@ fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
         .iter()
         .map(|p| (p.mac, &p.ips))
         .chain(topo.gateway.iter().map(|g| (g.mac, &g.ips)));
-    let solicitation = Match::any()
-        .with(Field::DlType, ether_type::IPV6.into())
-        .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
-        .with(Field::TpSrc, 135);
-    let mut advertise = |target: IpAddr, mac: [u8; 6], router: bool| {
+    // Neighbour solicitations for `target`, answered from `mac`.
+    let advertise = |target: IpAddr, mac: [u8; 6], router: bool| {
         let (_, addr) = ip_of(&target);
-        out.push(
-            flow(
-                ARP_RESPONDER,
-                100,
-                solicitation.with(Field::NwDst, addr),
-                Purpose::NdReply,
-            )
+        let solicitation = Match::any()
+            .with(Field::DlType, ether_type::IPV6.into())
+            .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
+            .with(Field::TpSrc, 135)
+            .with(Field::NwDst, addr);
+        flow(ARP_RESPONDER, 100, solicitation, Purpose::NdReply)
             .action(Action::NdAdvert { mac, router })
-            .action(Action::Output(PortNo::IN_PORT)),
-        );
+            .action(Action::Output(PortNo::IN_PORT))
     };
     for p in &topo.pods {
         for ip in p.ips.iter().filter(|ip| ip.is_ipv6()) {
-            advertise(*ip, p.mac, false);
+            out.push(advertise(*ip, p.mac, false));
         }
-        advertise(link_local(p.mac), p.mac, false);
+        out.push(advertise(link_local(p.mac), p.mac, false));
     }
     if let Some(g) = &topo.gateway {
         for ip in g.ips.iter().filter(|ip| ip.is_ipv6()) {
-            advertise(*ip, g.mac, true);
+            out.push(advertise(*ip, g.mac, true));
         }
-        advertise(link_local(g.mac), g.mac, true);
-        advertise(IpAddr::V6(VIRTUAL_ROUTER), g.mac, true);
+        out.push(advertise(link_local(g.mac), g.mac, true));
+        out.push(advertise(IpAddr::V6(VIRTUAL_ROUTER), g.mac, true));
     }
     for (mac, ips) in known {
         for ip in ips.iter().filter(|ip| ip.is_ipv4()) {
@@ -581,6 +577,10 @@ fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // here with one router MAC.
     for t in &topo.tunnels {
         for hop in t.pod_cidrs.iter().filter_map(remote_next_hop) {
+            if hop.is_ipv6() {
+                out.push(advertise(hop, REMOTE_ROUTER_MAC, true));
+                continue;
+            }
             let (_, addr) = ip_of(&hop);
             let m = Match::any()
                 .with(Field::DlType, ether_type::ARP.into())

@@ -48,7 +48,14 @@ pub fn bring_up(
     let tap = Tap::open_with(&g.name, false, offload)
         .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
     if address.addr().is_ipv6() {
-        run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name, "nodad"])?;
+        run_ip(&[
+            "addr",
+            "replace",
+            &address.to_string(),
+            "dev",
+            &g.name,
+            "nodad",
+        ])?;
     } else {
         run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
     }
@@ -73,7 +80,11 @@ pub fn bring_up(
     );
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", g.name), "0");
     let mut ips = vec![address.addr()];
-    ips.extend(g.address6.map(|a| a.addr()).filter(|a| *a != address.addr()));
+    ips.extend(
+        g.address6
+            .map(|a| a.addr())
+            .filter(|a| *a != address.addr()),
+    );
     realiser.set_gateway(Arc::new(TapPort(tap)), mac.0, ips)?;
     Ok(())
 }
@@ -173,8 +184,9 @@ pub fn sync_routes_forever(realiser: Arc<Realiser>, config: Config) {
             })
             .collect();
         for net in wanted.difference(&installed) {
-            // Through the CIDR's first address, which the switch answers ARP
-            // for (IPv6 CIDRs: directly on the gateway).
+            // Through the CIDR's first address (IPv6: the one after the
+            // subnet-router anycast address), which the switch answers ARP or
+            // neighbour solicitations for with its router MAC.
             let hop = policy::pipeline::remote_next_hop(net).map(|h| h.to_string());
             let net = net.to_string();
             let mut args = vec!["route", "replace", &net];

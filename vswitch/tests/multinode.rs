@@ -161,7 +161,7 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         &config,
         format!(
             "socket = {socket:?}\nstate_dir = {:?}\nmanifests = {manifests:?}\nnode_name = {name:?}\n\
-             service_cidrs = [\"10.96.0.0/12\"]\n\
+             service_cidrs = [\"10.96.0.0/12\", \"fd00:96::/112\"]\n\
              [gateway]\nname = \"{tag}g{letter}\"\naddress = \"{gw}/24\"\n{address6}\
              [tunnel]\nlocal_address = {underlay:?}\n",
             dir.join("state")
@@ -557,6 +557,35 @@ fn dual_stack_pods_on_two_nodes_over_an_ipv6_underlay() {
     let got = received.join().unwrap();
     assert_eq!(got.len(), data.len(), "every byte across the tunnel");
     assert!(got == data, "bytes intact");
+    // A node reaches the other node's IPv6 pods (its route via the remote
+    // CIDR's router address, answered by the switch): node-b -> client,
+    // which no policy isolates.
+    common::serve_tcp(client, "fd00:62::10", 9000);
+    common::eventually("node-b -> client over IPv6", || {
+        b.ns.run(|| {
+            TcpStream::connect_timeout(
+                &"[fd00:62::10]:9000".parse().unwrap(),
+                Duration::from_millis(800),
+            )
+            .is_ok()
+        })
+    });
+    // ...and an IPv6 Service through kube-proxy (DNAT in node-a's kernel):
+    // policy decided on the translated packet on the backend's node.
+    let st = Command::new("ip")
+        .args(["netns", "exec", &a.ns.0, "sh", "-c",
+            "sysctl -qw net.ipv6.conf.all.forwarding=1 && \
+             ip6tables -t nat -A PREROUTING -d fd00:96::10 -p tcp --dport 80 -j DNAT --to-destination [fd00:62:1::10]:8080"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip6tables DNAT");
+    common::eventually("client -> IPv6 Service -> server on the other node", || {
+        common::tcp(client, "fd00:96::10", 80)
+    });
+    assert!(
+        !common::tcp(stranger, "fd00:96::10", 80),
+        "the backend's ingress policy holds through the IPv6 Service"
+    );
     drop(a);
     drop(b);
     let _ = std::fs::remove_dir_all(&root);
