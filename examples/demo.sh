@@ -73,7 +73,7 @@ netconf() {
     cat <<EOF
 {"cniVersion": "1.0.0", "name": "vswitch-demo", "type": "vswitch-cni",
  "socket": "$work/vswitchd.sock",
- "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.9.0/24"}]], "dataDir": "$work/ipam"}}
+ "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.9.0/24"}], [{"subnet": "fd00:244:9::/64"}]], "dataDir": "$work/ipam"}}
 EOF
 }
 
@@ -135,8 +135,8 @@ bold "Starting vswitchd (standalone, manifests in $work/manifests)"
 daemon_pid=$!
 for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
 
-bold "Seven pods through vswitch-cni (CNI ADD, IPAM by host-local)"
-declare -A ip
+bold "Seven dual-stack pods through vswitch-cni (CNI ADD, IPAM by host-local: IPv4 and IPv6)"
+declare -A ip ip6
 for p in "${pods[@]}"; do
     ip netns add "$(nsof "$p")"
     if ! result=$(cni ADD "$p"); then
@@ -144,12 +144,13 @@ for p in "${pods[@]}"; do
         exit 1
     fi
     ip[$p]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
-    printf '%-18s eth0 %s\n' "$p" "${ip[$p]}"
+    ip6[$p]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9a-f:]*:[0-9a-f:]*\)\/.*/\1/p')
+    printf '%-18s eth0 %-13s %s\n' "$p" "${ip[$p]}" "${ip6[$p]}"
 done
 
 # Servers in db: redis-like on 6379, web on 80; a server in frontend on 80.
 serve() { # serve POD PORT
-    ip netns exec "$(nsof "$1")" socat "TCP-LISTEN:$2,fork,reuseaddr" SYSTEM:'echo hello' </dev/null >/dev/null 2>&1 &
+    ip netns exec "$(nsof "$1")" socat "TCP6-LISTEN:$2,fork,reuseaddr,ipv6only=0" SYSTEM:'echo hello' </dev/null >/dev/null 2>&1 &
     servers+=($!)
 }
 serve default/db 6379
@@ -161,9 +162,12 @@ surprises=0
 tries=0
 try() { # try EXPECTED FROM TO PORT WHY; EXPECTED: connected, dropped or reset
     local want=$1 from=$2 to=$3 port=$4 why=$5 out start took got
+    # With FAMILY=6, over IPv6 (the pods' IPv6 addresses).
+    local target="TCP:${ip[$to]}:$port"
+    [ "${FAMILY:-4}" = 6 ] && target="TCP6:[${ip6[$to]}]:$port"
     start=$(date +%s%N)
     tries=$((tries + 1))
-    if out=$(ip netns exec "$(nsof "$from")" socat -T2 - "TCP:${ip[$to]}:$port,connect-timeout=2" </dev/null 2>/dev/null) && [ -n "$out" ]; then
+    if out=$(ip netns exec "$(nsof "$from")" socat -T2 - "$target,connect-timeout=2" </dev/null 2>/dev/null) && [ -n "$out" ]; then
         got=connected
         printf '  \033[32mconnected\033[0m   %-17s -> %-17s tcp/%-5s %s\n' "$from" "$to" "$port" "$why"
     else
@@ -188,6 +192,9 @@ try dropped other/client default/db 6379 "(namespace other is not project=myproj
 try dropped default/frontend default/db 80 "(only TCP 6379 is allowed in: denied)"
 try dropped default/db default/frontend 80 "(db egress only to 10.0.0.0/24:5978: denied)"
 try reset default/frontend other/client 80 "(no listener; the switch lets it through, the pod refuses)"
+echo "The same policy over IPv6 (neighbour discovery answered by the switch):"
+FAMILY=6 try connected default/frontend default/db 6379 "(IPv6: role=frontend in default: allowed)"
+FAMILY=6 try dropped other/client default/db 6379 "(IPv6: namespace other is not project=myproject: denied)"
 
 flowctl="$bin/flowctl --socket $work/vswitchd.sock"
 bold "The live policy flows, with counters"

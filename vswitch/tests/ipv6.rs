@@ -21,10 +21,12 @@ use common::{
 };
 
 const PODS: [&str; 4] = ["net6/web", "net6/db", "net6/client", "net6/other"];
+/// A pod with an IPv6 address only.
+const SOLO: &str = "net6/solo";
 
 fn cluster(subnet6: &str) -> String {
     let mut m = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: net6}\n---\n");
-    for p in PODS {
+    for p in PODS.iter().chain(&[SOLO]) {
         let name = p.split_once('/').unwrap().1;
         m += &format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: net6, labels: {{app: {name}}}}}\n\
@@ -145,6 +147,32 @@ fn dual_stack_pods_talk_over_ipv6_under_policy_and_cannot_spoof() {
             .zip(&spaces)
             .map(|(p, ns)| (ns, p.to_string()))
             .collect(),
+    };
+    // An IPv6-only pod: IPAM with the IPv6 range alone.
+    let solo_cni = Cni {
+        netconf: serde_json::json!({
+            "cniVersion": "1.0.0", "name": "vswitch", "type": "vswitch-cni", "socket": socket,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet6}]], "dataDir": dir.join("ipam")},
+        })
+        .to_string(),
+    };
+    let solo = Netns::new(format!("{tag}s"));
+    let (ok, result) = solo_cni.call("ADD", &solo, SOLO);
+    assert!(ok, "CNI ADD {SOLO}: {result}");
+    let solo_ips = result["ips"].as_array().unwrap();
+    assert_eq!(solo_ips.len(), 1, "IPv6 only: {result}");
+    let solo6: IpAddr = solo_ips[0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(solo6.is_ipv6());
+    let _solo_attached = Attached {
+        cni: &solo_cni,
+        pods: vec![(&solo, SOLO.to_string())],
     };
     let (web, db, client, other) = (&spaces[0], &spaces[1], &spaces[2], &spaces[3]);
     let (web6, db6, client6, other6) = (v6[0], v6[1], v6[2], v6[3]);
