@@ -114,22 +114,9 @@ fn dual_stack_pods_talk_over_ipv6_under_policy_and_cannot_spoof() {
     for (pod, ns) in PODS.iter().zip(&spaces) {
         let (ok, result) = cni.call("ADD", ns, pod);
         assert!(ok, "CNI ADD {pod}: {result}");
-        let ips: Vec<String> = result["ips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["address"].as_str().unwrap().to_string())
-            .collect();
+        let ips = addresses(&result);
         assert_eq!(ips.len(), 2, "dual-stack: {result}");
-        let a6: IpAddr = ips
-            .iter()
-            .find(|a| a.contains(':'))
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let a6 = *ips.iter().find(|a| a.is_ipv6()).unwrap();
         assert!(
             result["routes"]
                 .as_array()
@@ -159,16 +146,9 @@ fn dual_stack_pods_talk_over_ipv6_under_policy_and_cannot_spoof() {
     let solo = Netns::new(format!("{tag}s"));
     let (ok, result) = solo_cni.call("ADD", &solo, SOLO);
     assert!(ok, "CNI ADD {SOLO}: {result}");
-    let solo_ips = result["ips"].as_array().unwrap();
+    let solo_ips = addresses(&result);
     assert_eq!(solo_ips.len(), 1, "IPv6 only: {result}");
-    let solo6: IpAddr = solo_ips[0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let solo6 = solo_ips[0];
     assert!(solo6.is_ipv6());
     let _solo_attached = Attached {
         cni: &solo_cni,
@@ -342,6 +322,19 @@ fn dual_stack_pods_talk_over_ipv6_under_policy_and_cannot_spoof() {
         !a.contains("tentative") && tcp(client, &web6.to_string(), 80)
     });
     drop(daemon);
+}
+
+/// The addresses of a CNI result.
+fn addresses(result: &serde_json::Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let cidr = i["address"].as_str().unwrap();
+            cidr.split('/').next().unwrap().parse().unwrap()
+        })
+        .collect()
 }
 
 fn octets(ip: IpAddr) -> [u8; 16] {
