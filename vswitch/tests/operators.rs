@@ -331,7 +331,8 @@ fn the_web_view_shows_pods_live_connections_and_traces_in_a_browser() {
         .wait_for(
             "const p = [...document.querySelectorAll('#graph [data-namespace=\"shop\"]')].length > 0 \
                && [...document.querySelectorAll('#graph [data-pod]')].map(e => e.dataset.pod).sort(); \
-             return p && p.length === 3 ? p : null;",
+             const listed = ['shop/web', 'shop/db', 'shop/batch'].every(k => document.querySelector('#pods').textContent.includes(k)); \
+             return p && p.length === 3 && listed ? p : null;",
             json!([]),
             Duration::from_secs(10),
         )
@@ -405,7 +406,7 @@ fn the_web_view_shows_pods_live_connections_and_traces_in_a_browser() {
         .wait_for(
             "const c = s => document.querySelector(`#matrix td[data-from=\"${s[0]}\"][data-to=\"${s[1]}\"]`); \
              const a = c(['shop/batch', 'shop/db']), b = c(['shop/web', 'shop/db']); \
-             return a && b && document.querySelector('#matrix').textContent.includes('✓') \
+             return a && b && document.querySelector('#matrix').dataset.port === '5432' \
                 ? [a.dataset.verdict, b.dataset.verdict, b.classList.contains('would')] : null;",
             json!([]),
             Duration::from_secs(5),

@@ -164,6 +164,19 @@ function drawGraph(summary) {
   }
 }
 
+function drawPods(summary) {
+  const body = document.querySelector("#pods tbody");
+  const rows = [];
+  for (const ns of summary.namespaces) {
+    ns.pods.forEach((p, i) => rows.push(el("tr", { "data-pod": p.key },
+      el("td", {}, i === 0 ? ns.name : ""),
+      el("td", {}, p.key),
+      el("td", {}, p.ips.join(", ")),
+      el("td", { class: "dim" }, Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(" ")))));
+  }
+  body.replaceChildren(...rows);
+}
+
 function drawRules(summary) {
   const body = document.querySelector("#rules tbody");
   body.replaceChildren(...summary.rules.map(r => el("tr", { "data-rule": r.rule },
@@ -178,6 +191,7 @@ async function refreshSummary() {
     setStatus(s.ready, `${s.ready ? "ready" : "not ready"} · generation ${s.generation}`);
     document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     drawGraph(s);
+    drawPods(s);
     drawRules(s);
   } catch (e) {
     setStatus(false, `unreachable: ${e.message}`);
@@ -203,6 +217,8 @@ async function refreshMatrix() {
       return el("td", { class: cls, title, "data-from": from, "data-to": to, "data-verdict": c.verdict }, c.verdict === "allow" ? "✓" : "✗");
     })));
     table.replaceChildren(head, ...rows);
+    table.dataset.protocol = m.protocol;
+    table.dataset.port = m.port;
     if (m.omitted > 0) table.append(el("caption", {}, `${m.omitted} more pods not shown`));
   } catch (e) {
     table.replaceChildren(el("caption", {}, `cannot compute: ${e.message}`));
