@@ -927,6 +927,67 @@ mod tests {
         assert_eq!(ct.len(), 0, "y's old address's connection is forgotten");
     }
 
+    /// Staged policies: traced beside the live tables, following ports that
+    /// come after them, gone with the last staged policy, back when one is
+    /// staged again; never enforced.
+    #[test]
+    fn staged_policies_are_traced_beside_the_live_tables() {
+        let r = Realiser::new(DatapathConfig::default());
+        let pod = |name: &str, last: u8| {
+            Change::Pod(Pod {
+                key: ObjectKey::new("t", name),
+                labels: [("app".to_string(), name.to_string())].into(),
+                ips: vec![IpAddr::from([10, 0, 0, last])],
+                node: None,
+                ports: vec![],
+            })
+        };
+        r.apply_all([pod("a", 1), pod("b", 2), pod("c", 3)])
+            .unwrap();
+        attach(&r, "a", 1);
+        attach(&r, "b", 2);
+        let policy = |mode: &str| {
+            let mut m = policy::manifest::Manifests::default();
+            let yaml = format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{name: b-closed, namespace: t, annotations: {{vswitch.io/mode: {mode}}}}}\n\
+                 spec: {{podSelector: {{matchLabels: {{app: b}}}}, policyTypes: [Ingress]}}\n"
+            );
+            policy::manifest::load_str(&mut m, std::path::Path::new("p.yaml"), &yaml);
+            assert!(m.errors.is_empty(), "{:?}", m.errors);
+            Change::Policy(m.policies.remove(0))
+        };
+        let to_b = |from: &str| {
+            let v = r
+                .trace(
+                    &Endpoint::Pod(ObjectKey::new("t", from)),
+                    &Endpoint::Pod(ObjectKey::new("t", "b")),
+                    L4::Tcp(80),
+                )
+                .unwrap();
+            (v.verdict, v.staged.map(|s| s.verdict))
+        };
+        assert_eq!(to_b("a"), ("allow".into(), None), "nothing staged");
+        r.apply(policy("audit")).unwrap();
+        assert_eq!(to_b("a"), ("allow".into(), Some("would deny".into())));
+        // A port attached after the policy was staged is in the staged tables.
+        attach(&r, "c", 3);
+        assert_eq!(to_b("c"), ("allow".into(), Some("would deny".into())));
+        // Enforced: denied, nothing staged any more.
+        r.apply(policy("enforce")).unwrap();
+        assert_eq!(to_b("a"), ("deny".into(), None));
+        assert!(r.state().shadow.is_none(), "the staged tables are gone");
+        // Staged again: not enforced, reported.
+        r.apply(policy("audit")).unwrap();
+        assert_eq!(to_b("c"), ("allow".into(), Some("would deny".into())));
+        r.detach(&ObjectKey::new("t", "a")).unwrap();
+        assert_eq!(to_b("c"), ("allow".into(), Some("would deny".into())));
+        r.apply(Change::PolicyDeleted(ObjectKey::new("t", "b-closed")))
+            .unwrap();
+        assert_eq!(to_b("c"), ("allow".into(), None));
+        assert!(r.state().shadow.is_none());
+    }
+
     #[test]
     fn a_full_resync_keeps_manual_flows() {
         let r = Realiser::new(DatapathConfig::default());
