@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use control::spec::Spec;
 
-pub(crate) use control::text::{BOLD, DIM, GREEN, RED, RESET, paint, trace as trace_text};
+pub(crate) use control::text::{BOLD, DIM, GREEN, RED, RESET, YELLOW, paint, trace as trace_text};
 
 pub fn dump_flows(o: &Offline, table: Option<u8>, rule: Option<&str>, json: bool) -> String {
     let mut flows: Vec<_> = o.tables.iter().map(|(_, f)| f.entry.clone()).collect();
@@ -73,14 +73,18 @@ pub fn reachability(o: &Offline, l4: L4, json: bool, color: bool) -> String {
         let list: Vec<Value> = cells
             .iter()
             .map(|c| {
-                json!({
+                let mut v = json!({
                     "from": c.from.to_string(),
                     "to": c.to.to_string(),
                     "protocol": l4.protocol_name(),
                     "port": port,
                     "verdict": if c.verdict.allowed { "allow" } else { "deny" },
                     "rule": c.verdict.rule,
-                })
+                });
+                if let Some(s) = staged(c) {
+                    v["staged"] = json!(s);
+                }
+                v
             })
             .collect();
         return format!(
@@ -116,8 +120,12 @@ pub fn reachability(o: &Offline, l4: L4, json: bool, color: bool) -> String {
                     .iter()
                     .find(|c| c.from.to_string() == *from && c.to.to_string() == *to)
                 {
-                    Some(c) if c.verdict.allowed => paint(color, GREEN, "✓"),
-                    Some(_) => paint(color, RED, "✗"),
+                    Some(c) => match (c.verdict.allowed, staged(c).is_some()) {
+                        (true, false) => paint(color, GREEN, "✓"),
+                        (false, false) => paint(color, RED, "✗"),
+                        (true, true) => paint(color, YELLOW, "!"),
+                        (false, true) => paint(color, YELLOW, "+"),
+                    },
                     None => "?".into(),
                 }
             };
@@ -135,5 +143,20 @@ pub fn reachability(o: &Offline, l4: L4, json: bool, color: bool) -> String {
         "rows: from, columns: to; {} allowed, {denied} denied",
         cells.len() - denied
     );
+    let changed = cells.iter().filter(|c| staged(c).is_some()).count();
+    if changed > 0 {
+        let _ = writeln!(
+            out,
+            "staged policies (vswitch.io/mode: audit) would change {changed}: ! allowed now, would be denied; + denied now, would be allowed"
+        );
+    }
     out
+}
+
+/// What staged policies would change about a cell, when something.
+fn staged(c: &policy::offline::Reach) -> Option<policy::explain::StagedView> {
+    c.staged
+        .as_ref()
+        .and_then(|s| policy::explain::StagedView::of(&c.verdict, s))
+        .filter(|s| (s.verdict == "would deny") == c.verdict.allowed)
 }

@@ -243,3 +243,60 @@ fn diff_lists_what_a_change_opens_and_closes() {
         "removing deny policies only opens: {changes}"
     );
 }
+
+/// The shipped staged example beside the example policy: offline, the trace,
+/// the matrix and dump-policies say what it would change, and enforce
+/// nothing.
+#[test]
+fn staged_policies_offline() {
+    let dir = std::env::temp_dir().join(format!("flowctl-staged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["cluster.yaml", "test-network-policy.yaml"] {
+        std::fs::copy(examples().join(f), dir.join(f)).unwrap();
+    }
+    let staged = examples().join("../staged/frontend-egress.yaml");
+    std::fs::copy(&staged, dir.join("frontend-egress.yaml")).unwrap();
+    let d = dir.to_str().unwrap();
+    let trace = json(&[
+        "--manifests",
+        d,
+        "-o",
+        "json",
+        "trace",
+        "tcp,src=default/frontend,dst=default/backend,tp_dst=80",
+    ]);
+    assert_eq!(trace["verdict"], "allow", "not enforced: {trace}");
+    assert_eq!(trace["staged"]["verdict"], "would deny", "{trace}");
+    let matrix = json(&[
+        "--manifests",
+        d,
+        "-o",
+        "json",
+        "reachability",
+        "--port",
+        "80",
+    ]);
+    let cell = matrix
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["from"] == "default/frontend" && c["to"] == "default/backend")
+        .unwrap();
+    assert_eq!(cell["verdict"], "allow");
+    assert_eq!(cell["staged"]["verdict"], "would deny", "{cell}");
+    let text = flowctl(&["--manifests", d, "reachability", "--port", "80"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("staged policies (vswitch.io/mode: audit) would change"),
+        "{text}"
+    );
+    let policies = json(&["--manifests", d, "-o", "json", "dump-policies"]);
+    let staged = policies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "default/frontend-egress")
+        .unwrap();
+    assert_eq!(staged["mode"], "audit");
+    let _ = std::fs::remove_dir_all(&dir);
+}

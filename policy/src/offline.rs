@@ -24,6 +24,8 @@ pub struct Reach {
     pub from: ObjectKey,
     pub to: ObjectKey,
     pub verdict: Verdict,
+    /// With staged policies enforced (`None`: nothing is staged).
+    pub staged: Option<Verdict>,
 }
 
 /// A compiled cluster, ready to trace.
@@ -104,6 +106,7 @@ impl Offline {
                         from: from.clone(),
                         to: to.clone(),
                         verdict: t.verdict,
+                        staged: t.staged,
                     });
                 }
             }
