@@ -133,3 +133,68 @@ fn frames_with_inconsistent_offload_headers_are_dropped() {
     );
     assert_eq!(b.take().len(), 1, "the consistent frame is delivered");
 }
+
+/// The remote node's source check covers IPv6: a frame from the tunnel with
+/// an IPv6 source inside that node's IPv6 pod CIDR is forwarded to the local
+/// pod; one from any other IPv6 source (a forged one) is dropped by
+/// spoofguard.
+#[test]
+fn a_remote_node_may_only_send_its_own_ipv6_pods_addresses() {
+    use datapath::FlowKey;
+    use datapath::field::ct_state;
+    use datapath::trace::{CtSource, Outcome, trace};
+    use vswitch::realiser::PortRole;
+    let (r, _f, _a, _b, _addr) = switch();
+    r.apply(Change::Node(Node {
+        name: "remote".into(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        pod_cidrs: vec![
+            "10.9.0.0/24".parse().unwrap(),
+            "fd00:9::/64".parse().unwrap(),
+        ],
+        ..Node::default()
+    }))
+    .unwrap();
+    let c = Arc::new(MemoryPort::new(true));
+    let c_ip: std::net::IpAddr = "fd00:1::3".parse().unwrap();
+    r.attach(
+        c.clone(),
+        ObjectKey::new("t", "c"),
+        [0x0a, 0x58, 0, 0, 0, 3],
+        vec![c_ip],
+    )
+    .unwrap();
+    let tunnel = r
+        .ports()
+        .into_iter()
+        .find(|p| matches!(p.role, PortRole::Tunnel { .. }))
+        .expect("a tunnel port to the remote node")
+        .no;
+    let c_port = r.port_of(&ObjectKey::new("t", "c")).unwrap().no;
+    let from = |src: &str| FlowKey {
+        in_port: tunnel,
+        dl_type: 0x86dd,
+        nw_proto: 17,
+        nw_src: datapath::key::ip_to_wide(src.parse().unwrap()),
+        nw_dst: datapath::key::ip_to_wide(c_ip),
+        tp_src: 4000,
+        tp_dst: 5000,
+        ..FlowKey::default()
+    };
+    let snap = r.datapath().snapshot();
+    let run = |src: &str| {
+        trace(
+            &snap.tables,
+            &from(src),
+            CtSource::Assume(ct_state::TRK | ct_state::NEW),
+        )
+    };
+    assert!(
+        matches!(run("fd00:9::7").outcome, Outcome::Output(ref ports) if ports == &[c_port]),
+        "the remote node's own IPv6 pod reaches the local pod"
+    );
+    let forged = run("fd00:1::99");
+    assert!(matches!(forged.outcome, Outcome::Drop { .. }), "{forged:?}");
+    let by = forged.deciding_flow().expect("dropped by a flow");
+    assert_eq!(by.table.0, policy::tables::SPOOFGUARD, "{by}");
+}
