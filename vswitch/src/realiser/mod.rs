@@ -15,21 +15,22 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use datapath::conntrack::Owner;
-use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, FlowKey, PortNo, Time};
+use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, PortNo, Time};
 use policy::compile::{Change, Compiler};
 use policy::cookie::{CookieKind, is_manual};
-use policy::explain::{TraceView, Traced, Verdict};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, assemble, base_flows};
-use policy::probe::{Endpoint, L4};
 use policy::status::{PolicyView, Rejections};
 
 use crate::forwarder::{Clock, PortSet, Published};
 use crate::port::{Port, PortCounters};
 use crate::tunnel::TunnelIo;
 
+mod observe;
 mod revalidate;
 mod state;
+
+pub use observe::Explained;
 
 use state::{Local, State};
 
@@ -96,16 +97,6 @@ pub struct PortInfo {
     pub no: PortNo,
     pub role: PortRole,
     pub counters: Arc<PortCounters>,
-}
-
-/// A new connection explained: see [`Realiser::explain_new`].
-#[derive(Debug, Clone)]
-pub struct Explained {
-    pub verdict: Verdict,
-    /// With staged policies enforced (`None`: nothing is staged).
-    pub staged: Option<Verdict>,
-    pub src_pod: Option<ObjectKey>,
-    pub dst_pod: Option<ObjectKey>,
 }
 
 /// The control plane of one switch.
@@ -565,88 +556,6 @@ impl Realiser {
         f(&self.state().compiler)
     }
 
-    /// Traces a new connection from `src` to `dst` against the live tables and
-    /// the live conntrack table (read only).
-    ///
-    /// Fails when an endpoint is unknown or the two share no address family.
-    pub fn trace(&self, src: &Endpoint, dst: &Endpoint, l4: L4) -> Result<TraceView, String> {
-        let st = self.state();
-        let key = policy::probe::packet(st.compiler.cluster(), &st.topology, src, dst, l4)?;
-        let snap = self.published.dp.snapshot();
-        let trace = datapath::trace::trace(
-            &snap.tables,
-            &key,
-            datapath::trace::CtSource::Live(&self.published.dp.conntrack, self.now()),
-        );
-        let verdict = policy::explain::explain(&st.compiler, &trace);
-        // Staged policies judge new connections only.
-        let new = trace
-            .ct_lookups
-            .first()
-            .is_none_or(|(_, state)| state & datapath::field::ct_state::NEW != 0);
-        let traced = Traced {
-            key,
-            trace,
-            verdict,
-            staged: st.shadow.as_ref().filter(|_| new).map(|s| s.verdict(&key)),
-        };
-        Ok(policy::explain::trace_view(
-            &st.compiler,
-            &st.topology,
-            src,
-            dst,
-            l4,
-            &traced,
-            false,
-        ))
-    }
-
-    /// Explains the first packet of a connection against the current tables
-    /// (conntrack assumed new): the verdict with the deciding rules, the
-    /// verdict with staged policies enforced (while some are), and the pods
-    /// at both ends when known.
-    pub fn explain_new(&self, key: &FlowKey) -> Explained {
-        use datapath::field::ct_state::{NEW, TRK};
-        let snap = self.published.dp.snapshot();
-        let trace = datapath::trace::trace(
-            &snap.tables,
-            key,
-            datapath::trace::CtSource::Assume(TRK | NEW),
-        );
-        let st = self.state();
-        let pod = |ip| st.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
-        Explained {
-            verdict: policy::explain::explain(&st.compiler, &trace),
-            staged: st.shadow.as_ref().map(|s| s.verdict(key)),
-            src_pod: pod(key.src_ip()),
-            dst_pod: pod(key.dst_ip()),
-        }
-    }
-
-    /// Explains a new connection from `src` to `dst` (conntrack assumed
-    /// new): what a reachability matrix shows.
-    ///
-    /// Fails when an endpoint is unknown or the two share no address family.
-    pub fn explain_probe(
-        &self,
-        src: &Endpoint,
-        dst: &Endpoint,
-        l4: L4,
-    ) -> Result<Explained, String> {
-        let key = {
-            let st = self.state();
-            policy::probe::packet(st.compiler.cluster(), &st.topology, src, dst, l4)?
-        };
-        Ok(self.explain_new(&key))
-    }
-
-    /// The cluster (what is enforced) and the topology, copied: what a
-    /// replay against another policy set starts from.
-    pub fn model(&self) -> (policy::Cluster, Topology) {
-        let st = self.state();
-        (st.compiler.cluster().clone(), st.topology.clone())
-    }
-
     /// The last policy realisation.
     pub fn realisation(&self) -> Realisation {
         self.state().last
@@ -854,6 +763,7 @@ impl Realiser {
 mod tests {
     use super::*;
     use crate::port::MemoryPort;
+    use policy::probe::{Endpoint, L4};
 
     fn attach(r: &Realiser, name: &str, last: u8) -> PortNo {
         r.attach(
