@@ -5,16 +5,15 @@
 //! pod, plus the compiled policy flows), loads them into the datapath's tables and
 //! traces packets through the datapath's own code, assuming a new connection.
 
-use datapath::field::ct_state;
-use datapath::trace::{CtSource, trace};
-use datapath::{FlowKey, FlowTables, Time};
+use datapath::trace::trace_new;
+use datapath::{FlowKey, FlowTables};
 
 use crate::cluster::Cluster;
 use crate::compile::Compiler;
 use crate::error::Error;
 use crate::explain::{Traced, Verdict, explain};
 use crate::model::ObjectKey;
-use crate::pipeline::{Topology, assemble, offline_topology};
+use crate::pipeline::{Topology, offline_topology, tables};
 use crate::probe::{Endpoint, L4, packet};
 use crate::staging::{self, Shadow};
 
@@ -45,17 +44,12 @@ impl Offline {
     /// Fails only if a compiled flow is rejected by the datapath (a bug).
     pub fn new(cluster: Cluster) -> Result<Offline, Error> {
         let topology = offline_topology(&cluster);
-        let (shadow, cluster) = if staging::has_staged(&cluster) {
-            let enforced = staging::enforced_cluster(&cluster);
-            (Some(Shadow::build(cluster, &topology)?), enforced)
-        } else {
-            (None, cluster)
-        };
+        let (cluster, staged) = staging::split(cluster);
+        let shadow = staged
+            .map(|all| Shadow::build(all, &topology))
+            .transpose()?;
         let compiler = Compiler::from_cluster(cluster);
-        let mut tables = FlowTables::new();
-        for f in assemble(&topology, &compiler) {
-            tables.add(f, Time::ZERO).map_err(Error::Flows)?;
-        }
+        let tables = tables(&topology, &compiler).map_err(Error::Flows)?;
         Ok(Offline {
             compiler,
             topology,
@@ -71,11 +65,7 @@ impl Offline {
 
     /// Traces a new connection through the pipeline.
     pub fn trace_key(&self, key: &FlowKey) -> Traced {
-        let t = trace(
-            &self.tables,
-            key,
-            CtSource::Assume(ct_state::TRK | ct_state::NEW),
-        );
+        let t = trace_new(&self.tables, key);
         let verdict = explain(&self.compiler, &t);
         Traced {
             key: *key,

@@ -10,15 +10,14 @@
 //! change in each compiler, never a recompile of the rest. The annotation
 //! itself is read in [`crate::mode`].
 
-use datapath::field::ct_state;
-use datapath::trace::{CtSource, trace};
+use datapath::trace::trace_new;
 use datapath::{FlowKey, FlowTables, Time};
 
 use crate::cluster::Cluster;
 use crate::compile::{Change, Compiler};
 use crate::error::Error;
 use crate::explain::{Verdict, explain};
-use crate::pipeline::{Topology, assemble};
+use crate::pipeline::{Topology, tables};
 
 /// What the enforcing compiler gets for `change`: a staged policy is absent
 /// there, so its arrival deletes any enforced version.
@@ -41,24 +40,23 @@ pub fn stages(change: &Change) -> bool {
 
 /// `cluster` without its staged policies: what is enforced.
 pub fn enforced_cluster(cluster: &Cluster) -> Cluster {
-    let mut out = cluster.clone();
-    let staged: Vec<_> = cluster
-        .policies()
-        .filter(|p| p.staged)
-        .map(|p| p.key.clone())
-        .collect();
-    for key in staged {
-        out.remove_policy(&key);
-    }
-    let staged: Vec<_> = cluster
+    let policies: Vec<_> = cluster.policies().filter(|p| !p.staged).cloned().collect();
+    let cluster_policies: Vec<_> = cluster
         .cluster_policies()
-        .filter(|p| p.staged)
-        .map(|p| p.name.clone())
+        .filter(|p| !p.staged)
+        .cloned()
         .collect();
-    for name in staged {
-        out.remove_cluster_policy(&name);
+    cluster.with_policies(&policies, &cluster_policies)
+}
+
+/// `cluster` split into what is enforced and, when some policy is staged,
+/// the whole of it (what the shadow compiles).
+pub fn split(cluster: Cluster) -> (Cluster, Option<Cluster>) {
+    if has_staged(&cluster) {
+        (enforced_cluster(&cluster), Some(cluster))
+    } else {
+        (cluster, None)
     }
-    out
 }
 
 /// Whether some policy of `cluster` is staged.
@@ -80,7 +78,7 @@ impl Shadow {
     /// Fails only if a compiled flow is rejected by the datapath (a bug).
     pub fn build(cluster: Cluster, topology: &Topology) -> Result<Shadow, Error> {
         let compiler = Compiler::from_cluster(cluster);
-        let tables = tables_of(topology, &compiler)?;
+        let tables = tables(topology, &compiler).map_err(Error::Flows)?;
         Ok(Shadow { compiler, tables })
     }
 
@@ -88,7 +86,7 @@ impl Shadow {
     ///
     /// Fails only if a compiled flow is rejected by the datapath (a bug).
     pub fn retable(&mut self, topology: &Topology) -> Result<(), Error> {
-        self.tables = tables_of(topology, &self.compiler)?;
+        self.tables = tables(topology, &self.compiler).map_err(Error::Flows)?;
         Ok(())
     }
 
@@ -113,19 +111,6 @@ impl Shadow {
 
     /// The verdict a new connection would get with staged policies enforced.
     pub fn verdict(&self, key: &FlowKey) -> Verdict {
-        let t = trace(
-            &self.tables,
-            key,
-            CtSource::Assume(ct_state::TRK | ct_state::NEW),
-        );
-        explain(&self.compiler, &t)
+        explain(&self.compiler, &trace_new(&self.tables, key))
     }
-}
-
-fn tables_of(topology: &Topology, compiler: &Compiler) -> Result<FlowTables, Error> {
-    let mut tables = FlowTables::new();
-    for f in assemble(topology, compiler) {
-        tables.add(f, Time::ZERO).map_err(Error::Flows)?;
-    }
-    Ok(tables)
 }

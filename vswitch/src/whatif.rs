@@ -14,12 +14,9 @@ use std::path::Path;
 
 use control::ManifestFile;
 use control::view::{TupleView, WhatIfGroup, WhatIfView};
-use datapath::field::ct_state;
-use datapath::trace::{CtSource, trace};
-use datapath::{FlowTables, Time};
+use datapath::trace::trace_new;
 use policy::compile::Compiler;
 use policy::manifest::{Manifests, load_str};
-use policy::pipeline::assemble;
 use policy::staging;
 
 use crate::realiser::Realiser;
@@ -51,24 +48,15 @@ pub fn what_if(
     // evaluated, not enforced.
     let proposed = staging::enforced_cluster(&live.with_policies(&m.policies, &m.cluster_policies));
     let compiler = Compiler::from_cluster(proposed);
-    let mut tables = FlowTables::new();
-    for f in assemble(&topology, &compiler) {
-        tables
-            .add(f, Time::ZERO)
-            .map_err(|e| format!("cannot build the proposed tables: {e}"))?;
-    }
+    let tables = policy::pipeline::tables(&topology, &compiler)
+        .map_err(|e| format!("cannot build the proposed tables: {e}"))?;
     let keys = recent.keys();
     let mut groups: BTreeMap<(String, String, String), WhatIfGroup> = BTreeMap::new();
     let mut connections = 0;
     for (key, tuple) in &keys {
         connections += tuple.allowed + tuple.denied;
         let now = realiser.explain_new(key).verdict;
-        let t = trace(
-            &tables,
-            key,
-            CtSource::Assume(ct_state::TRK | ct_state::NEW),
-        );
-        let then = policy::explain::explain(&compiler, &t);
+        let then = policy::explain::explain(&compiler, &trace_new(&tables, key));
         if now.allowed == then.allowed {
             continue;
         }

@@ -603,6 +603,20 @@ pub fn assemble(topo: &Topology, compiler: &Compiler) -> Vec<FlowEntry> {
     out
 }
 
+/// [`assemble`]d into tables to trace (offline mode, staged policies, what-if).
+///
+/// Fails only if a compiled flow is rejected by the datapath (a bug).
+pub fn tables(
+    topo: &Topology,
+    compiler: &Compiler,
+) -> Result<datapath::FlowTables, datapath::FlowError> {
+    let mut tables = datapath::FlowTables::new();
+    for f in assemble(topo, compiler) {
+        tables.add(f, datapath::Time::ZERO)?;
+    }
+    Ok(tables)
+}
+
 /// Gateway port of offline topologies.
 pub const OFFLINE_GATEWAY: PortNo = PortNo(0xfffe);
 /// Gateway MAC of offline topologies.

@@ -171,6 +171,14 @@ impl Execute for Observed<'_> {
     }
 }
 
+/// Traces `packet` as the first packet of a new connection (conntrack
+/// assumed `+trk+new`): what policy decides for a connection, whatever
+/// conntrack holds now.
+pub fn trace_new(tables: &FlowTables, packet: &FlowKey) -> Trace {
+    use crate::field::ct_state::{NEW, TRK};
+    trace(tables, packet, CtSource::Assume(TRK | NEW))
+}
+
 /// Traces `packet` through `tables`, starting at table 0, with the packet
 /// path's own loop (`exec::run`).
 pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {

@@ -126,17 +126,12 @@ impl Realiser {
         cluster: policy::cluster::Cluster,
     ) -> Result<Arc<Realiser>, Error> {
         let started = Instant::now();
-        let staged = policy::staging::has_staged(&cluster);
-        let enforced = if staged {
-            policy::staging::enforced_cluster(&cluster)
-        } else {
-            cluster.clone()
-        };
+        let (enforced, staged) = policy::staging::split(cluster);
         let r = Realiser::build(config, Compiler::from_cluster(enforced));
         {
             let mut st = r.state();
-            if staged {
-                st.shadow = st.build_shadow(cluster);
+            if let Some(all) = staged {
+                st.shadow = st.build_shadow(all);
             }
             st.compile_time = started.elapsed();
             st.in_sync = false;

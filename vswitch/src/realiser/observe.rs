@@ -63,13 +63,7 @@ impl Realiser {
     /// verdict with staged policies enforced (while some are), and the pods
     /// at both ends when known.
     pub fn explain_new(&self, key: &FlowKey) -> Explained {
-        use datapath::field::ct_state::{NEW, TRK};
-        let snap = self.published.dp.snapshot();
-        let trace = datapath::trace::trace(
-            &snap.tables,
-            key,
-            datapath::trace::CtSource::Assume(TRK | NEW),
-        );
+        let trace = datapath::trace::trace_new(&self.published.dp.snapshot().tables, key);
         let st = self.state();
         let pod = |ip| st.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
         Explained {

@@ -13,9 +13,8 @@
 use std::net::IpAddr;
 
 use datapath::conntrack::Tuple;
-use datapath::field::ct_state::{NEW, TRK};
 use datapath::key::wide_to_ip;
-use datapath::trace::{CtSource, Outcome, trace};
+use datapath::trace::{Outcome, trace_new};
 use policy::probe::{Endpoint, L4, packet};
 
 use super::Realiser;
@@ -36,7 +35,7 @@ impl Realiser {
             let Some(key) = original_packet(st, t) else {
                 return true;
             };
-            let tr = trace(&snap.tables, &key, CtSource::Assume(TRK | NEW));
+            let tr = trace_new(&snap.tables, &key);
             let denied = matches!(tr.outcome, Outcome::Drop { .. })
                 && tr
                     .deciding_flow()
