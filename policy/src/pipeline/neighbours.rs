@@ -175,78 +175,60 @@ fn ipv6_control(port: PortNo, out: &mut Vec<FlowEntry>) {
 
 /// Table 20: ARP requests and IPv6 neighbour solicitations for every address the switch knows are answered here; no broadcast or multicast crosses pods.
 pub(super) fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
-    // 20: ARP responder, for every address the switch knows.
-    let known = topo
-        .pods
-        .iter()
-        .map(|p| (p.mac, &p.ips))
-        .chain(topo.gateway.iter().map(|g| (g.mac, &g.ips)));
-    // Neighbour solicitations for `target`, answered from `mac`.
-    let advertise = |target: IpAddr, mac: [u8; 6], router: bool| {
-        let (_, addr) = ip_of(&target);
-        let solicitation = Match::any()
-            .with(Field::DlType, ether_type::IPV6.into())
-            .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
-            .with(Field::TpSrc, 135)
-            .with(Field::NwDst, addr);
-        flow(ARP_RESPONDER, 100, solicitation, Purpose::NdReply)
-            .action(Action::NdAdvert { mac, router })
-            .action(Action::Output(PortNo::IN_PORT))
-    };
+    // 20: every address the switch knows, answered with its owner's MAC:
+    // pods (and their link-local addresses), the gateway (and the virtual
+    // router pods route IPv6 through), and other nodes' pod CIDRs' router
+    // address, through which the node routes to them (`remote_next_hop`).
+    let mut known: Vec<(IpAddr, [u8; 6], bool)> = Vec::new();
     for p in &topo.pods {
-        for ip in p.ips.iter().filter(|ip| ip.is_ipv6()) {
-            out.push(advertise(*ip, p.mac, false));
-        }
-        out.push(advertise(link_local(p.mac), p.mac, false));
+        let own = p.ips.iter().copied().chain([link_local(p.mac)]);
+        known.extend(own.map(|ip| (ip, p.mac, false)));
     }
     if let Some(g) = &topo.gateway {
-        for ip in g.ips.iter().filter(|ip| ip.is_ipv6()) {
-            out.push(advertise(*ip, g.mac, true));
-        }
-        out.push(advertise(link_local(g.mac), g.mac, true));
-        out.push(advertise(IpAddr::V6(VIRTUAL_ROUTER), g.mac, true));
+        let own = g.ips.iter().copied();
+        let routers = [link_local(g.mac), IpAddr::V6(VIRTUAL_ROUTER)];
+        known.extend(own.chain(routers).map(|ip| (ip, g.mac, true)));
     }
-    for (mac, ips) in known {
-        for ip in ips.iter().filter(|ip| ip.is_ipv4()) {
-            let (_, addr) = ip_of(ip);
-            let m = Match::any()
-                .with(Field::DlType, ether_type::ARP.into())
-                .with(Field::NwProto, 1)
-                .with(Field::NwDst, addr);
-            out.push(arp_reply(
-                flow(ARP_RESPONDER, 100, m, Purpose::ArpReply),
-                mac,
-                addr,
-            ));
-        }
-    }
-    // Other nodes' pods: the node routes to each remote pod CIDR through the
-    // gateway, via that CIDR's first address (`remote_next_hop`), answered
-    // here with one router MAC.
     for t in &topo.tunnels {
-        for hop in t.pod_cidrs.iter().filter_map(remote_next_hop) {
-            if hop.is_ipv6() {
-                out.push(advertise(hop, REMOTE_ROUTER_MAC, true));
-                continue;
-            }
-            let (_, addr) = ip_of(&hop);
-            let m = Match::any()
-                .with(Field::DlType, ether_type::ARP.into())
-                .with(Field::NwProto, 1)
-                .with(Field::NwDst, addr);
-            out.push(arp_reply(
-                flow(ARP_RESPONDER, 100, m, Purpose::ArpReply),
-                REMOTE_ROUTER_MAC,
-                addr,
-            ));
-        }
+        let hops = t.pod_cidrs.iter().filter_map(remote_next_hop);
+        known.extend(hops.map(|hop| (hop, REMOTE_ROUTER_MAC, true)));
     }
+    out.extend(
+        known
+            .into_iter()
+            .map(|(ip, mac, router)| answer(ip, mac, router)),
+    );
     out.push(flow(
         ARP_RESPONDER,
         0,
         Match::any(),
         Purpose::ArpNoBroadcast,
     ));
+}
+
+/// The flow answering who has `target`: an ARP request (IPv4) or a neighbour
+/// solicitation (IPv6), answered from `mac` (a router's, when `router`).
+fn answer(target: IpAddr, mac: [u8; 6], router: bool) -> FlowEntry {
+    let (_, addr) = ip_of(&target);
+    if target.is_ipv4() {
+        let request = Match::any()
+            .with(Field::DlType, ether_type::ARP.into())
+            .with(Field::NwProto, 1)
+            .with(Field::NwDst, addr);
+        return arp_reply(
+            flow(ARP_RESPONDER, 100, request, Purpose::ArpReply),
+            mac,
+            addr,
+        );
+    }
+    let solicitation = Match::any()
+        .with(Field::DlType, ether_type::IPV6.into())
+        .with(Field::NwProto, datapath::field::ip_proto::ICMPV6.into())
+        .with(Field::TpSrc, 135)
+        .with(Field::NwDst, addr);
+    flow(ARP_RESPONDER, 100, solicitation, Purpose::NdReply)
+        .action(Action::NdAdvert { mac, router })
+        .action(Action::Output(PortNo::IN_PORT))
 }
 
 /// Turns an ARP request for `addr` into the reply from `mac`, sent back where
