@@ -127,45 +127,7 @@ pub fn run(
     config: Option<AuditConfig>,
     recent: Arc<Recent>,
 ) {
-    let mut sink = config.as_ref().map(|c| {
-        if c.path.as_os_str() == "-" {
-            Sink::Stdout
-        } else {
-            match Rotating::open(&c.path, c.max_bytes, c.keep) {
-                Ok(r) => Sink::File(r),
-                Err(e) => {
-                    tracing::error!(path = %c.path.display(), error = %e, "cannot open the audit log; audit lines go to stdout");
-                    Sink::Stdout
-                }
-            }
-        }
-    });
-    let quiet = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.attempt_quiet_ms));
-    // Denied attempts being counted: tuple -> (line, packets, first, last).
-    let mut attempts: HashMap<Tuple, Attempt> = HashMap::new();
-    // Allowed: (tuple) -> the second it was last logged (one commit each).
-    let mut seen: HashMap<Tuple, u64> = HashMap::new();
-    let mut second = 0;
-    let mut series: HashSet<[String; 4]> = HashSet::new();
-    let mut staged_series: HashSet<[String; 4]> = HashSet::new();
-    let mut expired = Instant::now();
-    // Explanations per tuple (source port aside: no policy matches on it)
-    // while the tables stay the same generation: a client reconnecting is
-    // traced once, not once per connection.
-    let mut explanations: HashMap<Tuple, Arc<Explained>> = HashMap::new();
-    let mut explained_generation = u64::MAX;
-    let mut write = |line: &Value| {
-        if let Some(sink) = &mut sink {
-            let line = line.to_string();
-            let written = match sink {
-                Sink::Stdout => writeln!(std::io::stdout(), "{line}"),
-                Sink::File(f) => f.write_line(&line),
-            };
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "cannot write an audit line");
-            }
-        }
-    };
+    let mut audit = Auditor::new(realiser, config, recent);
     // Events are drained in batches between short sleeps rather than waited
     // for one by one: a packet thread's send then never has to wake this
     // thread (a futex call and a context switch per connection).
@@ -183,124 +145,234 @@ pub fn run(
             }
         }
         let now = Instant::now();
-        if now.duration_since(expired) >= Duration::from_secs(1) {
-            recent.expire();
-            expired = now;
-        }
-        attempts.retain(|_, a| {
-            let due =
-                now.duration_since(a.last) >= quiet || now.duration_since(a.first) >= MAX_ATTEMPT;
-            if due {
-                write(&a.finish());
-            }
-            !due
-        });
+        audit.tick(now);
         let idle = batch.is_empty();
         for event in batch.drain(..) {
-            let tuple = Tuple::of(&event.key);
-            if !event.allowed {
-                if let Some(a) = attempts.get_mut(&tuple) {
-                    a.packets += 1;
-                    a.last = now;
-                    continue;
-                }
-            } else {
-                let at = event
-                    .at
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                if at != second {
-                    seen.retain(|_, s| *s == at);
-                    second = at;
-                }
-                if seen.insert(tuple, at) == Some(at) {
-                    continue;
-                }
-            }
-            let generation = realiser.datapath().snapshot().generation;
-            if generation != explained_generation {
-                explanations.clear();
-                explained_generation = generation;
-            }
-            let any_port = tuple.any_source_port();
-            let explained = match explanations.get(&any_port) {
-                Some(e) => e.clone(),
-                None => {
-                    let e = Arc::new(realiser.explain_new(&event.key));
-                    if explanations.len() < MAX_EXPLANATIONS {
-                        explanations.insert(any_port, e.clone());
-                    }
-                    e
-                }
-            };
-            recent.record(&event.key, event.allowed, event.at, &explained);
-            let Explained {
-                verdict,
-                staged,
-                src_pod,
-                dst_pod,
-            } = &*explained;
-            count(
-                &mut series,
-                CONNECTIONS,
-                if event.allowed { "allow" } else { "deny" },
-                &verdict.decided_by,
-                dst_pod,
-            );
-            // What staged policies would change: its own series and line fields.
-            let would = staged
-                .as_ref()
-                .and_then(|s| policy::explain::compare_staged(verdict, s).map(|w| (w, s)));
-            if let Some((w, s)) = would {
-                count(
-                    &mut staged_series,
-                    STAGED,
-                    &w.replace(' ', "-"),
-                    &s.decided_by,
-                    dst_pod,
-                );
-            }
-            let Some(config) = &config else {
-                continue;
-            };
-            let namespaces = decision_namespaces(&verdict.decided_by, src_pod, dst_pod);
-            // A connection staged policies would deny is logged like a denied one.
-            let would_deny = would.is_some_and(|(w, _)| w == "would deny");
-            let wanted = config.wants(event.allowed, &namespaces)
-                || (would_deny && config.wants(false, &namespaces));
-            if !wanted {
-                continue;
-            }
-            let mut line = record(&event, verdict, src_pod, dst_pod);
-            if let Some((w, s)) = would {
-                line["staged"] = json!({
-                    "verdict": w,
-                    "rule": s.rule,
-                    "decided_by": decisions(&s.decided_by),
-                });
-            }
-            if event.allowed {
-                write(&line);
-            } else {
-                attempts.insert(
-                    tuple,
-                    Attempt {
-                        line,
-                        packets: 1,
-                        first: now,
-                        last: now,
-                        first_at: event.at,
-                    },
-                );
-            }
+            audit.event(&event, now);
         }
         if gone {
-            for (_, a) in attempts.drain() {
-                write(&a.finish());
-            }
+            audit.finish();
             return;
         }
         std::thread::sleep(if idle { IDLE_SLEEP } else { BUSY_SLEEP });
+    }
+}
+
+/// The audit thread's state.
+struct Auditor {
+    realiser: Arc<Realiser>,
+    recent: Arc<Recent>,
+    config: Option<AuditConfig>,
+    sink: Option<Sink>,
+    /// How long a denied attempt must be quiet before its line is written.
+    quiet: Duration,
+    /// Denied attempts being counted.
+    attempts: HashMap<Tuple, Attempt>,
+    /// Allowed connections logged this second (one line per commit).
+    seen: HashMap<Tuple, u64>,
+    second: u64,
+    series: HashSet<[String; 4]>,
+    staged_series: HashSet<[String; 4]>,
+    /// When the recent-connections summary was last swept.
+    expired: Instant,
+    /// Explanations per tuple (source port aside: no policy matches on it)
+    /// while the tables stay the same generation: a client reconnecting is
+    /// traced once, not once per connection.
+    explanations: HashMap<Tuple, Arc<Explained>>,
+    explained_generation: u64,
+}
+
+impl Auditor {
+    fn new(realiser: Arc<Realiser>, config: Option<AuditConfig>, recent: Arc<Recent>) -> Auditor {
+        let sink = config.as_ref().map(|c| {
+            if c.path.as_os_str() == "-" {
+                Sink::Stdout
+            } else {
+                match Rotating::open(&c.path, c.max_bytes, c.keep) {
+                    Ok(r) => Sink::File(r),
+                    Err(e) => {
+                        tracing::error!(path = %c.path.display(), error = %e, "cannot open the audit log; audit lines go to stdout");
+                        Sink::Stdout
+                    }
+                }
+            }
+        });
+        Auditor {
+            quiet: Duration::from_millis(config.as_ref().map_or(10_000, |c| c.attempt_quiet_ms)),
+            realiser,
+            recent,
+            config,
+            sink,
+            attempts: HashMap::new(),
+            seen: HashMap::new(),
+            second: 0,
+            series: HashSet::new(),
+            staged_series: HashSet::new(),
+            expired: Instant::now(),
+            explanations: HashMap::new(),
+            explained_generation: u64::MAX,
+        }
+    }
+
+    fn write(&mut self, line: &Value) {
+        let Some(sink) = &mut self.sink else {
+            return;
+        };
+        let line = line.to_string();
+        let written = match sink {
+            Sink::Stdout => writeln!(std::io::stdout(), "{line}"),
+            Sink::File(f) => f.write_line(&line),
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot write an audit line");
+        }
+    }
+
+    /// Time passes: the summary's window, and denied attempts gone quiet
+    /// (or held long enough) written.
+    fn tick(&mut self, now: Instant) {
+        if now.duration_since(self.expired) >= Duration::from_secs(1) {
+            self.recent.expire();
+            self.expired = now;
+        }
+        let quiet = self.quiet;
+        let due: Vec<Tuple> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| {
+                now.duration_since(a.last) >= quiet || now.duration_since(a.first) >= MAX_ATTEMPT
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            if let Some(a) = self.attempts.remove(&t) {
+                self.write(&a.finish());
+            }
+        }
+    }
+
+    /// Every attempt still held is written (the switch is stopping).
+    fn finish(&mut self) {
+        let held: Vec<Attempt> = self.attempts.drain().map(|(_, a)| a).collect();
+        for a in held {
+            self.write(&a.finish());
+        }
+    }
+
+    /// Whether `event` is news: a denied attempt's retransmission is counted
+    /// in its attempt, an allowed connection seen this second is one already.
+    fn is_news(&mut self, event: &ConnEvent, tuple: Tuple, now: Instant) -> bool {
+        if !event.allowed {
+            let Some(a) = self.attempts.get_mut(&tuple) else {
+                return true;
+            };
+            a.packets += 1;
+            a.last = now;
+            return false;
+        }
+        let at = event
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if at != self.second {
+            self.seen.retain(|_, s| *s == at);
+            self.second = at;
+        }
+        self.seen.insert(tuple, at) != Some(at)
+    }
+
+    /// The explanation of `key`'s connection (reused per tuple while the
+    /// tables keep their generation).
+    fn explain(&mut self, key: &datapath::FlowKey, tuple: Tuple) -> Arc<Explained> {
+        let generation = self.realiser.datapath().snapshot().generation;
+        if generation != self.explained_generation {
+            self.explanations.clear();
+            self.explained_generation = generation;
+        }
+        let any_port = tuple.any_source_port();
+        if let Some(e) = self.explanations.get(&any_port) {
+            return e.clone();
+        }
+        let e = Arc::new(self.realiser.explain_new(key));
+        if self.explanations.len() < MAX_EXPLANATIONS {
+            self.explanations.insert(any_port, e.clone());
+        }
+        e
+    }
+
+    /// One connection event: the summary, the counts, the audit line.
+    fn event(&mut self, event: &ConnEvent, now: Instant) {
+        let tuple = Tuple::of(&event.key);
+        if !self.is_news(event, tuple, now) {
+            return;
+        }
+        let explained = self.explain(&event.key, tuple);
+        self.recent
+            .record(&event.key, event.allowed, event.at, &explained);
+        let Explained {
+            verdict,
+            staged,
+            src_pod,
+            dst_pod,
+        } = &*explained;
+        count(
+            &mut self.series,
+            CONNECTIONS,
+            if event.allowed { "allow" } else { "deny" },
+            &verdict.decided_by,
+            dst_pod,
+        );
+        // What staged policies would change: its own series and line fields.
+        let would = staged
+            .as_ref()
+            .and_then(|s| policy::explain::compare_staged(verdict, s).map(|w| (w, s)));
+        if let Some((w, s)) = would {
+            let label = if w == "would deny" {
+                "would-deny"
+            } else {
+                "would-allow"
+            };
+            count(
+                &mut self.staged_series,
+                STAGED,
+                label,
+                &s.decided_by,
+                dst_pod,
+            );
+        }
+        let Some(config) = &self.config else {
+            return;
+        };
+        let namespaces = decision_namespaces(&verdict.decided_by, src_pod, dst_pod);
+        // A connection staged policies would deny is logged like a denied one.
+        let would_deny = would.is_some_and(|(w, _)| w == "would deny");
+        let wanted = config.wants(event.allowed, &namespaces)
+            || (would_deny && config.wants(false, &namespaces));
+        if !wanted {
+            return;
+        }
+        let mut line = record(event, verdict, src_pod, dst_pod);
+        if let Some((w, s)) = would {
+            line["staged"] = json!({
+                "verdict": w,
+                "rule": s.rule,
+                "decided_by": decisions(&s.decided_by),
+            });
+        }
+        if event.allowed {
+            self.write(&line);
+        } else {
+            self.attempts.insert(
+                tuple,
+                Attempt {
+                    line,
+                    packets: 1,
+                    first: now,
+                    last: now,
+                    first_at: event.at,
+                },
+            );
+        }
     }
 }
 

@@ -469,10 +469,9 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
             ])?;
         }
         for (a, _) in &addrs {
-            let mut args = vec!["-n", &ns, "addr", "add"];
-            let a = a.to_string();
-            args.extend([a.as_str(), "dev", &env.ifname]);
-            if a.contains(':') {
+            let cidr = a.to_string();
+            let mut args = vec!["-n", &ns, "addr", "add", &cidr, "dev", &env.ifname];
+            if a.addr().is_ipv6() {
                 args.push("nodad");
             }
             ip(&args)?;

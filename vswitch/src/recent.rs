@@ -261,20 +261,14 @@ impl Recent {
         }
     }
 
-    /// Every tuple remembered, most recently seen first.
-    pub fn view(&self) -> RecentView {
+    /// The `most` most recently seen tuples, newest first.
+    pub fn view(&self, most: usize) -> RecentView {
         let inner = self.inner();
         RecentView {
             window_secs: self.config.window_secs,
             max_tuples: self.config.max_tuples,
             evicted: inner.evicted,
-            tuples: inner
-                .order
-                .values()
-                .rev()
-                .filter_map(|t| inner.entries.get(t))
-                .map(view)
-                .collect(),
+            tuples: latest(&inner).take(most).map(view).collect(),
         }
     }
 
@@ -282,13 +276,7 @@ impl Recent {
     /// tuple's view (what a replay needs).
     pub fn keys(&self) -> Vec<(FlowKey, TupleView)> {
         let inner = self.inner();
-        inner
-            .order
-            .values()
-            .rev()
-            .filter_map(|t| inner.entries.get(t))
-            .map(|e| (e.key, view(e)))
-            .collect()
+        latest(&inner).map(|e| (e.key, view(e))).collect()
     }
 
     /// Feed items after `seq` (all kept, when `None`).
@@ -321,6 +309,15 @@ impl Recent {
         });
         out
     }
+}
+
+/// The entries, most recently seen first.
+fn latest(inner: &Inner) -> impl Iterator<Item = &Entry> {
+    inner
+        .order
+        .values()
+        .rev()
+        .filter_map(|t| inner.entries.get(t))
 }
 
 fn count_rule(
@@ -426,7 +423,7 @@ mod tests {
             r.record(&key(1, 80, sport), true, now, &explained(true, "a"));
         }
         r.record(&key(1, 80, 2000), false, now, &explained(false, "b"));
-        let v = r.view();
+        let v = r.view(usize::MAX);
         assert_eq!(v.tuples.len(), 1);
         let t = &v.tuples[0];
         assert_eq!((t.allowed, t.denied), (10, 1));
@@ -451,7 +448,7 @@ mod tests {
         // Seen again: now the most recent.
         r.record(&key(1, 80, 2), true, now, &explained(true, "a"));
         r.record(&key(4, 80, 1), true, now, &explained(true, "a"));
-        let v = r.view();
+        let v = r.view(usize::MAX);
         let srcs: Vec<String> = v.tuples.iter().map(|t| t.src_ip.to_string()).collect();
         assert_eq!(srcs, ["10.0.0.4", "10.0.0.1", "10.0.0.3"]);
         assert_eq!(v.evicted, 1);
@@ -471,7 +468,7 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(5));
         r.expire();
-        assert!(r.view().tuples.is_empty());
+        assert!(r.view(usize::MAX).tuples.is_empty());
         assert_eq!(r.rules().len(), 1, "rule counts stay");
     }
 }

@@ -179,7 +179,7 @@ impl Daemon {
             Request::Trace { src, dst, l4 } => answer(self.realiser.trace(&src, &dst, l4)),
             Request::DumpFlows => answer(Ok::<_, String>(self.flow_views())),
             Request::DumpPolicies => answer(Ok::<_, String>(self.realiser.policy_views())),
-            Request::Recent => answer(Ok::<_, String>(self.recent.view())),
+            Request::Recent => answer(Ok::<_, String>(self.recent.view(usize::MAX))),
             Request::WhatIf { files } => {
                 answer(crate::whatif::what_if(&self.realiser, &self.recent, &files))
             }

@@ -85,8 +85,7 @@ pub fn summary(web: &Web) -> Summary {
                 });
         }
     });
-    let mut tuples = web.recent.view().tuples;
-    tuples.truncate(SUMMARY_TUPLES);
+    let tuples = web.recent.view(SUMMARY_TUPLES).tuples;
     Summary {
         node: web.node.clone(),
         ready: web.ready.load(Relaxed),

@@ -12,7 +12,6 @@ mod api;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -85,8 +84,12 @@ async fn accept(listener: std::net::TcpListener, app: Arc<App>) {
             return;
         }
     };
-    let open = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A free slot first: beyond the limit, connections wait in the backlog.
+        let Ok(slot) = open.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -95,11 +98,7 @@ async fn accept(listener: std::net::TcpListener, app: Arc<App>) {
                 continue;
             }
         };
-        while open.load(Relaxed) >= MAX_CONNECTIONS {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        open.fetch_add(1, Relaxed);
-        let (app, open) = (app.clone(), open.clone());
+        let app = app.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
@@ -110,7 +109,7 @@ async fn accept(listener: std::net::TcpListener, app: Arc<App>) {
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
-            open.fetch_sub(1, Relaxed);
+            drop(slot);
         });
     }
 }
