@@ -329,6 +329,14 @@ impl Config {
                 g.name
             )));
         }
+        if let Some(g) = &c.gateway
+            && let Some(a6) = g.address6
+            && (a6.addr().is_ipv4() || g.address.is_some_and(|a| a.addr().is_ipv6()))
+        {
+            return Err(invalid(format!(
+                "gateway.address6 {a6}: the IPv6 address of a dual-stack gateway, beside an IPv4 gateway.address (an IPv6-only gateway takes its address in gateway.address)"
+            )));
+        }
         if c.watch_interval_ms == 0 {
             return Err(invalid("watch_interval_ms must be at least 1".into()));
         }
@@ -460,6 +468,25 @@ mod tests {
 
 #[cfg(test)]
 mod example {
+    #[test]
+    fn a_gateway_address6_is_the_ipv6_beside_an_ipv4_address() {
+        let gw = |extra: &str| {
+            super::Config::parse(
+                &format!("manifests = \"/m\"\n[gateway]\nname = \"g\"\n{extra}"),
+                "t.toml",
+            )
+        };
+        assert!(gw("address = \"10.0.0.1/24\"\naddress6 = \"fd00::1/64\"").is_ok());
+        assert!(gw("address = \"fd00::1/64\"").is_ok(), "IPv6-only");
+        for bad in [
+            "address = \"10.0.0.1/24\"\naddress6 = \"10.0.1.1/24\"",
+            "address = \"fd00::1/64\"\naddress6 = \"fd01::1/64\"",
+        ] {
+            let e = gw(bad).unwrap_err().to_string();
+            assert!(e.contains("gateway.address6"), "{e}");
+        }
+    }
+
     #[test]
     fn the_shipped_example_parses() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/vswitchd.toml");

@@ -87,11 +87,7 @@ impl Daemon {
                 let Some(cidr) = cidrs.iter().find(|c| c.addr().is_ipv6() == v6) else {
                     return Ok(None);
                 };
-                // IPv6 has no broadcast: its network address is the
-                // subnet-router anycast one, so the gateway is the next.
-                let host = cidr
-                    .hosts()
-                    .nth(usize::from(v6))
+                let host = policy::pipeline::router_address(cidr)
                     .ok_or_else(|| anyhow::anyhow!("pod CIDR {cidr} has no host address"))?;
                 Ok(Some(ipnet::IpNet::new(host, cidr.prefix_len())?))
             };

@@ -47,24 +47,15 @@ pub fn bring_up(
 ) -> anyhow::Result<()> {
     let tap = Tap::open_with(&g.name, false, offload)
         .map_err(|e| anyhow::anyhow!("failed to create gateway {}: {e}", g.name))?;
-    if address.addr().is_ipv6() {
-        run_ip(&[
-            "addr",
-            "replace",
-            &address.to_string(),
-            "dev",
-            &g.name,
-            "nodad",
-        ])?;
-    } else {
-        run_ip(&["addr", "replace", &address.to_string(), "dev", &g.name])?;
-    }
-    if let Some(a6) = g.address6.as_ref().filter(|a| Some(**a) != g.address) {
-        if !a6.addr().is_ipv6() {
-            anyhow::bail!("gateway.address6 {a6} is not an IPv6 address");
+    for a in std::iter::once(address).chain(g.address6) {
+        let cidr = a.to_string();
+        let mut args = vec!["addr", "replace", &cidr, "dev", &g.name];
+        if a.addr().is_ipv6() {
+            // The switch vouches for the link's addresses: no duplicate
+            // address detection.
+            args.push("nodad");
         }
-        // The switch vouches for pods' addresses: no duplicate address detection.
-        run_ip(&["addr", "replace", &a6.to_string(), "dev", &g.name, "nodad"])?;
+        run_ip(&args)?;
     }
     run_ip(&["link", "set", &g.name, "up"])?;
     let mac_text = std::fs::read_to_string(format!("/sys/class/net/{}/address", g.name))?;
@@ -79,12 +70,10 @@ pub fn bring_up(
         "0",
     );
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/accept_ra", g.name), "0");
-    let mut ips = vec![address.addr()];
-    ips.extend(
-        g.address6
-            .map(|a| a.addr())
-            .filter(|a| *a != address.addr()),
-    );
+    let ips = std::iter::once(address)
+        .chain(g.address6)
+        .map(|a| a.addr())
+        .collect();
     realiser.set_gateway(Arc::new(TapPort(tap)), mac.0, ips)?;
     Ok(())
 }
@@ -187,7 +176,7 @@ pub fn sync_routes_forever(realiser: Arc<Realiser>, config: Config) {
             // Through the CIDR's first address (IPv6: the one after the
             // subnet-router anycast address), which the switch answers ARP or
             // neighbour solicitations for with its router MAC.
-            let hop = policy::pipeline::remote_next_hop(net).map(|h| h.to_string());
+            let hop = policy::pipeline::router_address(net).map(|h| h.to_string());
             let net = net.to_string();
             let mut args = vec!["route", "replace", &net];
             if let Some(h) = &hop {

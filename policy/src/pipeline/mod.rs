@@ -252,9 +252,11 @@ fn goto(t: u8) -> Action {
 /// The MAC that answers ARP for other nodes' pods.
 pub const REMOTE_ROUTER_MAC: [u8; 6] = [0x0a, 0x58, 0xff, 0xff, 0xff, 0xfe];
 
-/// The next hop the node routes another node's IPv4 pod CIDR through (its
-/// first address, on-link on the gateway); `None` for IPv6 CIDRs (no ARP).
-pub fn remote_next_hop(net: &ipnet::IpNet) -> Option<IpAddr> {
+/// A pod CIDR's router address: its first host (IPv6: the one after the
+/// subnet-router anycast address). On its own node it is the gateway's
+/// address; other nodes route the CIDR through it (on-link on their gateway,
+/// answered by their switch with the router MAC).
+pub fn router_address(net: &ipnet::IpNet) -> Option<IpAddr> {
     match net {
         ipnet::IpNet::V4(n) => n.hosts().next().map(IpAddr::V4),
         // IPv6: after the subnet-router anycast address.

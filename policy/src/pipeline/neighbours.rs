@@ -10,7 +10,7 @@ use datapath::{Match, PortNo};
 
 use super::{
     Purpose, REMOTE_ROUTER_MAC, Topology, VIRTUAL_ROUTER, flow, goto, ip_of, link_local,
-    remote_next_hop,
+    router_address,
 };
 use crate::compile::net_match;
 use crate::tables::*;
@@ -178,7 +178,7 @@ pub(super) fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // 20: every address the switch knows, answered with its owner's MAC:
     // pods (and their link-local addresses), the gateway (and the virtual
     // router pods route IPv6 through), and other nodes' pod CIDRs' router
-    // address, through which the node routes to them (`remote_next_hop`).
+    // address, through which the node routes to them (`router_address`).
     let mut known: Vec<(IpAddr, [u8; 6], bool)> = Vec::new();
     for p in &topo.pods {
         let own = p.ips.iter().copied().chain([link_local(p.mac)]);
@@ -190,7 +190,7 @@ pub(super) fn arp_responder(topo: &Topology, out: &mut Vec<FlowEntry>) {
         known.extend(own.chain(routers).map(|ip| (ip, g.mac, true)));
     }
     for t in &topo.tunnels {
-        let hops = t.pod_cidrs.iter().filter_map(remote_next_hop);
+        let hops = t.pod_cidrs.iter().filter_map(router_address);
         known.extend(hops.map(|hop| (hop, REMOTE_ROUTER_MAC, true)));
     }
     out.extend(
