@@ -41,7 +41,6 @@ pub fn advertise(frame: &mut [u8], l3: usize, mac: [u8; 6], router: bool) -> boo
         return false;
     };
     if !well_formed
-        || frame.len() < l4 + MESSAGE
         || icmp[0] != SOLICITATION
         || icmp[1] != 0
         || icmp[24] != SOURCE_LL
