@@ -10,10 +10,12 @@
 //! once.
 
 use crate::classify::FlowId;
-use crate::conntrack::CtRefused;
+use crate::conntrack::{CtRefused, Looked, NatRewrite};
+use crate::field::ip_proto;
 use crate::field::{Field, MatchKey};
 use crate::flow::TableId;
 use crate::key::{FlowKey, PortNo};
+use crate::nat::Ends;
 use crate::pipeline::{DpAction, End, Xlate};
 
 /// Limit on conntrack recirculations of one packet.
@@ -29,10 +31,25 @@ pub(crate) trait Translate {
 pub(crate) trait Execute {
     /// A packet field was rewritten (the key already holds the new value).
     fn rewrite(&mut self, key: &FlowKey, field: Field, value: u128);
-    /// `ct(commit)`: create the connection, or say why not.
-    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> Result<(), CtRefused>;
-    /// `ct(table=N)`: the packet's `(ct_state, ct_mark)` in `zone`.
-    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8);
+    /// `ct(commit)`: create the connection of the packet that arrived as
+    /// `orig` and is now `current` (translated when they differ), or say why not.
+    fn commit(
+        &mut self,
+        zone: u16,
+        mark: Option<u8>,
+        orig: &FlowKey,
+        current: &FlowKey,
+    ) -> Result<(), CtRefused>;
+    /// `ct(table=N)`: the packet's conntrack state in `zone` (with `nat`,
+    /// the rewrite its connection's translation gives it).
+    fn lookup(&mut self, zone: u16, key: &FlowKey, nat: bool) -> Looked;
+    /// The packet (now `key`) gets these ends.
+    fn set_ends(&mut self, key: &FlowKey, to: &Ends);
+    /// An ICMP error (now `key`) gets these ends, and its embedded packet `inner`.
+    fn set_error_ends(&mut self, key: &FlowKey, outer: &Ends, inner: &Ends);
+    /// `reject`: replace the packet with its answer (a reset or an
+    /// unreachable); false when there is none to give.
+    fn reject(&mut self, key: &FlowKey) -> bool;
     /// `nd_advert`: turn the solicitation into its advertisement; false when
     /// the frame cannot be answered (then the pass outputs nothing).
     fn nd_advert(&mut self, key: &FlowKey, mac: [u8; 6], router: bool) -> bool;
@@ -50,6 +67,8 @@ pub(crate) struct Ran {
     pub committed: bool,
     /// A commit was refused (the table is full, or the originator at its limit).
     pub ct_refused: Option<CtRefused>,
+    /// `reject` replaced the packet with its answer, output to `in_port`.
+    pub reply: bool,
 }
 
 /// Runs `packet` through the pipeline: pass after pass, conntrack between them,
@@ -72,6 +91,7 @@ pub(crate) fn run<T: Translate, E: Execute>(
         punt: false,
         committed: false,
         ct_refused: None,
+        reply: false,
     };
     for _ in 0..MAX_PASSES {
         let x = t.translate(&key, stage);
@@ -89,12 +109,39 @@ pub(crate) fn run<T: Translate, E: Execute>(
                     fields_rewritten = true;
                 }
                 DpAction::Commit { zone, mark } => {
-                    match e.commit(zone, mark, rewritten.as_ref().unwrap_or(packet)) {
+                    match e.commit(zone, mark, packet, rewritten.as_ref().unwrap_or(packet)) {
                         Ok(()) => ran.committed = true,
                         Err(why) => ran.ct_refused = Some(why),
                     }
                 }
-                DpAction::Recirc { zone, table } => recirc = Some((zone, table)),
+                DpAction::Recirc { zone, table, nat } => recirc = Some((zone, table, nat)),
+                DpAction::Nat { src, target } => {
+                    let current = rewritten.unwrap_or(*packet);
+                    let mut to = ends_of(&current);
+                    let ported = matches!(
+                        current.nw_proto,
+                        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP
+                    );
+                    let (addr, port) = if src {
+                        (&mut to.src, &mut to.sport)
+                    } else {
+                        (&mut to.dst, &mut to.dport)
+                    };
+                    *addr = target.addr;
+                    if let Some(p) = target.port.filter(|_| ported) {
+                        *port = p;
+                    }
+                    e.set_ends(&current, &to);
+                    rewritten = Some(with_ends(&mut key, &current, &to));
+                }
+                DpAction::Reject => {
+                    if e.reject(rewritten.as_ref().unwrap_or(packet)) {
+                        outputs.clear();
+                        outputs.push(packet.in_port);
+                        ran.reply = true;
+                    }
+                    return ran;
+                }
                 DpAction::Controller => ran.punt = true,
                 DpAction::NdAdvert { mac, router } => {
                     if !e.nd_advert(rewritten.as_ref().unwrap_or(packet), mac, router) {
@@ -104,7 +151,7 @@ pub(crate) fn run<T: Translate, E: Execute>(
                 }
             }
         }
-        let Some((zone, table)) = recirc else {
+        let Some((zone, table, nat)) = recirc else {
             return ran;
         };
         if fields_rewritten {
@@ -116,12 +163,59 @@ pub(crate) fn run<T: Translate, E: Execute>(
             });
         }
         key.0[10..14].copy_from_slice(&x.regs);
-        let (state, mark) = e.lookup(zone, rewritten.as_ref().unwrap_or(packet));
-        key.set(Field::CtState, u128::from(state));
+        let current = rewritten.unwrap_or(*packet);
+        let looked = e.lookup(zone, &current, nat);
+        match looked.nat {
+            None => {}
+            Some(NatRewrite::Ends(to)) => {
+                e.set_ends(&current, &to);
+                rewritten = Some(with_ends(&mut key, &current, &to));
+            }
+            Some(NatRewrite::Error { outer, inner }) => {
+                e.set_error_ends(&current, &outer, &inner);
+                let to = Ends {
+                    sport: current.tp_src,
+                    dport: current.tp_dst,
+                    ..outer
+                };
+                rewritten = Some(with_ends(&mut key, &current, &to));
+            }
+        }
+        key.set(Field::CtState, u128::from(looked.state));
         key.set(Field::CtZone, u128::from(zone));
-        key.set(Field::CtMark, u128::from(mark));
+        key.set(Field::CtMark, u128::from(looked.mark));
         stage = table;
     }
     ran.end = End::LoopLimit;
     ran
+}
+
+/// A packet's ends as translation sees them (ports only where there are).
+fn ends_of(k: &FlowKey) -> Ends {
+    let ported = matches!(k.nw_proto, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP);
+    Ends {
+        src: k.nw_src,
+        sport: if ported { k.tp_src } else { 0 },
+        dst: k.nw_dst,
+        dport: if ported { k.tp_dst } else { 0 },
+    }
+}
+
+/// `current` with its ends set to `to`, in both of the packet's keys.
+fn with_ends(key: &mut MatchKey, current: &FlowKey, to: &Ends) -> FlowKey {
+    let mut next = *current;
+    next.nw_src = to.src;
+    next.nw_dst = to.dst;
+    key.set(Field::NwSrc, u128::from_be_bytes(to.src));
+    key.set(Field::NwDst, u128::from_be_bytes(to.dst));
+    if matches!(
+        current.nw_proto,
+        ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP
+    ) {
+        next.tp_src = to.sport;
+        next.tp_dst = to.dport;
+        key.set(Field::TpSrc, u128::from(to.sport));
+        key.set(Field::TpDst, u128::from(to.dport));
+    }
+    next
 }

@@ -62,7 +62,17 @@ pub enum Action {
         table: Option<TableId>,
         /// With `commit`: set the connection's `ct_mark`.
         mark: Option<u8>,
+        /// `nat`: apply a tracked connection's translation at the lookup, or
+        /// translate a new connection (remembered when it is committed).
+        nat: Option<Nat>,
     },
+    /// Run one bucket of select group `id` (chosen by a hash of the packet's
+    /// addresses and ports), then continue with the flow's next action.
+    Group(u32),
+    /// Answer the packet with a TCP reset (TCP) or an ICMP / ICMPv6 port
+    /// unreachable (anything else) sent back out of `in_port`; the packet
+    /// itself goes nowhere. Only for IP flows.
+    Reject,
     /// Write `value` into bits `ofs..ofs+nbits` of `field`.
     Load {
         field: Field,
@@ -93,6 +103,31 @@ pub enum Action {
     },
     /// A comment carried with the flow; no effect.
     Note(Box<str>),
+}
+
+/// The `nat` argument of `ct`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Nat {
+    /// `nat`: a tracked connection's packets get its translation (the
+    /// original direction forwards, replies backwards) at the lookup.
+    Tracked,
+    /// `nat(src=ADDR[:PORT])`: a new connection's source becomes this.
+    Src(NatTarget),
+    /// `nat(dst=ADDR[:PORT])`: a new connection's destination becomes this.
+    Dst(NatTarget),
+}
+
+/// An address (IPv4 mapped, as in the wide fields) and optionally a port.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct NatTarget {
+    pub addr: [u8; 16],
+    pub port: Option<u16>,
+}
+
+impl NatTarget {
+    pub fn is_v4(&self) -> bool {
+        self.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+    }
 }
 
 /// One flow: `table, priority, match, actions, cookie`.
@@ -171,6 +206,16 @@ pub enum FlowError {
     NdAdvertNeedsSolicitation,
     #[error("register reg{0} does not exist (reg0-reg7)")]
     BadRegister(u8),
+    #[error("group:{0}: no such group (add the group first)")]
+    UnknownGroup(u32),
+    #[error("reject needs a match on ip or ipv6")]
+    RejectNeedsIp,
+    #[error("nat needs a match on ip or ipv6, of the target's family")]
+    NatNeedsIp,
+    #[error("ct(nat(...)) with table=: translate without recirculating, then goto_table")]
+    NatWithTable,
+    #[error("a group bucket may not use {0}")]
+    BadBucketAction(&'static str),
 }
 
 impl FlowEntry {
@@ -277,6 +322,27 @@ impl FlowEntry {
                     return Err(FlowError::BadTable(to.0));
                 }
                 Action::Ct {
+                    nat: Some(Nat::Src(_) | Nat::Dst(_)),
+                    table: Some(_),
+                    ..
+                } => return Err(FlowError::NatWithTable),
+                Action::Ct {
+                    nat: Some(Nat::Src(t) | Nat::Dst(t)),
+                    zone,
+                    ..
+                } => {
+                    check_zone(*zone)?;
+                    let (dl, mask) = self.matcher.get(Field::DlType);
+                    let family = if t.is_v4() {
+                        ether_type::IPV4
+                    } else {
+                        ether_type::IPV6
+                    };
+                    if mask != 0xffff || dl != u128::from(family) {
+                        return Err(FlowError::NatNeedsIp);
+                    }
+                }
+                Action::Ct {
                     table: Some(t),
                     zone,
                     ..
@@ -291,6 +357,16 @@ impl FlowEntry {
                 }
                 Action::Ct { zone, .. } => check_zone(*zone)?,
                 Action::Drop if i != last => return Err(FlowError::NotLast("drop")),
+                Action::Reject if i != last => return Err(FlowError::NotLast("reject")),
+                Action::Reject => {
+                    let (dl, mask) = self.matcher.get(Field::DlType);
+                    let ip = mask == 0xffff
+                        && (dl == u128::from(ether_type::IPV4)
+                            || dl == u128::from(ether_type::IPV6));
+                    if !ip {
+                        return Err(FlowError::RejectNeedsIp);
+                    }
+                }
                 Action::NdAdvert { .. } => {
                     let m = &self.matcher;
                     let is = |f: Field, v: u128, mask: u128| m.get(f) == (v, mask);

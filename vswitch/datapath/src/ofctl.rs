@@ -12,7 +12,7 @@ use crate::field::{
     Field, Match, ct_state, ether_type, ip_proto, ipv4_mapped, is_ipv4_mapped, mac_bytes,
     mac_value, tcp_flags,
 };
-use crate::flow::{Action, Cookie, FlowEntry, FlowError, TableId, Zone};
+use crate::flow::{Action, Cookie, FlowEntry, FlowError, Nat, NatTarget, TableId, Zone};
 use crate::key::PortNo;
 
 /// A flow text that could not be parsed or describes an impossible flow.
@@ -26,7 +26,7 @@ pub enum OfctlError {
     Invalid(#[source] FlowError),
 }
 
-fn bad(token: &str, reason: impl Into<String>) -> OfctlError {
+pub(crate) fn bad(token: &str, reason: impl Into<String>) -> OfctlError {
     OfctlError::Token {
         token: token.to_string(),
         reason: reason.into(),
@@ -80,7 +80,7 @@ const SHORTHANDS: [(&str, u16, Option<u8>); 11] = [
 ];
 
 /// Splits at top-level commas (not inside parentheses or brackets).
-fn split_top(s: &str) -> Vec<&str> {
+pub(crate) fn split_top(s: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut depth = 0i32;
     let mut start = 0;
@@ -100,7 +100,7 @@ fn split_top(s: &str) -> Vec<&str> {
     out
 }
 
-fn parse_int(token: &str, s: &str, max: u128) -> Result<u128, OfctlError> {
+pub(crate) fn parse_int(token: &str, s: &str, max: u128) -> Result<u128, OfctlError> {
     let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u128::from_str_radix(hex, 16)
     } else {
@@ -415,6 +415,7 @@ impl fmt::Display for Action {
                 zone,
                 table,
                 mark,
+                nat,
             } => {
                 let mut args = Vec::new();
                 if *commit {
@@ -430,6 +431,12 @@ impl fmt::Display for Action {
                 }
                 if let Some(m) = mark {
                     args.push(format!("exec(set_field:{m}->ct_mark)"));
+                }
+                match nat {
+                    None => {}
+                    Some(Nat::Tracked) => args.push("nat".into()),
+                    Some(Nat::Src(t)) => args.push(format!("nat(src={})", fmt_nat_target(t))),
+                    Some(Nat::Dst(t)) => args.push(format!("nat(dst={})", fmt_nat_target(t))),
                 }
                 write!(f, "ct({})", args.join(","))
             }
@@ -459,6 +466,8 @@ impl fmt::Display for Action {
                 write!(f, "move:{}->{}", src.name(), dst.name())
             }
             Action::Controller => f.write_str("controller"),
+            Action::Group(g) => write!(f, "group:{g}"),
+            Action::Reject => f.write_str("reject"),
             Action::NdAdvert { mac, router } => {
                 write!(f, "nd_advert({}", fmt_mac(crate::field::mac_value(*mac)))?;
                 if *router {
@@ -500,6 +509,41 @@ impl fmt::Display for FlowEntry {
     }
 }
 
+/// `ADDR`, `ADDR:PORT`, `[V6ADDR]:PORT` (ovs-ofctl's forms).
+fn parse_nat_target(token: &str, s: &str) -> Result<NatTarget, OfctlError> {
+    let (addr, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (a, p) = rest
+            .split_once(']')
+            .ok_or_else(|| bad(token, "unclosed `[` in a nat address"))?;
+        (a, p.strip_prefix(':'))
+    } else if s.matches(':').count() == 1 {
+        let (a, p) = s.split_once(':').expect("one colon");
+        (a, Some(p))
+    } else {
+        (s, None)
+    };
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| bad(token, format!("`{addr}` is not an IP address")))?;
+    let port = match port {
+        Some(p) => Some(parse_int(token, p, 65535)? as u16),
+        None => None,
+    };
+    Ok(NatTarget {
+        addr: crate::key::ip_to_wide(ip),
+        port,
+    })
+}
+
+fn fmt_nat_target(t: &NatTarget) -> String {
+    let ip = crate::key::wide_to_ip(t.addr);
+    match (ip, t.port) {
+        (_, None) => ip.to_string(),
+        (std::net::IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
+        (std::net::IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+    }
+}
+
 fn parse_table(token: &str, s: &str) -> Result<TableId, OfctlError> {
     Ok(TableId(parse_int(token, s, u128::from(TableId::MAX))? as u8))
 }
@@ -524,6 +568,14 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
     }
     if t == "controller" {
         return Ok(Action::Controller);
+    }
+    if t == "reject" {
+        return Ok(Action::Reject);
+    }
+    if let Some(g) = t.strip_prefix("group:") {
+        return Ok(Action::Group(
+            parse_int(token, g, u128::from(u32::MAX))? as u32
+        ));
     }
     if let Some(inner) = t
         .strip_prefix("nd_advert(")
@@ -582,9 +634,23 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
         let mut zone = Zone::Imm(0);
         let mut table = None;
         let mut mark = None;
+        let mut nat = None;
         for arg in inner.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             if arg == "commit" {
                 commit = true;
+            } else if arg == "nat" {
+                nat = Some(Nat::Tracked);
+            } else if let Some(spec) = arg.strip_prefix("nat(").and_then(|r| r.strip_suffix(')')) {
+                nat = Some(match spec.split_once('=') {
+                    Some(("src", t)) => Nat::Src(parse_nat_target(token, t)?),
+                    Some(("dst", t)) => Nat::Dst(parse_nat_target(token, t)?),
+                    _ => {
+                        return Err(bad(
+                            token,
+                            "nat takes (src=ADDR[:PORT]) or (dst=ADDR[:PORT])",
+                        ));
+                    }
+                });
             } else if let Some(m) = arg
                 .strip_prefix("exec(set_field:")
                 .and_then(|r| r.strip_suffix("->ct_mark)"))
@@ -609,6 +675,7 @@ pub fn parse_action(token: &str) -> Result<Action, OfctlError> {
             zone,
             table,
             mark,
+            nat,
         });
     }
     if let Some(rest) = t.strip_prefix("load:") {

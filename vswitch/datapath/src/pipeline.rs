@@ -10,7 +10,8 @@ use smallvec::SmallVec;
 
 use crate::classify::{FlowId, Hit};
 use crate::field::{Field, MatchKey};
-use crate::flow::{Action, TableId, Zone, is_rewritable};
+use crate::field::{ct_state, ip_proto};
+use crate::flow::{Action, Nat, NatTarget, TableId, Zone, is_rewritable};
 use crate::key::PortNo;
 use crate::table::{FlowTables, Installed};
 
@@ -34,10 +35,21 @@ pub enum DpAction {
         mark: Option<u8>,
     },
     /// Look the packet up in conntrack, then continue at `table`. Always last.
+    /// With `nat`, a translated connection's packet gets its translation.
     Recirc {
         zone: u16,
         table: TableId,
+        nat: bool,
     },
+    /// Translate a new connection's source (`src`) or destination: the key
+    /// already holds the new ends; the frame is rewritten, and a later
+    /// commit makes the translation the connection's.
+    Nat {
+        src: bool,
+        target: NatTarget,
+    },
+    /// Answer the packet with a reset or port unreachable out of its port.
+    Reject,
     Controller,
     /// Answer the neighbour solicitation in place (see [`Action::NdAdvert`]).
     NdAdvert {
@@ -85,6 +97,8 @@ impl Xlate {
 /// Sees every table visit; trace records them, the packet path ignores them.
 pub trait Observer {
     fn visit(&mut self, table: TableId, key: &MatchKey, hit: Option<(Hit, &Installed)>, depth: u32);
+    /// A select group chose a bucket (`None`: it had none to choose).
+    fn group(&mut self, _group: u32, _bucket: Option<u32>) {}
 }
 
 /// The packet path's observer: does nothing, compiles to nothing.
@@ -99,6 +113,16 @@ impl Observer for Silent {
 enum Flow {
     Continue,
     Halt,
+}
+
+/// How an action list ended.
+enum Step {
+    /// It ran out: the flow is done (or the group's bucket, and the flow goes on).
+    Next,
+    /// `goto_table`.
+    Goto(TableId),
+    /// The pass ends (drop, reject, recirculation) or halts.
+    Stop(Flow),
 }
 
 struct Run<'a, O> {
@@ -144,78 +168,140 @@ impl<O: Observer> Run<'_, O> {
             self.x.hits.push(hit.flow);
             self.x.last = Some(hit.flow);
             self.x.end = End::Done;
-            for action in installed.entry.actions.iter() {
-                match action {
-                    Action::Output(p) => {
-                        let port = if *p == PortNo::IN_PORT {
-                            PortNo(key.get(Field::InPort) as u32)
-                        } else {
-                            *p
-                        };
-                        self.x.actions.push(DpAction::Output(port));
-                    }
-                    Action::Drop => return Flow::Continue,
-                    Action::GotoTable(next) => {
-                        t = *next;
-                        continue 'goto;
-                    }
-                    Action::Resubmit(next) => {
-                        if let Flow::Halt = self.table(key, *next, depth + 1) {
-                            return Flow::Halt;
-                        }
-                    }
-                    Action::Conjunction { .. } => {
-                        // Conjunctive flows never win a lookup (classify module).
-                    }
-                    Action::Ct {
-                        commit,
-                        zone,
-                        table,
-                        mark,
-                    } => {
-                        let zone = match zone {
-                            Zone::Imm(z) => *z,
-                            Zone::Reg(r) => key.get(Field::Reg(*r)) as u16,
-                        };
-                        if *commit {
-                            self.x.actions.push(DpAction::Commit { zone, mark: *mark });
-                        }
-                        if let Some(next) = table {
-                            self.x.actions.push(DpAction::Recirc { zone, table: *next });
-                            self.x.end = End::Recirc;
-                            return Flow::Halt;
-                        }
-                    }
-                    Action::Load {
-                        field,
-                        value,
-                        ofs,
-                        nbits,
-                    } => {
-                        // `nbits` may be 128 (a whole IPv6 address): no shift by the width.
-                        let mask = crate::field::low_bits(u32::from(*nbits)) << ofs;
-                        key.set_masked(*field, *value << ofs, mask);
-                        self.rewrite(key, *field);
-                    }
-                    Action::SetField { field, value } => {
-                        key.set(*field, *value);
-                        self.rewrite(key, *field);
-                    }
-                    Action::Move { src, dst } => {
-                        let v = key.get(*src);
-                        key.set(*dst, v);
-                        self.rewrite(key, *dst);
-                    }
-                    Action::Controller => self.x.actions.push(DpAction::Controller),
-                    Action::NdAdvert { mac, router } => self.x.actions.push(DpAction::NdAdvert {
-                        mac: *mac,
-                        router: *router,
-                    }),
-                    Action::Note(_) => {}
+            match self.actions(key, &installed.entry.actions, depth) {
+                Step::Next => return Flow::Continue,
+                Step::Stop(flow) => return flow,
+                Step::Goto(next) => {
+                    t = next;
+                    continue 'goto;
                 }
             }
-            return Flow::Continue;
         }
+    }
+
+    /// Runs one action list (a flow's, or a group bucket's within it).
+    fn actions(&mut self, key: &mut MatchKey, actions: &[Action], depth: u32) -> Step {
+        for action in actions {
+            match action {
+                Action::Output(p) => {
+                    let port = if *p == PortNo::IN_PORT {
+                        PortNo(key.get(Field::InPort) as u32)
+                    } else {
+                        *p
+                    };
+                    self.x.actions.push(DpAction::Output(port));
+                }
+                Action::Drop => return Step::Stop(Flow::Continue),
+                Action::GotoTable(next) => return Step::Goto(*next),
+                Action::Resubmit(next) => {
+                    if let Flow::Halt = self.table(key, *next, depth + 1) {
+                        return Step::Stop(Flow::Halt);
+                    }
+                }
+                Action::Conjunction { .. } => {
+                    // Conjunctive flows never win a lookup (classify module).
+                }
+                Action::Group(id) => {
+                    let tables = self.tables;
+                    let bucket = tables.group(*id).and_then(|g| g.choose(key));
+                    self.obs.group(*id, bucket.map(|b| b.id));
+                    let Some(bucket) = bucket else {
+                        // No such group, or no bucket to choose: dropped.
+                        return Step::Stop(Flow::Continue);
+                    };
+                    match self.actions(key, &bucket.actions, depth) {
+                        Step::Next => {}
+                        other => return other,
+                    }
+                }
+                Action::Reject => {
+                    self.x.actions.push(DpAction::Reject);
+                    return Step::Stop(Flow::Continue);
+                }
+                Action::Ct {
+                    commit,
+                    zone,
+                    table,
+                    mark,
+                    nat,
+                } => {
+                    let zone = match zone {
+                        Zone::Imm(z) => *z,
+                        Zone::Reg(r) => key.get(Field::Reg(*r)) as u16,
+                    };
+                    if let Some(Nat::Src(target) | Nat::Dst(target)) = nat {
+                        // Only a new connection is translated here; a tracked
+                        // one got its translation at the lookup.
+                        let state = key.get(Field::CtState) as u8;
+                        if state & (ct_state::TRK | ct_state::NEW) == ct_state::TRK | ct_state::NEW
+                        {
+                            let src = matches!(nat, Some(Nat::Src(_)));
+                            let v6 = key.get(Field::DlType)
+                                == u128::from(crate::field::ether_type::IPV6);
+                            if target.is_v4() == v6 {
+                                // A translation into the other family: dropped.
+                                return Step::Stop(Flow::Continue);
+                            }
+                            let (addr, port) = if src {
+                                (Field::NwSrc, Field::TpSrc)
+                            } else {
+                                (Field::NwDst, Field::TpDst)
+                            };
+                            key.set(addr, u128::from_be_bytes(target.addr));
+                            let proto = key.get(Field::NwProto) as u8;
+                            if let Some(p) = target.port
+                                && matches!(proto, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP)
+                            {
+                                key.set(port, u128::from(p));
+                            }
+                            self.x.actions.push(DpAction::Nat {
+                                src,
+                                target: *target,
+                            });
+                        }
+                    }
+                    if *commit {
+                        self.x.actions.push(DpAction::Commit { zone, mark: *mark });
+                    }
+                    if let Some(next) = table {
+                        self.x.actions.push(DpAction::Recirc {
+                            zone,
+                            table: *next,
+                            nat: matches!(nat, Some(Nat::Tracked)),
+                        });
+                        self.x.end = End::Recirc;
+                        return Step::Stop(Flow::Halt);
+                    }
+                }
+                Action::Load {
+                    field,
+                    value,
+                    ofs,
+                    nbits,
+                } => {
+                    // `nbits` may be 128 (a whole IPv6 address): no shift by the width.
+                    let mask = crate::field::low_bits(u32::from(*nbits)) << ofs;
+                    key.set_masked(*field, *value << ofs, mask);
+                    self.rewrite(key, *field);
+                }
+                Action::SetField { field, value } => {
+                    key.set(*field, *value);
+                    self.rewrite(key, *field);
+                }
+                Action::Move { src, dst } => {
+                    let v = key.get(*src);
+                    key.set(*dst, v);
+                    self.rewrite(key, *dst);
+                }
+                Action::Controller => self.x.actions.push(DpAction::Controller),
+                Action::NdAdvert { mac, router } => self.x.actions.push(DpAction::NdAdvert {
+                    mac: *mac,
+                    router: *router,
+                }),
+                Action::Note(_) => {}
+            }
+        }
+        Step::Next
     }
 
     fn rewrite(&mut self, key: &MatchKey, field: Field) {
@@ -312,6 +398,7 @@ mod tests {
                 zone: Zone::Imm(4),
                 table: Some(TableId(30)),
                 mark: None,
+                nat: None,
             },
         )]);
         let x = xlate(&t, &mut MatchKey::default(), TableId(0), &mut Silent);
@@ -320,7 +407,8 @@ mod tests {
             x.actions[0],
             DpAction::Recirc {
                 zone: 4,
-                table: TableId(30)
+                table: TableId(30),
+                nat: false,
             }
         );
         let x = xlate(&t, &mut MatchKey::default(), TableId(30), &mut Silent);

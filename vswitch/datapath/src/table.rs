@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::classify::{Classifier, Clause, FlowId, Hit};
 use crate::field::{Field, MatchKey};
-use crate::flow::{FlowEntry, FlowError, FlowIdentity, TableId};
+use crate::flow::{Action, FlowEntry, FlowError, FlowIdentity, TableId};
+use crate::group::Group;
 use crate::time::Time;
 
 /// Number of tables (0..=254).
@@ -63,6 +64,7 @@ pub struct FlowTables {
     flows: Vec<Option<Installed>>,
     free: Vec<u32>,
     by_identity: HashMap<FlowIdentity, FlowId>,
+    groups: HashMap<u32, Arc<Group>>,
 }
 
 impl Default for FlowTables {
@@ -72,6 +74,7 @@ impl Default for FlowTables {
             flows: Vec::new(),
             free: Vec::new(),
             by_identity: HashMap::new(),
+            groups: HashMap::new(),
         }
     }
 }
@@ -86,6 +89,30 @@ fn clauses(entry: &FlowEntry) -> smallvec::SmallVec<[Clause; 1]> {
 impl FlowTables {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Adds or replaces a select group (flows naming it see the new buckets
+    /// in the same generation).
+    pub fn add_group(&mut self, group: Group) -> Result<(), FlowError> {
+        group.validate()?;
+        self.groups.insert(group.id, Arc::new(group));
+        Ok(())
+    }
+
+    /// Removes a group; flows still naming it drop what reaches them.
+    pub fn remove_group(&mut self, id: u32) -> bool {
+        self.groups.remove(&id).is_some()
+    }
+
+    pub fn group(&self, id: u32) -> Option<&Group> {
+        self.groups.get(&id).map(|g| &**g)
+    }
+
+    /// Every group, by id.
+    pub fn groups(&self) -> Vec<&Group> {
+        let mut out: Vec<&Group> = self.groups.values().map(|g| &**g).collect();
+        out.sort_by_key(|g| g.id);
+        out
     }
 
     /// Number of flows in all tables.
@@ -103,6 +130,13 @@ impl FlowTables {
     /// Fails when the flow does not pass [`FlowEntry::validate`]; nothing changes then.
     pub fn add(&mut self, entry: FlowEntry, now: Time) -> Result<FlowId, FlowError> {
         entry.validate()?;
+        for a in &entry.actions {
+            if let Action::Group(g) = a
+                && !self.groups.contains_key(g)
+            {
+                return Err(FlowError::UnknownGroup(*g));
+            }
+        }
         let identity = entry.identity();
         if let Some(&id) = self.by_identity.get(&identity) {
             let slot = self.flows[id.0 as usize]

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use crate::classify::{FlowId, Hit};
 use crate::conntrack::Conntrack;
-use crate::conntrack::CtRefused;
+use crate::conntrack::{CtRefused, Looked};
 use crate::exec::{self, Execute, Translate};
 use crate::field::{Field, MatchKey};
 use crate::flow::{FlowEntry, TableId};
 use crate::key::{FlowKey, PortNo};
+use crate::nat::Ends;
 use crate::pipeline::{End, Observer, Xlate, xlate};
 use crate::table::{FlowTables, Installed};
 use crate::time::Time;
@@ -55,6 +56,8 @@ pub struct Step {
 pub enum Outcome {
     Output(Vec<PortNo>),
     Punt,
+    /// Answered with a reset or a port unreachable (`reject`).
+    Reject,
     /// Dropped: by a flow (`Some`), a table miss, or a loop limit.
     Drop {
         by: Option<FlowId>,
@@ -70,6 +73,10 @@ pub struct Trace {
     pub ct_lookups: Vec<(u16, u8)>,
     /// Connections the packet would commit (zones).
     pub commits: Vec<u16>,
+    /// Translations the packet got, in order: its ends before and after.
+    pub translations: Vec<(Ends, Ends)>,
+    /// Select groups it met and the bucket each chose (`None`: none to choose).
+    pub groups: Vec<(u32, Option<u32>)>,
     pub outcome: Outcome,
 }
 
@@ -97,6 +104,7 @@ impl Trace {
 struct Recorder<'a> {
     tables: &'a FlowTables,
     steps: Vec<Step>,
+    groups: Vec<(u32, Option<u32>)>,
 }
 
 impl Observer for Recorder<'_> {
@@ -125,6 +133,10 @@ impl Observer for Recorder<'_> {
             key: *key,
         });
     }
+
+    fn group(&mut self, group: u32, bucket: Option<u32>) {
+        self.groups.push((group, bucket));
+    }
 }
 
 /// The translations of a trace: the pipeline with a recording observer, never
@@ -147,6 +159,8 @@ struct Observed<'a> {
     ct: CtSource<'a>,
     lookups: Vec<(u16, u8)>,
     commits: Vec<u16>,
+    translations: Vec<(Ends, Ends)>,
+    rejected: bool,
 }
 
 impl Execute for Observed<'_> {
@@ -156,18 +170,50 @@ impl Execute for Observed<'_> {
         true
     }
 
-    fn commit(&mut self, zone: u16, _: Option<u8>, _: &FlowKey) -> Result<(), CtRefused> {
+    fn commit(
+        &mut self,
+        zone: u16,
+        _: Option<u8>,
+        _: &FlowKey,
+        _: &FlowKey,
+    ) -> Result<(), CtRefused> {
         self.commits.push(zone);
         Ok(())
     }
 
-    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {
-        let (state, mark) = match self.ct {
-            CtSource::Assume(s) => (s, 0),
-            CtSource::Live(conntrack, now) => conntrack.peek_marked(now, zone, key),
+    fn lookup(&mut self, zone: u16, key: &FlowKey, nat: bool) -> Looked {
+        let looked = match self.ct {
+            CtSource::Assume(s) => Looked {
+                state: s,
+                mark: 0,
+                nat: None,
+            },
+            CtSource::Live(conntrack, now) => conntrack.peek_nat(now, zone, key, nat),
         };
-        self.lookups.push((zone, state));
-        (state, mark)
+        self.lookups.push((zone, looked.state));
+        looked
+    }
+
+    fn set_ends(&mut self, from: &FlowKey, to: &Ends) {
+        self.translations.push((ends_of(from), *to));
+    }
+
+    fn set_error_ends(&mut self, from: &FlowKey, outer: &Ends, _: &Ends) {
+        self.translations.push((ends_of(from), *outer));
+    }
+
+    fn reject(&mut self, _: &FlowKey) -> bool {
+        self.rejected = true;
+        true
+    }
+}
+
+fn ends_of(k: &FlowKey) -> Ends {
+    Ends {
+        src: k.nw_src,
+        sport: k.tp_src,
+        dst: k.nw_dst,
+        dport: k.tp_dst,
     }
 }
 
@@ -186,6 +232,7 @@ pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
         rec: Recorder {
             tables,
             steps: Vec::new(),
+            groups: Vec::new(),
         },
         last: Xlate::default(),
     };
@@ -193,10 +240,14 @@ pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
         ct,
         lookups: Vec::new(),
         commits: Vec::new(),
+        translations: Vec::new(),
+        rejected: false,
     };
     let mut outputs = Vec::new();
     let ran = exec::run(&mut t, &mut e, packet, &mut outputs);
-    let outcome = if !outputs.is_empty() {
+    let outcome = if e.rejected {
+        Outcome::Reject
+    } else if !outputs.is_empty() {
         Outcome::Output(outputs)
     } else if ran.punt {
         Outcome::Punt
@@ -211,6 +262,8 @@ pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
         steps: t.rec.steps,
         ct_lookups: e.lookups,
         commits: e.commits,
+        translations: e.translations,
+        groups: t.rec.groups,
         outcome,
     }
 }

@@ -17,12 +17,13 @@ use arc_swap::ArcSwap;
 
 use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
-use crate::conntrack::{Conntrack, CtConfig, CtRefused};
+use crate::conntrack::{Conntrack, CtConfig, CtRefused, Looked};
 use crate::exec::{self, Execute, Translate};
 use crate::field::{FRAG_ANY, Field, MatchKey, ether_type};
 use crate::flow::{FlowEntry, TableId};
 use crate::ipf::{Added, Ipf, IpfConfig};
 use crate::key::{FlowKey, PortNo, parse};
+use crate::nat::Ends;
 use crate::pipeline::{End, Silent, Xlate, xlate};
 use crate::table::{FlowTables, Snapshot};
 use crate::time::Time;
@@ -42,13 +43,15 @@ pub enum DropReason {
     CtFull,
     /// The connection's originator (pod or namespace) was at its limit.
     CtLimit,
+    /// A translated connection's new ends belonged to another connection.
+    NatClash,
     /// A fragment that cannot be reassembled (overlapping, too small, past a
     /// memory limit) or a datagram that did not complete in time.
     Fragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::Malformed,
         DropReason::NoMatch,
         DropReason::Flow,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::CtFull,
         DropReason::CtLimit,
         DropReason::Fragment,
+        DropReason::NatClash,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +71,7 @@ impl DropReason {
             DropReason::CtFull => "ct_full",
             DropReason::CtLimit => "ct_limit",
             DropReason::Fragment => "fragment",
+            DropReason::NatClash => "nat_clash",
         }
     }
 
@@ -98,6 +103,9 @@ pub struct Verdict<'a> {
     /// The frame completed a fragmented datagram, decided as a whole: these
     /// frames (its fragments, in order) go to the outputs instead of it.
     pub fragments: &'a [Vec<u8>],
+    /// `reject` answered the frame: this reply goes to the outputs (the
+    /// frame's own port) instead of it. Empty otherwise.
+    pub reply: &'a [u8],
 }
 
 /// One flow's counters in one worker. Single writer (the worker).
@@ -381,6 +389,7 @@ impl Datapath {
             outputs: Vec::with_capacity(256),
             key: FlowKey::default(),
             ipf: Ipf::new(self.config.ipf.clone()),
+            reply: Vec::with_capacity(1600),
         }
     }
 }
@@ -398,6 +407,8 @@ pub struct Worker {
     key: FlowKey,
     /// Fragments waiting for the rest of their datagram.
     ipf: Ipf,
+    /// The answer `reject` built.
+    reply: Vec<u8>,
 }
 
 impl Drop for Worker {
@@ -467,6 +478,19 @@ impl Worker {
     /// Runs one frame through the switch. `frame` may be rewritten in place (ARP
     /// replies); the caller then writes it to every port in the verdict.
     pub fn process(&mut self, now: Time, in_port: PortNo, frame: &mut [u8]) -> Verdict<'_> {
+        self.process_offloaded(now, in_port, frame, false)
+    }
+
+    /// [`Worker::process`] for a frame whose transport checksum is left to
+    /// the receiver (`partial`: it holds the pseudo-header sum, which
+    /// translation must keep right).
+    pub fn process_offloaded(
+        &mut self,
+        now: Time,
+        in_port: PortNo,
+        frame: &mut [u8],
+        partial: bool,
+    ) -> Verdict<'_> {
         let Worker {
             dp,
             snap,
@@ -476,6 +500,7 @@ impl Worker {
             outputs,
             key,
             ipf,
+            reply,
         } = self;
         outputs.clear();
         let len = frame.len() as u64;
@@ -499,6 +524,7 @@ impl Worker {
                         committed: false,
                         held: true,
                         fragments: &[],
+                        reply: &[],
                     };
                 }
                 Added::Dropped(_) => {
@@ -526,12 +552,16 @@ impl Worker {
             conntrack: &dp.conntrack,
             frame,
             now,
+            partial,
+            translated: None,
+            reply,
         };
         let ran = exec::run(&mut cached, &mut live, key, outputs);
         let reason = if let Some(why) = ran.ct_refused {
             Some(match why {
                 CtRefused::Full(_) => DropReason::CtFull,
                 CtRefused::OverLimit => DropReason::CtLimit,
+                CtRefused::NatClash => DropReason::NatClash,
             })
         } else if ran.end == End::LoopLimit {
             Some(DropReason::LoopLimit)
@@ -552,17 +582,23 @@ impl Worker {
         if ran.punt {
             bump(&cell.punts, 1);
         }
-        // The fragments leave with the datagram's (possibly rewritten) MACs.
+        // The fragments leave with the datagram's (possibly rewritten) MACs
+        // and translated ends.
         let fragments: &[Vec<u8>] = if fragments.is_empty() {
             &[]
         } else {
             let macs: [u8; 12] = live.frame[..12].try_into().expect("an Ethernet header");
+            let translated = live.translated;
             let (_, held) = ipf.completed();
             for f in held.iter_mut() {
                 f[..12].copy_from_slice(&macs);
+                if let Some(to) = &translated {
+                    crate::nat::set_ends(f, to, false);
+                }
             }
             ipf.fragments()
         };
+        let reply: &[u8] = if ran.reply { reply } else { &[] };
         Verdict {
             outputs,
             key,
@@ -573,6 +609,7 @@ impl Worker {
             committed: ran.committed,
             held: false,
             fragments,
+            reply,
         }
     }
 }
@@ -613,6 +650,11 @@ struct Live<'a> {
     conntrack: &'a Conntrack,
     frame: &'a mut [u8],
     now: Time,
+    /// The transport checksum is left to the receiver.
+    partial: bool,
+    /// The ends translation gave the packet (for a datagram's fragments).
+    translated: Option<Ends>,
+    reply: &'a mut Vec<u8>,
 }
 
 impl Execute for Live<'_> {
@@ -620,14 +662,44 @@ impl Execute for Live<'_> {
         rewrite(self.frame, key, field, value);
     }
 
-    fn commit(&mut self, zone: u16, mark: Option<u8>, key: &FlowKey) -> Result<(), CtRefused> {
+    fn commit(
+        &mut self,
+        zone: u16,
+        mark: Option<u8>,
+        orig: &FlowKey,
+        current: &FlowKey,
+    ) -> Result<(), CtRefused> {
+        let len = self.frame.len();
+        if orig.nw_src == current.nw_src
+            && orig.nw_dst == current.nw_dst
+            && orig.tp_src == current.tp_src
+            && orig.tp_dst == current.tp_dst
+        {
+            return self
+                .conntrack
+                .commit_marked(self.now, zone, orig, len, mark);
+        }
         self.conntrack
-            .commit_marked(self.now, zone, key, self.frame.len(), mark)
+            .commit_nat(self.now, zone, orig, current, len, mark)
+            .map(|_| ())
     }
 
-    fn lookup(&mut self, zone: u16, key: &FlowKey) -> (u8, u8) {
+    fn lookup(&mut self, zone: u16, key: &FlowKey, nat: bool) -> Looked {
         self.conntrack
-            .lookup_marked(self.now, zone, key, self.frame)
+            .lookup_nat(self.now, zone, key, self.frame, nat)
+    }
+
+    fn set_ends(&mut self, _: &FlowKey, to: &Ends) {
+        crate::nat::set_ends(self.frame, to, self.partial);
+        self.translated = Some(*to);
+    }
+
+    fn set_error_ends(&mut self, _: &FlowKey, outer: &Ends, inner: &Ends) {
+        crate::nat::set_error_ends(self.frame, outer, inner);
+    }
+
+    fn reject(&mut self, key: &FlowKey) -> bool {
+        crate::reject::build(self.frame, key, self.reply)
     }
 
     fn nd_advert(&mut self, key: &FlowKey, mac: [u8; 6], router: bool) -> bool {
@@ -661,6 +733,7 @@ fn drop_verdict<'a>(
         committed: false,
         held: false,
         fragments: &[],
+        reply: &[],
     }
 }
 

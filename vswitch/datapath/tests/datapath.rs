@@ -393,7 +393,7 @@ proptest! {
         let f = FlowEntry::new(table, prio, m)
             .cookie(u64::from(v))
             .action(Action::Load { field: Field::Reg(reg), value: u128::from(v), ofs: 0, nbits: 32 })
-            .action(Action::Ct { commit: true, zone: Zone::Reg(reg), table: None, mark: Some(reg) })
+            .action(Action::Ct { commit: true, zone: Zone::Reg(reg), table: None, mark: Some(reg), nat: None })
             .action(Action::Output(PortNo(out)))
             .action(Action::GotoTable(TableId(table + 1)));
         let text = f.to_string();

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{ConnInfo, Conntrack, Tuple};
+use super::{CanonKey, Conn, ConnInfo, Conntrack, Tuple};
 use crate::time::Time;
 
 impl Conntrack {
@@ -31,6 +31,7 @@ impl Conntrack {
                     packets: c.packets,
                     bytes: c.bytes,
                     owner: c.charge.as_ref().map(|ch| ch.0.name.clone()),
+                    nat: c.nat.as_ref().map(|n| n.xlat),
                 }
             })
             .collect();
@@ -40,24 +41,51 @@ impl Conntrack {
         out
     }
 
-    /// Drops every connection for which `keep(zone, original tuple)` is
-    /// false; returns how many were dropped. What a policy change calls so
-    /// that connections the new policy would not admit are cut at once.
+    /// Drops every connection for which `keep(zone, tuple)` is false;
+    /// returns how many were dropped. What a policy change calls so that
+    /// connections the new policy would not admit are cut at once. The
+    /// tuple is what policy decided on: the originator's source and the
+    /// destination after translation.
     pub fn retain(&self, mut keep: impl FnMut(u16, &Tuple) -> bool) -> usize {
-        let mut removed = 0;
-        self.map.retain(|k, c| {
+        self.remove_where(|k, c| {
             let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
-            let orig = Tuple {
+            let (dst, dport) = match &c.nat {
+                Some(n) => (n.xlat.dst, n.xlat.dport),
+                None => r,
+            };
+            let decided = Tuple {
                 proto: k.proto,
                 src: o.0,
                 sport: o.1,
-                dst: r.0,
-                dport: r.1,
+                dst,
+                dport,
             };
-            let kept = keep(k.zone, &orig);
-            removed += usize::from(!kept);
-            kept
+            !keep(k.zone, &decided)
+        })
+    }
+
+    /// Removes the connections (never alias entries) `gone` picks, with
+    /// their aliases; returns how many.
+    pub(super) fn remove_where(&self, mut gone: impl FnMut(&CanonKey, &Conn) -> bool) -> usize {
+        let mut removed = 0;
+        let mut aliases = Vec::new();
+        self.map.retain(|k, c| {
+            if c.alias_of.is_some() {
+                return true;
+            }
+            let remove = gone(k, c);
+            if remove {
+                removed += 1;
+                if let Some(n) = &c.nat {
+                    aliases.push((n.alias, *k));
+                }
+            }
+            !remove
         });
+        for (alias, primary) in aliases {
+            self.map
+                .remove_if(&alias, |_, a| a.alias_of.as_deref() == Some(&primary));
+        }
         self.len.fetch_sub(removed, Relaxed);
         removed
     }

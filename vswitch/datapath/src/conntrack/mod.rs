@@ -25,10 +25,13 @@ use crate::time::Time;
 
 mod bulk;
 mod icmp;
+mod nat;
 mod owner;
 mod saved;
 
 use icmp::{embedded_tuple, is_icmp_error, is_icmp_reply_only, is_router_error};
+use nat::NatConn;
+pub use nat::{Looked, NatRewrite};
 use owner::Charge;
 pub use owner::Owner;
 pub use saved::SavedConn;
@@ -219,6 +222,12 @@ struct Conn {
     mark: u8,
     /// Who it is charged to, when its originator has an owner.
     charge: Option<Charge>,
+    /// A translated connection: its ends before and after, and the key its
+    /// translated ends are found under.
+    nat: Option<Box<NatConn>>,
+    /// Set on the entry under a translated connection's other key: the key
+    /// of the connection itself (all other fields unused).
+    alias_of: Option<Box<CanonKey>>,
 }
 
 impl Conn {
@@ -236,6 +245,8 @@ impl Conn {
             bytes: self.bytes,
             mark: self.mark,
             charge: None,
+            nat: self.nat.clone(),
+            alias_of: None,
         }
     }
 }
@@ -254,6 +265,9 @@ pub struct ConnInfo {
     pub bytes: [u64; 2],
     /// Who it is charged to (see [`Owner`]).
     pub owner: Option<String>,
+    /// A translated connection: its original direction's ends after
+    /// translation (`orig` holds them before).
+    pub nat: Option<crate::nat::Ends>,
 }
 
 impl std::fmt::Display for ConnInfo {
@@ -273,7 +287,16 @@ impl std::fmt::Display for ConnInfo {
             self.packets[1],
             self.bytes[0],
             self.bytes[1],
-        )
+        )?;
+        if let Some(n) = &self.nat {
+            if n.src != self.orig.src || n.sport != self.orig.sport {
+                write!(f, ",snat={}:{}", wide_to_ip(n.src), n.sport)?;
+            }
+            if n.dst != self.orig.dst || n.dport != self.orig.dport {
+                write!(f, ",dnat={}:{}", wide_to_ip(n.dst), n.dport)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -287,6 +310,9 @@ pub struct CtStats {
     pub limit_drops: AtomicU64,
     pub invalid: AtomicU64,
     pub expired: AtomicU64,
+    /// New translated connections refused: their translated ends were
+    /// another connection's.
+    pub nat_clashes: AtomicU64,
 }
 
 /// `commit` refused a new connection.
@@ -299,6 +325,10 @@ pub enum CtRefused {
     /// it may have.
     #[error("connection limit of the originator reached")]
     OverLimit,
+    /// A translated connection's ends after translation belong to another
+    /// live connection.
+    #[error("translated ends already in use")]
+    NatClash,
 }
 
 /// The connection table, shared by all packet threads.
@@ -363,7 +393,13 @@ impl Conntrack {
     /// send (fragmentation needed / packet too big, time exceeded), through a
     /// port trusted to carry them (the node's). Anything else is forged: a
     /// third party cannot reset or redirect a connection it is not part of.
-    fn related(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> Option<(bool, u8)> {
+    fn related(
+        &self,
+        now: Time,
+        zone: u16,
+        key: &FlowKey,
+        frame: &[u8],
+    ) -> Option<(bool, u8, Option<NatRewrite>)> {
         let inner = embedded_tuple(frame)?;
         if key.nw_dst != inner.src {
             return None;
@@ -375,8 +411,25 @@ impl Conntrack {
         }
         // The embedded packet travelled the other way.
         let (ck, fwd) = inner.reverse().canon(zone);
-        let conn = self.map.get(&ck)?;
-        (conn.expires > now).then(|| (fwd == conn.orig_is_a, conn.mark))
+        let (conn, via_alias) = self.resolve(&ck)?;
+        if conn.expires <= now {
+            return None;
+        }
+        let orig_dir = if via_alias {
+            // Found by its translated ends: the error is about a packet of the
+            // original direction after translation, so it travels back.
+            !conn
+                .nat
+                .as_ref()
+                .is_some_and(|n| n.is_translated_orig(&inner))
+        } else {
+            fwd == conn.orig_is_a
+        };
+        let rewrite = conn
+            .nat
+            .as_ref()
+            .and_then(|n| n.error_rewrite(key, &inner, via_alias, orig_dir));
+        Some((orig_dir, conn.mark, rewrite))
     }
 
     /// Who connections from each address are charged to from now on
@@ -413,42 +466,77 @@ impl Conntrack {
     /// [`Conntrack::lookup`], also returning the connection's `ct_mark` (0 when
     /// untracked, new or invalid; an ICMP error gets its connection's).
     pub fn lookup_marked(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> (u8, u8) {
+        let l = self.lookup_nat(now, zone, key, frame, false);
+        (l.state, l.mark)
+    }
+
+    /// [`Conntrack::lookup_marked`]; with `nat`, also the rewrite a
+    /// translated connection's packet gets (`ct(nat)`): its original
+    /// direction towards the translated ends, its replies (and ICMP errors
+    /// about it) back to the ends the originator knows.
+    pub fn lookup_nat(
+        &self,
+        now: Time,
+        zone: u16,
+        key: &FlowKey,
+        frame: &[u8],
+        nat: bool,
+    ) -> Looked {
         use ct_state::*;
         self.stats.lookups.fetch_add(1, Relaxed);
-        let Some(tuple) = Tuple::of(key) else {
+        let invalid = || {
             self.stats.invalid.fetch_add(1, Relaxed);
-            return (TRK | INV, 0);
+            Looked::state(TRK | INV)
+        };
+        let Some(tuple) = Tuple::of(key) else {
+            return invalid();
         };
         if is_icmp_error(key) {
             return match self.related(now, zone, key, frame) {
-                Some((orig_dir, mark)) => (TRK | REL | if orig_dir { 0 } else { RPL }, mark),
-                None => {
-                    self.stats.invalid.fetch_add(1, Relaxed);
-                    (TRK | INV, 0)
-                }
+                Some((orig_dir, mark, rewrite)) => Looked {
+                    state: TRK | REL | if orig_dir { 0 } else { RPL },
+                    mark,
+                    nat: rewrite.filter(|_| nat),
+                },
+                None => invalid(),
             };
         }
-        let (ck, fwd) = tuple.canon(zone);
-        if let Some(mut conn) = self.map.get_mut(&ck)
+        let (mut ck, fwd) = tuple.canon(zone);
+        let mut found = self.map.get_mut(&ck);
+        let mut via_alias = false;
+        if let Some(primary) = found.as_ref().and_then(|c| c.alias_of.as_deref().copied()) {
+            drop(found);
+            ck = primary;
+            via_alias = true;
+            found = self.map.get_mut(&ck);
+        }
+        if let Some(mut conn) = found
             && conn.expires > now
         {
-            let orig = fwd == conn.orig_is_a;
+            let orig = match (&conn.nat, via_alias) {
+                (Some(n), true) => n.is_translated_orig(&tuple),
+                _ => fwd == conn.orig_is_a,
+            };
             let mark = conn.mark;
+            let rewrite = conn
+                .nat
+                .as_ref()
+                .filter(|_| nat)
+                .and_then(|n| n.rewrite(via_alias, orig));
             return match self.advance(&ck, &mut conn, now, key, orig, frame.len() as u64) {
-                Some(state) => (state, mark),
-                None => {
-                    self.stats.invalid.fetch_add(1, Relaxed);
-                    (TRK | INV, 0)
-                }
+                Some(state) => Looked {
+                    state,
+                    mark,
+                    nat: rewrite,
+                },
+                None => invalid(),
             };
         }
         // Unknown (or expired) connection: only an opening packet may start one.
-        let opens = Self::opens(key);
-        if opens {
-            (TRK | NEW, 0)
+        if Self::opens(key) {
+            Looked::state(TRK | NEW)
         } else {
-            self.stats.invalid.fetch_add(1, Relaxed);
-            (TRK | INV, 0)
+            invalid()
         }
     }
 
@@ -461,29 +549,47 @@ impl Conntrack {
 
     /// [`Conntrack::peek`], also returning the connection's `ct_mark`.
     pub fn peek_marked(&self, now: Time, zone: u16, key: &FlowKey) -> (u8, u8) {
+        let l = self.peek_nat(now, zone, key, false);
+        (l.state, l.mark)
+    }
+
+    /// [`Conntrack::peek_marked`] with the translation [`Conntrack::lookup_nat`]
+    /// would apply.
+    pub fn peek_nat(&self, now: Time, zone: u16, key: &FlowKey, nat: bool) -> Looked {
         use ct_state::*;
         let Some(tuple) = Tuple::of(key) else {
-            return (TRK | INV, 0);
+            return Looked::state(TRK | INV);
         };
         if is_icmp_error(key) {
-            return (TRK | INV, 0);
+            return Looked::state(TRK | INV);
         }
         let (ck, fwd) = tuple.canon(zone);
-        if let Some(conn) = self.map.get(&ck)
+        if let Some((conn, via_alias)) = self.resolve(&ck)
             && conn.expires > now
         {
             // A copy to advance without touching the entry; it holds no
             // charge (cloning one would count against the owner's limit).
             let mut copy = conn.uncharged();
-            let orig = fwd == copy.orig_is_a;
             drop(conn);
-            let mark = copy.mark;
-            return (self.advance_copy(&mut copy, now, key, orig), mark);
+            let orig = match (&copy.nat, via_alias) {
+                (Some(n), true) => n.is_translated_orig(&tuple),
+                _ => fwd == copy.orig_is_a,
+            };
+            let rewrite = copy
+                .nat
+                .as_ref()
+                .filter(|_| nat)
+                .and_then(|n| n.rewrite(via_alias, orig));
+            return Looked {
+                state: self.advance_copy(&mut copy, now, key, orig),
+                mark: copy.mark,
+                nat: rewrite,
+            };
         }
         if Self::opens(key) {
-            (TRK | NEW, 0)
+            Looked::state(TRK | NEW)
         } else {
-            (TRK | INV, 0)
+            Looked::state(TRK | INV)
         }
     }
 
@@ -662,11 +768,26 @@ impl Conntrack {
         len: usize,
         mark: Option<u8>,
     ) -> Result<(), CtRefused> {
+        self.commit_inner(now, zone, key, len, mark, None)
+            .map(|_| ())
+    }
+
+    /// The commit proper; `nat` makes the new connection a translated one.
+    /// Returns whether a connection was created.
+    fn commit_inner(
+        &self,
+        now: Time,
+        zone: u16,
+        key: &FlowKey,
+        len: usize,
+        mark: Option<u8>,
+        nat: Option<NatConn>,
+    ) -> Result<bool, CtRefused> {
         let Some(tuple) = Tuple::of(key) else {
-            return Ok(());
+            return Ok(false);
         };
         if is_icmp_error(key) {
-            return Ok(());
+            return Ok(false);
         }
         let (ck, fwd) = tuple.canon(zone);
         let c = &self.config;
@@ -689,19 +810,34 @@ impl Conntrack {
             bytes: [len as u64, 0],
             mark: mark.unwrap_or(0),
             charge,
+            nat: nat.clone().map(Box::new),
+            alias_of: None,
         };
-        match self.map.entry(ck) {
+        let replaced = match self.map.entry(ck) {
             dashmap::Entry::Occupied(mut e) => {
-                if e.get().expires <= now {
-                    // The dead entry's charge is given back as it is replaced.
-                    let charge = self.charge(key)?;
-                    *e.get_mut() = fresh(charge);
-                    self.schedule(ck, now + timeout);
-                    self.stats.committed.fetch_add(1, Relaxed);
-                } else if let Some(m) = mark {
-                    e.get_mut().mark = m;
+                if let Some(primary) = e.get().alias_of.as_deref().copied() {
+                    // These ends are a translated connection's: theirs while
+                    // it lives (its lookups answer for them).
+                    drop(e);
+                    if self.map.get(&primary).is_some_and(|c| c.expires > now) {
+                        return Ok(false);
+                    }
+                    self.map.remove(&ck);
+                    return self.commit_inner(now, zone, key, len, mark, nat);
                 }
-                Ok(())
+                if e.get().expires > now {
+                    if let Some(m) = mark {
+                        e.get_mut().mark = m;
+                    }
+                    return Ok(false);
+                }
+                // The dead entry's charge is given back as it is replaced.
+                let charge = self.charge(key)?;
+                let dead = std::mem::replace(e.get_mut(), fresh(charge));
+                drop(e);
+                self.schedule(ck, now + timeout);
+                self.stats.committed.fetch_add(1, Relaxed);
+                Some(dead)
             }
             dashmap::Entry::Vacant(v) => {
                 if self.len.load(Relaxed) >= self.config.max_entries {
@@ -713,9 +849,16 @@ impl Conntrack {
                 v.insert(fresh(charge));
                 self.schedule(ck, now + timeout);
                 self.stats.committed.fetch_add(1, Relaxed);
-                Ok(())
+                None
             }
+        };
+        if let Some(dead) = replaced {
+            self.unlink(&ck, &dead);
         }
+        if let Some(n) = nat {
+            self.map.insert(n.alias, Conn::alias(ck));
+        }
+        Ok(true)
     }
 
     /// Removes expired entries among those due in the expiry wheel, visiting at
@@ -740,7 +883,8 @@ impl Conntrack {
         for key in due {
             if let dashmap::Entry::Occupied(mut e) = self.map.entry(key) {
                 if e.get().expires <= now {
-                    e.remove();
+                    let gone = e.remove();
+                    self.unlink(&key, &gone);
                     removed += 1;
                 } else {
                     let at = e.get().expires;

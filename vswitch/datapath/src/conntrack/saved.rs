@@ -4,7 +4,8 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use super::{CanonKey, Conn, ConnState, Conntrack};
+use super::{CanonKey, Conn, ConnState, Conntrack, NatConn, Tuple};
+use crate::nat::Ends;
 use crate::time::Time;
 
 /// A connection as saved across a restart: everything the table keeps, with
@@ -25,6 +26,9 @@ pub struct SavedConn {
     pub packets: [u64; 2],
     pub bytes: [u64; 2],
     pub mark: u8,
+    /// A translated connection: its original direction's ends after
+    /// translation.
+    pub nat: Option<crate::nat::Ends>,
 }
 
 impl Conntrack {
@@ -48,6 +52,7 @@ impl Conntrack {
                     packets: c.packets,
                     bytes: c.bytes,
                     mark: c.mark,
+                    nat: c.nat.as_ref().map(|n| n.xlat),
                 }
             })
             .collect()
@@ -68,6 +73,33 @@ impl Conntrack {
                 b: s.b,
             };
             let expires = now + Duration::from_millis(s.expires_in_ms);
+            let (o, r) = if s.orig_is_a { (s.a, s.b) } else { (s.b, s.a) };
+            let orig = Ends {
+                src: o.0,
+                sport: o.1,
+                dst: r.0,
+                dport: r.1,
+            };
+            let nat = s.nat.filter(|x| *x != orig).map(|xlat| {
+                let t = Tuple {
+                    proto: s.proto,
+                    src: xlat.src,
+                    sport: xlat.sport,
+                    dst: xlat.dst,
+                    dport: xlat.dport,
+                };
+                NatConn {
+                    orig,
+                    xlat,
+                    alias: t.canon(s.zone).0,
+                }
+            });
+            if nat
+                .as_ref()
+                .is_some_and(|n| self.map.contains_key(&n.alias))
+            {
+                continue;
+            }
             if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
                 v.insert(Conn {
                     orig_is_a: s.orig_is_a,
@@ -81,7 +113,12 @@ impl Conntrack {
                     bytes: s.bytes,
                     mark: s.mark,
                     charge: None,
+                    nat: nat.clone().map(Box::new),
+                    alias_of: None,
                 });
+                if let Some(n) = nat {
+                    self.map.insert(n.alias, Conn::alias(key));
+                }
                 self.len.fetch_add(1, Relaxed);
                 self.schedule(key, expires);
                 n += 1;
@@ -98,13 +135,12 @@ impl Conntrack {
         if addrs.is_empty() {
             return 0;
         }
-        let mut removed = 0;
-        self.map.retain(|k, _| {
-            let keep = !addrs.contains(&k.a.0) && !addrs.contains(&k.b.0);
-            removed += usize::from(!keep);
-            keep
-        });
-        self.len.fetch_sub(removed, Relaxed);
-        removed
+        self.remove_where(|k, c| {
+            let translated = c
+                .nat
+                .as_ref()
+                .is_some_and(|n| addrs.contains(&n.xlat.src) || addrs.contains(&n.xlat.dst));
+            translated || addrs.contains(&k.a.0) || addrs.contains(&k.b.0)
+        })
     }
 }

@@ -1,0 +1,234 @@
+//! Load balancing in the datapath, through its public API: a select group
+//! translating new connections, replies and ICMP errors translated back,
+//! existing connections kept when the group changes, hairpin, reject.
+
+use datapath::group::parse_group;
+use datapath::{Datapath, DatapathConfig, PortNo, Time, parse, parse_flow};
+use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+const CLIENT: [u8; 4] = [10, 0, 0, 1];
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const B1: [u8; 4] = [10, 0, 0, 11];
+const B2: [u8; 4] = [10, 0, 0, 12];
+
+fn port_of(ip: [u8; 4]) -> u32 {
+    u32::from(ip[3])
+}
+
+fn switch(group: &str) -> std::sync::Arc<Datapath> {
+    let dp = Datapath::new(DatapathConfig::default());
+    let mut flows = vec![
+        "table=0,priority=10,ip,actions=ct(zone=1,nat,table=30)".to_string(),
+        "table=30,priority=100,ct_state=-new+est+trk,ip,actions=goto_table:60".into(),
+        "table=30,priority=100,ct_state=+rel+trk,ip,actions=goto_table:60".into(),
+        "table=30,priority=90,ct_state=+new+trk,tcp,nw_dst=10.96.0.10,tp_dst=80,actions=group:1,goto_table:60".into(),
+        "table=30,priority=90,ct_state=+new+trk,udp,nw_dst=10.96.0.10,tp_dst=53,actions=reject".into(),
+        "table=30,priority=0,ip,actions=goto_table:60".into(),
+        // Hairpin: a client reaching itself gets the Service address as source.
+        "table=60,priority=200,ct_state=+new+trk,ip,nw_src=10.0.0.11,nw_dst=10.0.0.11,actions=ct(commit,zone=1,nat(src=10.96.0.10)),output:11".into(),
+        "table=60,priority=100,ct_state=+new+trk,ip,actions=ct(commit,zone=1),resubmit(,70)".into(),
+        "table=60,priority=50,ip,actions=resubmit(,70)".into(),
+    ];
+    for ip in [CLIENT, B1, B2] {
+        flows.push(format!(
+            "table=70,priority=10,ip,nw_dst={}.{}.{}.{},actions=output:{}",
+            ip[0],
+            ip[1],
+            ip[2],
+            ip[3],
+            port_of(ip)
+        ));
+    }
+    let group = parse_group(group).unwrap();
+    dp.update(Time::ZERO, |t| {
+        t.add_group(group)?;
+        for f in &flows {
+            t.add(parse_flow(f).unwrap(), Time::ZERO)?;
+        }
+        Ok::<_, datapath::FlowError>(())
+    })
+    .unwrap();
+    dp
+}
+
+const TWO: &str = "group_id=1,type=select,bucket=bucket_id:11,weight:1,actions=ct(nat(dst=10.0.0.11:8080)),bucket=bucket_id:12,weight:1,actions=ct(nat(dst=10.0.0.12:8080))";
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, syn: bool, ack: bool) -> Vec<u8> {
+    let mut f = Vec::new();
+    let mut b = PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(src, dst, 64)
+        .tcp(sp, dp, 1000, 100);
+    if syn {
+        b = b.syn();
+    }
+    if ack {
+        b = b.ack(1);
+    }
+    b.write(&mut f, b"data").unwrap();
+    f
+}
+
+fn ends(frame: &[u8]) -> ([u8; 4], u16, [u8; 4], u16) {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!()
+    };
+    let (s, d) = (ip.header().source(), ip.header().destination());
+    let (sp, dp) = match p.transport {
+        Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
+        Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port()),
+        _ => (0, 0),
+    };
+    (s, sp, d, dp)
+}
+
+fn checksums_ok(frame: &[u8]) -> bool {
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+        panic!()
+    };
+    let h = ip.header().to_header();
+    let Some(TransportSlice::Tcp(t)) = p.transport else {
+        return h.calc_header_checksum() == h.header_checksum;
+    };
+    h.calc_header_checksum() == h.header_checksum
+        && t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap() == t.checksum()
+}
+
+#[test]
+fn a_connection_is_translated_both_ways_and_keeps_its_backend() {
+    let dp = switch(TWO);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let now = Time::ZERO;
+    // The first packet: translated to one backend.
+    let mut syn = tcp(CLIENT, VIP, 40000, 80, true, false);
+    let v = w.process(now, PortNo(1), &mut syn);
+    assert!(v.drop.is_none(), "{v:?}");
+    let out = v.outputs.to_vec();
+    let (_, sp, backend, bp) = ends(&syn);
+    assert_eq!((sp, bp), (40000, 8080));
+    assert!(backend == B1 || backend == B2);
+    assert_eq!(out, vec![PortNo(port_of(backend))]);
+    assert!(checksums_ok(&syn));
+    // The backend's answer comes back from the Service address.
+    let mut synack = tcp(backend, CLIENT, 8080, 40000, true, true);
+    let v = w.process(now, PortNo(port_of(backend)), &mut synack);
+    assert_eq!(v.outputs, &[PortNo(1)]);
+    assert_eq!(ends(&synack), (VIP, 80, CLIENT, 40000));
+    assert!(checksums_ok(&synack));
+    // The group changes (the chosen backend leaves): the connection stays.
+    let other = if backend == B1 { 12 } else { 11 };
+    let only = format!(
+        "group_id=1,type=select,bucket=bucket_id:{other},actions=ct(nat(dst=10.0.0.{other}:8080))"
+    );
+    dp.update(now, |t| t.add_group(parse_group(&only).unwrap()))
+        .unwrap();
+    w.begin_batch();
+    let mut ack = tcp(CLIENT, VIP, 40000, 80, false, true);
+    let v = w.process(now, PortNo(1), &mut ack);
+    assert_eq!(v.outputs, &[PortNo(port_of(backend))]);
+    assert_eq!(ends(&ack).2, backend);
+    // A new connection goes to the remaining backend.
+    let mut syn2 = tcp(CLIENT, VIP, 40001, 80, true, false);
+    let v = w.process(now, PortNo(1), &mut syn2);
+    assert_eq!(v.outputs, &[PortNo(other)]);
+    // The table lists the translation.
+    let dump = dp.conntrack.dump(now, None);
+    assert!(
+        dump.iter().any(|c| c
+            .to_string()
+            .contains(&format!("dnat=10.0.0.{}:8080", backend[3]))),
+        "{dump:?}"
+    );
+}
+
+#[test]
+fn connections_spread_over_the_backends() {
+    let dp = switch(TWO);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut to = [0u32; 2];
+    for sport in 1000..1400 {
+        let mut syn = tcp(CLIENT, VIP, sport, 80, true, false);
+        let v = w.process(Time::ZERO, PortNo(1), &mut syn);
+        to[usize::from(v.outputs[0] == PortNo(12))] += 1;
+    }
+    assert!(to[0] > 150 && to[1] > 150, "{to:?}");
+}
+
+#[test]
+fn an_icmp_error_from_the_backend_names_the_service() {
+    let dp = switch(TWO);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut syn = tcp(CLIENT, VIP, 40000, 80, true, false);
+    w.process(Time::ZERO, PortNo(1), &mut syn);
+    let backend = ends(&syn).2;
+    // The backend says "port unreachable" about the translated SYN.
+    let quoted = &syn[14..];
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2([4; 6], [2; 6])
+        .ipv4(backend, CLIENT, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut err, quoted)
+        .unwrap();
+    let v = w.process(Time::ZERO, PortNo(port_of(backend)), &mut err);
+    assert_eq!(v.outputs, &[PortNo(1)]);
+    let p = SlicedPacket::from_ethernet(&err).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source(), VIP);
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    let inner = icmp.payload();
+    assert_eq!(
+        &inner[16..20],
+        &VIP,
+        "the embedded destination is the Service"
+    );
+    assert_eq!(u16::from_be_bytes([inner[22], inner[23]]), 80);
+    let check = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), inner);
+    assert_eq!(check.checksum, icmp.checksum());
+}
+
+#[test]
+fn hairpin_comes_back_from_the_service_address() {
+    let only = "group_id=1,type=select,bucket=bucket_id:11,actions=ct(nat(dst=10.0.0.11:8080))";
+    let dp = switch(only);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut syn = tcp(B1, VIP, 40000, 80, true, false);
+    let v = w.process(Time::ZERO, PortNo(11), &mut syn);
+    assert_eq!(v.outputs, &[PortNo(11)]);
+    assert_eq!(ends(&syn), (VIP, 40000, B1, 8080));
+    assert!(checksums_ok(&syn));
+    let mut synack = tcp(B1, VIP, 8080, 40000, true, true);
+    let v = w.process(Time::ZERO, PortNo(11), &mut synack);
+    assert_eq!(v.outputs, &[PortNo(11)]);
+    assert_eq!(ends(&synack), (VIP, 80, B1, 40000));
+    assert!(checksums_ok(&synack));
+}
+
+#[test]
+fn reject_answers_at_once() {
+    let dp = switch(TWO);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut dns = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(CLIENT, VIP, 64)
+        .udp(5353, 53)
+        .write(&mut dns, b"q")
+        .unwrap();
+    let v = w.process(Time::ZERO, PortNo(1), &mut dns);
+    assert_eq!(v.outputs, &[PortNo(1)]);
+    assert!(!v.reply.is_empty());
+    let p = SlicedPacket::from_ethernet(v.reply).unwrap();
+    assert!(matches!(p.transport, Some(TransportSlice::Icmpv4(_))));
+    let _ = parse(PortNo(1), v.reply);
+}
