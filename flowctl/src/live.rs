@@ -454,6 +454,44 @@ pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
 }
 
 /// Learned names, one row per address.
+/// `dump-services`: one row per frontend and backend.
+pub fn services_text(services: &[control::view::ServiceView], color: bool) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for s in services {
+        let service = if s.affinity {
+            format!("{} (ClientIP affinity)", s.service)
+        } else {
+            s.service.clone()
+        };
+        if s.backends.is_empty() {
+            rows.push(vec![
+                service,
+                s.frontend.clone(),
+                "no endpoints: refused".into(),
+                String::new(),
+            ]);
+            continue;
+        }
+        for b in &s.backends {
+            let backend = match &b.pod {
+                Some(pod) => format!("{} ({pod})", b.address),
+                None => b.address.clone(),
+            };
+            rows.push(vec![
+                service.clone(),
+                s.frontend.clone(),
+                backend,
+                b.connections.map_or("-".into(), |n| n.to_string()),
+            ]);
+        }
+    }
+    table(
+        color,
+        &["SERVICE", "FRONTEND", "BACKEND", "CONNECTIONS"],
+        &rows,
+    )
+}
+
 pub fn dns_text(names: &[DnsView], color: bool) -> String {
     let rows: Vec<Vec<String>> = names
         .iter()

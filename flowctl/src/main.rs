@@ -71,6 +71,9 @@ enum Command {
     /// Names learned from the pods' DNS answers (for ClusterNetworkPolicy
     /// `domainNames` peers), with their addresses and expiry (live).
     DumpDns,
+    /// Services the switch load-balances: each ClusterIP frontend, its ready
+    /// backends and (live) the tracked connections to each.
+    DumpServices,
     /// Trace a new connection: `tcp,src=NS/POD|IP,dst=NS/POD|IP,tp_dst=PORT`.
     Trace {
         /// Packet: protocol (tcp|udp|sctp|icmp), src= and dst= (a pod as
@@ -173,7 +176,8 @@ fn offline(dir: &Path) -> Result<(Offline, Rejections, bool)> {
             eprintln!("flowctl: ClusterNetworkPolicy {}: {w}", p.name);
         }
     }
-    let compiled = Offline::new(m.to_cluster()).context("failed to compile manifests")?;
+    let compiled = Offline::with_services(m.to_cluster(), &m.services)
+        .context("failed to compile manifests")?;
     Ok((compiled, rejected, !m.errors.is_empty()))
 }
 
@@ -217,6 +221,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let out = match cli.command {
         Command::DumpFlows { table, cookie } => {
             render::dump_flows(&offline, table, cookie.as_deref(), json)
+        }
+        Command::DumpServices => {
+            let v = control::view::service_views(
+                &offline.topology.frontends,
+                offline.compiler.cluster(),
+                |_, _| None,
+            );
+            if json {
+                pretty(&v)
+            } else {
+                live::services_text(&v, color)
+            }
         }
         Command::DumpPolicies => {
             // The staged compiler has every policy, staged ones included.
@@ -376,6 +392,14 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 pretty(&v)
             } else {
                 render::trace_text(&v, color)
+            }
+        }
+        Command::DumpServices => {
+            let v: Vec<control::view::ServiceView> = typed(ask(&Request::DumpServices)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                live::services_text(&v, color)
             }
         }
         Command::DumpDns => {

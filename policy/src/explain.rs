@@ -132,6 +132,19 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 decided_by,
             }
         }
+        Outcome::Reject => {
+            let rule = trace
+                .matched()
+                .last()
+                .map(|f| describe(compiler, f.cookie))
+                .unwrap_or_else(|| "refused".into());
+            Verdict {
+                allowed: false,
+                rule: rule.clone(),
+                rules: vec![rule],
+                decided_by: Vec::new(),
+            }
+        }
         Outcome::Drop { by, end } => {
             let rule = match (trace.deciding_flow(), end) {
                 (Some(f), _) => describe(compiler, f.cookie),
@@ -219,6 +232,46 @@ pub struct TraceView {
     /// this connection, when something.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<StagedView>,
+    /// Translations the packet got on the way (a Service's backend chosen,
+    /// a hairpin source), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub translations: Vec<TranslationView>,
+}
+
+/// One translation: what changed, as `address:port`, and the pod now named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranslationView {
+    /// `destination` or `source`.
+    pub end: String,
+    pub from: String,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+}
+
+fn translation_views(compiler: &Compiler, trace: &Trace) -> Vec<TranslationView> {
+    let fmt = |ip: std::net::IpAddr, port: u16| match ip {
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+    };
+    let mut out = Vec::new();
+    for (from, to) in &trace.translations {
+        for (end, a, b) in [
+            ("destination", (from.dst, from.dport), (to.dst, to.dport)),
+            ("source", (from.src, from.sport), (to.src, to.sport)),
+        ] {
+            if a != b {
+                let ip = wide_to_ip(b.0);
+                out.push(TranslationView {
+                    end: end.into(),
+                    from: fmt(wide_to_ip(a.0), a.1),
+                    to: fmt(ip, b.1),
+                    pod: compiler.cluster().pod_by_ip(ip).map(|p| p.key.to_string()),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// How a staged verdict relates to the enforced one, for people: `None`
@@ -387,6 +440,7 @@ pub fn trace_view(
         _ => vec![],
     };
     TraceView {
+        translations: translation_views(compiler, &traced.trace),
         packet: PacketView {
             protocol: l4.protocol_name().to_string(),
             src: src.to_string(),

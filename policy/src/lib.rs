@@ -21,6 +21,7 @@ pub mod offline;
 pub mod pipeline;
 pub mod probe;
 pub mod selector;
+pub mod services;
 pub mod staging;
 pub mod status;
 pub mod strict;

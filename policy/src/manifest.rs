@@ -1,5 +1,5 @@
-//! Manifests: YAML files of Namespace, Pod, Node, NetworkPolicy and
-//! ClusterNetworkPolicy objects.
+//! Manifests: YAML files of Namespace, Pod, Node, NetworkPolicy,
+//! ClusterNetworkPolicy, Service and EndpointSlice objects.
 //!
 //! Owns reading a directory of manifests into validated model objects. Each file
 //! may hold several documents (and `List` objects). A bad file or object is
@@ -9,7 +9,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod};
+use k8s_openapi::api::core::v1::{
+    Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod, Service as ApiService,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice as ApiSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -18,6 +21,7 @@ use crate::cluster::Cluster;
 use crate::cnp::{self, ClusterPolicy};
 use crate::error::{Error, FieldError};
 use crate::model::{Namespace, Node, Pod, Policy};
+use crate::services::{Service, Services, Slice};
 
 /// Objects loaded from manifests, and what failed.
 #[derive(Debug, Default)]
@@ -27,6 +31,8 @@ pub struct Manifests {
     pub nodes: Vec<Node>,
     pub policies: Vec<Policy>,
     pub cluster_policies: Vec<ClusterPolicy>,
+    /// Services (those the switch load-balances) and EndpointSlices.
+    pub services: Services,
     pub errors: Vec<Error>,
     /// (kind, namespace/name) -> where it was first defined, to report duplicates.
     seen: HashMap<(String, String), String>,
@@ -177,6 +183,8 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
         | "PodList"
         | "NodeList"
         | "NetworkPolicyList"
+        | "ServiceList"
+        | "EndpointSliceList"
         | "ClusterNetworkPolicyList" => {
             let items = doc
                 .get("items")
@@ -200,6 +208,18 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
         "NetworkPolicy" => typed::<NetworkPolicy>(&kind, &object, doc.clone())
             .and_then(|o| Policy::from_api(&o))
             .and_then(|p| first_time(&kind, &object).map(|_| m.policies.push(p))),
+        "Service" => typed::<ApiService>(&kind, &object, doc.clone())
+            .and_then(|o| Service::from_api(&o))
+            .and_then(|s| {
+                first_time(&kind, &object).map(|_| {
+                    if let Some(s) = s {
+                        m.services.upsert_service(s);
+                    }
+                })
+            }),
+        "EndpointSlice" => typed::<ApiSlice>(&kind, &object, doc.clone())
+            .and_then(|o| Slice::from_api(&o))
+            .and_then(|s| first_time(&kind, &object).map(|_| m.services.upsert_slice(s))),
         cnp::KIND => check_api_version(&doc, cnp::API_VERSION)
             .map_err(|source| Error::Invalid {
                 kind: cnp::KIND,
@@ -209,7 +229,7 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
             .and_then(|_| ClusterPolicy::from_value(&doc))
             .and_then(|p| first_time(&kind, &object).map(|_| m.cluster_policies.push(p))),
         other => Err(doc_err(format!(
-            "unsupported kind {other:?} ({object}); expected Namespace, Pod, Node, NetworkPolicy or ClusterNetworkPolicy"
+            "unsupported kind {other:?} ({object}); expected Namespace, Pod, Node, NetworkPolicy, ClusterNetworkPolicy, Service or EndpointSlice"
         ))),
     };
     if let Err(e) = result {
@@ -242,6 +262,8 @@ fn static_kind(kind: &str) -> &'static str {
         "Namespace" => "Namespace",
         "Pod" => "Pod",
         "Node" => "Node",
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
         cnp::KIND => cnp::KIND,
         _ => "NetworkPolicy",
     }
@@ -352,7 +374,7 @@ mod tests {
              spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]}\n---\n\
              apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: typo, namespace: x}\n\
              spec: {podSelector: {}, ingress: [{ports: [{port: [1]}]}]}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+             apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: s}\n",
         );
         assert_eq!(m.namespaces.len(), 1);
         assert_eq!(
@@ -374,7 +396,7 @@ mod tests {
         );
         let e1 = chain(&m.errors[1]);
         assert!(e1.contains("spec.ingress[0].ports[0].port"), "{e1}");
-        assert!(chain(&m.errors[2]).contains("unsupported kind \"Service\""));
+        assert!(chain(&m.errors[2]).contains("unsupported kind \"Deployment\""));
     }
 
     #[test]

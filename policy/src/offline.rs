@@ -43,7 +43,19 @@ impl Offline {
     ///
     /// Fails only if a compiled flow is rejected by the datapath (a bug).
     pub fn new(cluster: Cluster) -> Result<Offline, Error> {
-        let topology = offline_topology(&cluster);
+        Offline::with_services(cluster, &crate::services::Services::default())
+    }
+
+    /// [`Offline::new`], the switch load-balancing `services` (when there are any).
+    pub fn with_services(
+        cluster: Cluster,
+        services: &crate::services::Services,
+    ) -> Result<Offline, Error> {
+        let mut topology = offline_topology(&cluster);
+        if !services.services.is_empty() {
+            topology.load_balance = true;
+            topology.frontends = services.frontends(&cluster, None);
+        }
         let (cluster, staged) = staging::split(cluster);
         let shadow = staged
             .map(|all| Shadow::build(all, &topology))

@@ -10,6 +10,8 @@ pub const CLASSIFIER: u8 = 0;
 pub const SPOOFGUARD: u8 = 10;
 pub const ARP_RESPONDER: u8 = 20;
 pub const CONNTRACK: u8 = 30;
+/// Services: a new connection to a ClusterIP gets its backend (translated).
+pub const SERVICES: u8 = 35;
 /// Egress policy starts here: exemptions, then the Admin tier (ClusterNetworkPolicy).
 pub const EGRESS_TABLE: u8 = 40;
 /// Egress NetworkPolicy tier.

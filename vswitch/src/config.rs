@@ -88,11 +88,27 @@ pub struct Config {
     /// socket (flowctl). Default: root only.
     #[serde(default)]
     pub control_group: Option<u32>,
-    /// Service (ClusterIP) ranges, translated by kube-proxy in the node's
-    /// kernel: a pod's traffic to them goes to the node, and its policy is
-    /// decided on the translated packet when it comes back.
+    /// Service (ClusterIP) ranges. With `services = "kube-proxy"` they are
+    /// translated by kube-proxy in the node's kernel: a pod's traffic to them
+    /// goes to the node, and its policy is decided on the translated packet
+    /// when it comes back. With `services = "switch"` they are informational.
     #[serde(default)]
     pub service_cidrs: Vec<IpNet>,
+    /// Who load-balances Services: the switch itself (`"switch"`, the
+    /// default: ClusterIPs translated in the datapath, policy decided on the
+    /// chosen backend) or the node's kube-proxy (`"kube-proxy"`).
+    #[serde(default)]
+    pub services: ServicesMode,
+}
+
+/// `services`: who load-balances ClusterIP Services.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum ServicesMode {
+    #[default]
+    #[serde(rename = "switch")]
+    Switch,
+    #[serde(rename = "kube-proxy")]
+    KubeProxy,
 }
 
 /// Where the cluster state comes from.

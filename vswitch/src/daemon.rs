@@ -114,6 +114,7 @@ impl Daemon {
         if !config.service_cidrs.is_empty() {
             realiser.set_service_cidrs(config.service_cidrs.clone())?;
         }
+        realiser.set_load_balance(config.services == crate::config::ServicesMode::Switch)?;
         if let Some(t) = &config.tunnel {
             let local = t
                 .local_address

@@ -311,7 +311,12 @@ impl Lane {
         // Whether the frame needs the header it came with (a TSO segment, or a
         // checksum left to the receiver).
         let offloaded = hdr > 0 && (self.buf[start - hdr] != 0 || self.buf[start - hdr + 1] != 0);
-        let verdict = self.worker.process(now, in_port, &mut self.buf[start..end]);
+        // VIRTIO_NET_HDR_F_NEEDS_CSUM: the transport checksum holds only the
+        // pseudo-header sum (translation must keep that one right).
+        let partial = hdr > 0 && self.buf[start - hdr] & 1 != 0;
+        let verdict =
+            self.worker
+                .process_offloaded(now, in_port, &mut self.buf[start..end], partial);
         if let Some(reason) = verdict.drop {
             counters.pipeline_drop(reason);
             if verdict.policy {
@@ -329,6 +334,22 @@ impl Lane {
         let outputs: SmallVec<[PortNo; 4]> = verdict.outputs.iter().copied().collect();
         if punt {
             self.fwd.punt(&self.buf[start..end]);
+        }
+        if !verdict.reply.is_empty() {
+            // `reject` answered it: the answer goes back instead.
+            let end = HEADROOM + verdict.reply.len();
+            if end <= self.buf.len() {
+                self.buf[HEADROOM..end].copy_from_slice(verdict.reply);
+                let mut tx = Tx {
+                    buf: &mut self.buf,
+                    start: HEADROOM,
+                    end,
+                    offloaded: false,
+                    header_intact: false,
+                };
+                send_all(ports, &outputs, &mut tx);
+            }
+            return;
         }
         if !verdict.fragments.is_empty() {
             // A reassembled datagram was decided: its fragments go out, each

@@ -44,6 +44,7 @@ struct FileObjects {
     nodes: BTreeMap<String, Node>,
     policies: BTreeMap<ObjectKey, Policy>,
     cluster_policies: BTreeMap<String, ClusterPolicy>,
+    services: policy::services::Services,
 }
 
 impl From<&Manifests> for FileObjects {
@@ -70,6 +71,7 @@ impl From<&Manifests> for FileObjects {
                 .iter()
                 .map(|p| (p.name.clone(), p.clone()))
                 .collect(),
+            services: m.services.clone(),
         }
     }
 }
@@ -247,6 +249,8 @@ impl ManifestWatch {
             want.nodes.extend(f.nodes.clone());
             want.policies.extend(f.policies.clone());
             want.cluster_policies.extend(f.cluster_policies.clone());
+            want.services.services.extend(f.services.services.clone());
+            want.services.slices.extend(f.services.slices.clone());
         }
         let mut changes = Vec::new();
         diff(
@@ -292,6 +296,9 @@ impl ManifestWatch {
     /// what was rejected (for `flowctl dump-policies`).
     pub fn poll_into(&mut self, realiser: &Realiser) {
         apply(realiser, self.poll());
+        if let Err(e) = realiser.set_services(self.applied.services.clone()) {
+            log(error_chain(&e));
+        }
         realiser.set_rejections("manifests", self.rejected.clone());
     }
 

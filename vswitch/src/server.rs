@@ -183,6 +183,7 @@ impl Daemon {
             Request::WhatIf { files } => {
                 answer(crate::whatif::what_if(&self.realiser, &self.recent, &files))
             }
+            Request::DumpServices => answer(Ok::<_, String>(self.service_views())),
             Request::DumpDns => answer(Ok::<_, String>(
                 self.realiser
                     .with_learned(|l| l.views(std::time::Instant::now())),
@@ -286,9 +287,44 @@ impl Daemon {
                         orig: c.bytes[0],
                         reply: c.bytes[1],
                     },
+                    translated_dst: c
+                        .nat
+                        .filter(|n| (n.dst, n.dport) != (o.dst, o.dport))
+                        .map(|n| end_text(n.dst, n.dport)),
+                    translated_src: c
+                        .nat
+                        .filter(|n| (n.src, n.sport) != (o.src, o.sport))
+                        .map(|n| end_text(n.src, n.sport)),
                 }
             })
             .collect()
+    }
+
+    /// The Service frontends with their backends and the tracked
+    /// connections through each frontend to each backend.
+    pub fn service_views(&self) -> Vec<control::view::ServiceView> {
+        let now = self.realiser.now();
+        let conns = self.realiser.datapath().conntrack.dump(now, None);
+        let frontends = self.realiser.frontends();
+        self.realiser.with_compiler(|c| {
+            control::view::service_views(&frontends, c.cluster(), |f, b| {
+                let (vip, backend) = (
+                    datapath::key::ip_to_wide(f.ip),
+                    datapath::key::ip_to_wide(b.ip),
+                );
+                Some(
+                    conns
+                        .iter()
+                        .filter(|c| {
+                            c.orig.dst == vip
+                                && c.orig.dport == f.port
+                                && c.orig.proto == f.protocol.ip_proto()
+                                && c.nat.is_some_and(|n| n.dst == backend && n.dport == b.port)
+                        })
+                        .count() as u64,
+                )
+            })
+        })
     }
 
     /// Every port with its counters: pod ports (with what they were attached
@@ -448,4 +484,11 @@ fn accepts(f: &ConnFilter, c: &datapath::ConnInfo) -> bool {
         && f.dport.is_none_or(|p| p == o.dport)
         && f.port.is_none_or(|p| p == o.sport || p == o.dport)
         && f.state.as_ref().is_none_or(|s| s == c.state.name())
+}
+
+fn end_text(addr: [u8; 16], port: u16) -> String {
+    match datapath::key::wide_to_ip(addr) {
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+    }
 }

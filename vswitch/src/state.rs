@@ -186,6 +186,10 @@ struct SavedConnJson {
     packets: [u64; 2],
     bytes: [u64; 2],
     mark: u8,
+    /// A translated connection (a Service's): its original direction's ends
+    /// after translation, source then destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nat: Option<((IpAddr, u16), (IpAddr, u16))>,
 }
 
 impl From<SavedConn> for SavedConnJson {
@@ -203,6 +207,9 @@ impl From<SavedConn> for SavedConnJson {
             packets: c.packets,
             bytes: c.bytes,
             mark: c.mark,
+            nat: c
+                .nat
+                .map(|n| ((wide_to_ip(n.src), n.sport), (wide_to_ip(n.dst), n.dport))),
         }
     }
 }
@@ -223,6 +230,12 @@ impl SavedConnJson {
             packets: self.packets,
             bytes: self.bytes,
             mark: self.mark,
+            nat: self.nat.map(|((s, sp), (d, dp))| datapath::nat::Ends {
+                src: ip_to_wide(s),
+                sport: sp,
+                dst: ip_to_wide(d),
+                dport: dp,
+            }),
         })
     }
 }

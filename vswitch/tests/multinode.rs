@@ -162,6 +162,7 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         format!(
             "socket = {socket:?}\nstate_dir = {:?}\nmanifests = {manifests:?}\nnode_name = {name:?}\n\
              service_cidrs = [\"10.96.0.0/12\", \"fd00:96::/112\"]\n\
+             services = \"kube-proxy\"\n\
              [gateway]\nname = \"{tag}g{letter}\"\naddress = \"{gw}/24\"\n{address6}\
              [tunnel]\nlocal_address = {underlay:?}\n",
             dir.join("state")

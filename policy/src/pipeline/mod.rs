@@ -20,8 +20,10 @@ use crate::model::ObjectKey;
 use crate::tables::*;
 
 mod neighbours;
+mod services;
 
 use neighbours::{arp_responder, spoofguard};
+pub use services::{HAIRPIN_V4, HAIRPIN_V6, groups};
 
 /// Another node, reached through a tunnel port: its pods' addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +83,11 @@ pub struct Topology {
     /// so their policy is decided after translation, when the packet comes back
     /// through the gateway.
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// The switch load-balances Services itself (`services = "switch"`):
+    /// these frontends, translated in table 35 before policy; the node's
+    /// kube-proxy is not relied on and `service_cidrs` are not exempt.
+    pub load_balance: bool,
+    pub frontends: Vec<crate::services::Frontend>,
     /// Conntrack zone of pod traffic.
     pub zone: u16,
     /// Nothing is forwarded (the cluster state is not known yet): every port
@@ -128,10 +135,15 @@ pub enum Purpose {
     SpoofguardNeighbour,
     SpoofguardDadProbe,
     SpoofguardHostOnly,
+    ServiceFrontend,
+    ServiceNoEndpoints,
+    ServiceOther,
+    Hairpin,
+    ForwardRouted,
 }
 
 impl Purpose {
-    const ALL: [Purpose; 32] = [
+    const ALL: [Purpose; 37] = [
         Purpose::ClassifierKnown,
         Purpose::ClassifierUnknown,
         Purpose::SpoofguardOwn,
@@ -164,6 +176,11 @@ impl Purpose {
         Purpose::SpoofguardNeighbour,
         Purpose::SpoofguardDadProbe,
         Purpose::SpoofguardHostOnly,
+        Purpose::ServiceFrontend,
+        Purpose::ServiceNoEndpoints,
+        Purpose::ServiceOther,
+        Purpose::Hairpin,
+        Purpose::ForwardRouted,
     ];
 
     /// In words, as traces and dumps show it.
@@ -214,6 +231,17 @@ impl Purpose {
             }
             Purpose::SpoofguardHostOnly => {
                 "spoofguard: router solicitation or multicast listener message (routes are static; no multicast between pods)"
+            }
+            Purpose::ServiceFrontend => "services: a new connection to a Service gets a backend",
+            Purpose::ServiceNoEndpoints => {
+                "services: a Service with no ready endpoints refuses the connection"
+            }
+            Purpose::ServiceOther => "services: not a Service frontend, on to policy",
+            Purpose::ForwardRouted => {
+                "forwarding: routed to a local pod (translated to a Service backend, or back)"
+            }
+            Purpose::Hairpin => {
+                "output: a pod reaching itself through a Service (the Service's hairpin address as source)"
             }
         }
     }
@@ -291,6 +319,7 @@ pub fn base_flows(topo: &Topology) -> Vec<FlowEntry> {
     policy_exemptions(topo, &mut out);
     forwarding(topo, &mut out);
     output(topo, &mut out);
+    services::flows(topo, &mut out);
     out
 }
 
@@ -355,6 +384,7 @@ fn conntrack(topo: &Topology, out: &mut Vec<FlowEntry>) {
                 zone,
                 table: Some(TableId(CONNTRACK)),
                 mark: None,
+                nat: topo.load_balance.then_some(datapath::flow::Nat::Tracked),
             }),
         );
         out.push(flow(
@@ -375,7 +405,12 @@ fn conntrack(topo: &Topology, out: &mut Vec<FlowEntry>) {
             );
         }
     }
-    out.push(flow(CONNTRACK, 0, Match::any(), Purpose::ConntrackLookup).action(goto(EGRESS_TABLE)));
+    let next = if topo.load_balance {
+        SERVICES
+    } else {
+        EGRESS_TABLE
+    };
+    out.push(flow(CONNTRACK, 0, Match::any(), Purpose::ConntrackLookup).action(goto(next)));
 }
 
 /// Tables 40-42 and 50-52: what policy does not decide here (Service traffic, the other node's half of cross-node traffic) and the pass-through for what no policy flow decides.
@@ -384,7 +419,7 @@ fn policy_exemptions(topo: &Topology, out: &mut Vec<FlowEntry>) {
     // kernel translates it and sends it back through the gateway; policy is
     // decided then, on the real destination (egress matches the pod as source
     // whatever the port it comes from).
-    for net in &topo.service_cidrs {
+    for net in topo.service_cidrs.iter().filter(|_| !topo.load_balance) {
         for (table, next) in [(EGRESS_TABLE, AFTER_EGRESS), (INGRESS_TABLE, AFTER_INGRESS)] {
             let m = net_match(Field::NwDst, *net).with_masked(Field::Reg(0), CLASS_POD, 0xff);
             out.push(flow(table, priority::EXEMPT, m, Purpose::ServiceTraffic).action(goto(next)));
@@ -484,6 +519,29 @@ fn forwarding(topo: &Topology, out: &mut Vec<FlowEntry>) {
                 .with(Field::DlType, dl.into())
                 .with(Field::NwDst, addr);
             out.push(flow(FORWARDING, 100, to_pod, Purpose::ForwardLocal).then_output(p.port));
+            if topo.load_balance {
+                // Sent to the router (a ClusterIP, the hairpin address) and
+                // translated to a pod here: re-addressed as a router hop.
+                out.push(
+                    flow(
+                        FORWARDING,
+                        105,
+                        to_pod
+                            .with(Field::DlDst, mac_value(router_mac))
+                            .with_masked(Field::Reg(0), CLASS_POD, 0xff),
+                        Purpose::ForwardRouted,
+                    )
+                    .action(Action::SetField {
+                        field: Field::DlSrc,
+                        value: mac_value(router_mac),
+                    })
+                    .action(Action::SetField {
+                        field: Field::DlDst,
+                        value: mac_value(p.mac),
+                    })
+                    .then_output(p.port),
+                );
+            }
             if !topo.tunnels.is_empty() {
                 out.push(
                     flow(
@@ -573,6 +631,7 @@ fn output(topo: &Topology, out: &mut Vec<FlowEntry>) {
                     zone,
                     table: None,
                     mark: Some(MARK_VIA_GATEWAY),
+                    nat: None,
                 })
                 .action(Action::Output(port)),
             );
@@ -589,6 +648,7 @@ fn output(topo: &Topology, out: &mut Vec<FlowEntry>) {
                 zone,
                 table: None,
                 mark: None,
+                nat: None,
             })
             .action(Action::Output(port)),
         );
@@ -613,6 +673,9 @@ pub fn tables(
     compiler: &Compiler,
 ) -> Result<datapath::FlowTables, datapath::FlowError> {
     let mut tables = datapath::FlowTables::new();
+    for g in groups(topo) {
+        tables.add_group(g)?;
+    }
     for f in assemble(topo, compiler) {
         tables.add(f, datapath::Time::ZERO)?;
     }
@@ -668,6 +731,8 @@ pub fn offline_topology(cluster: &Cluster) -> Topology {
         }),
         tunnels: vec![],
         service_cidrs: vec![],
+        load_balance: false,
+        frontends: vec![],
         zone: 1,
         sealed: false,
         snoop_dns: false,

@@ -68,6 +68,9 @@ pub enum Request {
     /// Names learned from DNS answers, with their addresses and expiry:
     /// [`view::DnsView`]s.
     DumpDns,
+    /// Service frontends the switch load-balances, with their backends and
+    /// the connections to each: [`view::ServiceView`]s.
+    DumpServices,
     /// The recent-connections summary: [`view::RecentView`].
     Recent,
     /// Replay the recent connections against another policy set (the

@@ -97,6 +97,17 @@ pub fn trace(v: &TraceView, color: bool) -> String {
             }
         }
     }
+    for t in &v.translations {
+        let pod = t.pod.as_ref().map_or(String::new(), |p| format!(" ({p})"));
+        let _ = writeln!(
+            out,
+            "{} {} {} -> {}{pod}",
+            paint(color, BOLD, "translated:"),
+            t.end,
+            t.from,
+            t.to
+        );
+    }
     let verdict = if v.verdict == "allow" {
         paint(color, GREEN, "ALLOW")
     } else {

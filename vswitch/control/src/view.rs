@@ -103,6 +103,13 @@ pub struct ConnView {
     pub age_s: u64,
     pub packets: Directions,
     pub bytes: Directions,
+    /// A translated connection (through a Service): where its original
+    /// direction goes after translation, `address:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translated_dst: Option<String>,
+    /// ... and from, when its source is translated too (hairpin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translated_src: Option<String>,
 }
 
 /// Datapath and control-plane counters.
@@ -271,4 +278,66 @@ pub struct WhatIfGroup {
     pub was: String,
     pub connections: u64,
     pub tuples: Vec<TupleView>,
+}
+
+/// A Service frontend and where it sends new connections
+/// (`flowctl dump-services`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    /// `namespace/name:port` (the port's name, or its number).
+    pub service: String,
+    /// `ClusterIP:port/protocol`.
+    pub frontend: String,
+    /// `sessionAffinity: ClientIP`.
+    pub affinity: bool,
+    /// Ready backends; none: connections are refused.
+    pub backends: Vec<BackendView>,
+}
+
+/// One backend of a frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    /// `address:port`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Tracked connections through the frontend to it (live only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+}
+
+/// The views of `frontends`; `connections(frontend, backend)` counts what
+/// conntrack holds (live), or is `None` (offline).
+pub fn service_views(
+    frontends: &[policy::services::Frontend],
+    cluster: &policy::Cluster,
+    connections: impl Fn(&policy::services::Frontend, &policy::services::Backend) -> Option<u64>,
+) -> Vec<ServiceView> {
+    let addr = |ip: std::net::IpAddr, port: u16| match ip {
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+    };
+    let mut out: Vec<ServiceView> = frontends
+        .iter()
+        .map(|f| ServiceView {
+            service: f.name(),
+            frontend: format!(
+                "{}/{}",
+                addr(f.ip, f.port),
+                f.protocol.name().to_ascii_lowercase()
+            ),
+            affinity: f.client_affinity,
+            backends: f
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    address: addr(b.ip, b.port),
+                    pod: cluster.pod_by_ip(b.ip).map(|p| p.key.to_string()),
+                    connections: connections(f, b),
+                })
+                .collect(),
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.service, &a.frontend).cmp(&(&b.service, &b.frontend)));
+    out
 }

@@ -28,6 +28,7 @@ use crate::tunnel::TunnelIo;
 
 mod observe;
 mod revalidate;
+mod services;
 mod state;
 
 pub use observe::Explained;
@@ -170,6 +171,7 @@ impl Realiser {
                 owners: HashMap::new(),
                 ns_owners: HashMap::new(),
                 shadow: None,
+                services: Default::default(),
             }),
             rejections: Mutex::new(BTreeMap::new()),
             learned: Mutex::new(crate::dns::Learned::default()),
@@ -242,6 +244,13 @@ impl Realiser {
             .cluster_policies()
             .any(policy::cnp::ClusterPolicy::has_domain_peers);
         self.published.ports.store(Arc::new(st.port_set()));
+        st.topology.frontends = if st.topology.load_balance {
+            st.services
+                .frontends(st.compiler.cluster(), st.local_node.as_deref())
+        } else {
+            Vec::new()
+        };
+        let groups = policy::pipeline::groups(&st.topology);
         let base: HashMap<FlowIdentity, FlowEntry> = base_flows(&st.topology)
             .into_iter()
             .map(|f| (f.identity(), f))
@@ -263,7 +272,7 @@ impl Realiser {
         let result = if st.in_sync {
             st.shadow_base(&base_removed, &base_added);
             dp.update(now, |t| {
-                let mut changed = 0;
+                let mut changed = services::sync_groups(t, &groups)?;
                 for id in &base_removed {
                     changed += usize::from(t.remove(id));
                 }
@@ -297,8 +306,9 @@ impl Realiser {
             st.manual.retain(|id, _| !compiled.contains(id));
             flows.extend(st.manual.values().cloned());
             dp.update(now, |t| {
+                let groups_changed = services::sync_groups(t, &groups)?;
                 t.apply(flows, |_| true, now)
-                    .map(|s| s.added + s.modified + s.deleted)
+                    .map(|s| s.added + s.modified + s.deleted + groups_changed)
             })
         };
         match result {

@@ -56,6 +56,9 @@ pub(super) struct State {
     pub(super) last: Realisation,
     /// Node of pods attached here (own-node traffic), when known.
     pub(super) local_node: Option<String>,
+    /// Services and EndpointSlices (load-balanced when
+    /// `topology.load_balance`).
+    pub(super) services: policy::services::Services,
     /// Flows added by hand (`flowctl add-flow`), kept across recompiles.
     pub(super) manual: HashMap<FlowIdentity, FlowEntry>,
     /// Whether a pod attached before its Pod object is known stays cut off
