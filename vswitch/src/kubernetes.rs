@@ -1,6 +1,7 @@
 //! The Kubernetes source: Namespaces, Pods, Nodes, NetworkPolicies and
 //! ClusterNetworkPolicies from the API server, into the same cluster model as
-//! the manifest directory.
+//! the manifest directory; with `services = "switch"`, Services and
+//! EndpointSlices too (into the realiser's Service set).
 //!
 //! Owns the watchers (kube-runtime: list, then watch from the list's
 //! resourceVersion; relists after a dropped watch that cannot resume or a 410
@@ -23,7 +24,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use futures_util::{FutureExt, StreamExt, stream::BoxStream};
-use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod};
+use k8s_openapi::api::core::v1::{
+    Namespace as ApiNamespace, Node as ApiNode, Pod as ApiPod, Service as ApiService,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice as ApiSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -73,6 +77,71 @@ enum Event {
     Node(Box<watcher::Result<watcher::Event<ApiNode>>>),
     Policy(Box<watcher::Result<watcher::Event<NetworkPolicy>>>),
     ClusterPolicy(Box<watcher::Result<watcher::Event<ClusterNetworkPolicy>>>),
+    Service(Box<watcher::Result<watcher::Event<ApiService>>>),
+    Slice(Box<watcher::Result<watcher::Event<ApiSlice>>>),
+}
+
+/// Objects of a kind that is not a compiler change (Services,
+/// EndpointSlices): as applied, plus a relist in progress.
+#[derive(Debug)]
+struct Objects<V> {
+    applied: BTreeMap<ObjectKey, V>,
+    relist: Option<BTreeMap<ObjectKey, V>>,
+    synced: bool,
+}
+
+impl<V: Clone + PartialEq> Objects<V> {
+    fn new() -> Self {
+        Objects {
+            applied: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+
+    /// Folds one event; `conv` gives the key and the object (`Err`: rejected,
+    /// the last good version stays; `Ok(None)`: not one the switch keeps).
+    /// Returns whether what is applied changed.
+    fn event<A>(
+        &mut self,
+        e: watcher::Event<A>,
+        mut conv: impl FnMut(&A) -> (ObjectKey, Result<Option<V>, ()>),
+    ) -> bool {
+        use watcher::Event as W;
+        match e {
+            W::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            W::InitApply(o) => {
+                let (k, v) = conv(&o);
+                let keep = match v {
+                    Ok(v) => v,
+                    Err(()) => self.applied.get(&k).cloned(),
+                };
+                if let (Some(buf), Some(v)) = (self.relist.as_mut(), keep) {
+                    buf.insert(k, v);
+                }
+                false
+            }
+            W::InitDone => {
+                self.synced = true;
+                match self.relist.take() {
+                    Some(fresh) if fresh != self.applied => {
+                        self.applied = fresh;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            W::Apply(o) => match conv(&o) {
+                (_, Err(())) => false,
+                (k, Ok(Some(v))) => self.applied.insert(k, v.clone()).as_ref() != Some(&v),
+                (k, Ok(None)) => self.applied.remove(&k).is_some(),
+            },
+            W::Delete(o) => self.applied.remove(&conv(&o).0).is_some(),
+        }
+    }
 }
 
 /// The kinds, in the order of `Mirror::synced`.
@@ -164,6 +233,13 @@ struct Mirror {
     status: BTreeMap<String, (Option<i64>, Condition)>,
     /// The CRD was missing at the last list (reported once).
     crd_missing: bool,
+    /// Services and EndpointSlices (watched with `services = "switch"`).
+    services: Objects<policy::services::Service>,
+    slices: Objects<policy::services::Slice>,
+    /// Whether they are watched.
+    load_balance: bool,
+    /// They changed since the realiser last got them.
+    services_changed: bool,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -220,6 +296,20 @@ fn fold<A, K: Ord + Clone, V: PartialEq + Clone>(
 
 impl Mirror {
     /// Folds one watcher event into `out`.
+    /// Whether every watched kind has been listed.
+    fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+            && (!self.load_balance || (self.services.synced && self.slices.synced))
+    }
+
+    /// The Service set as applied.
+    fn service_set(&self) -> policy::services::Services {
+        policy::services::Services {
+            services: self.services.applied.clone(),
+            slices: self.slices.applied.clone(),
+        }
+    }
+
     fn handle(&mut self, config: &Config, event: Event, out: &mut Vec<Change>) {
         let [
             ns_synced,
@@ -230,6 +320,37 @@ impl Mirror {
         ] = &mut self.synced;
         let rejected = &mut self.rejected;
         match event {
+            Event::Service(e) => match *e {
+                Ok(e) => {
+                    self.services_changed |= self.services.event(e, |o: &ApiService| {
+                        let key = key_of(&o.metadata);
+                        let r = policy::services::Service::from_api(o);
+                        note(rejected, "Service", &key.to_string(), r.as_ref().err());
+                        let v = checked("Service", &key.to_string(), r).ok_or(());
+                        (key, v)
+                    })
+                }
+                Err(e) => watch_error("Service", &e),
+            },
+            Event::Slice(e) => match *e {
+                Ok(e) => {
+                    self.services_changed |= self.slices.event(e, |o: &ApiSlice| {
+                        let key = key_of(&o.metadata);
+                        let r = policy::services::Slice::from_api(o);
+                        note(
+                            rejected,
+                            "EndpointSlice",
+                            &key.to_string(),
+                            r.as_ref().err(),
+                        );
+                        let v = checked("EndpointSlice", &key.to_string(), r)
+                            .map(Some)
+                            .ok_or(());
+                        (key, v)
+                    })
+                }
+                Err(e) => watch_error("EndpointSlice", &e),
+            },
             Event::Namespace(e) => match *e {
                 Ok(e) => fold(
                     &mut self.namespaces,
@@ -559,7 +680,8 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
     runtime.block_on(async move {
         let client = client(&config).await?;
         let wc = watcher::Config::default();
-        let streams: Vec<BoxStream<'static, Event>> = vec![
+        let load_balance = config.services == crate::config::ServicesMode::Switch;
+        let mut streams: Vec<BoxStream<'static, Event>> = vec![
             watcher(Api::<ApiNamespace>::all(client.clone()), wc.clone())
                 .default_backoff()
                 .map(|e| Event::Namespace(Box::new(e)))
@@ -576,11 +698,25 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
                 .default_backoff()
                 .map(|e| Event::Policy(Box::new(e)))
                 .boxed(),
-            watcher(Api::<ClusterNetworkPolicy>::all(client.clone()), wc)
+            watcher(Api::<ClusterNetworkPolicy>::all(client.clone()), wc.clone())
                 .default_backoff()
                 .map(|e| Event::ClusterPolicy(Box::new(e)))
                 .boxed(),
         ];
+        if load_balance {
+            streams.push(
+                watcher(Api::<ApiService>::all(client.clone()), wc.clone())
+                    .default_backoff()
+                    .map(|e| Event::Service(Box::new(e)))
+                    .boxed(),
+            );
+            streams.push(
+                watcher(Api::<ApiSlice>::all(client.clone()), wc)
+                    .default_backoff()
+                    .map(|e| Event::Slice(Box::new(e)))
+                    .boxed(),
+            );
+        }
         let cnps = Api::<ClusterNetworkPolicy>::all(client);
         let mut events = futures_util::stream::select_all(streams);
         let mut mirror = Mirror {
@@ -593,6 +729,10 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
             rejected: policy::status::Rejections::new(),
             status: BTreeMap::new(),
             crd_missing: false,
+            services: Objects::new(),
+            slices: Objects::new(),
+            load_balance,
+            services_changed: false,
         };
         // What each ClusterNetworkPolicy shows, as last seen from the API server.
         let mut shown: BTreeMap<String, Option<ClusterNetworkPolicyStatus>> = BTreeMap::new();
@@ -626,6 +766,12 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
                 }
             }
             realiser.set_rejections("kubernetes", mirror.rejected.clone());
+            if mirror.services_changed {
+                mirror.services_changed = false;
+                if let Err(e) = realiser.set_services(mirror.service_set()) {
+                    tracing::error!(error = %chain(&e), "cannot install Service flows");
+                }
+            }
             if !changes.is_empty() {
                 let n = changes.len();
                 match realiser.apply_all(changes) {
@@ -666,7 +812,7 @@ pub fn run(realiser: Arc<Realiser>, config: Config, ready: Arc<AtomicBool>) -> a
                     }
                 }
             }
-            if !ready.load(Relaxed) && mirror.synced.iter().all(|s| *s) {
+            if !ready.load(Relaxed) && mirror.synced() {
                 match realiser.set_sealed(false) {
                     Ok(_) => {
                         ready.store(true, Relaxed);

@@ -142,6 +142,8 @@ struct Spec<'a> {
     gw: &'a str,
     /// The gateway's IPv6 address (dual-stack nodes).
     gw6: Option<&'a str>,
+    /// `services`: who load-balances ClusterIPs.
+    services: &'a str,
 }
 
 fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Path) -> NodeProc {
@@ -151,6 +153,7 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         underlay,
         gw,
         gw6,
+        services,
     } = spec;
     let address6 = gw6.map_or(String::new(), |g| format!("address6 = \"{g}/64\"\n"));
     let dir = root.join(name);
@@ -162,7 +165,7 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
         format!(
             "socket = {socket:?}\nstate_dir = {:?}\nmanifests = {manifests:?}\nnode_name = {name:?}\n\
              service_cidrs = [\"10.96.0.0/12\", \"fd00:96::/112\"]\n\
-             services = \"kube-proxy\"\n\
+             services = {services:?}\n\
              [gateway]\nname = \"{tag}g{letter}\"\naddress = \"{gw}/24\"\n{address6}\
              [tunnel]\nlocal_address = {underlay:?}\n",
             dir.join("state")
@@ -244,6 +247,7 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
             underlay: "192.168.77.1",
             gw: "10.61.0.1",
             gw6: None,
+            services: "kube-proxy",
         },
         &manifests,
         &root,
@@ -257,6 +261,7 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
             underlay: "192.168.77.2",
             gw: "10.61.1.1",
             gw6: None,
+            services: "kube-proxy",
         },
         &manifests,
         &root,
@@ -490,6 +495,7 @@ fn dual_stack_pods_on_two_nodes_over_an_ipv6_underlay() {
             underlay: "fd00:77::1",
             gw: "10.62.0.1",
             gw6: Some("fd00:62::1"),
+            services: "kube-proxy",
         },
         &manifests,
         &root,
@@ -503,6 +509,7 @@ fn dual_stack_pods_on_two_nodes_over_an_ipv6_underlay() {
             underlay: "fd00:77::2",
             gw: "10.62.1.1",
             gw6: Some("fd00:62:1::1"),
+            services: "kube-proxy",
         },
         &manifests,
         &root,
@@ -587,6 +594,181 @@ fn dual_stack_pods_on_two_nodes_over_an_ipv6_underlay() {
         !common::tcp(stranger, "fd00:96::10", 80),
         "the backend's ingress policy holds through the IPv6 Service"
     );
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+const SERVICES2: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+spec: {podCIDR: 10.63.0.0/24, podCIDRs: [10.63.0.0/24, 'fd00:63::/64']}
+status: {addresses: [{type: InternalIP, address: 'fd00:78::1'}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+spec: {podCIDR: 10.63.1.0/24, podCIDRs: [10.63.1.0/24, 'fd00:63:1::/64']}
+status: {addresses: [{type: InternalIP, address: 'fd00:78::2'}]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: mns}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: mns, labels: {app: client}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.63.0.10, podIPs: [{ip: 10.63.0.10}, {ip: 'fd00:63::10'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stranger, namespace: mns, labels: {app: stranger}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.63.0.11, podIPs: [{ip: 10.63.0.11}, {ip: 'fd00:63::11'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: near, namespace: mns, labels: {app: api}}
+spec: {nodeName: node-a, containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.63.0.20, podIPs: [{ip: 10.63.0.20}, {ip: 'fd00:63::20'}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: mns, labels: {app: api}}
+spec: {nodeName: node-b, containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.63.1.20, podIPs: [{ip: 10.63.1.20}, {ip: 'fd00:63:1::20'}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: api-from-client, namespace: mns}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: mns}
+spec:
+  clusterIP: 10.96.70.10
+  clusterIPs: [10.96.70.10, 'fd00:96::70']
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: api}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-local, namespace: mns}
+spec:
+  clusterIP: 10.96.70.11
+  internalTrafficPolicy: Local
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+#[test]
+fn services_in_the_switch_spread_over_two_nodes_dual_stack() {
+    let tag = format!("vsm{}", std::process::id() % 100_000);
+    if !privileged(&format!("{tag}x")) {
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("vswitch-mns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let manifests = root.join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("cluster.yaml"), SERVICES2).unwrap();
+    let pods: Vec<Netns> = ["c", "t", "n", "f"]
+        .iter()
+        .map(|p| Netns::new(format!("{tag}p{p}")))
+        .collect();
+    let (na, nb) = (
+        Netns::new(format!("{tag}na")),
+        Netns::new(format!("{tag}nb")),
+    );
+    let (wa, wb) = (format!("{tag}wa"), format!("{tag}wb"));
+    ip(&[
+        "link", "add", &wa, "netns", &na.0, "type", "veth", "peer", "name", &wb, "netns", &nb.0,
+    ]);
+    for (ns, dev, addr) in [(&na, &wa, "fd00:78::1/64"), (&nb, &wb, "fd00:78::2/64")] {
+        ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev, "nodad"]);
+        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+    }
+    let spec = |name, letter, underlay, gw, gw6| Spec {
+        name,
+        letter,
+        underlay,
+        gw,
+        gw6: Some(gw6),
+        services: "switch",
+    };
+    let a = start_node(
+        na,
+        &tag,
+        spec("node-a", "a", "fd00:78::1", "10.63.0.1", "fd00:63::1"),
+        &manifests,
+        &root,
+    );
+    let b = start_node(
+        nb,
+        &tag,
+        spec("node-b", "b", "fd00:78::2", "10.63.1.1", "fd00:63:1::1"),
+        &manifests,
+        &root,
+    );
+    let (client, stranger, near, far) = (&pods[0], &pods[1], &pods[2], &pods[3]);
+    a.cni_dual(
+        client,
+        "mns/client",
+        "10.63.0.10",
+        "10.63.0.1",
+        "fd00:63::10",
+    );
+    a.cni_dual(
+        stranger,
+        "mns/stranger",
+        "10.63.0.11",
+        "10.63.0.1",
+        "fd00:63::11",
+    );
+    a.cni_dual(near, "mns/near", "10.63.0.20", "10.63.0.1", "fd00:63::20");
+    b.cni_dual(far, "mns/far", "10.63.1.20", "10.63.1.1", "fd00:63:1::20");
+    for (ns, name, v4, v6) in [
+        (near, "near", "10.63.0.20", "fd00:63::20"),
+        (far, "far", "10.63.1.20", "fd00:63:1::20"),
+    ] {
+        common::serve_named(ns, v4.parse().unwrap(), 8080, name);
+        common::serve_named(ns, v6.parse().unwrap(), 8080, name);
+    }
+    for vip in ["10.96.70.10", "fd00:96::70"] {
+        common::eventually(&format!("client -> {vip}"), || {
+            common::backend(client, vip, 80).is_some()
+        });
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for _ in 0..30 {
+            let b = common::backend(client, vip, 80).expect("served");
+            *seen.entry(b).or_default() += 1;
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "{vip}: a backend on each node serves: {seen:?}"
+        );
+        assert!(seen.values().all(|n| *n >= 5), "{vip}: spread: {seen:?}");
+        // Ingress policy on the backend's node, whichever it is.
+        assert!(
+            common::backend(stranger, vip, 80).is_none(),
+            "{vip}: the backends' ingress policy holds through the Service"
+        );
+    }
+    // internalTrafficPolicy: Local: only this node's backend.
+    for _ in 0..10 {
+        assert_eq!(
+            common::backend(client, "10.96.70.11", 80).as_deref(),
+            Some("near")
+        );
+    }
     drop(a);
     drop(b);
     let _ = std::fs::remove_dir_all(&root);

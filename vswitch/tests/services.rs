@@ -10,14 +10,15 @@
 //! namespace and device is uniquely named and removed on drop.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::{
-    Attached, Cni, Netns, TempDir, Vswitchd, eventually, flowctl, privileged, write_config,
+    Attached, Cni, Netns, TempDir, Vswitchd, backend, connect, eventually, flowctl, privileged,
+    serve_named, spawn_named, write_config,
 };
 
 const PODS: [&str; 5] = ["shop/web", "shop/b1", "shop/b2", "shop/batch", "shop/other"];
@@ -68,31 +69,6 @@ const POLICIES: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
     metadata: {name: batch-no-egress, namespace: shop}\n\
     spec:\n  podSelector: {matchLabels: {app: batch}}\n  policyTypes: [Egress]\n";
 
-/// A TCP server on `addr:port` in `ns` that says `name` and then echoes.
-fn serve_named(ns: &Netns, addr: IpAddr, port: u16, name: &'static str) {
-    let listener = ns.run(move || TcpListener::bind(SocketAddr::new(addr, port)).expect("bind"));
-    spawn_named(listener, name);
-}
-
-fn spawn_named(listener: TcpListener, name: &'static str) {
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                if c.write_all(format!("{name}\n").as_bytes()).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 64];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// A UDP server in `ns` answering each datagram with `name`.
 fn serve_udp_named(ns: &Netns, addr: IpAddr, port: u16, name: &'static str) {
     let sock = ns.run(move || UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind udp"));
@@ -102,22 +78,6 @@ fn serve_udp_named(ns: &Netns, addr: IpAddr, port: u16, name: &'static str) {
             let _ = sock.send_to(name.as_bytes(), from);
         }
     });
-}
-
-/// Connects from `ns` to `to:port`; the backend's name, the open stream.
-fn connect(ns: &Netns, to: &str, port: u16) -> Result<(String, TcpStream), std::io::Error> {
-    let addr = SocketAddr::new(to.parse().unwrap(), port);
-    ns.run(move || {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new(s.try_clone()?).read_line(&mut line)?;
-        Ok((line.trim().to_string(), s))
-    })
-}
-
-fn backend(ns: &Netns, to: &str, port: u16) -> Option<String> {
-    connect(ns, to, port).ok().map(|(name, _)| name)
 }
 
 /// A device on the host with one address (a veth pair, the kernel here has

@@ -270,7 +270,7 @@ impl Realiser {
             .map(|(_, f)| f.clone())
             .collect();
         let result = if st.in_sync {
-            st.shadow_base(&base_removed, &base_added);
+            st.shadow_base(&base_removed, &base_added, &groups);
             dp.update(now, |t| {
                 let mut changed = services::sync_groups(t, &groups)?;
                 for id in &base_removed {

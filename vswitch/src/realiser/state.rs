@@ -111,10 +111,20 @@ impl State {
     }
 
     /// Applies the base pipeline's changes to the shadow's tables too.
-    pub(super) fn shadow_base(&mut self, removed: &[FlowIdentity], added: &[FlowEntry]) {
+    pub(super) fn shadow_base(
+        &mut self,
+        removed: &[FlowIdentity],
+        added: &[FlowEntry],
+        groups: &[datapath::group::Group],
+    ) {
         let Some(shadow) = &mut self.shadow else {
             return;
         };
+        if let Err(e) = super::services::sync_groups(&mut shadow.tables, groups) {
+            tracing::error!(error = %e, "staged policies: cannot install a group in the shadow tables");
+            self.shadow = None;
+            return;
+        }
         for id in removed {
             shadow.tables.remove(id);
         }

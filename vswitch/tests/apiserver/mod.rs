@@ -1,6 +1,7 @@
 //! A small Kubernetes API server for tests: the real list/watch protocol for
-//! Namespaces, Pods, Nodes, NetworkPolicies and ClusterNetworkPolicies (a CRD:
-//! 404 until installed), and status patches, over plain HTTP/1.1.
+//! Namespaces, Pods, Nodes, NetworkPolicies, Services, EndpointSlices and
+//! ClusterNetworkPolicies (a CRD: 404 until installed), and status patches,
+//! over plain HTTP/1.1.
 //!
 //! Lists are JSON `…List` objects with `metadata.resourceVersion`; `?watch=1`
 //! streams `ADDED`/`MODIFIED`/`DELETED`/`BOOKMARK` events (chunked, one JSON
@@ -25,6 +26,8 @@ pub enum Kind {
     Node,
     NetworkPolicy,
     ClusterNetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
@@ -37,6 +40,8 @@ impl Kind {
             "/apis/policy.networking.k8s.io/v1alpha2/clusternetworkpolicies" => {
                 Some(Kind::ClusterNetworkPolicy)
             }
+            "/api/v1/services" => Some(Kind::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
             _ => None,
         }
     }
@@ -45,6 +50,7 @@ impl Kind {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
             Kind::ClusterNetworkPolicy => "policy.networking.k8s.io/v1alpha2",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -56,6 +62,8 @@ impl Kind {
             Kind::Node => "Node",
             Kind::NetworkPolicy => "NetworkPolicy",
             Kind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 }

@@ -5,7 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -654,4 +654,45 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
 pub fn free_address() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
+}
+
+/// A TCP server on `addr:port` in `ns` that says `name` and then echoes.
+pub fn serve_named(ns: &Netns, addr: IpAddr, port: u16, name: &'static str) {
+    let listener = ns.run(move || TcpListener::bind(SocketAddr::new(addr, port)).expect("bind"));
+    spawn_named(listener, name);
+}
+
+pub fn spawn_named(listener: TcpListener, name: &'static str) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                if c.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects from `ns` to `to:port`; the backend's name, the open stream.
+pub fn connect(ns: &Netns, to: &str, port: u16) -> Result<(String, TcpStream), std::io::Error> {
+    let addr = SocketAddr::new(to.parse().unwrap(), port);
+    ns.run(move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_millis(1500))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone()?).read_line(&mut line)?;
+        Ok((line.trim().to_string(), s))
+    })
+}
+
+pub fn backend(ns: &Netns, to: &str, port: u16) -> Option<String> {
+    connect(ns, to, port).ok().map(|(name, _)| name)
 }
