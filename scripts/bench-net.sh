@@ -8,6 +8,7 @@
 #   VSWITCH_CONFIG=$'[recent]\nmax_tuples = 0' scripts/bench-net.sh  (appended to vswitchd's config)
 #   SWITCHES="bridge vswitch" scripts/bench-net.sh (measure only these)
 #   MEASURES="rtt50 crr" scripts/bench-net.sh   (only these measurements)
+#   SWITCHES=svc scripts/bench-net.sh           (only the Service run)
 #
 # Switches under test, each with two pod namespaces a and b:
 #   bridge   Linux bridge, veth pairs
@@ -18,7 +19,16 @@
 # Measurements: TCP throughput 1 and 4 streams (iperf3), UDP 64-byte packet rate
 # (iperf3, received), ping RTT p50/p99 (1000 pings, 2 ms apart), sequential TCP
 # connections per second (vswitch/examples/crr.rs); over IPv6 too (every pod is
-# dual-stack): TCP 1 stream and RTT p50. Ratios are vswitch over each baseline. Everything it creates is removed on exit, also when interrupted.
+# dual-stack): TCP 1 stream and RTT p50. Ratios are vswitch over each baseline.
+#
+# The Service run (svc) measures a ClusterIP path: vswitchd in a node namespace
+# with a gateway, pod a connecting to pod b through a Service, once with
+# services = "kube-proxy" (iptables DNAT in the node namespace, as kube-proxy
+# sets it up: the packet goes to the node and comes back translated) and once
+# with services = "switch" (translated in the datapath); sequential TCP
+# connections/s and the round trip of a one-byte TCP request/response (ICMP
+# does not cross a ClusterIP), p50 and p99.
+# Everything it creates is removed on exit, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -56,12 +66,15 @@ ovs_stop() { # ovs_stop DIR
     return 0
 }
 
+svc_pids=()
 cleanup() {
     set +e
+    for p in "${svc_pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
     for ns in "${namespaces[@]}"; do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null
     done
     for p in a b; do cni DEL "$p" >/dev/null 2>&1; done
+    for m in kp sw; do for p in a b; do svc_cni "$m" DEL "$p" >/dev/null 2>&1; done; done
     [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
     for d in "$work"/ovs-*; do [ -d "$d" ] && ovs_stop "$d"; done
     for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null; done
@@ -252,7 +265,111 @@ measure_all() { # measure_all SWITCH
     return 0
 }
 
-only=" ${SWITCHES:-bridge ovs ovstso vswitch} "
+# ---- the Service run --------------------------------------------------------
+
+svc_net() { [ "$1" = kp ] && echo 1 || echo 2; }
+svc_cni() { # svc_cni MODE COMMAND POD (vswitch-cni inside the node namespace of MODE)
+    local net
+    net=$(svc_net "$1")
+    printf '{"cniVersion":"1.0.0","name":"bench","type":"vswitch-cni","socket":"%s","ipam":{"type":"host-local","ranges":[[{"subnet":"10.93.%s.0/24","gateway":"10.93.%s.1"}]],"dataDir":"%s"}}' \
+        "$work/svc-$1/vswitchd.sock" "$net" "$net" "$work/svc-$1/ipam" |
+        CNI_COMMAND=$2 CNI_CONTAINERID="$tag-$1-$3" CNI_NETNS="/var/run/netns/$tag-s$1$3" CNI_IFNAME=eth0 \
+            CNI_ARGS="K8S_POD_NAMESPACE=bench;K8S_POD_NAME=$3" CNI_PATH=/usr/lib/cni:/opt/cni/bin \
+            ip netns exec "$tag-n$1" "$bin/vswitch-cni"
+}
+
+declare -A svc # "mode measurement" -> value
+svc_run() { # svc_run kp|sw
+    local m=$1 d="$work/svc-$1" net mode=switch pid b_ip="" result rr
+    net=$(svc_net "$m")
+    [ "$m" = kp ] && mode=kube-proxy
+    mkdir -p "$d/manifests"
+    newns "$tag-n$m"
+    cat >"$d/manifests/bench.yaml" <<'YAML'
+apiVersion: v1
+kind: Namespace
+metadata: {name: bench}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: bench, labels: {role: client}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: bench, labels: {role: server}}
+spec: {containers: [{name: c, image: x}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: clients-only, namespace: bench}
+spec:
+  podSelector: {matchLabels: {role: server}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: bench}
+spec:
+  clusterIP: 10.96.93.10
+  selector: {role: server}
+  ports: [{name: crr, port: 80, targetPort: 5300}, {name: rr, port: 81, targetPort: 5301}]
+YAML
+    # The client opens more connections in 30 s (TIME_WAIT) than a pod may
+    # have tracked by default (conntrack_max / 16): lifted for the bench.
+    printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\nservices = "%s"\nservice_cidrs = ["10.96.0.0/12"]\nconntrack_max_per_pod = 262144\nconntrack_max_per_namespace = 262144\n' \
+        "$d/vswitchd.sock" "$d/state" "$d/manifests" "${VSWITCH_OFFLOAD:-true}" "$mode" >"$d/vswitchd.toml"
+    [ -n "${VSWITCH_BUSY_POLL_US:-}" ] && echo "busy_poll_us = $VSWITCH_BUSY_POLL_US" >>"$d/vswitchd.toml"
+    [ -n "${VSWITCH_CONFIG:-}" ] && printf '%s\n' "$VSWITCH_CONFIG" >>"$d/vswitchd.toml"
+    printf '[gateway]\nname = "%s"\naddress = "10.93.%s.1/24"\n' "$tag-g$m" "$net" >>"$d/vswitchd.toml"
+    ip netns exec "$tag-n$m" "$bin/vswitchd" --config "$d/vswitchd.toml" 2>"$d/vswitchd.log" &
+    pid=$!
+    svc_pids+=("$pid")
+    for _ in $(seq 100); do [ -S "$d/vswitchd.sock" ] && break; sleep 0.05; done
+    for p in a b; do
+        newns "$tag-s$m$p"
+        # Every client port once per run at most: a port coming round while
+        # the server still holds it in TIME_WAIT costs a retransmitted SYN (a
+        # second), which would measure TCP, not the path.
+        ip netns exec "$tag-s$m$p" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"
+        result=$(svc_cni "$m" ADD "$p")
+        [ "$p" = b ] && b_ip=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
+    done
+    if [ "$m" = kp ]; then
+        # kube-proxy's translation, in the node's kernel.
+        ip netns exec "$tag-n$m" sh -c "sysctl -qw net.ipv4.ip_forward=1 &&
+            iptables -t nat -A PREROUTING -d 10.96.93.10 -p tcp --dport 80 -j DNAT --to-destination $b_ip:5300 &&
+            iptables -t nat -A PREROUTING -d 10.96.93.10 -p tcp --dport 81 -j DNAT --to-destination $b_ip:5301"
+    fi
+    ip netns exec "$tag-s${m}b" "$crr" server "$b_ip:5300" &
+    svc_pids+=("$!")
+    ip netns exec "$tag-s${m}b" "$crr" echo "$b_ip:5301" &
+    svc_pids+=("$!")
+    # The same pods without the Service, for reference, first and on their own
+    # server port: the client's ports come round again while the server still
+    # holds them in TIME_WAIT, which only the same peer may reuse.
+    ip netns exec "$tag-s${m}b" "$crr" server "$b_ip:5302" &
+    svc_pids+=("$!")
+    sleep 0.5
+    svc[$m dcrr]=$(ip netns exec "$tag-s${m}a" "$crr" client "$b_ip:5302" "$secs" || echo 0)
+    rr=$(ip netns exec "$tag-s${m}a" "$crr" rr "$b_ip:5301" 1000)
+    svc[$m drr50]=${rr% *}
+    ip netns exec "$tag-s${m}a" "$crr" rr 10.96.93.10:81 20 >/dev/null || {
+        echo "no connectivity through the Service ($mode)" >&2
+        exit 1
+    }
+    echo "measuring the Service path ($mode)..." >&2
+    svc[$m crr]=$(ip netns exec "$tag-s${m}a" "$crr" client 10.96.93.10:80 "$secs" || echo 0)
+    rr=$(ip netns exec "$tag-s${m}a" "$crr" rr 10.96.93.10:81 1000)
+    svc[$m rr50]=${rr% *}
+    svc[$m rr99]=${rr#* }
+    # The next run has the CPUs to itself.
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true
+    return 0
+}
+
+only=" ${SWITCHES:-bridge ovs ovstso vswitch svc} "
 want() { [[ $only == *" $1 "* ]]; }
 if want bridge; then
     setup_bridge
@@ -283,3 +400,13 @@ for i in "${!measures[@]}"; do
 done
 echo
 echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, busy_poll_us=${VSWITCH_BUSY_POLL_US:-default}, NetworkPolicy in force; the baselines run without policy."
+if want svc; then
+    svc_run kp
+    svc_run sw
+    printf '\n%-38s %11s %11s  %9s\n' "through a ClusterIP" "kube-proxy" "switch" "sw/kp"
+    for r in "crr:TCP connections/s" "rr50:TCP request/response p50 (us)" "rr99:TCP request/response p99 (us)" \
+        "dcrr:pod IP, no Service: connections/s" "drr50:pod IP, no Service: r/r p50 (us)"; do
+        k=${r%%:*}
+        printf '%-38s %11s %11s  %9s\n' "${r#*:}" "${svc[kp $k]:--}" "${svc[sw $k]:--}" "$(ratio "${svc[sw $k]:--}" "${svc[kp $k]:--}")"
+    done
+fi

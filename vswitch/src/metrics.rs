@@ -133,6 +133,75 @@ fn describe() {
         "vswitch_policy_generation",
         "Generation of the published flow tables"
     );
+    describe_gauge!(
+        "vswitch_service_backends",
+        "Ready backends of a Service frontend the switch load-balances"
+    );
+    describe_counter!(
+        "vswitch_service_connection_attempts_total",
+        "First packets of new connections to a Service frontend with backends (retransmissions included)"
+    );
+    describe_counter!(
+        "vswitch_service_refused_total",
+        "New connections to a Service frontend without ready backends, refused"
+    );
+    describe_gauge!(
+        "vswitch_service_connections",
+        "Tracked connections through a Service frontend, by backend"
+    );
+}
+
+/// Per Service frontend: backends, attempts (its table-35 flow's packets),
+/// refusals, and tracked connections by backend.
+fn services(realiser: &Realiser, flows: &[datapath::worker::FlowStat]) {
+    use datapath::field::Field;
+    let frontends = realiser.frontends();
+    if frontends.is_empty() {
+        return;
+    }
+    let dp = realiser.datapath();
+    let conns = dp.conntrack.dump(realiser.now(), None);
+    for f in &frontends {
+        let vip = datapath::key::ip_to_wide(f.ip);
+        let frontend = format!("{}:{}", f.ip, f.port);
+        let labels = [("service", f.name()), ("frontend", frontend.clone())];
+        gauge!("vswitch_service_backends", &labels).set(f.backends.len() as f64);
+        let packets: u64 = flows
+            .iter()
+            .filter(|s| {
+                let m = &s.entry.matcher;
+                s.entry.table.0 == policy::tables::SERVICES
+                    && m.get(Field::NwDst).0 == u128::from_be_bytes(vip)
+                    && m.get(Field::TpDst).0 == u128::from(f.port)
+                    && m.get(Field::NwProto).0 == u128::from(f.protocol.ip_proto())
+            })
+            .map(|s| s.packets)
+            .sum();
+        let name = if f.backends.is_empty() {
+            "vswitch_service_refused_total"
+        } else {
+            "vswitch_service_connection_attempts_total"
+        };
+        counter!(name, &labels).absolute(packets);
+        for b in &f.backends {
+            let backend = datapath::key::ip_to_wide(b.ip);
+            let n = conns
+                .iter()
+                .filter(|c| {
+                    c.orig.dst == vip
+                        && c.orig.dport == f.port
+                        && c.nat.is_some_and(|x| x.dst == backend && x.dport == b.port)
+                })
+                .count();
+            gauge!(
+                "vswitch_service_connections",
+                "service" => f.name(),
+                "frontend" => frontend.clone(),
+                "backend" => format!("{}:{}", b.ip, b.port)
+            )
+            .set(n as f64);
+        }
+    }
 }
 
 /// Copies the switch's counters into the metrics registry.
@@ -161,7 +230,9 @@ pub fn collect(realiser: &Realiser, forwarder: &Forwarder) {
     let dp = realiser.datapath();
     let s = dp.stats();
     let mut tables: BTreeMap<u8, (u64, u64)> = BTreeMap::new();
-    for f in dp.flow_stats() {
+    let flows = dp.flow_stats();
+    services(realiser, &flows);
+    for f in flows {
         let t = tables.entry(f.entry.table.0).or_default();
         t.0 += 1;
         t.1 += f.packets;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{
-    Attached, Cni, Netns, TempDir, Vswitchd, backend, connect, eventually, flowctl, privileged,
-    serve_named, spawn_named, write_config,
+    Attached, Cni, Netns, TempDir, Vswitchd, backend, connect, eventually, flowctl, free_address,
+    http, privileged, serve_named, spawn_named, write_config,
 };
 
 const PODS: [&str; 5] = ["shop/web", "shop/b1", "shop/b2", "shop/batch", "shop/other"];
@@ -158,9 +158,12 @@ fn cluster_ips_are_load_balanced_in_the_switch_with_policy_on_the_backend() {
     )
     .unwrap();
     std::fs::write(dir.join("manifests/policies.yaml"), POLICIES).unwrap();
+    let metrics = free_address();
     let (config, socket) = write_config(
         &dir,
-        &format!("[gateway]\nname = \"{tag}\"\naddress = \"{gw}/24\"\n"),
+        &format!(
+            "metrics_address = {metrics:?}\n[gateway]\nname = \"{tag}\"\naddress = \"{gw}/24\"\n"
+        ),
     );
     let daemon = Vswitchd::start(&config, &socket);
     let cni = Cni::host_local(&socket, &format!("10.92.{subnet}.0/24"), &gw, &dir);
@@ -286,6 +289,20 @@ fn cluster_ips_are_load_balanced_in_the_switch_with_policy_on_the_backend() {
         !dump.contains("headless"),
         "headless Services are left alone: {dump}"
     );
+
+    // Metrics per Service.
+    eventually("Service metrics", || {
+        let (_, body) = http(&metrics, "GET", "/metrics", None);
+        let value = |prefix: &str| {
+            body.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        value("vswitch_service_connection_attempts_total{service=\"shop/api:web\"") >= 40.0
+            && value("vswitch_service_refused_total{service=\"shop/empty:80\"") >= 1.0
+            && value("vswitch_service_backends{service=\"shop/api:web\"") == 2.0
+    });
 
     // A backend leaves while a connection to it is open: that connection
     // lives on, new ones go to the other backend.

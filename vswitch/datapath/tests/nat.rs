@@ -232,3 +232,45 @@ fn reject_answers_at_once() {
     assert!(matches!(p.transport, Some(TransportSlice::Icmpv4(_))));
     let _ = parse(PortNo(1), v.reply);
 }
+
+fn tcp_flags(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, flags: &str) -> Vec<u8> {
+    let mut f = Vec::new();
+    let mut b = PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(src, dst, 64)
+        .tcp(sp, dp, 1000, 100);
+    for c in flags.chars() {
+        b = match c {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            _ => b,
+        };
+    }
+    b.write(&mut f, &[]).unwrap();
+    f
+}
+
+#[test]
+fn a_new_connection_on_the_ends_of_a_closed_translated_one_starts_afresh() {
+    let only = "group_id=1,type=select,bucket=bucket_id:11,actions=ct(nat(dst=10.0.0.11:8080))";
+    let dp = switch(only);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let now = Time::ZERO;
+    let mut run = |port: u32, mut f: Vec<u8>| {
+        let v = w.process(now, PortNo(port), &mut f);
+        (v.outputs.to_vec(), f)
+    };
+    // Through the Service, closed (the server closes first).
+    run(1, tcp_flags(CLIENT, VIP, 40000, 80, "S"));
+    run(11, tcp_flags(B1, CLIENT, 8080, 40000, "SA"));
+    run(1, tcp_flags(CLIENT, VIP, 40000, 80, "A"));
+    run(11, tcp_flags(B1, CLIENT, 8080, 40000, "FA"));
+    run(1, tcp_flags(CLIENT, VIP, 40000, 80, "FA"));
+    // The same client port, straight to the backend: its answer is the
+    // backend's, not the Service's.
+    run(1, tcp_flags(CLIENT, B1, 40000, 8080, "S"));
+    let (out, synack) = run(11, tcp_flags(B1, CLIENT, 8080, 40000, "SA"));
+    assert_eq!(out, vec![PortNo(1)]);
+    assert_eq!(ends(&synack), (B1, 8080, CLIENT, 40000), "not translated");
+}

@@ -513,6 +513,13 @@ impl Conntrack {
         if let Some(mut conn) = found
             && conn.expires > now
         {
+            if conn.nat.is_some() && conn.reopened_by(key) {
+                // A new connection on the ends of a dead translated one: it
+                // starts afresh (untranslated, or translated anew).
+                drop(conn);
+                self.forget(&ck);
+                return Looked::state(TRK | NEW);
+            }
             let orig = match (&conn.nat, via_alias) {
                 (Some(n), true) => n.is_translated_orig(&tuple),
                 _ => fwd == conn.orig_is_a,

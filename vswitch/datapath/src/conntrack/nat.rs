@@ -130,6 +130,14 @@ impl NatConn {
 }
 
 impl Conn {
+    /// Whether `key` opens a new TCP connection on this one's ends, which
+    /// are dead but for the wait (TIME_WAIT, or reset).
+    pub(super) fn reopened_by(&self, key: &FlowKey) -> bool {
+        Conntrack::opens(key)
+            && key.nw_proto == crate::field::ip_proto::TCP
+            && matches!(self.state, ConnState::TcpTimeWait | ConnState::TcpClosed)
+    }
+
     /// The entry under a translated connection's other key.
     pub(super) fn alias(primary: CanonKey) -> Conn {
         Conn {
@@ -163,6 +171,14 @@ impl Conntrack {
                 drop(found);
                 Some((self.map.get(&primary)?, true))
             }
+        }
+    }
+
+    /// Removes the connection under `ck` and its alias.
+    pub(super) fn forget(&self, ck: &CanonKey) {
+        if let Some((k, gone)) = self.map.remove_if(ck, |_, c| c.alias_of.is_none()) {
+            self.len.fetch_sub(1, Relaxed);
+            self.unlink(&k, &gone);
         }
     }
 
