@@ -458,10 +458,9 @@ pub fn policies_text(policies: &[PolicyView], color: bool) -> String {
 pub fn services_text(services: &[control::view::ServiceView], color: bool) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     for s in services {
-        let service = if s.affinity {
-            format!("{} (ClientIP affinity)", s.service)
-        } else {
-            s.service.clone()
+        let service = match s.affinity {
+            Some(secs) => format!("{} (ClientIP affinity, {secs} s)", s.service),
+            None => s.service.clone(),
         };
         if s.backends.is_empty() {
             rows.push(vec![

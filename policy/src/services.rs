@@ -21,6 +21,9 @@ use crate::error::{Error, FieldError};
 use crate::model::{ObjectKey, Protocol};
 use crate::selector::Labels;
 
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API's default: 3 h).
+pub const DEFAULT_AFFINITY_SECONDS: i32 = 10_800;
+
 /// The label naming an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -49,8 +52,9 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `None`: endpoints come from EndpointSlices only.
     pub selector: Option<Labels>,
-    /// `sessionAffinity: ClientIP`.
-    pub client_affinity: bool,
+    /// `sessionAffinity: ClientIP`: for how long (seconds) a client's new
+    /// connections follow its last one (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub affinity: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub local_only: bool,
 }
@@ -103,7 +107,8 @@ pub struct Frontend {
     pub port: u16,
     /// Ready backends of the frontend's family; empty: refused.
     pub backends: Vec<Backend>,
-    pub client_affinity: bool,
+    /// ClientIP affinity, seconds.
+    pub affinity: Option<u32>,
 }
 
 impl Frontend {
@@ -217,12 +222,40 @@ impl Service {
                 target,
             });
         }
+        let affinity = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .unwrap_or(DEFAULT_AFFINITY_SECONDS);
+                if !(1..=86_400).contains(&timeout) {
+                    return Err(invalid(
+                        "Service",
+                        &key,
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{timeout} must be between 1 and 86400"),
+                    ));
+                }
+                Some(timeout as u32)
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "Service",
+                    &key,
+                    "spec.sessionAffinity",
+                    format!("unsupported value {other:?} (None or ClientIP)"),
+                ));
+            }
+        };
         Ok(Some(Service {
             key,
             cluster_ips,
             ports,
             selector: spec.selector.clone().filter(|s| !s.is_empty()),
-            client_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+            affinity,
             local_only: spec.internal_traffic_policy.as_deref() == Some("Local"),
         }))
     }
@@ -409,11 +442,82 @@ impl Services {
                             .filter(|b| b.ip.is_ipv4() == ip.is_ipv4())
                             .copied()
                             .collect(),
-                        client_affinity: s.client_affinity,
+                        affinity: s.affinity,
                     });
                 }
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Manifests, load_str};
+
+    fn load(text: &str) -> Manifests {
+        let mut m = Manifests::default();
+        load_str(&mut m, std::path::Path::new("s.yaml"), text);
+        m
+    }
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: api}}\n\
+        spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}\n\
+        status: {podIP: 10.0.0.1}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: api}}\n\
+        spec: {nodeName: n2, containers: [{name: c, ports: [{name: http, containerPort: 9090}]}]}\n\
+        status: {podIP: 10.0.1.1}\n---\n";
+
+    #[test]
+    fn frontends_resolve_named_ports_per_pod_and_keep_local_ones() {
+        let m = load(&format!(
+            "{PODS}apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: x}}\n\
+             spec: {{clusterIP: 10.96.0.1, selector: {{app: api}}, internalTrafficPolicy: Local, sessionAffinity: ClientIP,\n\
+             \x20 sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 60}}}}, ports: [{{port: 80, targetPort: http}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: headless, namespace: x}}\nspec: {{clusterIP: None, ports: [{{port: 80}}]}}\n"
+        ));
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(m.services.services.len(), 1, "headless left alone");
+        let cluster = m.to_cluster();
+        let all = m.services.frontends(&cluster, None);
+        assert_eq!(
+            all[0].backends,
+            vec![
+                Backend { ip: "10.0.0.1".parse().unwrap(), port: 8080 },
+                Backend { ip: "10.0.1.1".parse().unwrap(), port: 9090 },
+            ]
+        );
+        assert_eq!(all[0].affinity, Some(60));
+        let here = m.services.frontends(&cluster, Some("n2"));
+        assert_eq!(here[0].backends.len(), 1);
+        assert_eq!(here[0].backends[0].port, 9090);
+    }
+
+    #[test]
+    fn slices_give_ready_endpoints_only_and_bad_services_are_named() {
+        let m = load(&format!(
+            "{PODS}apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: x}}\n\
+             spec: {{clusterIP: 10.96.0.1, selector: {{app: api}}, ports: [{{name: web, port: 80, targetPort: http}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: api-1, namespace: x, labels: {{kubernetes.io/service-name: api}}}}\n\
+             addressType: IPv4\nports: [{{name: web, port: 7000}}]\n\
+             endpoints: [{{addresses: [10.0.0.1]}}, {{addresses: [10.0.1.1], conditions: {{ready: false, terminating: true}}}}]\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: x}}\n\
+             spec: {{clusterIP: 10.96.0.300, ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: x}}\n\
+             spec: {{clusterIP: 10.96.0.3, sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 0}}}}, ports: [{{port: 80}}]}}\n"
+        ));
+        let f = m.services.frontends(&m.to_cluster(), None);
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            f[0].backends,
+            vec![Backend { ip: "10.0.0.1".parse().unwrap(), port: 7000 }],
+            "the slice's port for the Service port's name; the terminating endpoint left out"
+        );
+        let errors: Vec<String> = m.errors.iter().map(|e| format!("{e} {:?}", e)).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].contains("spec.clusterIP"), "{errors:?}");
+        assert!(errors[1].contains("timeoutSeconds"), "{errors:?}");
     }
 }

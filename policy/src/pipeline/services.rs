@@ -87,8 +87,8 @@ pub(super) fn flows(topo: &Topology, out: &mut Vec<datapath::FlowEntry>) {
 }
 
 /// The select group of every frontend with backends: one bucket per
-/// backend, translating to it; by the client's address alone for
-/// `sessionAffinity: ClientIP`.
+/// backend, translating to it; for `sessionAffinity: ClientIP`, chosen by the
+/// client's address and remembered for the affinity's timeout.
 pub fn groups(topo: &Topology) -> Vec<Group> {
     if !topo.load_balance {
         return Vec::new();
@@ -98,17 +98,17 @@ pub fn groups(topo: &Topology) -> Vec<Group> {
         .filter(|f| !f.backends.is_empty())
         .map(|f| Group {
             id: f.group,
-            selection: if f.client_affinity {
+            selection: if f.affinity.is_some() {
                 Selection::Source
             } else {
                 Selection::FiveTuple
             },
-            buckets: f
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(i, b)| Bucket {
-                    id: i as u32,
+            affinity: f.affinity,
+            buckets: bucket_ids(&f.backends)
+                .into_iter()
+                .zip(&f.backends)
+                .map(|(id, b)| Bucket {
+                    id,
                     weight: 1,
                     actions: [Action::Ct {
                         commit: false,
@@ -126,4 +126,25 @@ pub fn groups(topo: &Topology) -> Vec<Group> {
                 .collect(),
         })
         .collect()
+}
+
+/// A bucket id per backend that does not change when other backends come and
+/// go (what client affinity remembers): a hash of the backend, probed past
+/// collisions.
+fn bucket_ids(backends: &[crate::services::Backend]) -> Vec<u32> {
+    let mut taken: Vec<u32> = Vec::with_capacity(backends.len());
+    for b in backends {
+        let mut h: u32 = 0x811c_9dc5;
+        for byte in datapath::key::ip_to_wide(b.ip)
+            .iter()
+            .chain(&b.port.to_be_bytes())
+        {
+            h = (h ^ u32::from(*byte)).wrapping_mul(0x0100_0193);
+        }
+        while taken.contains(&h) {
+            h = h.wrapping_add(1);
+        }
+        taken.push(h);
+    }
+    taken
 }

@@ -288,8 +288,9 @@ pub struct ServiceView {
     pub service: String,
     /// `ClusterIP:port/protocol`.
     pub frontend: String,
-    /// `sessionAffinity: ClientIP`.
-    pub affinity: bool,
+    /// `sessionAffinity: ClientIP`: its timeout, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<u32>,
     /// Ready backends; none: connections are refused.
     pub backends: Vec<BackendView>,
 }
@@ -326,7 +327,7 @@ pub fn service_views(
                 addr(f.ip, f.port),
                 f.protocol.name().to_ascii_lowercase()
             ),
-            affinity: f.client_affinity,
+            affinity: f.affinity,
             backends: f
                 .backends
                 .iter()

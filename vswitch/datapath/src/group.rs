@@ -38,6 +38,11 @@ pub enum Selection {
 pub struct Group {
     pub id: u32,
     pub selection: Selection,
+    /// Client affinity: a client's new connections take the bucket its last
+    /// one took while this many seconds have not passed since (remembered in
+    /// conntrack), even when the buckets change, if that bucket is still
+    /// there (`affinity=SECONDS`).
+    pub affinity: Option<u32>,
     pub buckets: Vec<Bucket>,
 }
 
@@ -89,6 +94,11 @@ impl Group {
         Ok(())
     }
 
+    /// A bucket by id, if it may take connections.
+    pub fn bucket(&self, id: u32) -> Option<&Bucket> {
+        self.buckets.iter().find(|b| b.id == id && b.weight > 0)
+    }
+
     /// The bucket a packet with `key` takes: weighted, by the hash of what
     /// [`Selection`] names. `None` when no bucket has weight.
     pub fn choose(&self, key: &MatchKey) -> Option<&Bucket> {
@@ -129,6 +139,9 @@ impl std::fmt::Display for Group {
         if self.selection == Selection::Source {
             f.write_str(",selection_method=hash,fields(ip_src)")?;
         }
+        if let Some(secs) = self.affinity {
+            write!(f, ",affinity={secs}")?;
+        }
         for b in &self.buckets {
             write!(
                 f,
@@ -148,6 +161,7 @@ pub fn parse_group(s: &str) -> Result<Group, OfctlError> {
     use crate::ofctl::{bad, parse_int, split_top};
     let mut id = None;
     let mut selection = Selection::FiveTuple;
+    let mut affinity = None;
     let mut buckets: Vec<Bucket> = Vec::new();
     // Inside a bucket: whether its `actions=` began (the rest are actions).
     let mut in_actions = false;
@@ -186,6 +200,9 @@ pub fn parse_group(s: &str) -> Result<Group, OfctlError> {
                 ));
             }
             Some(("selection_method", "hash")) => {}
+            Some(("affinity", v)) => {
+                affinity = Some(parse_int(token, v, u128::from(u32::MAX))? as u32)
+            }
             _ if token == "fields(ip_src)" || token == "fields(ipv6_src)" => {
                 selection = Selection::Source
             }
@@ -201,6 +218,7 @@ pub fn parse_group(s: &str) -> Result<Group, OfctlError> {
     let group = Group {
         id,
         selection,
+        affinity,
         buckets,
     };
     group.validate().map_err(OfctlError::Invalid)?;
@@ -262,6 +280,7 @@ mod tests {
         Group {
             id: 1,
             selection: Selection::FiveTuple,
+            affinity: None,
             buckets: weights
                 .iter()
                 .enumerate()
@@ -307,7 +326,7 @@ mod tests {
 
     #[test]
     fn text_round_trips() {
-        let text = "group_id=7,type=select,selection_method=hash,fields(ip_src),bucket=bucket_id:0,weight:2,actions=ct(nat(dst=10.0.1.5:8080)),bucket=bucket_id:1,weight:1,actions=ct(nat(dst=[fd00::5]:8080)),load:0x1->reg3[0..7]";
+        let text = "group_id=7,type=select,selection_method=hash,fields(ip_src),affinity=10800,bucket=bucket_id:0,weight:2,actions=ct(nat(dst=10.0.1.5:8080)),bucket=bucket_id:1,weight:1,actions=ct(nat(dst=[fd00::5]:8080)),load:0x1->reg3[0..7]";
         let g = parse_group(text).unwrap();
         assert_eq!(g.buckets.len(), 2);
         assert_eq!(g.selection, Selection::Source);

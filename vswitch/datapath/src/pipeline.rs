@@ -99,6 +99,12 @@ pub trait Observer {
     fn visit(&mut self, table: TableId, key: &MatchKey, hit: Option<(Hit, &Installed)>, depth: u32);
     /// A select group chose a bucket (`None`: it had none to choose).
     fn group(&mut self, _group: u32, _bucket: Option<u32>) {}
+    /// The bucket `client` took last in `group`, while its affinity lasts.
+    fn affinity(&mut self, _group: u32, _client: [u8; 16]) -> Option<u32> {
+        None
+    }
+    /// `client` took `bucket` of a group with affinity (`secs`).
+    fn took(&mut self, _group: u32, _client: [u8; 16], _bucket: u32, _secs: u32) {}
 }
 
 /// The packet path's observer: does nothing, compiles to nothing.
@@ -203,7 +209,19 @@ impl<O: Observer> Run<'_, O> {
                 }
                 Action::Group(id) => {
                     let tables = self.tables;
-                    let bucket = tables.group(*id).and_then(|g| g.choose(key));
+                    let bucket = tables.group(*id).and_then(|g| {
+                        let Some(secs) = g.affinity else {
+                            return g.choose(key);
+                        };
+                        let client = key.get(Field::NwSrc).to_be_bytes();
+                        let b = self
+                            .obs
+                            .affinity(g.id, client)
+                            .and_then(|b| g.bucket(b))
+                            .or_else(|| g.choose(key))?;
+                        self.obs.took(g.id, client, b.id, secs);
+                        Some(b)
+                    });
                     self.obs.group(*id, bucket.map(|b| b.id));
                     let Some(bucket) = bucket else {
                         // No such group, or no bucket to choose: dropped.

@@ -105,6 +105,8 @@ struct Recorder<'a> {
     tables: &'a FlowTables,
     steps: Vec<Step>,
     groups: Vec<(u32, Option<u32>)>,
+    /// Client affinity, read (never written) from the live table.
+    affinity: Option<(&'a Conntrack, Time)>,
 }
 
 impl Observer for Recorder<'_> {
@@ -136,6 +138,11 @@ impl Observer for Recorder<'_> {
 
     fn group(&mut self, group: u32, bucket: Option<u32>) {
         self.groups.push((group, bucket));
+    }
+
+    fn affinity(&mut self, group: u32, client: [u8; 16]) -> Option<u32> {
+        let (ct, now) = self.affinity?;
+        ct.affinity(now, group, client)
     }
 }
 
@@ -233,6 +240,10 @@ pub fn trace(tables: &FlowTables, packet: &FlowKey, ct: CtSource<'_>) -> Trace {
             tables,
             steps: Vec::new(),
             groups: Vec::new(),
+            affinity: match ct {
+                CtSource::Live(conntrack, now) => Some((conntrack, now)),
+                CtSource::Assume(_) => None,
+            },
         },
         last: Xlate::default(),
     };

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
+use crate::classify::Hit;
 use crate::conntrack::{Conntrack, CtConfig, CtRefused, Looked};
 use crate::exec::{self, Execute, Translate};
 use crate::field::{FRAG_ANY, Field, MatchKey, ether_type};
@@ -24,7 +25,8 @@ use crate::flow::{FlowEntry, TableId};
 use crate::ipf::{Added, Ipf, IpfConfig};
 use crate::key::{FlowKey, PortNo, parse};
 use crate::nat::Ends;
-use crate::pipeline::{End, Silent, Xlate, xlate};
+use crate::pipeline::{End, Observer, Xlate, xlate};
+use crate::table::Installed;
 use crate::table::{FlowTables, Snapshot};
 use crate::time::Time;
 
@@ -547,6 +549,7 @@ impl Worker {
             shard,
             len,
             now,
+            ct: &dp.conntrack,
         };
         let mut live = Live {
             conntrack: &dp.conntrack,
@@ -622,6 +625,29 @@ struct Cached<'a> {
     shard: &'a ShardArray,
     len: u64,
     now: Time,
+    ct: &'a Conntrack,
+}
+
+/// The packet path's observer: it records nothing, and keeps client
+/// affinity (a cached translation is one connection's: its 5-tuple is in the
+/// key, so only its retransmissions reuse the choice).
+struct Sticky<'a> {
+    ct: &'a Conntrack,
+    now: Time,
+}
+
+impl Observer for Sticky<'_> {
+    #[inline(always)]
+    fn visit(&mut self, _: TableId, _: &MatchKey, _: Option<(Hit, &Installed)>, _: u32) {}
+
+    fn affinity(&mut self, group: u32, client: [u8; 16]) -> Option<u32> {
+        self.ct.affinity(self.now, group, client)
+    }
+
+    fn took(&mut self, group: u32, client: [u8; 16], bucket: u32, secs: u32) {
+        self.ct
+            .remember_affinity(self.now, group, client, bucket, secs);
+    }
 }
 
 impl Translate for Cached<'_> {
@@ -632,7 +658,11 @@ impl Translate for Cached<'_> {
         let (tables, generation) = (&self.snap.tables, self.snap.generation);
         let x = self.cache.get_or_insert_with(&ck, hash, generation, || {
             let mut scratch = *key;
-            xlate(tables, &mut scratch, stage, &mut Silent)
+            let mut obs = Sticky {
+                ct: self.ct,
+                now: self.now,
+            };
+            xlate(tables, &mut scratch, stage, &mut obs)
         });
         for id in &x.hits {
             if let Some(slot) = self.shard.slots.get(id.0 as usize) {

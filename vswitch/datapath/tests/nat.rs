@@ -29,7 +29,7 @@ fn switch(group: &str) -> std::sync::Arc<Datapath> {
         "table=60,priority=100,ct_state=+new+trk,ip,actions=ct(commit,zone=1),resubmit(,70)".into(),
         "table=60,priority=50,ip,actions=resubmit(,70)".into(),
     ];
-    for ip in [CLIENT, B1, B2] {
+    for ip in [CLIENT, B1, B2, [10, 0, 0, 13]] {
         flows.push(format!(
             "table=70,priority=10,ip,nw_dst={}.{}.{}.{},actions=output:{}",
             ip[0],
@@ -273,4 +273,72 @@ fn a_new_connection_on_the_ends_of_a_closed_translated_one_starts_afresh() {
     let (out, synack) = run(11, tcp_flags(B1, CLIENT, 8080, 40000, "SA"));
     assert_eq!(out, vec![PortNo(1)]);
     assert_eq!(ends(&synack), (B1, 8080, CLIENT, 40000), "not translated");
+}
+
+#[test]
+fn client_affinity_holds_across_backend_changes_until_it_times_out() {
+    let sticky = |buckets: &[u32]| {
+        let mut g =
+            "group_id=1,type=select,selection_method=hash,fields(ip_src),affinity=100".to_string();
+        for b in buckets {
+            g.push_str(&format!(
+                ",bucket=bucket_id:{b},actions=ct(nat(dst=10.0.0.{b}:8080))"
+            ));
+        }
+        parse_group(&g).unwrap()
+    };
+    let dp = switch(TWO);
+    dp.update(Time::ZERO, |t| t.add_group(sticky(&[11, 12])))
+        .unwrap();
+    let mut w = dp.worker();
+    w.begin_batch();
+    let backend_at = |w: &mut datapath::Worker, now: Time, sport: u16| {
+        let mut syn = tcp(CLIENT, VIP, sport, 80, true, false);
+        let v = w.process(now, PortNo(1), &mut syn);
+        v.outputs[0]
+    };
+    let first = backend_at(&mut w, Time::ZERO, 1000);
+    // The other backend is the one a change of buckets could move it to: its
+    // bucket is removed and re-added, and a third joins.
+    for sport in 1001..1020 {
+        assert_eq!(backend_at(&mut w, Time::ZERO, sport), first);
+    }
+    let other = if first == PortNo(11) { 12 } else { 11 };
+    dp.update(Time::ZERO, |t| t.add_group(sticky(&[other, first.0, 13])))
+        .unwrap();
+    w.begin_batch();
+    let later = Time(50 * 1_000_000_000);
+    for sport in 2000..2030 {
+        assert_eq!(
+            backend_at(&mut w, later, sport),
+            first,
+            "the client stays while its affinity lasts"
+        );
+    }
+    // Its backend gone: it moves, and sticks to the new one.
+    dp.update(later, |t| t.add_group(sticky(&[other, 13])))
+        .unwrap();
+    w.begin_batch();
+    let moved = backend_at(&mut w, later, 3000);
+    assert_ne!(moved, first);
+    assert!((3001..3020).all(|p| backend_at(&mut w, later, p) == moved));
+    // Past the timeout (100 s after the last connection) the memory is gone.
+    assert!(
+        dp.conntrack
+            .affinity(
+                Time(151 * 1_000_000_000),
+                1,
+                datapath::key::ip_to_wide(CLIENT.into())
+            )
+            .is_none()
+    );
+    assert!(
+        dp.conntrack
+            .affinity(
+                Time(149 * 1_000_000_000),
+                1,
+                datapath::key::ip_to_wide(CLIENT.into())
+            )
+            .is_some()
+    );
 }

@@ -23,6 +23,7 @@ use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
 use crate::key::{FlowKey, PortNo, wide_to_ip};
 use crate::time::Time;
 
+mod affinity;
 mod bulk;
 mod icmp;
 mod nat;
@@ -313,6 +314,8 @@ pub struct CtStats {
     /// New translated connections refused: their translated ends were
     /// another connection's.
     pub nat_clashes: AtomicU64,
+    /// Client affinities not remembered: the table was full.
+    pub affinity_full: AtomicU64,
 }
 
 /// `commit` refused a new connection.
@@ -343,6 +346,10 @@ pub struct Conntrack {
     trusted_error_ports: arc_swap::ArcSwap<Vec<PortNo>>,
     /// Who new connections are charged to, by the originator's address.
     owners: arc_swap::ArcSwap<std::collections::HashMap<[u8; 16], std::sync::Arc<Owner>>>,
+    /// Client affinity of select groups (see `affinity`).
+    affinity: affinity::AffinityMap,
+    /// The second of the last affinity sweep.
+    affinity_swept: AtomicU64,
     pub stats: CtStats,
 }
 
@@ -361,6 +368,8 @@ impl Conntrack {
             wheel: Mutex::new(BTreeMap::new()),
             trusted_error_ports: arc_swap::ArcSwap::from_pointee(Vec::new()),
             owners: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
+            affinity: Default::default(),
+            affinity_swept: AtomicU64::new(0),
             stats: CtStats::default(),
         }
     }
@@ -873,6 +882,9 @@ impl Conntrack {
     /// deadline moved later are re-queued. Returns how many were removed.
     pub fn sweep(&self, now: Time, budget: usize) -> usize {
         let now_second = now.0 / 1_000_000_000;
+        if self.affinity_swept.swap(now_second, Relaxed) != now_second {
+            self.expire_affinity(now);
+        }
         let mut due: Vec<CanonKey> = Vec::new();
         {
             let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
@@ -923,6 +935,7 @@ impl Conntrack {
     /// Drops every entry.
     pub fn flush(&self) {
         self.map.clear();
+        self.affinity.clear();
         self.wheel.lock().unwrap_or_else(|p| p.into_inner()).clear();
         self.len.store(0, Relaxed);
     }
