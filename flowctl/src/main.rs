@@ -74,6 +74,9 @@ enum Command {
     /// Services the switch load-balances: each ClusterIP frontend, its ready
     /// backends and (live) the tracked connections to each.
     DumpServices,
+    /// The select groups the Service flows name (`group:N`), in ovs-ofctl's
+    /// add-group syntax: one bucket per backend.
+    DumpGroups,
     /// Trace a new connection: `tcp,src=NS/POD|IP,dst=NS/POD|IP,tp_dst=PORT`.
     Trace {
         /// Packet: protocol (tcp|udp|sctp|icmp), src= and dst= (a pod as
@@ -221,6 +224,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let out = match cli.command {
         Command::DumpFlows { table, cookie } => {
             render::dump_flows(&offline, table, cookie.as_deref(), json)
+        }
+        Command::DumpGroups => {
+            let v: Vec<String> = policy::pipeline::groups(&offline.topology)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            if json {
+                pretty(&v)
+            } else {
+                v.iter().map(|g| format!("{g}\n")).collect()
+            }
         }
         Command::DumpServices => {
             let v = control::view::service_views(
@@ -392,6 +406,14 @@ fn live(cli: &Cli) -> Result<ExitCode> {
                 pretty(&v)
             } else {
                 render::trace_text(&v, color)
+            }
+        }
+        Command::DumpGroups => {
+            let v: Vec<String> = typed(ask(&Request::DumpGroups)?)?;
+            if json {
+                pretty(&v)
+            } else {
+                v.iter().map(|g| format!("{g}\n")).collect()
             }
         }
         Command::DumpServices => {

@@ -300,3 +300,72 @@ fn staged_policies_offline() {
     assert_eq!(staged["mode"], "audit");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn services_offline_trace_through_a_cluster_ip_and_dump_services() {
+    let dir = std::env::temp_dir().join(format!("flowctl-svc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nstatus: {podIP: 10.1.0.2}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: shop, labels: {app: db}}\n\
+         spec: {containers: [{name: c, ports: [{name: pg, containerPort: 5432}]}]}\nstatus: {podIP: 10.1.0.3}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: batch, namespace: shop, labels: {app: batch}}\nstatus: {podIP: 10.1.0.4}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db-from-web, namespace: shop}\n\
+         spec: {podSelector: {matchLabels: {app: db}}, ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.20, selector: {app: db}, ports: [{name: pg, port: 5432, targetPort: pg}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: none, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.21, selector: {app: nothing}, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let v = json(&[
+        "--manifests",
+        d,
+        "-o",
+        "json",
+        "trace",
+        "tcp,src=shop/web,dst=10.96.0.20,tp_dst=5432",
+    ]);
+    assert_eq!(v["verdict"], "allow", "{v}");
+    assert_eq!(v["translations"][0]["to"], "10.1.0.3:5432");
+    assert_eq!(v["translations"][0]["pod"], "shop/db");
+    // Policy decides on the backend: the batch job is not admitted.
+    let v = json(&[
+        "--manifests",
+        d,
+        "-o",
+        "json",
+        "trace",
+        "tcp,src=shop/batch,dst=10.96.0.20,tp_dst=5432",
+    ]);
+    assert_eq!(v["verdict"], "deny", "{v}");
+    assert!(v["rule"].as_str().unwrap().contains("shop/db"), "{v}");
+    // No endpoints: refused.
+    let v = json(&[
+        "--manifests",
+        d,
+        "-o",
+        "json",
+        "trace",
+        "tcp,src=shop/web,dst=10.96.0.21,tp_dst=80",
+    ]);
+    assert_eq!(v["verdict"], "deny");
+    assert!(
+        v["rule"].as_str().unwrap().contains("no ready endpoints"),
+        "{v}"
+    );
+    let out = flowctl(&["--manifests", d, "dump-services"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("shop/db:pg") && text.contains("10.1.0.3:5432 (shop/db)"),
+        "{text}"
+    );
+    assert!(text.contains("no endpoints: refused"), "{text}");
+    let out = flowctl(&["--manifests", d, "dump-groups"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ct(nat(dst=10.1.0.3:5432))"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -484,8 +484,14 @@ mod tests {
         assert_eq!(
             all[0].backends,
             vec![
-                Backend { ip: "10.0.0.1".parse().unwrap(), port: 8080 },
-                Backend { ip: "10.0.1.1".parse().unwrap(), port: 9090 },
+                Backend {
+                    ip: "10.0.0.1".parse().unwrap(),
+                    port: 8080
+                },
+                Backend {
+                    ip: "10.0.1.1".parse().unwrap(),
+                    port: 9090
+                },
             ]
         );
         assert_eq!(all[0].affinity, Some(60));
@@ -512,7 +518,10 @@ mod tests {
         assert_eq!(f.len(), 1);
         assert_eq!(
             f[0].backends,
-            vec![Backend { ip: "10.0.0.1".parse().unwrap(), port: 7000 }],
+            vec![Backend {
+                ip: "10.0.0.1".parse().unwrap(),
+                port: 7000
+            }],
             "the slice's port for the Service port's name; the terminating endpoint left out"
         );
         let errors: Vec<String> = m.errors.iter().map(|e| format!("{e} {:?}", e)).collect();

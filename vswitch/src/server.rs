@@ -184,6 +184,16 @@ impl Daemon {
                 answer(crate::whatif::what_if(&self.realiser, &self.recent, &files))
             }
             Request::DumpServices => answer(Ok::<_, String>(self.service_views())),
+            Request::DumpGroups => answer(Ok::<_, String>(
+                self.realiser
+                    .datapath()
+                    .snapshot()
+                    .tables
+                    .groups()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<String>>(),
+            )),
             Request::DumpDns => answer(Ok::<_, String>(
                 self.realiser
                     .with_learned(|l| l.views(std::time::Instant::now())),

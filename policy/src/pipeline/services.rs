@@ -111,8 +111,9 @@ pub fn groups(topo: &Topology) -> Vec<Group> {
                     id,
                     weight: 1,
                     actions: [Action::Ct {
+                        // No lookup, no commit: the zone is the commit's, later.
                         commit: false,
-                        zone: Zone::Imm(topo.zone),
+                        zone: Zone::Imm(0),
                         table: None,
                         mark: None,
                         nat: Some(Nat::Dst(NatTarget {

@@ -71,6 +71,8 @@ pub enum Request {
     /// Service frontends the switch load-balances, with their backends and
     /// the connections to each: [`view::ServiceView`]s.
     DumpServices,
+    /// The datapath's select groups in ovs-ofctl syntax (strings).
+    DumpGroups,
     /// The recent-connections summary: [`view::RecentView`].
     Recent,
     /// Replay the recent connections against another policy set (the

@@ -342,3 +342,50 @@ fn client_affinity_holds_across_backend_changes_until_it_times_out() {
             .is_some()
     );
 }
+
+/// An SCTP INIT (common header and one INIT chunk) with its CRC32c.
+fn sctp_init(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16) -> Vec<u8> {
+    let mut sctp = Vec::new();
+    sctp.extend_from_slice(&sp.to_be_bytes());
+    sctp.extend_from_slice(&dp.to_be_bytes());
+    sctp.extend_from_slice(&[0; 4]); // verification tag: 0 in an INIT
+    sctp.extend_from_slice(&[0; 4]); // checksum, below
+    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, TSN.
+    sctp.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 7, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 9]);
+    let crc = datapath::nat::crc32c(&sctp);
+    sctp[8..12].copy_from_slice(&crc.to_le_bytes());
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2; 6], [4; 6])
+        .ipv4(src, dst, 64)
+        .write(&mut f, etherparse::IpNumber(132), &sctp)
+        .unwrap();
+    f
+}
+
+#[test]
+fn sctp_is_translated_with_its_crc32c() {
+    let dp = switch(TWO);
+    dp.update(Time::ZERO, |t| {
+        t.add(
+            parse_flow("table=30,priority=90,ct_state=+new+trk,sctp,nw_dst=10.96.0.10,tp_dst=80,actions=group:1,goto_table:60").unwrap(),
+            Time::ZERO,
+        )
+    })
+    .unwrap();
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut init = sctp_init(CLIENT, VIP, 5000, 80);
+    let v = w.process(Time::ZERO, PortNo(1), &mut init);
+    assert!(v.drop.is_none(), "{v:?}");
+    let sctp = &init[34..];
+    assert_eq!(
+        u16::from_be_bytes([sctp[2], sctp[3]]),
+        8080,
+        "port translated"
+    );
+    let mut check = sctp.to_vec();
+    let got = u32::from_le_bytes(check[8..12].try_into().unwrap());
+    check[8..12].copy_from_slice(&[0; 4]);
+    assert_eq!(datapath::nat::crc32c(&check), got, "CRC32c recomputed");
+    assert!(init[30..34] == B1 || init[30..34] == B2);
+}
