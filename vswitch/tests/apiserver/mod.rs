@@ -10,6 +10,8 @@
 //! event with a 410 Gone status, forcing a relist, as the real server does), and
 //! take the server down (connections refused) and up again.
 
+#![allow(dead_code)] // each test binary uses a different part
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

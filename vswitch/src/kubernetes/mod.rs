@@ -30,8 +30,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::EndpointSlice as ApiSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Api;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
 use policy::cnp::ClusterPolicy;
 use policy::compile::Change;
 use policy::model::{Namespace, Node, ObjectKey, Pod, Policy};
@@ -39,8 +39,15 @@ use policy::model::{Namespace, Node, ObjectKey, Pod, Policy};
 use control::error_chain as chain;
 
 use crate::config::Config;
+
+mod client;
+mod objects;
+
 use crate::gateway::own_node;
 use crate::realiser::Realiser;
+use client::client;
+pub use client::own_pod_cidrs;
+use objects::Objects;
 
 /// ClusterNetworkPolicy as the API server serves it. The spec stays raw JSON
 /// here: [`policy::cnp::ClusterPolicy::from_value`] validates it strictly,
@@ -79,69 +86,6 @@ enum Event {
     ClusterPolicy(Box<watcher::Result<watcher::Event<ClusterNetworkPolicy>>>),
     Service(Box<watcher::Result<watcher::Event<ApiService>>>),
     Slice(Box<watcher::Result<watcher::Event<ApiSlice>>>),
-}
-
-/// Objects of a kind that is not a compiler change (Services,
-/// EndpointSlices): as applied, plus a relist in progress.
-#[derive(Debug)]
-struct Objects<V> {
-    applied: BTreeMap<ObjectKey, V>,
-    relist: Option<BTreeMap<ObjectKey, V>>,
-    synced: bool,
-}
-
-impl<V: Clone + PartialEq> Objects<V> {
-    fn new() -> Self {
-        Objects {
-            applied: BTreeMap::new(),
-            relist: None,
-            synced: false,
-        }
-    }
-
-    /// Folds one event; `conv` gives the key and the object (`Err`: rejected,
-    /// the last good version stays; `Ok(None)`: not one the switch keeps).
-    /// Returns whether what is applied changed.
-    fn event<A>(
-        &mut self,
-        e: watcher::Event<A>,
-        mut conv: impl FnMut(&A) -> (ObjectKey, Result<Option<V>, ()>),
-    ) -> bool {
-        use watcher::Event as W;
-        match e {
-            W::Init => {
-                self.relist = Some(BTreeMap::new());
-                false
-            }
-            W::InitApply(o) => {
-                let (k, v) = conv(&o);
-                let keep = match v {
-                    Ok(v) => v,
-                    Err(()) => self.applied.get(&k).cloned(),
-                };
-                if let (Some(buf), Some(v)) = (self.relist.as_mut(), keep) {
-                    buf.insert(k, v);
-                }
-                false
-            }
-            W::InitDone => {
-                self.synced = true;
-                match self.relist.take() {
-                    Some(fresh) if fresh != self.applied => {
-                        self.applied = fresh;
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            W::Apply(o) => match conv(&o) {
-                (_, Err(())) => false,
-                (k, Ok(Some(v))) => self.applied.insert(k, v.clone()).as_ref() != Some(&v),
-                (k, Ok(None)) => self.applied.remove(&k).is_some(),
-            },
-            W::Delete(o) => self.applied.remove(&conv(&o).0).is_some(),
-        }
-    }
 }
 
 /// The kinds, in the order of `Mirror::synced`.
@@ -605,66 +549,6 @@ fn watch_error(kind: &str, e: &watcher::Error) {
         error = %chain(e),
         "API server: watch failed; retrying with backoff, the last known state stays in force"
     );
-}
-
-/// The API client: the configured kubeconfig, else in-cluster or the default
-/// kubeconfig.
-async fn client(config: &Config) -> anyhow::Result<Client> {
-    let kube_config = match &config.kubernetes.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| anyhow::anyhow!("cannot read kubeconfig {}: {e}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| anyhow::anyhow!("bad kubeconfig {}: {e}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| anyhow::anyhow!("no in-cluster config or kubeconfig: {e}"))?,
-    };
-    Client::try_from(kube_config).map_err(|e| anyhow::anyhow!("cannot build the API client: {e}"))
-}
-
-/// This node's pod CIDRs (`spec.podCIDRs` of its Node object, one per family
-/// when dual-stack; else `spec.podCIDR`), retried until the API server
-/// answers: until then nothing can be forwarded anyway.
-///
-/// Fails when no client can be built, or the Node has no or a bad pod CIDR.
-pub fn own_pod_cidrs(config: &Config) -> anyhow::Result<Vec<ipnet::IpNet>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let client = client(config).await?;
-        let nodes = Api::<ApiNode>::all(client);
-        let mut delay = std::time::Duration::from_millis(200);
-        loop {
-            match nodes.get(&config.node_name).await {
-                Ok(node) => {
-                    // podCIDRs (dual-stack: one per family), else podCIDR.
-                    let spec = node.spec.unwrap_or_default();
-                    let cidrs: Vec<String> = spec
-                        .pod_cidrs
-                        .filter(|c| !c.is_empty())
-                        .or_else(|| spec.pod_cidr.map(|c| vec![c]))
-                        .ok_or_else(|| anyhow::anyhow!("node {} has no spec.podCIDR", config.node_name))?;
-                    return cidrs
-                        .iter()
-                        .map(|cidr| {
-                            cidr.parse().map_err(|e| {
-                                anyhow::anyhow!("node {}: bad podCIDR {cidr:?}: {e}", config.node_name)
-                            })
-                        })
-                        .collect();
-                }
-                Err(e) => {
-                    tracing::warn!(node = %config.node_name, error = %e, "cannot read this node's pod CIDR yet");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(10));
-                }
-            }
-        }
-    })
 }
 
 /// Watches the API server forever, applying changes to `realiser`; once the
