@@ -195,10 +195,20 @@ pub fn conntrack_text(conns: &[ConnView], color: bool) -> String {
                 std::net::IpAddr::V6(_) => format!("[{ip}]:{port}"),
                 std::net::IpAddr::V4(_) => format!("{ip}:{port}"),
             };
+            // A translated connection: where it really goes (and, hairpin,
+            // from where the backend sees it).
+            let mut src = end(&c.src, c.sport);
+            if let Some(t) = &c.translated_src {
+                src.push_str(&format!(" (as {t})"));
+            }
+            let mut dst = end(&c.dst, c.dport);
+            if let Some(t) = &c.translated_dst {
+                dst.push_str(&format!(" -> {t}"));
+            }
             vec![
                 c.proto.clone(),
-                end(&c.src, c.sport),
-                end(&c.dst, c.dport),
+                src,
+                dst,
                 c.state.clone(),
                 format!("{}s", c.timeout_s),
                 format!("{}/{}", c.packets.orig, c.packets.reply),

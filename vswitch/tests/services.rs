@@ -289,6 +289,13 @@ fn cluster_ips_are_load_balanced_in_the_switch_with_policy_on_the_backend() {
         !dump.contains("headless"),
         "headless Services are left alone: {dump}"
     );
+    let groups = flowctl(&sw.daemon.socket, &["dump-groups"]);
+    assert!(
+        groups.contains("affinity=10800") && groups.contains("nat(dst="),
+        "{groups}"
+    );
+    let conns = flowctl(&sw.daemon.socket, &["dump-conntrack", "dst=10.96.50.10"]);
+    assert!(conns.contains("10.96.50.10:80 -> 10.92."), "{conns}");
 
     // Metrics per Service.
     eventually("Service metrics", || {
