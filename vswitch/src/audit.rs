@@ -294,7 +294,9 @@ impl Auditor {
             return e.clone();
         }
         let e = Arc::new(self.realiser.explain_new(key));
-        if self.explanations.len() < MAX_EXPLANATIONS {
+        // Through a Service the backend depends on the source port: such a
+        // connection is explained on its own.
+        if e.backend.is_none() && self.explanations.len() < MAX_EXPLANATIONS {
             self.explanations.insert(any_port, e.clone());
         }
         e
@@ -314,6 +316,7 @@ impl Auditor {
             staged,
             src_pod,
             dst_pod,
+            backend,
         } = &*explained;
         count(
             &mut self.series,
@@ -352,6 +355,13 @@ impl Auditor {
             return;
         }
         let mut line = record(event, verdict, src_pod, dst_pod);
+        if let Some((ip, port)) = backend {
+            // The ClusterIP stays `dst_ip`; this is where it went.
+            line["dst_backend"] = json!(match ip {
+                std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+                std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+            });
+        }
         if let Some((w, s)) = would {
             line["staged"] = json!({
                 "verdict": w,

@@ -412,6 +412,7 @@ mod tests {
             staged: None,
             src_pod: None,
             dst_pod: None,
+            backend: None,
         })
     }
 

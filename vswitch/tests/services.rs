@@ -162,7 +162,8 @@ fn cluster_ips_are_load_balanced_in_the_switch_with_policy_on_the_backend() {
     let (config, socket) = write_config(
         &dir,
         &format!(
-            "metrics_address = {metrics:?}\n[gateway]\nname = \"{tag}\"\naddress = \"{gw}/24\"\n"
+            "metrics_address = {metrics:?}\n[gateway]\nname = \"{tag}\"\naddress = \"{gw}/24\"\n[audit]\npath = {:?}\nattempt_quiet_ms = 300\n",
+            dir.join("audit.log").to_str().unwrap()
         ),
     );
     let daemon = Vswitchd::start(&config, &socket);
@@ -296,6 +297,20 @@ fn cluster_ips_are_load_balanced_in_the_switch_with_policy_on_the_backend() {
     );
     let conns = flowctl(&sw.daemon.socket, &["dump-conntrack", "dst=10.96.50.10"]);
     assert!(conns.contains("10.96.50.10:80 -> 10.92."), "{conns}");
+
+    // The audit log names the ClusterIP and the backend it went to.
+    eventually("the denied Service connection is audited", || {
+        std::fs::read_to_string(sw.tmp.0.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| {
+                l["src_pod"] == "shop/batch"
+                    && l["dst_ip"] == "10.96.50.12"
+                    && l["dst_backend"] == format!("{host_ip}:{host_port}")
+                    && l["verdict"] == "deny"
+            })
+    });
 
     // Metrics per Service.
     eventually("Service metrics", || {

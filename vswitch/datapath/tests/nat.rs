@@ -389,3 +389,28 @@ fn sctp_is_translated_with_its_crc32c() {
     assert_eq!(datapath::nat::crc32c(&check), got, "CRC32c recomputed");
     assert!(init[30..34] == B1 || init[30..34] == B2);
 }
+
+#[test]
+fn a_translated_connection_survives_a_graceful_restart() {
+    let dp = switch(TWO);
+    let mut w = dp.worker();
+    w.begin_batch();
+    let mut syn = tcp(CLIENT, VIP, 40000, 80, true, false);
+    w.process(Time::ZERO, PortNo(1), &mut syn);
+    let backend = ends(&syn).2;
+    let saved = dp.conntrack.export(Time::ZERO);
+    assert!(saved.iter().any(|c| c.nat.is_some()), "{saved:?}");
+    // The next process: another table, another clock, the same flows.
+    let next = switch(TWO);
+    assert_eq!(next.conntrack.import(Time::ZERO, saved), 1);
+    let mut w = next.worker();
+    w.begin_batch();
+    let mut synack = tcp(backend, CLIENT, 8080, 40000, true, true);
+    let v = w.process(Time::ZERO, PortNo(port_of(backend)), &mut synack);
+    assert_eq!(v.outputs, &[PortNo(1)]);
+    assert_eq!(
+        ends(&synack),
+        (VIP, 80, CLIENT, 40000),
+        "still translated back"
+    );
+}

@@ -18,7 +18,10 @@ pub struct Explained {
     /// With staged policies enforced (`None`: nothing is staged).
     pub staged: Option<Verdict>,
     pub src_pod: Option<ObjectKey>,
+    /// The destination's pod: the backend's, through a Service.
     pub dst_pod: Option<ObjectKey>,
+    /// Through a Service: the backend the connection was translated to.
+    pub backend: Option<(std::net::IpAddr, u16)>,
 }
 
 impl Realiser {
@@ -66,11 +69,17 @@ impl Realiser {
         let trace = datapath::trace::trace_new(&self.published.dp.snapshot().tables, key);
         let st = self.state();
         let pod = |ip| st.compiler.cluster().pod_by_ip(ip).map(|p| p.key.clone());
+        let backend = trace
+            .translations
+            .iter()
+            .find(|(from, to)| (from.dst, from.dport) != (to.dst, to.dport))
+            .map(|(_, to)| (datapath::key::wide_to_ip(to.dst), to.dport));
         Explained {
             verdict: policy::explain::explain(&st.compiler, &trace),
             staged: st.shadow.as_ref().map(|s| s.verdict(key)),
             src_pod: pod(key.src_ip()),
-            dst_pod: pod(key.dst_ip()),
+            dst_pod: pod(backend.map_or(key.dst_ip(), |b| b.0)),
+            backend,
         }
     }
 
