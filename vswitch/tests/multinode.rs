@@ -660,6 +660,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: api-sticky, namespace: mns}
+spec:
+  clusterIP: 10.96.70.12
+  sessionAffinity: ClientIP
+  selector: {app: api}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: api-local, namespace: mns}
 spec:
   clusterIP: 10.96.70.11
@@ -769,6 +778,43 @@ fn services_in_the_switch_spread_over_two_nodes_dual_stack() {
             Some("near")
         );
     }
+    // ClientIP affinity across nodes: every connection to one backend.
+    let first = common::backend(client, "10.96.70.12", 80).expect("served");
+    for _ in 0..12 {
+        assert_eq!(
+            common::backend(client, "10.96.70.12", 80).as_deref(),
+            Some(first.as_str())
+        );
+    }
+    // The backend on the other node leaves while a connection to it is
+    // open: that connection lives on, new ones go to the one left.
+    let mut open = None;
+    for _ in 0..40 {
+        let (name, stream) = common::connect(client, "10.96.70.10", 80).expect("served");
+        if name == "far" {
+            open = Some(stream);
+            break;
+        }
+    }
+    let mut open = open.expect("a connection to the far backend");
+    std::fs::write(
+        manifests.join("cluster.yaml"),
+        SERVICES2.replace(
+            "metadata: {name: far, namespace: mns, labels: {app: api}}",
+            "metadata: {name: far, namespace: mns, labels: {app: retired}}",
+        ),
+    )
+    .unwrap();
+    common::eventually("new connections avoid the removed backend", || {
+        (0..6).all(|_| common::backend(client, "10.96.70.10", 80).as_deref() == Some("near"))
+    });
+    open.write_all(b"still").unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(
+        &buf, b"still",
+        "the open connection to the removed backend survives"
+    );
     drop(a);
     drop(b);
     let _ = std::fs::remove_dir_all(&root);
