@@ -222,6 +222,12 @@ echo "frontend-egress is staged (vswitch.io/mode: audit): evaluated, not enforce
 try connected default/frontend other/client 80 "(staged: it would deny this, but does not)"
 try connected default/frontend default/db 6379 "(staged: it would allow this)"
 show $flowctl trace tcp,src=default/frontend,dst=other/client,tp_dst=80
+# The audit thread explains connections in batches, off the packet path:
+# give it a moment (at most 5 s) before showing what it wrote.
+for _ in $(seq 50); do
+    $flowctl recent 2>/dev/null | grep -q 'would deny' && grep -q '"would deny"' "$work/audit.log" 2>/dev/null && break
+    sleep 0.1
+done
 bold "What the switch saw recently, with what the staged policy would do"
 show $flowctl recent
 bold "The audit log names the would-be denial next to the real verdict"
