@@ -144,10 +144,9 @@ setup_ovs() { # setup_ovs NAME TSO SUBNET LETTER (LETTER: unique, for device nam
     server6[$name]="fd00:${subnet:3:2}::2"
 }
 
-# vswitchd and two pods through vswitch-cni, with a NetworkPolicy in force.
-setup_vswitch() {
-    mkdir -p "$work/manifests"
-    cat >"$work/manifests/bench.yaml" <<'EOF'
+# The two bench pods, and a NetworkPolicy admitting only the client to b.
+bench_manifests() {
+    cat <<'EOF'
 apiVersion: v1
 kind: Namespace
 metadata: {name: bench}
@@ -169,6 +168,12 @@ spec:
   podSelector: {matchLabels: {role: server}}
   ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
 EOF
+}
+
+# vswitchd and two pods through vswitch-cni, with a NetworkPolicy in force.
+setup_vswitch() {
+    mkdir -p "$work/manifests"
+    bench_manifests >"$work/manifests/bench.yaml"
     printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' \
         "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-true}" >"$work/vswitchd.toml"
     [ -n "${VSWITCH_BUSY_POLL_US:-}" ] && echo "busy_poll_us = $VSWITCH_BUSY_POLL_US" >>"$work/vswitchd.toml"
@@ -285,27 +290,9 @@ svc_run() { # svc_run kp|sw
     [ "$m" = kp ] && mode=kube-proxy
     mkdir -p "$d/manifests"
     newns "$tag-n$m"
-    cat >"$d/manifests/bench.yaml" <<'YAML'
-apiVersion: v1
-kind: Namespace
-metadata: {name: bench}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: bench, labels: {role: client}}
-spec: {containers: [{name: c, image: x}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: bench, labels: {role: server}}
-spec: {containers: [{name: c, image: x}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: clients-only, namespace: bench}
-spec:
-  podSelector: {matchLabels: {role: server}}
-  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}]}]
+    {
+        bench_manifests
+        cat <<'YAML'
 ---
 apiVersion: v1
 kind: Service
@@ -315,6 +302,7 @@ spec:
   selector: {role: server}
   ports: [{name: crr, port: 80, targetPort: 5300}, {name: rr, port: 81, targetPort: 5301}]
 YAML
+    } >"$d/manifests/bench.yaml"
     # The client opens more connections in 30 s (TIME_WAIT) than a pod may
     # have tracked by default (conntrack_max / 16): lifted for the bench.
     printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\nservices = "%s"\nservice_cidrs = ["10.96.0.0/12"]\nconntrack_max_per_pod = 262144\nconntrack_max_per_namespace = 262144\n' \

@@ -250,10 +250,7 @@ pub struct TranslationView {
 }
 
 fn translation_views(compiler: &Compiler, trace: &Trace) -> Vec<TranslationView> {
-    let fmt = |ip: std::net::IpAddr, port: u16| match ip {
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-    };
+    let fmt = |ip, port| std::net::SocketAddr::new(ip, port).to_string();
     let mut out = Vec::new();
     for (from, to) in &trace.translations {
         for (end, a, b) in [

@@ -357,10 +357,7 @@ impl Auditor {
         let mut line = record(event, verdict, src_pod, dst_pod);
         if let Some((ip, port)) = backend {
             // The ClusterIP stays `dst_ip`; this is where it went.
-            line["dst_backend"] = json!(match ip {
-                std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-                std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-            });
+            line["dst_backend"] = json!(std::net::SocketAddr::new(*ip, *port).to_string());
         }
         if let Some((w, s)) = would {
             line["staged"] = json!({

@@ -230,6 +230,25 @@ fn send_all(ports: &PortSet, outputs: &[PortNo], tx: &mut Tx<'_>) {
     }
 }
 
+/// Writes `frame` (not the one received: a reject's answer, a fragment of a
+/// reassembled datagram) to every port of `outputs`, through `buf` at the
+/// headroom, with a blank offload header. Too long for the buffer: dropped.
+fn send_copy(buf: &mut [u8], frame: &[u8], ports: &PortSet, outputs: &[PortNo]) {
+    let end = HEADROOM + frame.len();
+    if end > buf.len() {
+        return;
+    }
+    buf[HEADROOM..end].copy_from_slice(frame);
+    let mut tx = Tx {
+        buf,
+        start: HEADROOM,
+        end,
+        offloaded: false,
+        header_intact: false,
+    };
+    send_all(ports, outputs, &mut tx);
+}
+
 /// One packet thread: a datapath worker and a frame buffer.
 #[derive(Debug)]
 pub struct Lane {
@@ -337,37 +356,14 @@ impl Lane {
         }
         if !verdict.reply.is_empty() {
             // `reject` answered it: the answer goes back instead.
-            let end = HEADROOM + verdict.reply.len();
-            if end <= self.buf.len() {
-                self.buf[HEADROOM..end].copy_from_slice(verdict.reply);
-                let mut tx = Tx {
-                    buf: &mut self.buf,
-                    start: HEADROOM,
-                    end,
-                    offloaded: false,
-                    header_intact: false,
-                };
-                send_all(ports, &outputs, &mut tx);
-            }
+            send_copy(&mut self.buf, verdict.reply, ports, &outputs);
             return;
         }
         if !verdict.fragments.is_empty() {
             // A reassembled datagram was decided: its fragments go out, each
             // on its own (they need no offload header, and get a blank one).
             for fragment in verdict.fragments {
-                let end = HEADROOM + fragment.len();
-                if end > self.buf.len() {
-                    continue;
-                }
-                self.buf[HEADROOM..end].copy_from_slice(fragment);
-                let mut tx = Tx {
-                    buf: &mut self.buf,
-                    start: HEADROOM,
-                    end,
-                    offloaded: false,
-                    header_intact: false,
-                };
-                send_all(ports, &outputs, &mut tx);
+                send_copy(&mut self.buf, fragment, ports, &outputs);
             }
             return;
         }

@@ -6,7 +6,7 @@
 //! into Prometheus series once a second. Latency histograms and per-rule
 //! connection counts are recorded where they happen (`switch`, `audit`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -159,47 +159,44 @@ fn services(realiser: &Realiser, flows: &[datapath::worker::FlowStat]) {
     if frontends.is_empty() {
         return;
     }
-    let dp = realiser.datapath();
-    let conns = dp.conntrack.dump(realiser.now(), None);
+    // Table 35's flows by what they match: (address, port, protocol).
+    let attempts: HashMap<(u128, u128, u128), u64> = flows
+        .iter()
+        .filter(|s| s.entry.table.0 == policy::tables::SERVICES)
+        .map(|s| {
+            let m = &s.entry.matcher;
+            let key = (
+                m.get(Field::NwDst).0,
+                m.get(Field::TpDst).0,
+                m.get(Field::NwProto).0,
+            );
+            (key, s.packets)
+        })
+        .collect();
+    let conns = realiser.service_connections();
     for f in &frontends {
-        let vip = datapath::key::ip_to_wide(f.ip);
-        let frontend = format!("{}:{}", f.ip, f.port);
+        let frontend = std::net::SocketAddr::new(f.ip, f.port).to_string();
         let labels = [("service", f.name()), ("frontend", frontend.clone())];
         gauge!("vswitch_service_backends", &labels).set(f.backends.len() as f64);
-        let packets: u64 = flows
-            .iter()
-            .filter(|s| {
-                let m = &s.entry.matcher;
-                s.entry.table.0 == policy::tables::SERVICES
-                    && m.get(Field::NwDst).0 == u128::from_be_bytes(vip)
-                    && m.get(Field::TpDst).0 == u128::from(f.port)
-                    && m.get(Field::NwProto).0 == u128::from(f.protocol.ip_proto())
-            })
-            .map(|s| s.packets)
-            .sum();
+        let key = (
+            u128::from_be_bytes(datapath::key::ip_to_wide(f.ip)),
+            u128::from(f.port),
+            u128::from(f.protocol.ip_proto()),
+        );
         let name = if f.backends.is_empty() {
             "vswitch_service_refused_total"
         } else {
             "vswitch_service_connection_attempts_total"
         };
-        counter!(name, &labels).absolute(packets);
+        counter!(name, &labels).absolute(attempts.get(&key).copied().unwrap_or(0));
         for b in &f.backends {
-            let backend = datapath::key::ip_to_wide(b.ip);
-            let n = conns
-                .iter()
-                .filter(|c| {
-                    c.orig.dst == vip
-                        && c.orig.dport == f.port
-                        && c.nat.is_some_and(|x| x.dst == backend && x.dport == b.port)
-                })
-                .count();
             gauge!(
                 "vswitch_service_connections",
                 "service" => f.name(),
                 "frontend" => frontend.clone(),
-                "backend" => format!("{}:{}", b.ip, b.port)
+                "backend" => std::net::SocketAddr::new(b.ip, b.port).to_string()
             )
-            .set(n as f64);
+            .set(conns.get(f, b) as f64);
         }
     }
 }

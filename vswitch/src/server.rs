@@ -313,27 +313,10 @@ impl Daemon {
     /// The Service frontends with their backends and the tracked
     /// connections through each frontend to each backend.
     pub fn service_views(&self) -> Vec<control::view::ServiceView> {
-        let now = self.realiser.now();
-        let conns = self.realiser.datapath().conntrack.dump(now, None);
+        let counts = self.realiser.service_connections();
         let frontends = self.realiser.frontends();
         self.realiser.with_compiler(|c| {
-            control::view::service_views(&frontends, c.cluster(), |f, b| {
-                let (vip, backend) = (
-                    datapath::key::ip_to_wide(f.ip),
-                    datapath::key::ip_to_wide(b.ip),
-                );
-                Some(
-                    conns
-                        .iter()
-                        .filter(|c| {
-                            c.orig.dst == vip
-                                && c.orig.dport == f.port
-                                && c.orig.proto == f.protocol.ip_proto()
-                                && c.nat.is_some_and(|n| n.dst == backend && n.dport == b.port)
-                        })
-                        .count() as u64,
-                )
-            })
+            control::view::service_views(&frontends, c.cluster(), |f, b| Some(counts.get(f, b)))
         })
     }
 
@@ -497,8 +480,5 @@ fn accepts(f: &ConnFilter, c: &datapath::ConnInfo) -> bool {
 }
 
 fn end_text(addr: [u8; 16], port: u16) -> String {
-    match datapath::key::wide_to_ip(addr) {
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-    }
+    std::net::SocketAddr::new(datapath::key::wide_to_ip(addr), port).to_string()
 }

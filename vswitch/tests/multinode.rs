@@ -176,6 +176,29 @@ fn start_node(ns: Netns, tag: &str, spec: Spec<'_>, manifests: &Path, root: &Pat
     NodeProc { daemon, dir, ns }
 }
 
+/// Two node namespaces (`{tag}na`, `{tag}nb`) joined by a veth link, with
+/// these addresses (`addr/len`) on its ends.
+fn linked_nodes(tag: &str, a: &str, b: &str) -> (Netns, Netns) {
+    let (na, nb) = (
+        Netns::new(format!("{tag}na")),
+        Netns::new(format!("{tag}nb")),
+    );
+    let (wa, wb) = (format!("{tag}wa"), format!("{tag}wb"));
+    ip(&[
+        "link", "add", &wa, "netns", &na.0, "type", "veth", "peer", "name", &wb, "netns", &nb.0,
+    ]);
+    for (ns, dev, addr) in [(&na, &wa, a), (&nb, &wb, b)] {
+        let mut args = vec!["-n", &ns.0, "addr", "add", addr, "dev", dev];
+        if addr.contains(':') {
+            // Unique by construction: no duplicate address detection.
+            args.push("nodad");
+        }
+        ip(&args);
+        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+    }
+    (na, nb)
+}
+
 /// Whether a TCP connection from `from` to `addr` (`ip:port`) gets an echo.
 fn tcp(from: &Netns, addr: &str) -> bool {
     let (ip, port) = addr.rsplit_once(':').unwrap();
@@ -206,18 +229,7 @@ fn pods_on_two_nodes_talk_through_the_tunnel_under_policy() {
         .map(|p| Netns::new(format!("{tag}p{p}")))
         .collect();
     // Two nodes and the wire between them.
-    let (na, nb) = (
-        Netns::new(format!("{tag}na")),
-        Netns::new(format!("{tag}nb")),
-    );
-    let (wa, wb) = (format!("{tag}wa"), format!("{tag}wb"));
-    ip(&[
-        "link", "add", &wa, "netns", &na.0, "type", "veth", "peer", "name", &wb, "netns", &nb.0,
-    ]);
-    for (ns, dev, addr) in [(&na, &wa, "192.168.77.1/24"), (&nb, &wb, "192.168.77.2/24")] {
-        ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev]);
-        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
-    }
+    let (na, nb) = linked_nodes(&tag, "192.168.77.1/24", "192.168.77.2/24");
     // Someone else's route with vswitchd's route protocol (another instance, a
     // restart overlap): vswitchd must leave it alone.
     let other = format!("{tag}x");
@@ -474,18 +486,7 @@ fn dual_stack_pods_on_two_nodes_over_an_ipv6_underlay() {
         .iter()
         .map(|p| Netns::new(format!("{tag}p{p}")))
         .collect();
-    let (na, nb) = (
-        Netns::new(format!("{tag}na")),
-        Netns::new(format!("{tag}nb")),
-    );
-    let (wa, wb) = (format!("{tag}wa"), format!("{tag}wb"));
-    ip(&[
-        "link", "add", &wa, "netns", &na.0, "type", "veth", "peer", "name", &wb, "netns", &nb.0,
-    ]);
-    for (ns, dev, addr) in [(&na, &wa, "fd00:77::1/64"), (&nb, &wb, "fd00:77::2/64")] {
-        ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev, "nodad"]);
-        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
-    }
+    let (na, nb) = linked_nodes(&tag, "fd00:77::1/64", "fd00:77::2/64");
     let a = start_node(
         na,
         &tag,
@@ -692,18 +693,7 @@ fn services_in_the_switch_spread_over_two_nodes_dual_stack() {
         .iter()
         .map(|p| Netns::new(format!("{tag}p{p}")))
         .collect();
-    let (na, nb) = (
-        Netns::new(format!("{tag}na")),
-        Netns::new(format!("{tag}nb")),
-    );
-    let (wa, wb) = (format!("{tag}wa"), format!("{tag}wb"));
-    ip(&[
-        "link", "add", &wa, "netns", &na.0, "type", "veth", "peer", "name", &wb, "netns", &nb.0,
-    ]);
-    for (ns, dev, addr) in [(&na, &wa, "fd00:78::1/64"), (&nb, &wb, "fd00:78::2/64")] {
-        ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev, "nodad"]);
-        ip(&["-n", &ns.0, "link", "set", dev, "up"]);
-    }
+    let (na, nb) = linked_nodes(&tag, "fd00:78::1/64", "fd00:78::2/64");
     let spec = |name, letter, underlay, gw, gw6| Spec {
         name,
         letter,

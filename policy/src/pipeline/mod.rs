@@ -519,47 +519,30 @@ fn forwarding(topo: &Topology, out: &mut Vec<FlowEntry>) {
                 .with(Field::DlType, dl.into())
                 .with(Field::NwDst, addr);
             out.push(flow(FORWARDING, 100, to_pod, Purpose::ForwardLocal).then_output(p.port));
+            // A router hop: from this node's gateway, addressed to the pod.
+            let hop = |priority, m, purpose| {
+                flow(FORWARDING, priority, m, purpose)
+                    .action(Action::SetField {
+                        field: Field::DlSrc,
+                        value: mac_value(router_mac),
+                    })
+                    .action(Action::SetField {
+                        field: Field::DlDst,
+                        value: mac_value(p.mac),
+                    })
+                    .then_output(p.port)
+            };
             if topo.load_balance {
                 // Sent to the router (a ClusterIP, the hairpin address) and
-                // translated to a pod here: re-addressed as a router hop.
-                out.push(
-                    flow(
-                        FORWARDING,
-                        105,
-                        to_pod
-                            .with(Field::DlDst, mac_value(router_mac))
-                            .with_masked(Field::Reg(0), CLASS_POD, 0xff),
-                        Purpose::ForwardRouted,
-                    )
-                    .action(Action::SetField {
-                        field: Field::DlSrc,
-                        value: mac_value(router_mac),
-                    })
-                    .action(Action::SetField {
-                        field: Field::DlDst,
-                        value: mac_value(p.mac),
-                    })
-                    .then_output(p.port),
-                );
+                // translated to a pod here.
+                let routed = to_pod
+                    .with(Field::DlDst, mac_value(router_mac))
+                    .with_masked(Field::Reg(0), CLASS_POD, 0xff);
+                out.push(hop(105, routed, Purpose::ForwardRouted));
             }
             if !topo.tunnels.is_empty() {
-                out.push(
-                    flow(
-                        FORWARDING,
-                        110,
-                        to_pod.with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff),
-                        Purpose::ForwardFromTunnel,
-                    )
-                    .action(Action::SetField {
-                        field: Field::DlSrc,
-                        value: mac_value(router_mac),
-                    })
-                    .action(Action::SetField {
-                        field: Field::DlDst,
-                        value: mac_value(p.mac),
-                    })
-                    .then_output(p.port),
-                );
+                let tunneled = to_pod.with_masked(Field::Reg(0), CLASS_TUNNEL, 0xff);
+                out.push(hop(110, tunneled, Purpose::ForwardFromTunnel));
             }
         }
     }

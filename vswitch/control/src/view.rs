@@ -314,10 +314,7 @@ pub fn service_views(
     cluster: &policy::Cluster,
     connections: impl Fn(&policy::services::Frontend, &policy::services::Backend) -> Option<u64>,
 ) -> Vec<ServiceView> {
-    let addr = |ip: std::net::IpAddr, port: u16| match ip {
-        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
-        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
-    };
+    let addr = |ip, port| std::net::SocketAddr::new(ip, port).to_string();
     let mut out: Vec<ServiceView> = frontends
         .iter()
         .map(|f| ServiceView {

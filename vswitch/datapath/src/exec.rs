@@ -117,7 +117,7 @@ pub(crate) fn run<T: Translate, E: Execute>(
                 DpAction::Recirc { zone, table, nat } => recirc = Some((zone, table, nat)),
                 DpAction::Nat { src, target } => {
                     let current = rewritten.unwrap_or(*packet);
-                    let mut to = ends_of(&current);
+                    let mut to = Ends::of(&current);
                     let ported = matches!(
                         current.nw_proto,
                         ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP
@@ -188,17 +188,6 @@ pub(crate) fn run<T: Translate, E: Execute>(
     }
     ran.end = End::LoopLimit;
     ran
-}
-
-/// A packet's ends as translation sees them (ports only where there are).
-fn ends_of(k: &FlowKey) -> Ends {
-    let ported = matches!(k.nw_proto, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP);
-    Ends {
-        src: k.nw_src,
-        sport: if ported { k.tp_src } else { 0 },
-        dst: k.nw_dst,
-        dport: if ported { k.tp_dst } else { 0 },
-    }
 }
 
 /// `current` with its ends set to `to`, in both of the packet's keys.

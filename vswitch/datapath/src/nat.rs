@@ -19,6 +19,18 @@ pub struct Ends {
 }
 
 impl Ends {
+    /// A packet's ends as translation sees them: ports only for TCP, UDP
+    /// and SCTP.
+    pub fn of(k: &crate::key::FlowKey) -> Ends {
+        let ported = matches!(k.nw_proto, ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP);
+        Ends {
+            src: k.nw_src,
+            sport: if ported { k.tp_src } else { 0 },
+            dst: k.nw_dst,
+            dport: if ported { k.tp_dst } else { 0 },
+        }
+    }
+
     /// The same ends seen from the other direction.
     pub fn reversed(self) -> Ends {
         Ends {

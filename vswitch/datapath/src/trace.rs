@@ -202,25 +202,16 @@ impl Execute for Observed<'_> {
     }
 
     fn set_ends(&mut self, from: &FlowKey, to: &Ends) {
-        self.translations.push((ends_of(from), *to));
+        self.translations.push((Ends::of(from), *to));
     }
 
     fn set_error_ends(&mut self, from: &FlowKey, outer: &Ends, _: &Ends) {
-        self.translations.push((ends_of(from), *outer));
+        self.translations.push((Ends::of(from), *outer));
     }
 
     fn reject(&mut self, _: &FlowKey) -> bool {
         self.rejected = true;
         true
-    }
-}
-
-fn ends_of(k: &FlowKey) -> Ends {
-    Ends {
-        src: k.nw_src,
-        sport: k.tp_src,
-        dst: k.nw_dst,
-        dport: k.tp_dst,
     }
 }
 

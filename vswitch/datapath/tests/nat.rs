@@ -54,15 +54,28 @@ fn switch(group: &str) -> std::sync::Arc<Datapath> {
 const TWO: &str = "group_id=1,type=select,bucket=bucket_id:11,weight:1,actions=ct(nat(dst=10.0.0.11:8080)),bucket=bucket_id:12,weight:1,actions=ct(nat(dst=10.0.0.12:8080))";
 
 fn tcp(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, syn: bool, ack: bool) -> Vec<u8> {
+    let flags = match (syn, ack) {
+        (true, true) => "SA",
+        (true, false) => "S",
+        (false, true) => "A",
+        (false, false) => "",
+    };
+    tcp_flags(src, dst, sp, dp, flags)
+}
+
+/// A TCP segment with `flags` (S, A, F) and a few bytes of data.
+fn tcp_flags(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, flags: &str) -> Vec<u8> {
     let mut f = Vec::new();
     let mut b = PacketBuilder::ethernet2([2; 6], [4; 6])
         .ipv4(src, dst, 64)
         .tcp(sp, dp, 1000, 100);
-    if syn {
-        b = b.syn();
-    }
-    if ack {
-        b = b.ack(1);
+    for c in flags.chars() {
+        b = match c {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            _ => b,
+        };
     }
     b.write(&mut f, b"data").unwrap();
     f
@@ -231,23 +244,6 @@ fn reject_answers_at_once() {
     let p = SlicedPacket::from_ethernet(v.reply).unwrap();
     assert!(matches!(p.transport, Some(TransportSlice::Icmpv4(_))));
     let _ = parse(PortNo(1), v.reply);
-}
-
-fn tcp_flags(src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, flags: &str) -> Vec<u8> {
-    let mut f = Vec::new();
-    let mut b = PacketBuilder::ethernet2([2; 6], [4; 6])
-        .ipv4(src, dst, 64)
-        .tcp(sp, dp, 1000, 100);
-    for c in flags.chars() {
-        b = match c {
-            'S' => b.syn(),
-            'A' => b.ack(1),
-            'F' => b.fin(),
-            _ => b,
-        };
-    }
-    b.write(&mut f, &[]).unwrap();
-    f
 }
 
 #[test]

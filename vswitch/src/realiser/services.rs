@@ -3,7 +3,33 @@
 //! the frontends' (published with the flows that name them, in one
 //! generation).
 
+use std::collections::HashMap;
+
+use policy::services::{Backend, Frontend};
+
 use super::{Error, Realiser};
+
+/// Tracked connections through each Service frontend to each backend,
+/// counted in one pass over conntrack.
+#[derive(Debug, Default)]
+pub struct ServiceConnections(HashMap<Through, u64>);
+
+/// (protocol, frontend address, frontend port, backend address, backend port).
+type Through = (u8, [u8; 16], u16, [u8; 16], u16);
+
+impl ServiceConnections {
+    /// Connections through `frontend` translated to `backend`.
+    pub fn get(&self, frontend: &Frontend, backend: &Backend) -> u64 {
+        let key = (
+            frontend.protocol.ip_proto(),
+            datapath::key::ip_to_wide(frontend.ip),
+            frontend.port,
+            datapath::key::ip_to_wide(backend.ip),
+            backend.port,
+        );
+        self.0.get(&key).copied().unwrap_or(0)
+    }
+}
 
 impl Realiser {
     /// Load-balances Services in the switch (`services = "switch"`) or leaves
@@ -46,6 +72,20 @@ impl Realiser {
         }
         self.publish(&mut st)?;
         Ok(())
+    }
+
+    /// The tracked connections through each frontend to each backend.
+    pub fn service_connections(&self) -> ServiceConnections {
+        let mut counts = HashMap::new();
+        for c in self.datapath().conntrack.dump(self.now(), None) {
+            if let Some(n) = c.nat {
+                let o = &c.orig;
+                *counts
+                    .entry((o.proto, o.dst, o.dport, n.dst, n.dport))
+                    .or_default() += 1;
+            }
+        }
+        ServiceConnections(counts)
     }
 
     /// The frontends load-balanced now (`flowctl dump-services`).
