@@ -20,6 +20,9 @@ pub struct Cluster {
     /// Addresses learned from the pods' DNS answers, per name (lower case, no
     /// trailing dot): what `domainNames` peers match.
     resolved: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// The node whose pods are compiled as subjects (`None`: every pod, as
+    /// offline mode and tests compile). See [`Cluster::is_local`].
+    scope: Option<String>,
 }
 
 impl Cluster {
@@ -186,6 +189,28 @@ impl Cluster {
                 .subject
                 .namespaces
                 .matches(&self.namespace_labels(&pod.key.namespace))
+    }
+
+    /// Compile for one node: only its pods (and pods with no node) are
+    /// subjects of policies; every other pod is only a peer, an address.
+    pub fn set_scope(&mut self, node: Option<String>) {
+        self.scope = node;
+    }
+
+    /// The node compiled for, when scoped.
+    pub fn scope(&self) -> Option<&str> {
+        self.scope.as_deref()
+    }
+
+    /// Whether `pod`'s own rules (the policies selecting it, its default
+    /// denies, its tier subjects) are compiled here: always unscoped, and
+    /// scoped when it runs on this node or on no node yet. A pod elsewhere has
+    /// its rules enforced where it runs; here it is only a peer.
+    pub fn is_local(&self, pod: &Pod) -> bool {
+        match (&self.scope, &pod.node) {
+            (Some(here), Some(there)) => here == there,
+            _ => true,
+        }
     }
 
     /// Whether `policy` selects `pod`.

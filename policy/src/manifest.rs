@@ -196,19 +196,19 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
             }
             Ok(())
         }
-        "Namespace" => typed::<ApiNamespace>(&kind, &object, doc.clone())
+        "Namespace" => typed::<ApiNamespace>(&kind, &object, &doc)
             .and_then(|o| Namespace::from_api(&o))
             .and_then(|n| first_time(&kind, &object).map(|_| m.namespaces.push(n))),
-        "Pod" => typed::<ApiPod>(&kind, &object, doc.clone())
+        "Pod" => typed::<ApiPod>(&kind, &object, &doc)
             .and_then(|o| Pod::from_api(&o))
             .and_then(|p| first_time(&kind, &object).map(|_| m.pods.push(p))),
-        "Node" => typed::<ApiNode>(&kind, &object, doc.clone())
+        "Node" => typed::<ApiNode>(&kind, &object, &doc)
             .and_then(|o| Node::from_api(&o))
             .and_then(|n| first_time(&kind, &object).map(|_| m.nodes.push(n))),
-        "NetworkPolicy" => typed::<NetworkPolicy>(&kind, &object, doc.clone())
+        "NetworkPolicy" => typed::<NetworkPolicy>(&kind, &object, &doc)
             .and_then(|o| Policy::from_api(&o))
             .and_then(|p| first_time(&kind, &object).map(|_| m.policies.push(p))),
-        "Service" => typed::<ApiService>(&kind, &object, doc.clone())
+        "Service" => typed::<ApiService>(&kind, &object, &doc)
             .and_then(|o| Service::from_api(&o))
             .and_then(|s| {
                 first_time(&kind, &object).map(|_| {
@@ -217,7 +217,7 @@ fn load_value(m: &mut Manifests, path: &Path, index: usize, doc: Value) {
                     }
                 })
             }),
-        "EndpointSlice" => typed::<ApiSlice>(&kind, &object, doc.clone())
+        "EndpointSlice" => typed::<ApiSlice>(&kind, &object, &doc)
             .and_then(|o| Slice::from_api(&o))
             .and_then(|s| first_time(&kind, &object).map(|_| m.services.upsert_slice(s))),
         cnp::KIND => check_api_version(&doc, cnp::API_VERSION)
@@ -276,7 +276,7 @@ fn static_kind(kind: &str) -> &'static str {
 fn typed<T: DeserializeOwned + serde::Serialize>(
     kind: &str,
     object: &str,
-    v: Value,
+    v: &Value,
 ) -> Result<T, Error> {
     let invalid = |path: String, message: String| Error::Invalid {
         kind: static_kind(kind),
@@ -290,10 +290,10 @@ fn typed<T: DeserializeOwned + serde::Serialize>(
             message,
         ),
     };
-    let typed: T = serde_path_to_error::deserialize(v.clone())
+    let typed: T = serde_path_to_error::deserialize(v)
         .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
     let known = serde_json::to_value(&typed).unwrap_or(Value::Null);
-    if let Some(path) = crate::strict::unknown_field(&v, &known, String::new()) {
+    if let Some(path) = crate::strict::unknown_field(v, &known, String::new()) {
         return Err(invalid(
             path,
             "unknown field (is it misspelled?): the object is rejected rather than read without it"

@@ -173,3 +173,47 @@ pub fn cluster_policies(n: usize) -> Vec<crate::cnp::ClusterPolicy> {
         })
         .collect()
 }
+
+/// The same cluster as [`cluster`], as manifest files (one per namespace: the
+/// Namespace, its Pods and its NetworkPolicies), for starting a switch on it.
+/// Pods on `node-{k % 100}`; none on the node a switch calls its own unless
+/// it is named so.
+pub fn manifests(namespaces: usize, pods_per_ns: usize) -> Vec<(String, String)> {
+    let c = cluster(namespaces, pods_per_ns);
+    let mut files = Vec::with_capacity(namespaces);
+    for i in 0..namespaces {
+        let ns = format!("ns-{i}");
+        let labels = c.namespace_labels(&ns);
+        let mut out =
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n");
+        for (k, v) in labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != NAMESPACE_NAME_LABEL)
+        {
+            out += &format!("    {k}: {v}\n");
+        }
+        for pod in c.pods_in(&ns) {
+            out += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {ns}\n  labels:\n",
+                pod.key.name
+            );
+            for (k, v) in &pod.labels {
+                out += &format!("    {k}: {v}\n");
+            }
+            out += &format!(
+                "spec:\n  nodeName: {}\n  containers:\n  - name: app\n    image: app\n    ports:\n",
+                pod.node.as_deref().unwrap_or_default()
+            );
+            for p in &pod.ports {
+                out += &format!("    - {{name: {}, containerPort: {}}}\n", p.name, p.port);
+            }
+            out += &format!("status:\n  podIP: {}\n", pod.ips[0]);
+        }
+        for j in 0..10 {
+            out += "---\n";
+            out += &policy_yaml(&ns, i, j);
+        }
+        files.push((format!("{ns}.yaml"), out));
+    }
+    files
+}

@@ -247,7 +247,7 @@ pub(crate) fn compile_deny(
     let Some(pod) = cluster.pod(pod) else {
         return vec![];
     };
-    if !cluster.is_isolated(pod, direction) {
+    if !cluster.is_local(pod) || !cluster.is_isolated(pod, direction) {
         return vec![];
     }
     let (table, field) = match direction {
@@ -273,7 +273,7 @@ pub(crate) fn compile_node(cluster: &Cluster, node: &str, id: u32) -> Vec<FlowEn
     let Some(n) = cluster.node(node) else {
         return vec![];
     };
-    if n.addresses.is_empty() {
+    if n.addresses.is_empty() || cluster.scope().is_some_and(|here| here != node) {
         return vec![];
     }
     let mut out = Vec::new();

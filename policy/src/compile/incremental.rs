@@ -97,13 +97,24 @@ fn rebuild_members(
             continue;
         };
         for pod in cluster.pods_in(&key.namespace) {
-            if !pod.ips.is_empty() && p.pod_selector.matches(&pod.labels) {
+            if !pod.ips.is_empty() && p.pod_selector.matches(&pod.labels) && cluster.is_local(pod) {
                 selected.insert(pod.key.clone());
             }
         }
     }
-    // Candidates for the peer and owner roles.
+    // Candidates for the peer and owner roles: none while no pod is selected
+    // here (a conjunction without its subject clause never completes; when a
+    // pod joins, the group's flags flip and it is rebuilt).
     let mut candidates: BTreeSet<&ObjectKey> = selected.iter().collect();
+    if selected.is_empty() {
+        let empty = GroupInfo {
+            id: info.id,
+            rules: info.rules.clone(),
+            ..GroupInfo::default()
+        };
+        state.groups.insert(g.clone(), empty);
+        return pods;
+    }
     let peers: Vec<CanonPeer> = g.peers.clone().unwrap_or_default();
     for pod in res.peer_pods(&peers) {
         candidates.insert(&pod.key);
@@ -290,7 +301,7 @@ pub(super) fn pod_work(
     let mut selecting: HashSet<&Arc<GroupKey>> = HashSet::default();
     if let Some(pod) = new {
         for p in cluster.policies_in(&pod.key.namespace) {
-            if cluster.selects(p, pod) {
+            if cluster.selects(p, pod) && cluster.is_local(pod) {
                 selecting.extend(rule_refs(p).filter_map(|r| state.group_of.get(&r)));
             }
         }
@@ -300,8 +311,11 @@ pub(super) fn pod_work(
     for (g, info) in &state.groups {
         let before = info.roles_of(&key);
         let after = match new {
-            Some(pod) => roles(cluster, g, pod, selecting.contains(g)),
-            None => Roles::default(),
+            // A group with no subject here needs no peers either.
+            Some(pod) if selecting.contains(g) || info.flags(g).selected => {
+                roles(cluster, g, pod, selecting.contains(g))
+            }
+            _ => Roles::default(),
         };
         if before == after && !(before.any() && changed_pod) {
             continue;

@@ -145,6 +145,55 @@ impl FlowDiff {
     pub fn len(&self) -> usize {
         self.added.len() + self.modified.len() + self.deleted.len()
     }
+
+    /// The diffs applied in order, as one.
+    pub fn concat(diffs: Vec<FlowDiff>) -> FlowDiff {
+        if diffs.len() <= 1 {
+            return diffs.into_iter().next().unwrap_or_default();
+        }
+        // identity -> (whether it existed before the first, the flow after the last)
+        let mut net: HashMap<FlowIdentity, (bool, Option<FlowEntry>)> = HashMap::default();
+        for d in diffs {
+            for (f, existed) in d
+                .added
+                .into_iter()
+                .map(|f| (f, false))
+                .chain(d.modified.into_iter().map(|f| (f, true)))
+            {
+                let id = f.identity();
+                net.entry(id).or_insert((existed, None)).1 = Some(f);
+            }
+            for id in d.deleted {
+                net.entry(id).or_insert((true, None)).1 = None;
+            }
+        }
+        let mut diff = FlowDiff::default();
+        for (id, (existed, after)) in net {
+            match (existed, after) {
+                (false, Some(f)) => diff.added.push(f),
+                (true, Some(f)) => diff.modified.push(f),
+                (true, None) => diff.deleted.push(id),
+                (false, None) => {}
+            }
+        }
+        diff
+    }
+
+    /// What turns the flows `old` into `new`.
+    pub fn between(old: Vec<FlowEntry>, new: Vec<FlowEntry>) -> FlowDiff {
+        let mut before: HashMap<FlowIdentity, FlowEntry> =
+            old.into_iter().map(|f| (f.identity(), f)).collect();
+        let mut diff = FlowDiff::default();
+        for f in new {
+            match before.remove(&f.identity()) {
+                None => diff.added.push(f),
+                Some(b) if b != f => diff.modified.push(f),
+                Some(_) => {}
+            }
+        }
+        diff.deleted = before.into_keys().collect();
+        diff
+    }
 }
 
 /// One object-level change.
@@ -188,6 +237,27 @@ impl Change {
         }
     }
 }
+/// Fewer changes than this (or than a quarter of the cluster) are applied
+/// one by one by [`Compiler::apply_all`].
+const BULK_CHANGES: usize = 256;
+
+/// `change` made to the model alone (nothing compiled).
+fn apply_to_model(cluster: &mut Cluster, change: Change) {
+    match change {
+        Change::Namespace(ns) => drop(cluster.upsert_namespace(ns)),
+        Change::NamespaceDeleted(name) => drop(cluster.remove_namespace(&name)),
+        Change::Pod(pod) => drop(cluster.upsert_pod(pod)),
+        Change::PodDeleted(key) => drop(cluster.remove_pod(&key)),
+        Change::Node(node) => drop(cluster.upsert_node(node)),
+        Change::NodeDeleted(name) => drop(cluster.remove_node(&name)),
+        Change::Policy(p) => drop(cluster.upsert_policy(p)),
+        Change::PolicyDeleted(key) => drop(cluster.remove_policy(&key)),
+        Change::ClusterPolicy(p) => drop(cluster.upsert_cluster_policy(p)),
+        Change::ClusterPolicyDeleted(name) => drop(cluster.remove_cluster_policy(&name)),
+        Change::Resolved { name, addresses } => drop(cluster.set_resolved(&name, addresses)),
+    }
+}
+
 /// The policy compiler: holds the cluster model and the flows it compiles to.
 #[derive(Debug, Default)]
 pub struct Compiler {
@@ -230,6 +300,41 @@ impl Compiler {
     }
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// Compiles for `node` from now on (see [`Cluster::is_local`]; `None`:
+    /// every pod): everything is compiled again, and the diff says how the
+    /// flows changed.
+    pub fn rescope(&mut self, node: Option<String>) -> FlowDiff {
+        if self.cluster.scope() == node.as_deref() {
+            return FlowDiff::default();
+        }
+        let mut cluster = std::mem::take(&mut self.cluster);
+        cluster.set_scope(node);
+        self.recompile(cluster)
+    }
+
+    /// Replaces the cluster with `cluster`, compiled whole.
+    fn recompile(&mut self, cluster: Cluster) -> FlowDiff {
+        let old = self.flows();
+        *self = Compiler::from_cluster(cluster);
+        FlowDiff::between(old, self.flows())
+    }
+
+    /// Applies many changes as one: one at a time when they are few, else
+    /// by compiling the changed cluster whole (a cold start, a resync: the
+    /// full compile is far cheaper than thousands of incremental steps).
+    pub fn apply_all(&mut self, changes: Vec<Change>) -> FlowDiff {
+        let size = self.cluster.pods().count() + self.cluster.policies().count();
+        if changes.len() < BULK_CHANGES.max(size / 4) {
+            let diffs: Vec<FlowDiff> = changes.into_iter().map(|c| self.apply(c)).collect();
+            return FlowDiff::concat(diffs);
+        }
+        let mut cluster = self.cluster.clone();
+        for change in changes {
+            apply_to_model(&mut cluster, change);
+        }
+        self.recompile(cluster)
     }
     /// Number of merged flows.
     pub fn len(&self) -> usize {

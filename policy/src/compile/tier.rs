@@ -350,7 +350,8 @@ impl<'a> RuleSet<'a> {
         }
         let per_rule = &cache.as_ref().expect("filled above").1;
         for ((policy, rule, sh, id), (subject_ns, peer_ns)) in self.rules.iter().zip(per_rule) {
-            let subject = *subject_ns && policy.subject.pods.matches(&pod.labels);
+            let subject =
+                *subject_ns && policy.subject.pods.matches(&pod.labels) && cluster.is_local(pod);
             let peer = !sh.fail_closed
                 && rule.peers.iter().zip(peer_ns).any(|(p, ns_ok)| {
                     *ns_ok && matches!(p, TierPeer::Pods { pods, .. } if pods.matches(&pod.labels))

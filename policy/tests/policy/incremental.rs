@@ -345,8 +345,13 @@ fn arb_cluster_policy() -> impl Strategy<Value = ClusterPolicy> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     #[test]
-    fn incremental_equals_full_recompile(changes in prop::collection::vec(arb_change(), 1..25)) {
+    fn incremental_equals_full_recompile(
+        changes in prop::collection::vec(arb_change(), 1..25),
+        node in prop::option::of(prop::sample::select(vec!["n0", "n1"])),
+    ) {
+        // Unscoped (offline), or compiled for one node (a switch).
         let mut inc = Compiler::new();
+        inc.rescope(node.map(str::to_string));
         let mut table = FlowTables::new();
         for change in changes {
             let diff = inc.apply(change.clone());

@@ -5,6 +5,7 @@ mod cnp_conformance;
 mod conformance;
 mod example;
 mod incremental;
+mod node_scope;
 mod scale;
 mod semantics;
 mod staging;
