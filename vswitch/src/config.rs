@@ -25,8 +25,9 @@ pub struct Config {
     /// Standalone mode: a directory of manifests, watched for changes.
     #[serde(default)]
     pub manifests: Option<PathBuf>,
-    /// How often the manifest directory is rescanned, in milliseconds (edits also
-    /// wake the watcher at once through inotify).
+    /// How often the manifest directory is rescanned, in milliseconds, when
+    /// inotify is not available. With inotify (the usual case) edits wake the
+    /// watcher at once, and the safety rescan runs every 10 s (or this, if longer).
     #[serde(default = "default_watch_ms")]
     pub watch_interval_ms: u64,
     /// The port towards the node: an internal TAP device in the host namespace.

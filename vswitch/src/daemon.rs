@@ -60,10 +60,17 @@ impl Daemon {
         });
         let (per_pod, per_namespace) = config.conntrack_limits();
         realiser.set_conntrack_limits(per_pod, per_namespace)?;
+        let kubernetes = config.source == Source::Kubernetes;
+        if kubernetes || config.gateway.is_some() || config.node_name != crate::config::LOCAL_NODE {
+            // Pods attached here run on this node: own-node traffic is theirs,
+            // and only this node's pods' rules are compiled (pods elsewhere
+            // are peers: their own rules are enforced where they run). Set
+            // before the first load: the cold start compiles for this node.
+            realiser.set_local_node(&config.node_name);
+        }
         if let Some(w) = watch.as_mut() {
             w.poll_into(&realiser);
         }
-        let kubernetes = config.source == Source::Kubernetes;
         if kubernetes {
             // Nothing is forwarded until Namespaces, Pods, Nodes,
             // NetworkPolicies and ClusterNetworkPolicies (or the API server's
@@ -73,10 +80,6 @@ impl Daemon {
             // Until a pod's object arrives from the API server its labels are
             // unknown: its port stays cut off (fail closed).
             realiser.set_isolate_unknown(true);
-        }
-        if kubernetes || config.gateway.is_some() {
-            // Pods attached here run on this node: own-node traffic is theirs.
-            realiser.set_local_node(&config.node_name);
         }
         let unset = |g: &crate::config::GatewayConfig| g.address.is_none() || g.address6.is_none();
         if kubernetes && config.gateway.as_ref().is_some_and(unset) {

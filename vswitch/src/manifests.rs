@@ -6,7 +6,7 @@
 //! file or object is reported and its last good version stays in force, also
 //! across restarts (copies in `state_dir/last-good/`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,14 +36,22 @@ pub fn apply(realiser: &Realiser, changes: Vec<Change>) {
     }
 }
 
+/// With inotify, how often the directory is rescanned all the same.
+const RESCAN: Duration = Duration::from_secs(10);
+
+/// An object a manifest file rejected: ((kind, object), why).
+type Rejected = ((String, String), String);
+
 /// The objects of one manifest file that are in force.
 #[derive(Debug, Default, Clone)]
+/// Objects are shared (`Arc`) between a file's scans and what is applied:
+/// an unchanged object compares equal by address, without a deep compare.
 struct FileObjects {
-    namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<ObjectKey, Pod>,
-    nodes: BTreeMap<String, Node>,
-    policies: BTreeMap<ObjectKey, Policy>,
-    cluster_policies: BTreeMap<String, ClusterPolicy>,
+    namespaces: BTreeMap<String, Arc<Namespace>>,
+    pods: BTreeMap<ObjectKey, Arc<Pod>>,
+    nodes: BTreeMap<String, Arc<Node>>,
+    policies: BTreeMap<ObjectKey, Arc<Policy>>,
+    cluster_policies: BTreeMap<String, Arc<ClusterPolicy>>,
     services: policy::services::Services,
 }
 
@@ -53,23 +61,27 @@ impl From<&Manifests> for FileObjects {
             namespaces: m
                 .namespaces
                 .iter()
-                .map(|n| (n.name.clone(), n.clone()))
+                .map(|n| (n.name.clone(), Arc::new(n.clone())))
                 .collect(),
-            pods: m.pods.iter().map(|p| (p.key.clone(), p.clone())).collect(),
+            pods: m
+                .pods
+                .iter()
+                .map(|p| (p.key.clone(), Arc::new(p.clone())))
+                .collect(),
             nodes: m
                 .nodes
                 .iter()
-                .map(|n| (n.name.clone(), n.clone()))
+                .map(|n| (n.name.clone(), Arc::new(n.clone())))
                 .collect(),
             policies: m
                 .policies
                 .iter()
-                .map(|p| (p.key.clone(), p.clone()))
+                .map(|p| (p.key.clone(), Arc::new(p.clone())))
                 .collect(),
             cluster_policies: m
                 .cluster_policies
                 .iter()
-                .map(|p| (p.name.clone(), p.clone()))
+                .map(|p| (p.name.clone(), Arc::new(p.clone())))
                 .collect(),
             services: m.services.clone(),
         }
@@ -91,48 +103,94 @@ pub struct ManifestWatch {
     dir: PathBuf,
     /// Copies of the last version of each file that loaded cleanly, so that a
     /// restarted daemon keeps enforcing them when a file has since gone bad.
-    last_good: Option<PathBuf>,
+    store: Option<PathBuf>,
+    /// The last version of each file that loaded cleanly (text).
+    good: BTreeMap<PathBuf, String>,
+    good_changed: bool,
+    /// The thread writing `good` to `store` (started on the first change).
+    writer: Option<std::sync::mpsc::Sender<Arc<BTreeMap<PathBuf, String>>>>,
     signature: Vec<(PathBuf, Option<SystemTime>, u64)>,
-    files: HashMap<PathBuf, FileObjects>,
+    files: BTreeMap<PathBuf, FileObjects>,
     applied: FileObjects,
-    /// What the last scan rejected (shown by `flowctl dump-policies`).
+    /// What the last scan of each file rejected.
+    file_rejections: HashMap<PathBuf, Vec<Rejected>>,
+    /// What is rejected now, all files (shown by `flowctl dump-policies`).
     rejected: policy::status::Rejections,
+    /// Whether the last poll scanned (Services and rejections to republish).
+    scanned: bool,
 }
 
 impl ManifestWatch {
     /// Watches `dir`; with `state_dir`, remembers the last good version of every
-    /// file across restarts.
+    /// file across restarts (`state_dir/last-good.json`).
     pub fn new(dir: &Path, state_dir: Option<&Path>) -> ManifestWatch {
-        let last_good = state_dir.map(|d| d.join("last-good"));
-        let mut files = HashMap::new();
-        if let Some(store) = &last_good {
-            for path in policy::manifest::files(dir).unwrap_or_default() {
-                if let Ok(text) = std::fs::read_to_string(store.join(Self::store_name(&path))) {
-                    let mut m = Manifests::default();
-                    load_str(&mut m, &path, &text);
-                    files.insert(path, FileObjects::from(&m));
-                }
-            }
-        }
+        let store = state_dir.map(|d| d.join("last-good.json"));
+        let good = store
+            .as_deref()
+            .map(|store| {
+                let legacy = store.with_file_name("last-good");
+                read_store(store).unwrap_or_else(|| read_legacy_store(dir, &legacy))
+            })
+            .unwrap_or_default();
         ManifestWatch {
             dir: dir.to_path_buf(),
-            last_good,
+            store,
+            good,
+            good_changed: false,
+            writer: None,
             signature: Vec::new(),
-            files,
+            files: BTreeMap::new(),
             applied: FileObjects::default(),
+            file_rejections: HashMap::new(),
+            scanned: false,
             rejected: policy::status::Rejections::new(),
         }
     }
 
-    fn store_name(path: &Path) -> String {
-        path.to_string_lossy().replace(['/', '\\'], "%")
+    /// The objects of the last good version of `path`, as this or an
+    /// earlier run kept it (parsed only when a file has gone bad).
+    fn last_good(&self, path: &Path) -> FileObjects {
+        if let Some(f) = self.files.get(path) {
+            return f.clone();
+        }
+        let Some(text) = self.good.get(path) else {
+            return FileObjects::default();
+        };
+        let mut m = Manifests::default();
+        load_str(&mut m, path, text);
+        FileObjects::from(&m)
     }
 
-    fn remember(&self, path: &Path, text: &str) {
-        if let Some(store) = &self.last_good {
-            let _ = std::fs::create_dir_all(store);
-            let _ = std::fs::write(store.join(Self::store_name(path)), text);
+    /// Writes the last good versions, when they changed, by a thread of its
+    /// own (the newest snapshot wins; the disk never holds up a scan).
+    fn keep_good(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        if !std::mem::take(&mut self.good_changed) {
+            return;
         }
+        let writer = self.writer.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Arc<BTreeMap<PathBuf, String>>>();
+            let store = store.clone();
+            let spawned = std::thread::Builder::new()
+                .name("last-good".into())
+                .spawn(move || {
+                    while let Ok(mut good) = rx.recv() {
+                        while let Ok(newer) = rx.try_recv() {
+                            good = newer;
+                        }
+                        if let Err(e) = write_store(&store, &good) {
+                            log(format!("cannot keep {}: {e}", store.display()));
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                log(format!("cannot start the last-good writer: {e}"));
+            }
+            tx
+        });
+        let _ = writer.send(Arc::new(self.good.clone()));
     }
 
     fn current_signature(&self) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
@@ -149,146 +207,130 @@ impl ManifestWatch {
 
     /// The changes since the last call (all objects on the first call); reports
     /// rejected files and objects, whose last good versions stay in force.
+    /// Only files whose size or modification time changed are read again
+    /// (in parallel): one edit in a large directory costs that file alone.
     pub fn poll(&mut self) -> Vec<Change> {
+        let t = std::time::Instant::now();
         let sig = self.current_signature();
         if sig == self.signature {
             return vec![];
         }
-        self.signature = sig;
-        let mut next_files = HashMap::new();
-        self.rejected.clear();
-        for (path, _, _) in &self.signature {
-            let previous = self.files.get(path).cloned().unwrap_or_default();
-            let mut m = Manifests::default();
-            match std::fs::read_to_string(path) {
-                Ok(text) => {
-                    load_str(&mut m, path, &text);
-                    if m.errors.is_empty() {
-                        self.remember(path, &text);
+        let before: HashMap<&PathBuf, (Option<SystemTime>, u64)> = self
+            .signature
+            .iter()
+            .map(|(p, m, l)| (p, (*m, *l)))
+            .collect();
+        let changed: Vec<PathBuf> = sig
+            .iter()
+            .filter(|(p, m, l)| before.get(p) != Some(&(*m, *l)))
+            .map(|(p, _, _)| p.clone())
+            .collect();
+        let present: std::collections::HashSet<&PathBuf> = sig.iter().map(|(p, _, _)| p).collect();
+        // Only objects of files read again or gone can change.
+        let mut touched = Touched::default();
+        for (_, gone) in self.files.iter().filter(|(p, _)| !present.contains(p)) {
+            touched.add(gone);
+        }
+        self.files.retain(|p, _| present.contains(p));
+        let before = self.good.len();
+        self.good.retain(|p, _| present.contains(p));
+        self.good_changed |= self.good.len() != before;
+        self.file_rejections.retain(|p, _| present.contains(p));
+        for (path, read) in read_all(&changed) {
+            let (objs, rejections) = match read {
+                Ok((text, m)) => {
+                    let previous = || self.last_good(&path);
+                    let kept = scanned(&path, m, previous);
+                    if let Some(text) = text {
+                        self.good_changed |= self.good.get(&path) != Some(&text);
+                        self.good.insert(path.clone(), text);
                     }
+                    kept
                 }
                 Err(e) => {
                     log(format!(
                         "cannot read {}: {e}; keeping its last good objects",
                         path.display()
                     ));
-                    next_files.insert(path.clone(), previous);
-                    continue;
+                    (self.last_good(&path), Vec::new())
                 }
+            };
+            touched.add(&objs);
+            if let Some(old) = self.files.insert(path.clone(), objs) {
+                touched.add(&old);
             }
-            let whole_file_failed = m
-                .errors
-                .iter()
-                .any(|e| matches!(e, PolicyError::Yaml { .. }));
-            for e in &m.errors {
-                log(format!(
-                    "{} (last good version stays in force)",
-                    error_chain(e)
-                ));
-            }
-            if whole_file_failed {
-                next_files.insert(path.clone(), previous);
-                continue;
-            }
-            for p in &m.cluster_policies {
-                for w in &p.warnings {
-                    log(format!(
-                        "{}: ClusterNetworkPolicy {}: {w}",
-                        path.display(),
-                        p.name
-                    ));
-                }
-            }
-            let mut objs = FileObjects::from(&m);
-            for e in &m.errors {
-                if let Some((kind, object)) = rejected(e) {
-                    self.rejected
-                        .insert((kind.to_string(), object), error_chain(e));
-                }
-            }
-            for (kind, object) in m.errors.iter().filter_map(rejected) {
-                match kind {
-                    "NetworkPolicy" => {
-                        if let Ok(k) = object.parse::<ObjectKey>()
-                            && let Some(p) = previous.policies.get(&k)
-                        {
-                            objs.policies.insert(k, p.clone());
-                        }
-                    }
-                    "Pod" => {
-                        if let Ok(k) = object.parse::<ObjectKey>()
-                            && let Some(p) = previous.pods.get(&k)
-                        {
-                            objs.pods.insert(k, p.clone());
-                        }
-                    }
-                    policy::cnp::KIND => {
-                        if let Some(p) = previous.cluster_policies.get(&object) {
-                            objs.cluster_policies.insert(object.clone(), p.clone());
-                        }
-                    }
-                    "Namespace" => {
-                        if let Some(n) = previous.namespaces.get(&object) {
-                            objs.namespaces.insert(object.clone(), n.clone());
-                        }
-                    }
-                    _ => {
-                        if let Some(n) = previous.nodes.get(&object) {
-                            objs.nodes.insert(object.clone(), n.clone());
-                        }
-                    }
-                }
-            }
-            next_files.insert(path.clone(), objs);
+            self.file_rejections.insert(path, rejections);
         }
-        self.files = next_files;
-        let mut want = FileObjects::default();
+        self.signature = sig;
+        self.keep_good();
+        self.rejected = self.file_rejections.values().flatten().cloned().collect();
+        let mut services = policy::services::Services::default();
         for f in self.files.values() {
-            want.namespaces.extend(f.namespaces.clone());
-            want.pods.extend(f.pods.clone());
-            want.nodes.extend(f.nodes.clone());
-            want.policies.extend(f.policies.clone());
-            want.cluster_policies.extend(f.cluster_policies.clone());
-            want.services.services.extend(f.services.services.clone());
-            want.services.slices.extend(f.services.slices.clone());
+            services.services.extend(f.services.services.clone());
+            services.slices.extend(f.services.slices.clone());
         }
+        self.applied.services = services;
+        let files: Vec<&FileObjects> = self.files.values().collect();
+        let (a, k) = (&mut self.applied, &touched);
         let mut changes = Vec::new();
-        diff(
-            &self.applied.namespaces,
-            &want.namespaces,
-            &mut changes,
-            Change::Namespace,
+        let out = &mut changes;
+        let n = files.len();
+        let (ns, nodes) = (Change::Namespace, Change::Node);
+        sync(
+            &mut a.namespaces,
+            &k.namespaces,
+            |i| &files[i].namespaces,
+            n,
+            out,
+            ns,
             Change::NamespaceDeleted,
         );
-        diff(
-            &self.applied.nodes,
-            &want.nodes,
-            &mut changes,
-            Change::Node,
+        sync(
+            &mut a.nodes,
+            &k.nodes,
+            |i| &files[i].nodes,
+            n,
+            out,
+            nodes,
             Change::NodeDeleted,
         );
-        diff(
-            &self.applied.pods,
-            &want.pods,
-            &mut changes,
+        sync(
+            &mut a.pods,
+            &k.pods,
+            |i| &files[i].pods,
+            n,
+            out,
             Change::Pod,
             Change::PodDeleted,
         );
-        diff(
-            &self.applied.policies,
-            &want.policies,
-            &mut changes,
-            Change::Policy,
-            Change::PolicyDeleted,
+        let (np, npd) = (Change::Policy, Change::PolicyDeleted);
+        sync(
+            &mut a.policies,
+            &k.policies,
+            |i| &files[i].policies,
+            n,
+            out,
+            np,
+            npd,
         );
-        diff(
-            &self.applied.cluster_policies,
-            &want.cluster_policies,
-            &mut changes,
-            Change::ClusterPolicy,
-            Change::ClusterPolicyDeleted,
+        let (cnp, cnpd) = (Change::ClusterPolicy, Change::ClusterPolicyDeleted);
+        sync(
+            &mut a.cluster_policies,
+            &k.cluster_policies,
+            |i| &files[i].cluster_policies,
+            n,
+            out,
+            cnp,
+            cnpd,
         );
-        self.applied = want;
+        self.scanned = true;
+        tracing::debug!(
+            files = self.signature.len(),
+            read = changed.len(),
+            changes = changes.len(),
+            took_us = t.elapsed().as_micros() as u64,
+            "manifests scanned"
+        );
         changes
     }
 
@@ -296,16 +338,19 @@ impl ManifestWatch {
     /// what was rejected (for `flowctl dump-policies`).
     pub fn poll_into(&mut self, realiser: &Realiser) {
         apply(realiser, self.poll());
-        if let Err(e) = realiser.set_services(self.applied.services.clone()) {
-            log(error_chain(&e));
+        if std::mem::take(&mut self.scanned) {
+            if let Err(e) = realiser.set_services(self.applied.services.clone()) {
+                log(error_chain(&e));
+            }
+            realiser.set_rejections("manifests", self.rejected.clone());
         }
-        realiser.set_rejections("manifests", self.rejected.clone());
     }
 
     /// Watches forever, applying changes to `realiser` as one generation each time.
-    /// Edits wake it through inotify (a change is enforced within milliseconds);
-    /// the directory is also rescanned every `every`, which is all there is when
-    /// inotify is not available.
+    /// Edits wake it through inotify (a change is enforced within milliseconds),
+    /// and the directory is rescanned every [`RESCAN`] as a safety net; without
+    /// inotify it is rescanned every `every`. Idle, it costs nothing: a scan
+    /// stats every file, which for thousands of files is not free.
     pub fn run(mut self, realiser: Arc<Realiser>, every: Duration) {
         let notify = crate::sys::inotify_init()
             .inspect_err(|e| {
@@ -327,12 +372,9 @@ impl ManifestWatch {
                         }
                     }
                     let mut ready = Vec::new();
-                    let woke = crate::sys::poll_readable(
-                        &[fd.as_fd()],
-                        &mut ready,
-                        every.as_millis().min(i32::MAX as u128) as i32,
-                    )
-                    .unwrap_or(0)
+                    let timeout = RESCAN.max(every).as_millis().min(i32::MAX as u128) as i32;
+                    let woke = crate::sys::poll_readable(&[fd.as_fd()], &mut ready, timeout)
+                        .unwrap_or(0)
                         > 0;
                     if woke {
                         // Let a burst of writes (an editor saving) settle, then drain.
@@ -347,21 +389,194 @@ impl ManifestWatch {
     }
 }
 
-fn diff<K: Ord + Clone, V: PartialEq + Clone>(
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
+/// The last good versions kept by an earlier run, when there are.
+fn read_store(store: &Path) -> Option<BTreeMap<PathBuf, String>> {
+    let text = std::fs::read_to_string(store).ok()?;
+    serde_json::from_str(&text)
+        .inspect_err(|e| log(format!("ignoring {}: {e}", store.display())))
+        .ok()
+}
+
+/// Last good versions as earlier releases kept them: a copy per file in
+/// `dir` (`/` spelled `%`).
+fn read_legacy_store(manifests: &Path, dir: &Path) -> BTreeMap<PathBuf, String> {
+    policy::manifest::files(manifests)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|path| {
+            let name = path.to_string_lossy().replace(['/', '\\'], "%");
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            Some((path, text))
+        })
+        .collect()
+}
+
+/// Replaces `store` with `good`, atomically (a crash leaves the old one).
+fn write_store(store: &Path, good: &BTreeMap<PathBuf, String>) -> std::io::Result<()> {
+    let tmp = store.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(good)?)?;
+    std::fs::rename(&tmp, store)
+}
+
+/// Reads and parses `paths`, spread over the cores (a cold start reads
+/// thousands of files).
+/// A file read and parsed: its text when it loaded cleanly (a last good
+/// version), and what it holds.
+type Read = std::io::Result<(Option<String>, Manifests)>;
+
+fn read_all(paths: &[PathBuf]) -> Vec<(PathBuf, Read)> {
+    let read = |path: &PathBuf| {
+        let text = std::fs::read_to_string(path).map(|text| {
+            let mut m = Manifests::default();
+            load_str(&mut m, path, &text);
+            (m.errors.is_empty().then_some(text), m)
+        });
+        (path.clone(), text)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if paths.len() < 16 || threads == 1 {
+        return paths.iter().map(read).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = paths
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(read).collect::<Vec<_>>()))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// A file's objects in force after a scan (`previous`: its last good ones,
+/// kept for what failed), and what was rejected, logged.
+fn scanned(
+    path: &Path,
+    m: Manifests,
+    previous: impl FnOnce() -> FileObjects,
+) -> (FileObjects, Vec<Rejected>) {
+    if m.errors.is_empty() {
+        return (FileObjects::from(&m), Vec::new());
+    }
+    let previous = previous();
+    for e in &m.errors {
+        log(format!(
+            "{} (last good version stays in force)",
+            error_chain(e)
+        ));
+    }
+    if m.errors
+        .iter()
+        .any(|e| matches!(e, PolicyError::Yaml { .. }))
+    {
+        return (previous, Vec::new());
+    }
+    for p in &m.cluster_policies {
+        for w in &p.warnings {
+            log(format!(
+                "{}: ClusterNetworkPolicy {}: {w}",
+                path.display(),
+                p.name
+            ));
+        }
+    }
+    let mut objs = FileObjects::from(&m);
+    let rejections = m
+        .errors
+        .iter()
+        .filter_map(|e| {
+            rejected(e).map(|(kind, object)| ((kind.to_string(), object), error_chain(e)))
+        })
+        .collect();
+    for (kind, object) in m.errors.iter().filter_map(rejected) {
+        match kind {
+            "NetworkPolicy" => {
+                if let Ok(k) = object.parse::<ObjectKey>()
+                    && let Some(p) = previous.policies.get(&k)
+                {
+                    objs.policies.insert(k, p.clone());
+                }
+            }
+            "Pod" => {
+                if let Ok(k) = object.parse::<ObjectKey>()
+                    && let Some(p) = previous.pods.get(&k)
+                {
+                    objs.pods.insert(k, p.clone());
+                }
+            }
+            policy::cnp::KIND => {
+                if let Some(p) = previous.cluster_policies.get(&object) {
+                    objs.cluster_policies.insert(object.clone(), p.clone());
+                }
+            }
+            "Namespace" => {
+                if let Some(n) = previous.namespaces.get(&object) {
+                    objs.namespaces.insert(object.clone(), n.clone());
+                }
+            }
+            _ => {
+                if let Some(n) = previous.nodes.get(&object) {
+                    objs.nodes.insert(object.clone(), n.clone());
+                }
+            }
+        }
+    }
+    (objs, rejections)
+}
+
+/// The keys of the objects a scan may have changed, by kind.
+#[derive(Default)]
+struct Touched {
+    namespaces: BTreeSet<String>,
+    pods: BTreeSet<ObjectKey>,
+    nodes: BTreeSet<String>,
+    policies: BTreeSet<ObjectKey>,
+    cluster_policies: BTreeSet<String>,
+}
+
+impl Touched {
+    fn add(&mut self, f: &FileObjects) {
+        self.namespaces.extend(f.namespaces.keys().cloned());
+        self.pods.extend(f.pods.keys().cloned());
+        self.nodes.extend(f.nodes.keys().cloned());
+        self.policies.extend(f.policies.keys().cloned());
+        self.cluster_policies
+            .extend(f.cluster_policies.keys().cloned());
+    }
+}
+
+/// Brings the `keys` of `applied` to what the files (`file(0..files)`, in
+/// path order: the last defining a key wins) say, pushing a change for each
+/// object that differs. An object of a file not read again is the very one
+/// applied: it compares by address.
+fn sync<'a, K: Ord + Clone + 'a, V: PartialEq + Clone + 'a>(
+    applied: &mut BTreeMap<K, Arc<V>>,
+    keys: &BTreeSet<K>,
+    file: impl Fn(usize) -> &'a BTreeMap<K, Arc<V>>,
+    files: usize,
     out: &mut Vec<Change>,
     upsert: impl Fn(V) -> Change,
     delete: impl Fn(K) -> Change,
 ) {
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            out.push(upsert(v.clone()));
-        }
-    }
-    for k in old.keys() {
-        if !new.contains_key(k) {
-            out.push(delete(k.clone()));
+    for k in keys {
+        let want = (0..files).rev().find_map(|i| file(i).get(k));
+        match (applied.get(k), want) {
+            (Some(a), Some(v)) if Arc::ptr_eq(a, v) => {}
+            // Read again, the same: applied from now on by this address.
+            (Some(a), Some(v)) if a == v => {
+                applied.insert(k.clone(), Arc::clone(v));
+            }
+            (_, Some(v)) => {
+                out.push(upsert(V::clone(v)));
+                applied.insert(k.clone(), Arc::clone(v));
+            }
+            (Some(_), None) => {
+                applied.remove(k);
+                out.push(delete(k.clone()));
+            }
+            (None, None) => {}
         }
     }
 }

@@ -443,6 +443,7 @@ impl Realiser {
         let mut st = self.state();
         // Addresses a pod gave up (deleted, or changed): their connections go.
         let mut released: Vec<IpAddr> = Vec::new();
+        let mut compiled = Vec::new();
         for change in changes {
             match &change {
                 Change::PodDeleted(key) => {
@@ -489,8 +490,9 @@ impl Realiser {
                 }
                 other => other,
             };
-            st.compile(change);
+            compiled.push(change);
         }
+        st.compile_all(compiled);
         let generation = self.publish(&mut st)?;
         // Attached pods keep the addresses they were attached with.
         released.retain(|ip| !st.topology.pods.iter().any(|p| p.ips.contains(ip)));
@@ -566,9 +568,16 @@ impl Realiser {
         self.state().last
     }
 
-    /// Marks pods attached from now on as running on `node` (own-node traffic).
+    /// Marks pods attached from now on as running on `node` (own-node
+    /// traffic), and compiles for that node only: policies' subjects are its
+    /// pods (and pods on no node); pods elsewhere are peers.
     pub fn set_local_node(&self, node: &str) {
-        self.state().local_node = Some(node.to_string());
+        let mut st = self.state();
+        st.local_node = Some(node.to_string());
+        let diff = st.compiler.rescope(Some(node.to_string()));
+        if !diff.is_empty() {
+            st.pending.push(diff);
+        }
     }
 
     /// How many connections one pod, and one namespace, may have tracked at

@@ -103,6 +103,24 @@ impl State {
         }
     }
 
+    /// Compiles `changes` in order, as one when nothing is staged (the
+    /// compiler takes the full-compile path for many: a cold start).
+    pub(super) fn compile_all(&mut self, changes: Vec<Change>) {
+        if self.shadow.is_some() || changes.iter().any(staging::stages) {
+            for change in changes {
+                self.compile(change);
+            }
+            return;
+        }
+        let _span = tracing::debug_span!("compile", changes = changes.len()).entered();
+        let t = Instant::now();
+        let diff = self.compiler.apply_all(changes);
+        self.compile_time += t.elapsed();
+        if !diff.is_empty() {
+            self.pending.push(diff);
+        }
+    }
+
     /// The shadow of `cluster` (staged policies included) over this topology.
     pub(super) fn build_shadow(&self, cluster: policy::Cluster) -> Option<Shadow> {
         Shadow::build(cluster, &self.topology)
