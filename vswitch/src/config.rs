@@ -54,6 +54,10 @@ pub struct Config {
     /// rates for some CPU. 0 turns it off.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// Packet threads: the ports are spread over them by port number.
+    /// Default: one per core the process may run on.
+    #[serde(default)]
+    pub packet_threads: Option<usize>,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. `127.0.0.1:9478`.
     #[serde(default)]
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -352,6 +356,12 @@ impl Config {
         {
             return Err(invalid(format!(
                 "gateway.address6 {a6}: the IPv6 address of a dual-stack gateway, beside an IPv4 gateway.address (an IPv6-only gateway takes its address in gateway.address)"
+            )));
+        }
+        if c.packet_threads.is_some_and(|n| !(1..=256).contains(&n)) {
+            return Err(invalid(format!(
+                "packet_threads = {} must be between 1 and 256",
+                c.packet_threads.unwrap_or_default()
             )));
         }
         if c.watch_interval_ms == 0 {

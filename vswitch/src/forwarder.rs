@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -95,7 +95,67 @@ pub struct Published {
     pub dp: Arc<Datapath>,
     pub ports: ArcSwap<PortSet>,
     pub clock: Clock,
+    /// Packet threads' doorbells: rung when the ports change (and on stop),
+    /// so an idle packet thread sleeps without a timer.
+    pub doorbells: Mutex<Vec<Arc<sys::Doorbell>>>,
 }
+
+impl Published {
+    pub fn new(dp: Arc<Datapath>) -> Published {
+        Published {
+            dp,
+            ports: ArcSwap::from_pointee(PortSet::default()),
+            clock: Clock::new(),
+            doorbells: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Publishes `ports` and wakes every packet thread to poll them.
+    pub fn set_ports(&self, ports: PortSet) {
+        self.ports.store(Arc::new(ports));
+        self.ring();
+    }
+
+    fn ring(&self) {
+        for d in self
+            .doorbells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            d.ring();
+        }
+    }
+}
+
+/// Packet threads as started: joined when they stop.
+#[derive(Debug)]
+pub struct PacketThreads(Vec<JoinHandle<()>>);
+
+impl PacketThreads {
+    /// How many threads move packets (the conntrack sweeper not counted).
+    pub fn len(&self) -> usize {
+        self.0.len().saturating_sub(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits for every one to stop (after [`Forwarder::stop`]).
+    pub fn join(self) {
+        for t in self.0 {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long an idle packet thread waits before looking again on its own
+/// (it is woken by its ports and its doorbell; this is a safety net).
+const IDLE_WAIT_MS: i32 = 1000;
+
+/// The epoll token of a lane's doorbell.
+const DOORBELL: u64 = u64::MAX;
 
 /// The data plane: spawns packet threads over what is published.
 #[derive(Debug)]
@@ -105,6 +165,29 @@ pub struct Forwarder {
     /// Frames a flow sent to the control plane (`controller`): DNS answers.
     punts: OnceLock<PuntSink>,
     stop: AtomicBool,
+    /// Wakes the sweeper on stop.
+    stopping: Stopping,
+}
+
+/// A sleep that [`Stopping::notify`] cuts short.
+#[derive(Debug, Default)]
+struct Stopping {
+    stopped: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Stopping {
+    fn wait(&self, pause: Duration) {
+        let g = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if !*g {
+            let _ = self.cv.wait_timeout(g, pause);
+        }
+    }
+
+    fn notify(&self) {
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
 }
 
 #[derive(Debug)]
@@ -120,6 +203,7 @@ impl Forwarder {
             events: OnceLock::new(),
             punts: OnceLock::new(),
             stop: AtomicBool::new(false),
+            stopping: Stopping::default(),
         })
     }
 
@@ -171,33 +255,99 @@ impl Forwarder {
         self.events.get().map_or(0, |e| e.lost.load(Relaxed))
     }
 
-    /// A lane: one packet thread's state (its datapath worker and buffer).
+    /// A lane: one packet thread's state (its datapath worker and buffer),
+    /// serving every port.
     pub fn lane(self: &Arc<Self>) -> Lane {
+        self.lane_of(0, 1)
+    }
+
+    /// Lane `index` of `lanes`: it serves the ports [`Lane::serves`] says.
+    fn lane_of(self: &Arc<Self>, index: usize, lanes: usize) -> Lane {
         Lane {
             fwd: self.clone(),
             worker: self.published.dp.worker(),
             buf: vec![0u8; BUFFER].into_boxed_slice(),
+            index,
+            lanes: lanes.max(1),
         }
     }
 
-    /// Starts a packet thread. After forwarding, it keeps polling its ports
-    /// without sleeping for `busy_poll` (lower latency for more CPU).
+    /// Starts `threads` packet threads (`name`, `name-1`, ...), the ports
+    /// spread over them, and the conntrack sweeper. After forwarding, a packet
+    /// thread keeps polling its ports without sleeping for `busy_poll` (lower
+    /// latency for more CPU); idle, it sleeps until a port or its doorbell
+    /// wakes it.
     ///
-    /// Fails when the thread cannot be started.
+    /// Fails when a thread cannot be started (those started are stopped).
     pub fn spawn(
         self: &Arc<Self>,
         name: &str,
+        threads: usize,
         busy_poll: Duration,
-    ) -> std::io::Result<JoinHandle<()>> {
-        let mut lane = self.lane();
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || lane.run(busy_poll))
+    ) -> std::io::Result<PacketThreads> {
+        let threads = threads.max(1);
+        let mut started = Vec::with_capacity(threads + 1);
+        let result = (|| {
+            for i in 0..threads {
+                let doorbell = Arc::new(sys::Doorbell::new()?);
+                self.published
+                    .doorbells
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(doorbell.clone());
+                let mut lane = self.lane_of(i, threads);
+                let thread = if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}-{i}")
+                };
+                started.push(
+                    std::thread::Builder::new()
+                        .name(thread)
+                        .spawn(move || lane.run(busy_poll, &doorbell))?,
+                );
+            }
+            let fwd = self.clone();
+            started.push(
+                std::thread::Builder::new()
+                    .name("conntrack".into())
+                    .spawn(move || fwd.sweep_until_stopped())?,
+            );
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(PacketThreads(started)),
+            Err(e) => {
+                self.stop();
+                PacketThreads(started).join();
+                Err(e)
+            }
+        }
     }
 
-    /// Asks packet threads to stop (they notice within one poll timeout).
+    /// Reclaims expired connections every `SWEEP_INTERVAL` (every second
+    /// while none are tracked), off the packet threads.
+    fn sweep_until_stopped(&self) {
+        let ct = &self.published.dp.conntrack;
+        while !self.stop.load(Relaxed) {
+            let pause = if ct.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                datapath::conntrack::SWEEP_INTERVAL
+            };
+            self.stopping.wait(pause);
+            ct.sweep(
+                self.published.clock.now(),
+                datapath::conntrack::SWEEP_BUDGET,
+            );
+        }
+    }
+
+    /// Asks packet threads to stop: they are woken and notice at once.
     pub fn stop(&self) {
         self.stop.store(true, Relaxed);
+        self.stopping.notify();
+        self.published.ring();
     }
 
     fn emit(&self, key: &FlowKey, allowed: bool) {
@@ -258,6 +408,9 @@ pub struct Lane {
     /// `port`); a virtio-net header, when the frame came with one, sits right
     /// before it.
     buf: Box<[u8]>,
+    /// This lane's number among `lanes`: which ports it serves.
+    index: usize,
+    lanes: usize,
 }
 
 impl Lane {
@@ -268,7 +421,10 @@ impl Lane {
         let ports = self.fwd.published.ports.load_full();
         self.worker.begin_batch();
         let now = self.fwd.published.clock.now();
-        (0..ports.endpoints.len())
+        let mine: Vec<usize> = (0..ports.endpoints.len())
+            .filter(|&i| self.serves(i, &ports.endpoints[i]))
+            .collect();
+        mine.into_iter()
             .map(|i| self.service(&ports, i, &ports, now))
             .sum()
     }
@@ -377,14 +533,21 @@ impl Lane {
         send_all(ports, &outputs, &mut tx);
     }
 
-    /// The packet thread: waits on every published port, services the ready
-    /// ones, sweeps conntrack every `SWEEP_INTERVAL`, until the forwarder stops.
-    fn run(&mut self, busy_poll: Duration) {
+    /// Whether this lane serves endpoint `i` of a port set: ports are spread
+    /// over lanes by port number (stable while other ports come and go), an
+    /// endpoint serving several ports (the tunnel) by its place.
+    pub fn serves(&self, i: usize, e: &Endpoint) -> bool {
+        let n = e.own.as_ref().map_or(i, |(p, _)| p.0 as usize);
+        n % self.lanes == self.index
+    }
+
+    /// The packet thread: waits on its ports and its doorbell, services the
+    /// ready ones, until the forwarder stops.
+    fn run(&mut self, busy_poll: Duration, doorbell: &sys::Doorbell) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
         let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
         let clock = self.fwd.published.clock;
-        let mut last_sweep = clock.now();
         let mut last_work = Instant::now();
         while !self.fwd.stop.load(Relaxed) {
             // (Re)register the ports when the set changed.
@@ -397,11 +560,12 @@ impl Lane {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 };
+                let _ = epoll.add(doorbell.fd(), DOORBELL);
                 for (i, e) in current.endpoints.iter().enumerate() {
                     // A port that is down is not polled: its dead fd would be
                     // ready (an error) on every wait.
                     let up = e.own.as_ref().is_none_or(|(_, c)| c.is_up());
-                    if let (Some(fd), true) = (e.io.fd(), up) {
+                    if let (Some(fd), true, true) = (e.io.fd(), up, self.serves(i, e)) {
                         let _ = epoll.add(fd, i as u64);
                     }
                 }
@@ -414,13 +578,18 @@ impl Lane {
             // what was just forwarded usually comes within microseconds, and a
             // sleeping thread takes tens of them to wake.
             let spinning = last_work.elapsed() < busy_poll;
-            let timeout = if spinning { 0 } else { 50 };
+            let timeout = if spinning { 0 } else { IDLE_WAIT_MS };
             if epoll.wait(&mut events, &mut ready, timeout).is_err() || ready.is_empty() {
                 if spinning {
                     // Give the CPU to anything else runnable (the pods' own
                     // threads, on a small node): spinning costs only idle time.
                     std::thread::yield_now();
                 }
+                continue;
+            }
+            if ready.contains(&DOORBELL) {
+                // The ports changed (or the switch stops): look again.
+                doorbell.clear();
                 continue;
             }
             // Ports and flows may have changed while we waited: take both
@@ -445,14 +614,6 @@ impl Lane {
                 polled = None;
             }
             last_work = Instant::now();
-            if now.since(last_sweep) >= datapath::conntrack::SWEEP_INTERVAL {
-                self.fwd
-                    .published
-                    .dp
-                    .conntrack
-                    .sweep(now, datapath::conntrack::SWEEP_BUDGET);
-                last_sweep = now;
-            }
         }
     }
 }
@@ -597,6 +758,28 @@ mod tests {
         lane.step();
         assert_eq!(counters(&r, "t/a").drop_count("flow"), 2);
         assert!(events.try_recv().is_err(), "not a policy verdict");
+    }
+
+    #[test]
+    fn lanes_split_the_ports_and_forward_across_them() {
+        let (_, f, a, b) = two_pods(false);
+        let (mut first, mut second) = (f.lane_of(0, 2), f.lane_of(1, 2));
+        let ports = f.published.ports.load_full();
+        let serving = |lane: &Lane| {
+            (0..ports.endpoints.len())
+                .filter(|&i| lane.serves(i, &ports.endpoints[i]))
+                .count()
+        };
+        assert_eq!(serving(&first) + serving(&second), ports.endpoints.len());
+        assert!(
+            serving(&first) > 0 && serving(&second) > 0,
+            "both lanes serve"
+        );
+        // a's frame is read by whichever lane serves a, and written to b.
+        a.push(syn(80));
+        let read = first.step() + second.step();
+        assert_eq!(read, 1, "exactly one lane reads it");
+        assert_eq!(b.take().len(), 1);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `linux/if_tun.h`
 pub const IFF_TAP: libc::c_short = 0x0002;
@@ -247,6 +247,39 @@ pub fn inotify_watch_dir(fd: BorrowedFd<'_>, dir: &std::path::Path) -> io::Resul
         | libc::IN_ONLYDIR;
     // SAFETY: `path` is a NUL-terminated string live for the call.
     check(unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), mask) }).map(|_| ())
+}
+
+/// An eventfd: wakes a thread waiting in epoll (a packet thread, when the
+/// ports change or the switch stops) without it polling on a timer.
+#[derive(Debug)]
+pub struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    pub fn new() -> io::Result<Doorbell> {
+        // SAFETY: eventfd takes an initial count and flags, returns a new fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes the doorbell readable until [`Doorbell::clear`].
+    pub fn ring(&self) {
+        // A full counter (2^64 - 2 rings unanswered) is still readable: ignore.
+        let _ = write(self.0.as_fd(), &1u64.to_ne_bytes());
+    }
+
+    /// Answers every ring so far.
+    pub fn clear(&self) {
+        let mut buf = [0u8; 8];
+        let _ = read(self.0.as_fd(), &mut buf);
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
 }
 
 /// An epoll instance: the packet thread's wait on every port at once.

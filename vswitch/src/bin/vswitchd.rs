@@ -112,7 +112,12 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             tracing::info!("serving the web view on http://{address}/ (read only)");
         }
     }
-    let packets = forwarder.spawn("packets", Duration::from_micros(daemon.config.busy_poll_us))?;
+    let threads = daemon.config.packet_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let busy_poll = Duration::from_micros(daemon.config.busy_poll_us);
+    let packets = forwarder.spawn("packets", threads, busy_poll)?;
+    tracing::info!(threads = packets.len(), "packet threads started");
     daemon.serve()?;
     {
         let (realiser, config) = (realiser.clone(), daemon.config.clone());
@@ -152,7 +157,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             })?;
     }
     tracing::info!(socket = %daemon.config.socket.display(), "ready");
-    let _ = packets.join();
+    packets.join();
     // Stopped by a signal: keep the connections for the next start. (After a
     // crash or kill -9 there is nothing to keep: established connections are
     // then dropped and reconnect.)

@@ -13,7 +13,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
 use datapath::conntrack::Owner;
 use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, PortNo, Time};
 use policy::compile::{Change, Compiler};
@@ -22,7 +21,7 @@ use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, assemble, base_flows};
 use policy::status::{PolicyView, Rejections};
 
-use crate::forwarder::{Clock, PortSet, Published};
+use crate::forwarder::Published;
 use crate::port::{Port, PortCounters};
 use crate::tunnel::TunnelIo;
 
@@ -144,11 +143,7 @@ impl Realiser {
     fn build(mut config: DatapathConfig, compiler: Compiler) -> Arc<Realiser> {
         config.policy_tables = policy::tables::POLICY_TABLES.to_vec();
         Arc::new(Realiser {
-            published: Arc::new(Published {
-                dp: Datapath::new(config),
-                ports: ArcSwap::from_pointee(PortSet::default()),
-                clock: Clock::new(),
-            }),
+            published: Arc::new(Published::new(Datapath::new(config))),
             state: Mutex::new(State {
                 compiler,
                 topology: Topology {
@@ -243,7 +238,7 @@ impl Realiser {
             .cluster()
             .cluster_policies()
             .any(policy::cnp::ClusterPolicy::has_domain_peers);
-        self.published.ports.store(Arc::new(st.port_set()));
+        self.published.set_ports(st.port_set());
         st.topology.frontends = if st.topology.load_balance {
             st.services
                 .frontends(st.compiler.cluster(), st.local_node.as_deref())

@@ -534,7 +534,7 @@ pub fn place_in6(ns: &Netns, dev: &str, mac: [u8; 6], cidr: &str) {
 pub struct Running {
     pub switch: Arc<vswitch::Realiser>,
     pub forwarder: Arc<vswitch::Forwarder>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<vswitch::forwarder::PacketThreads>,
 }
 
 impl Running {
@@ -546,7 +546,8 @@ impl Running {
     pub fn with(name: &str, config: datapath::DatapathConfig) -> Running {
         let switch = vswitch::Realiser::new(config);
         let forwarder = vswitch::Forwarder::new(switch.published().clone());
-        let thread = Some(forwarder.spawn(name, Duration::ZERO).unwrap());
+        // Two packet threads: the tests cross ports served by different ones.
+        let thread = Some(forwarder.spawn(name, 2, Duration::ZERO).unwrap());
         Running {
             switch,
             forwarder,
@@ -559,7 +560,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.forwarder.stop();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            t.join();
         }
     }
 }
