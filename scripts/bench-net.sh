@@ -9,6 +9,7 @@
 #   SWITCHES="bridge vswitch" scripts/bench-net.sh (measure only these)
 #   MEASURES="rtt50 crr" scripts/bench-net.sh   (only these measurements)
 #   SWITCHES=svc scripts/bench-net.sh           (only the Service run)
+#   BENCH_CLUSTER=DIR scripts/bench-net.sh      (vswitchd also loads the manifests in DIR)
 #
 # Switches under test, each with two pod namespaces a and b:
 #   bridge   Linux bridge, veth pairs
@@ -174,13 +175,18 @@ EOF
 setup_vswitch() {
     mkdir -p "$work/manifests"
     bench_manifests >"$work/manifests/bench.yaml"
-    printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\n' \
+    # A cluster loaded beside the two pods (BENCH_CLUSTER: a manifest directory,
+    # e.g. written by `cargo run --release -p policy --example synthetic-cluster`).
+    [ -n "${BENCH_CLUSTER:-}" ] && cp "$BENCH_CLUSTER"/*.yaml "$work/manifests/"
+    # The per-pod conntrack limit (16,384 by default) would cap the connection
+    # loop (TIME_WAIT connections stay tracked 30 s): lifted, as for Services.
+    printf 'socket = "%s"\nstate_dir = "%s"\nmanifests = "%s"\noffload = %s\nnode_name = "bench"\nconntrack_max_per_pod = 262144\nconntrack_max_per_namespace = 262144\n' \
         "$work/vswitchd.sock" "$work/state" "$work/manifests" "${VSWITCH_OFFLOAD:-true}" >"$work/vswitchd.toml"
     [ -n "${VSWITCH_BUSY_POLL_US:-}" ] && echo "busy_poll_us = $VSWITCH_BUSY_POLL_US" >>"$work/vswitchd.toml"
     [ -n "${VSWITCH_CONFIG:-}" ] && printf '%s\n' "$VSWITCH_CONFIG" >>"$work/vswitchd.toml"
     "$bin/vswitchd" --config "$work/vswitchd.toml" 2>"$work/vswitchd.log" &
     daemon_pid=$!
-    for _ in $(seq 100); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
+    for _ in $(seq 600); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
     for p in a b; do
         newns "$tag-v$p"
         local result

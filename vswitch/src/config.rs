@@ -54,6 +54,12 @@ pub struct Config {
     /// rates for some CPU. 0 turns it off.
     #[serde(default = "default_busy_poll_us")]
     pub busy_poll_us: u64,
+    /// While traffic arrives at a steady pace, the packet thread polls for up
+    /// to twice the gap between arrivals, at most this long (microseconds):
+    /// request/response traffic every few milliseconds finds it awake. It
+    /// stops polling when the traffic stops (no CPU when idle).
+    #[serde(default = "default_busy_poll_max_us")]
+    pub busy_poll_max_us: u64,
     /// Packet threads: the ports are spread over them by port number.
     /// Default: one per core the process may run on.
     #[serde(default)]
@@ -203,6 +209,10 @@ fn default_node_name() -> String {
 
 fn default_busy_poll_us() -> u64 {
     200
+}
+
+fn default_busy_poll_max_us() -> u64 {
+    5000
 }
 
 fn default_offload() -> bool {
@@ -356,6 +366,12 @@ impl Config {
         {
             return Err(invalid(format!(
                 "gateway.address6 {a6}: the IPv6 address of a dual-stack gateway, beside an IPv4 gateway.address (an IPv6-only gateway takes its address in gateway.address)"
+            )));
+        }
+        if c.busy_poll_max_us > 100_000 {
+            return Err(invalid(format!(
+                "busy_poll_max_us = {} is more than 100000 (100 ms)",
+                c.busy_poll_max_us
             )));
         }
         if c.packet_threads.is_some_and(|n| !(1..=256).contains(&n)) {

@@ -45,6 +45,32 @@ pub struct PortSet {
 }
 
 impl PortSet {
+    /// The same endpoints, ports and counters (nothing for packet threads
+    /// to register again).
+    fn same(&self, other: &PortSet) -> bool {
+        let same_endpoint = |a: &Endpoint, b: &Endpoint| {
+            Arc::ptr_eq(&a.io, &b.io)
+                && match (&a.own, &b.own) {
+                    (Some((p, c)), Some((q, d))) => p == q && Arc::ptr_eq(c, d),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        self.endpoints.len() == other.endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(&other.endpoints)
+                .all(|(a, b)| same_endpoint(a, b))
+            && self.ports.len() == other.ports.len()
+            && self.ports.iter().all(|(p, (i, c))| {
+                other
+                    .ports
+                    .get(p)
+                    .is_some_and(|(j, d)| i == j && Arc::ptr_eq(c, d))
+            })
+    }
+
     fn get(&self, p: PortNo) -> Option<(&Endpoint, &PortCounters)> {
         let (i, c) = self.ports.get(&p)?;
         Some((&self.endpoints[*i], c))
@@ -110,8 +136,12 @@ impl Published {
         }
     }
 
-    /// Publishes `ports` and wakes every packet thread to poll them.
+    /// Publishes `ports` and wakes every packet thread to poll them (when
+    /// they differ from those published).
     pub fn set_ports(&self, ports: PortSet) {
+        if self.ports.load().same(&ports) {
+            return;
+        }
         self.ports.store(Arc::new(ports));
         self.ring();
     }
@@ -146,6 +176,33 @@ impl PacketThreads {
     pub fn join(self) {
         for t in self.0 {
             let _ = t.join();
+        }
+    }
+}
+
+/// How long a packet thread keeps polling after it forwarded something.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Polling {
+    /// At least this long (0: never poll, always sleep).
+    pub min: Duration,
+    /// While traffic keeps coming at a steady pace, twice the usual gap
+    /// between arrivals, up to this: a request/response exchange every few
+    /// milliseconds finds the thread awake (no wake-up on the path), and the
+    /// polling stops as soon as the traffic does.
+    pub max: Duration,
+}
+
+impl Polling {
+    /// How long to keep polling, given the smoothed gap between arrivals.
+    fn window(&self, gap: Duration) -> Duration {
+        if self.min.is_zero() {
+            return Duration::ZERO;
+        }
+        let adaptive = gap.saturating_mul(2);
+        if adaptive <= self.max {
+            adaptive.max(self.min)
+        } else {
+            self.min
         }
     }
 }
@@ -269,21 +326,22 @@ impl Forwarder {
             buf: vec![0u8; BUFFER].into_boxed_slice(),
             index,
             lanes: lanes.max(1),
+            partners: SmallVec::new(),
         }
     }
 
     /// Starts `threads` packet threads (`name`, `name-1`, ...), the ports
     /// spread over them, and the conntrack sweeper. After forwarding, a packet
-    /// thread keeps polling its ports without sleeping for `busy_poll` (lower
-    /// latency for more CPU); idle, it sleeps until a port or its doorbell
-    /// wakes it.
+    /// thread keeps polling its ports without sleeping for a while (see
+    /// [`Polling`]: lower latency for CPU that was idle anyway); idle, it
+    /// sleeps until a port or its doorbell wakes it.
     ///
     /// Fails when a thread cannot be started (those started are stopped).
     pub fn spawn(
         self: &Arc<Self>,
         name: &str,
         threads: usize,
-        busy_poll: Duration,
+        busy_poll: Polling,
     ) -> std::io::Result<PacketThreads> {
         let threads = threads.max(1);
         let mut started = Vec::with_capacity(threads + 1);
@@ -411,6 +469,8 @@ pub struct Lane {
     /// This lane's number among `lanes`: which ports it serves.
     index: usize,
     lanes: usize,
+    /// Ports of other lanes written to lately (see `note_partners`).
+    partners: SmallVec<[PortNo; 4]>,
 }
 
 impl Lane {
@@ -435,9 +495,20 @@ impl Lane {
     fn service(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
         let endpoint = &ports.endpoints[i];
         let own = endpoint.own.as_ref();
-        if own.is_some_and(|(_, c)| !c.is_up()) {
+        if own.is_some_and(|(_, c)| !c.is_up() || !c.claim()) {
             return 0;
         }
+        let n = self.drain(ports, i, out, now);
+        if let Some((_, c)) = own {
+            c.release();
+        }
+        n
+    }
+
+    /// [`Lane::service`] once the port is claimed.
+    fn drain(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
+        let endpoint = &ports.endpoints[i];
+        let own = endpoint.own.as_ref();
         let mut n = 0;
         while n < BATCH {
             match endpoint.io.recv(&mut self.buf) {
@@ -531,6 +602,44 @@ impl Lane {
             header_intact: hdr > 0,
         };
         send_all(ports, &outputs, &mut tx);
+        self.note_partners(ports, &outputs);
+    }
+
+    /// Remembers ports of other lanes this lane just wrote to: while it spins
+    /// it reads them too, so an answer written back at once is forwarded
+    /// without waking their lane (a round trip costs no wake-up).
+    fn note_partners(&mut self, ports: &PortSet, outputs: &[PortNo]) {
+        if self.lanes == 1 {
+            return;
+        }
+        for out in outputs {
+            if let Some((i, _)) = ports.ports.get(out)
+                && !self.serves(*i, &ports.endpoints[*i])
+                && !self.partners.contains(out)
+            {
+                if self.partners.len() == self.partners.inline_size() {
+                    self.partners.remove(0);
+                }
+                self.partners.push(*out);
+            }
+        }
+    }
+
+    /// Reads the partner ports (when no other thread is reading them);
+    /// returns how many frames were read.
+    fn serve_partners(&mut self, polled: &PortSet) -> usize {
+        if self.partners.is_empty() {
+            return 0;
+        }
+        let out = self.fwd.published.ports.load();
+        self.worker.begin_batch();
+        let now = self.fwd.published.clock.now();
+        let partners = self.partners.clone();
+        partners
+            .iter()
+            .filter_map(|p| polled.ports.get(p).map(|(i, _)| *i))
+            .map(|i| self.service(polled, i, &out, now))
+            .sum()
     }
 
     /// Whether this lane serves endpoint `i` of a port set: ports are spread
@@ -543,12 +652,15 @@ impl Lane {
 
     /// The packet thread: waits on its ports and its doorbell, services the
     /// ready ones, until the forwarder stops.
-    fn run(&mut self, busy_poll: Duration, doorbell: &sys::Doorbell) {
+    fn run(&mut self, polling: Polling, doorbell: &sys::Doorbell) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
         let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
         let clock = self.fwd.published.clock;
         let mut last_work = Instant::now();
+        // The smoothed gap between wake-ups that found work.
+        let mut gap = Duration::from_secs(1);
+        let mut window = polling.window(gap);
         while !self.fwd.stop.load(Relaxed) {
             // (Re)register the ports when the set changed.
             let current = self.fwd.published.ports.load_full();
@@ -577,13 +689,19 @@ impl Lane {
             // Right after traffic, spin briefly instead of sleeping: the answer to
             // what was just forwarded usually comes within microseconds, and a
             // sleeping thread takes tens of them to wake.
-            let spinning = last_work.elapsed() < busy_poll;
+            let spinning = last_work.elapsed() < window;
             let timeout = if spinning { 0 } else { IDLE_WAIT_MS };
             if epoll.wait(&mut events, &mut ready, timeout).is_err() || ready.is_empty() {
                 if spinning {
+                    if self.serve_partners(ports) > 0 {
+                        last_work = Instant::now();
+                        continue;
+                    }
                     // Give the CPU to anything else runnable (the pods' own
                     // threads, on a small node): spinning costs only idle time.
                     std::thread::yield_now();
+                } else {
+                    self.partners.clear();
                 }
                 continue;
             }
@@ -613,7 +731,11 @@ impl Lane {
                 // Register the ports again, without the dead one.
                 polled = None;
             }
-            last_work = Instant::now();
+            let worked = Instant::now();
+            let since = worked.duration_since(last_work).min(Duration::from_secs(1));
+            gap = (gap * 3 + since) / 4;
+            window = polling.window(gap);
+            last_work = worked;
         }
     }
 }

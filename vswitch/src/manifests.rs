@@ -580,3 +580,103 @@ fn sync<'a, K: Ord + Clone + 'a, V: PartialEq + Clone + 'a>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+    fn policy(port: u16) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: db, namespace: shop}}\nspec:\n  podSelector: {{}}\n  ingress: [{{ports: [{{port: {port}}}]}}]\n"
+        )
+    }
+
+    /// A fresh directory under the system's temporary one, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("vswitch-manifests-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(d.join("m")).unwrap();
+            std::fs::create_dir_all(d.join("state")).unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn policies(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Policy(p) => Some(format!("{:?}", p.ingress)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_the_objects_of_an_edited_file_change() {
+        let d = Dir::new("edit");
+        let m = d.0.join("m");
+        std::fs::write(m.join("ns.yaml"), NS).unwrap();
+        std::fs::write(m.join("policy.yaml"), policy(80)).unwrap();
+        let mut w = ManifestWatch::new(&m, None);
+        assert_eq!(w.poll().len(), 2, "the namespace and the policy");
+        assert!(w.poll().is_empty(), "nothing changed");
+        std::fs::write(m.join("policy.yaml"), policy(8080)).unwrap();
+        let changes = w.poll();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(policies(&changes)[0].contains("8080"));
+        std::fs::remove_file(m.join("policy.yaml")).unwrap();
+        let changes = w.poll();
+        assert!(
+            matches!(&changes[..], [Change::PolicyDeleted(k)] if k.name == "db"),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_broken_file_falls_back_on_the_last_good_version_of_an_earlier_run() {
+        for legacy in [false, true] {
+            let d = Dir::new(if legacy { "legacy" } else { "store" });
+            let (m, state) = (d.0.join("m"), d.0.join("state"));
+            let path = m.join("policy.yaml");
+            if legacy {
+                // As releases before last-good.json kept it: a copy per file.
+                let copies = state.join("last-good");
+                std::fs::create_dir_all(&copies).unwrap();
+                let name = path.to_string_lossy().replace('/', "%");
+                std::fs::write(copies.join(name), policy(443)).unwrap();
+            } else {
+                std::fs::write(&path, policy(443)).unwrap();
+                let mut first = ManifestWatch::new(&m, Some(&state));
+                assert_eq!(first.poll().len(), 1);
+                let store = state.join("last-good.json");
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !std::fs::read_to_string(&store).is_ok_and(|t| t.contains("443")) {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "last good version written"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            // The next run finds the file broken: the last good policy is in force.
+            std::fs::write(&path, "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: shop}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n").unwrap();
+            let mut next = ManifestWatch::new(&m, Some(&state));
+            let changes = next.poll();
+            assert_eq!(policies(&changes).len(), 1, "legacy {legacy}: {changes:?}");
+            assert!(policies(&changes)[0].contains("443"), "legacy {legacy}");
+            assert!(!next.rejected.is_empty(), "the broken version is reported");
+        }
+    }
+}

@@ -115,7 +115,10 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let threads = daemon.config.packet_threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let busy_poll = Duration::from_micros(daemon.config.busy_poll_us);
+    let busy_poll = vswitch::forwarder::Polling {
+        min: Duration::from_micros(daemon.config.busy_poll_us),
+        max: Duration::from_micros(daemon.config.busy_poll_max_us),
+    };
     let packets = forwarder.spawn("packets", threads, busy_poll)?;
     tracing::info!(threads = packets.len(), "packet threads started");
     daemon.serve()?;

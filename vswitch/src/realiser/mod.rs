@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use datapath::conntrack::Owner;
 use datapath::{Datapath, DatapathConfig, FlowEntry, FlowIdentity, PortNo, Time};
-use policy::compile::{Change, Compiler};
+use policy::compile::{Change, Compiler, FlowDiff};
 use policy::cookie::{CookieKind, is_manual};
 use policy::model::{ObjectKey, Pod};
 use policy::pipeline::{Gateway, PodPort, Topology, assemble, base_flows};
@@ -264,6 +264,20 @@ impl Realiser {
             .filter(|(id, f)| st.base.get(id) != Some(f))
             .map(|(_, f)| f.clone())
             .collect();
+        let unchanged = st.in_sync
+            && pending.iter().all(FlowDiff::is_empty)
+            && base_removed.is_empty()
+            && base_added.is_empty()
+            && {
+                let snap = dp.snapshot();
+                snap.tables.groups().len() == groups.len()
+                    && groups.iter().all(|g| snap.tables.group(g.id) == Some(g))
+            };
+        if unchanged {
+            // Nothing to publish (a change elsewhere in the cluster): the
+            // tables, and every packet thread's caches, stay as they are.
+            return Ok(dp.snapshot().generation);
+        }
         let result = if st.in_sync {
             st.shadow_base(&base_removed, &base_added, &groups);
             dp.update(now, |t| {
@@ -806,6 +820,56 @@ mod tests {
         assert!(matches!(st.free_port(), Err(Error::NoFreePort(_))));
         st.locals.remove(100);
         assert_eq!(st.free_port().unwrap(), PortNo(101));
+    }
+
+    /// A change that compiles to nothing here (a pod on another node, the
+    /// policies selecting it) publishes nothing: the tables' generation, and
+    /// with it every packet thread's caches, stay. A change to a local pod's
+    /// rules does publish.
+    #[test]
+    fn changes_elsewhere_in_the_cluster_leave_the_tables_alone() {
+        let r = Realiser::new(DatapathConfig::default());
+        r.set_local_node("here");
+        attach(&r, "a", 1);
+        let remote = |labels: &[(&str, &str)]| Pod {
+            key: ObjectKey::new("t", "far"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ips: vec![IpAddr::from([10, 9, 0, 1])],
+            node: Some("elsewhere".into()),
+            ports: vec![],
+        };
+        r.apply(Change::Pod(remote(&[("app", "x")]))).unwrap();
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "far", "namespace": "t"},
+                "spec": {"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"]},
+            }))
+            .unwrap();
+        let before = r.datapath().snapshot().generation;
+        r.apply(Change::Policy(
+            policy::model::Policy::from_api(&np).unwrap(),
+        ))
+        .unwrap();
+        r.apply(Change::Pod(remote(&[("app", "x"), ("v", "2")])))
+            .unwrap();
+        assert_eq!(
+            r.datapath().snapshot().generation,
+            before,
+            "nothing published"
+        );
+        // The same policy selecting the local pod is enforced at once.
+        r.apply(Change::Pod(Pod {
+            key: ObjectKey::new("t", "a"),
+            labels: [("app".to_string(), "x".to_string())].into(),
+            ips: vec![],
+            node: None,
+            ports: vec![],
+        }))
+        .unwrap();
+        assert!(r.datapath().snapshot().generation > before);
     }
 
     /// When a pod's object is deleted, or its address changes, every tracked

@@ -282,7 +282,12 @@ pub struct Conntrack {
     map: DashMap<CanonKey, Conn, foldhash::fast::RandomState>,
     len: AtomicUsize,
     /// Deadline (whole seconds, rounded up) -> keys that may expire then.
+    /// Only the sweep takes it: packet threads schedule into `scheduled`.
     wheel: Mutex<BTreeMap<u64, Vec<CanonKey>>>,
+    /// (deadline second, key) scheduled by packet threads, lock-free; the
+    /// sweep moves them into the wheel. Committing a connection takes no
+    /// lock another packet thread could hold for it (but the table shard's).
+    scheduled: crossbeam_queue::SegQueue<(u64, CanonKey)>,
     /// See [`Conntrack::set_trusted_error_ports`].
     trusted_error_ports: arc_swap::ArcSwap<Vec<PortNo>>,
     /// Who new connections are charged to, by the originator's address.
@@ -307,6 +312,7 @@ impl Conntrack {
             config,
             len: AtomicUsize::new(0),
             wheel: Mutex::new(BTreeMap::new()),
+            scheduled: crossbeam_queue::SegQueue::new(),
             trusted_error_ports: arc_swap::ArcSwap::from_pointee(Vec::new()),
             owners: arc_swap::ArcSwap::from_pointee(std::collections::HashMap::new()),
             affinity: Default::default(),
@@ -589,13 +595,14 @@ impl Conntrack {
     }
 
     fn schedule(&self, key: CanonKey, at: Time) {
-        let second = at.0.div_ceil(1_000_000_000);
-        self.wheel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(second)
-            .or_default()
-            .push(key);
+        self.scheduled.push((at.0.div_ceil(1_000_000_000), key));
+    }
+
+    /// Moves what packet threads scheduled into the wheel (the caller holds it).
+    fn take_scheduled(&self, wheel: &mut BTreeMap<u64, Vec<CanonKey>>) {
+        while let Some((second, key)) = self.scheduled.pop() {
+            wheel.entry(second).or_default().push(key);
+        }
     }
 
     /// Creates the entry for this packet's connection in `zone` (no-op when it
@@ -719,6 +726,7 @@ impl Conntrack {
         let mut due: Vec<CanonKey> = Vec::new();
         {
             let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
+            self.take_scheduled(&mut wheel);
             while due.len() < budget {
                 let Some(bucket) = wheel.first_entry() else {
                     break;
@@ -750,12 +758,9 @@ impl Conntrack {
 
     /// Keys waiting in the expiry wheel (bookkeeping, for tests and stats).
     pub fn wheel_len(&self) -> usize {
-        self.wheel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum()
+        let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
+        self.take_scheduled(&mut wheel);
+        wheel.values().map(Vec::len).sum()
     }
 
     /// Sweeps everything that is due.
@@ -767,7 +772,9 @@ impl Conntrack {
     pub fn flush(&self) {
         self.map.clear();
         self.affinity.clear();
-        self.wheel.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut wheel = self.wheel.lock().unwrap_or_else(|p| p.into_inner());
+        self.take_scheduled(&mut wheel);
+        wheel.clear();
         self.len.store(0, Relaxed);
     }
 }
