@@ -658,7 +658,7 @@ impl Lane {
         let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
         let clock = self.fwd.published.clock;
         let mut last_work = Instant::now();
-        // The smoothed gap between wake-ups that found work.
+        // The smoothed gap between bursts of work.
         let mut gap = Duration::from_secs(1);
         let mut window = polling.window(gap);
         while !self.fwd.stop.load(Relaxed) {
@@ -732,8 +732,12 @@ impl Lane {
                 polled = None;
             }
             let worked = Instant::now();
+            // The gap between bursts: an answer right behind its request
+            // (within the shortest poll) is the same burst.
             let since = worked.duration_since(last_work).min(Duration::from_secs(1));
-            gap = (gap * 3 + since) / 4;
+            if since > polling.min {
+                gap = (gap * 3 + since) / 4;
+            }
             window = polling.window(gap);
             last_work = worked;
         }
