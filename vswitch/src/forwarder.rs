@@ -482,7 +482,7 @@ impl Lane {
         self.worker.begin_batch();
         let now = self.fwd.published.clock.now();
         let mine: Vec<usize> = (0..ports.endpoints.len())
-            .filter(|&i| self.serves(i, &ports.endpoints[i]))
+            .filter(|&i| self.serves(&ports.endpoints[i]))
             .collect();
         mine.into_iter()
             .map(|i| self.service(&ports, i, &ports, now))
@@ -613,8 +613,11 @@ impl Lane {
             return;
         }
         for out in outputs {
+            // Only a pod's or the gateway's own port: the tunnel's socket
+            // carries many ports and is read by its lane alone.
             if let Some((i, _)) = ports.ports.get(out)
-                && !self.serves(*i, &ports.endpoints[*i])
+                && ports.endpoints[*i].own.is_some()
+                && !self.serves(&ports.endpoints[*i])
                 && !self.partners.contains(out)
             {
                 if self.partners.len() == self.partners.inline_size() {
@@ -642,12 +645,15 @@ impl Lane {
             .sum()
     }
 
-    /// Whether this lane serves endpoint `i` of a port set: ports are spread
-    /// over lanes by port number (stable while other ports come and go), an
-    /// endpoint serving several ports (the tunnel) by its place.
-    pub fn serves(&self, i: usize, e: &Endpoint) -> bool {
-        let n = e.own.as_ref().map_or(i, |(p, _)| p.0 as usize);
-        n % self.lanes == self.index
+    /// Whether this lane serves endpoint `e` of a port set: ports are spread
+    /// over lanes by port number, and an endpoint serving several ports (the
+    /// tunnel) is the last lane's; both stay put while other ports come and
+    /// go, so no two lanes ever read one port at once.
+    pub fn serves(&self, e: &Endpoint) -> bool {
+        match &e.own {
+            Some((p, _)) => p.0 as usize % self.lanes == self.index,
+            None => self.index == self.lanes - 1,
+        }
     }
 
     /// The packet thread: waits on its ports and its doorbell, services the
@@ -677,7 +683,7 @@ impl Lane {
                     // A port that is down is not polled: its dead fd would be
                     // ready (an error) on every wait.
                     let up = e.own.as_ref().is_none_or(|(_, c)| c.is_up());
-                    if let (Some(fd), true, true) = (e.io.fd(), up, self.serves(i, e)) {
+                    if let (Some(fd), true, true) = (e.io.fd(), up, self.serves(e)) {
                         let _ = epoll.add(fd, i as u64);
                     }
                 }
@@ -893,7 +899,7 @@ mod tests {
         let ports = f.published.ports.load_full();
         let serving = |lane: &Lane| {
             (0..ports.endpoints.len())
-                .filter(|&i| lane.serves(i, &ports.endpoints[i]))
+                .filter(|&i| lane.serves(&ports.endpoints[i]))
                 .count()
         };
         assert_eq!(serving(&first) + serving(&second), ports.endpoints.len());
