@@ -73,6 +73,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                 let field = if egress { Field::NwSrc } else { Field::NwDst };
                 let mut seen = false;
                 let mut decided = false;
+                let mut side = None;
                 for step in &trace.steps {
                     let Some((_, flow)) = &step.flow else {
                         continue;
@@ -84,6 +85,7 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                     // Flows shared by equivalent rules: name the one whose
                     // policy selects this packet's pod.
                     let ip = wide_to_ip(step.key.get(field).to_be_bytes());
+                    side = Some(ip);
                     let named = match compiler.cluster().pod_by_ip(ip) {
                         Some(pod) => compiler.rule_for_pod(flow.cookie, pod),
                         None => compiler.provenance(flow.cookie),
@@ -107,19 +109,29 @@ pub fn explain(compiler: &Compiler, trace: &Trace) -> Verdict {
                         _ => {}
                     }
                 }
+                // A pod of another node: its rules are not compiled here.
+                let cluster = compiler.cluster();
+                let elsewhere = side
+                    .and_then(|ip| cluster.pod_by_ip(ip))
+                    .filter(|pod| !cluster.is_local(pod))
+                    .and_then(|pod| pod.node.clone());
                 if seen && !decided {
-                    rules.push(
-                        if egress {
-                            "source not isolated for egress"
-                        } else {
-                            "destination not isolated for ingress"
+                    rules.push(match (elsewhere, egress) {
+                        (Some(node), true) => {
+                            format!("source runs on {node}: its egress policies are enforced there")
                         }
-                        .into(),
-                    );
+                        (Some(node), false) => format!(
+                            "destination runs on {node}: its ingress policies are enforced there"
+                        ),
+                        (None, true) => "source not isolated for egress".into(),
+                        (None, false) => "destination not isolated for ingress".into(),
+                    });
                 }
             }
             let rule = if !deciding.is_empty() {
                 deciding.join("; ")
+            } else if rules.iter().any(|r| r.ends_with("enforced there")) {
+                rules.join("; ")
             } else if rules.is_empty() {
                 "established connection (conntrack)".to_string()
             } else {

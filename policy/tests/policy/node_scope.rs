@@ -45,6 +45,12 @@ fn a_node_decides_its_own_pods_connections_as_the_whole_cluster_does() {
             }
             if !on_a(&w.from) && !on_a(&w.to) && !w.verdict.allowed && g.verdict.allowed {
                 remote_only_differs = true;
+                // A trace here says where that connection is decided.
+                assert!(
+                    g.verdict.rule.contains("runs on node-b"),
+                    "{}",
+                    g.verdict.rule
+                );
             }
         }
     }
