@@ -176,8 +176,8 @@ struct Auditor {
     /// When the recent-connections summary was last swept.
     expired: Instant,
     /// Explanations per tuple (source port aside: no policy matches on it)
-    /// while the tables stay the same generation: a client reconnecting is
-    /// traced once, not once per connection.
+    /// while the switch publishes nothing new (`Realiser::revision`): a
+    /// client reconnecting is traced once, not once per connection.
     explanations: HashMap<Tuple, Arc<Explained>>,
     explained_generation: u64,
 }
@@ -281,10 +281,10 @@ impl Auditor {
         self.seen.insert(tuple, at) != Some(at)
     }
 
-    /// The explanation of `key`'s connection (reused per tuple while the
-    /// tables keep their generation).
+    /// The explanation of `key`'s connection (reused per tuple until the
+    /// next publish, flows changed or not: rules' names can change alone).
     fn explain(&mut self, key: &datapath::FlowKey, tuple: Tuple) -> Arc<Explained> {
-        let generation = self.realiser.datapath().snapshot().generation;
+        let generation = self.realiser.revision();
         if generation != self.explained_generation {
             self.explanations.clear();
             self.explained_generation = generation;

@@ -108,6 +108,10 @@ pub struct Realiser {
     rejections: Mutex<BTreeMap<&'static str, Rejections>>,
     /// What DNS answers taught the switch (for `domainNames` peers).
     learned: Mutex<crate::dns::Learned>,
+    /// Bumped by every publish, also one that changes no flow: what an
+    /// explanation of a connection was made against (rules' names and the
+    /// shadow change without the tables).
+    revision: std::sync::atomic::AtomicU64,
 }
 
 impl Realiser {
@@ -166,10 +170,12 @@ impl Realiser {
                 owners: HashMap::new(),
                 ns_owners: HashMap::new(),
                 shadow: None,
+                staged_touched: false,
                 services: Default::default(),
             }),
             rejections: Mutex::new(BTreeMap::new()),
             learned: Mutex::new(crate::dns::Learned::default()),
+            revision: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -228,8 +234,15 @@ impl Realiser {
     /// what is installed plus the pending policy diffs, as one generation (after a
     /// failed publish, every flow instead). Packet threads never see a flow that
     /// outputs to a port they do not know.
+    /// See `revision`: explanations made before it are stale.
+    pub fn revision(&self) -> u64 {
+        self.revision.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn publish(&self, st: &mut State) -> Result<u64, Error> {
         let _span = tracing::debug_span!("publish").entered();
+        self.revision
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let started = Instant::now();
         st.refresh_peers();
         st.refresh_owners(&self.published.dp.conntrack);
@@ -265,6 +278,7 @@ impl Realiser {
             .map(|(_, f)| f.clone())
             .collect();
         let unchanged = st.in_sync
+            && !std::mem::take(&mut st.staged_touched)
             && pending.iter().all(FlowDiff::is_empty)
             && base_removed.is_empty()
             && base_added.is_empty()
@@ -870,6 +884,18 @@ mod tests {
         }))
         .unwrap();
         assert!(r.datapath().snapshot().generation > before);
+        // Every publish moves the revision that explanations are made against,
+        // and a staged policy (no enforced flow changes) still publishes: the
+        // staged verdicts of connections are explained anew.
+        let (generation, revision) = (r.datapath().snapshot().generation, r.revision());
+        r.apply(Change::Pod(remote(&[("app", "x"), ("v", "3")])))
+            .unwrap();
+        assert!(r.revision() > revision, "explanations go stale");
+        let mut staged = policy::model::Policy::from_api(&np).unwrap();
+        staged.key = ObjectKey::new("t", "staged");
+        staged.staged = true;
+        r.apply(Change::Policy(staged)).unwrap();
+        assert!(r.datapath().snapshot().generation > generation);
     }
 
     /// When a pod's object is deleted, or its address changes, every tracked

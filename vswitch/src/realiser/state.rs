@@ -78,12 +78,17 @@ pub(super) struct State {
     /// Staged policies enforced too, traced beside the real tables while
     /// some policy is staged (`vswitch.io/mode: audit`).
     pub(super) shadow: Option<Shadow>,
+    /// Whether a change since the last publish reached the shadow.
+    pub(super) staged_touched: bool,
 }
 
 impl State {
     pub(super) fn compile(&mut self, change: Change) {
         let _span = tracing::debug_span!("compile", change = change.describe()).entered();
         let t = Instant::now();
+        // Staged verdicts are explained per generation: a change the shadow
+        // sees publishes one even when the enforced flows stay the same.
+        self.staged_touched |= self.shadow.is_some() || staging::stages(&change);
         if self.shadow.is_none() && staging::stages(&change) {
             // The first staged policy: the shadow starts as what is enforced.
             self.shadow = self.build_shadow(self.compiler.cluster().clone());
