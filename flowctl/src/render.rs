@@ -13,13 +13,8 @@ pub(crate) use control::text::{BOLD, DIM, GREEN, RED, RESET, YELLOW, paint, trac
 
 pub fn dump_flows(o: &Offline, table: Option<u8>, rule: Option<&str>, json: bool) -> String {
     let mut flows: Vec<_> = o.tables.iter().map(|(_, f)| f.entry.clone()).collect();
-    flows.sort_by(|a, b| {
-        (a.table, std::cmp::Reverse(a.priority), a.to_string()).cmp(&(
-            b.table,
-            std::cmp::Reverse(b.priority),
-            b.to_string(),
-        ))
-    });
+    // Each flow's text once, not once per comparison (100k flows: 20 s).
+    flows.sort_by_cached_key(|f| (f.table, std::cmp::Reverse(f.priority), f.to_string()));
     let selected = flows.iter().filter(|f| {
         table.is_none_or(|t| f.table.0 == t)
             && rule.is_none_or(|r| describe(&o.compiler, f.cookie).contains(r))
