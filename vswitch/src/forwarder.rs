@@ -560,6 +560,8 @@ impl Lane {
         // VIRTIO_NET_HDR_F_NEEDS_CSUM: the transport checksum holds only the
         // pseudo-header sum (translation must keep that one right).
         let partial = hdr > 0 && self.buf[start - hdr] & 1 != 0;
+        // Tables published while this batch ran apply to this frame already.
+        self.worker.refresh();
         let verdict =
             self.worker
                 .process_offloaded(now, in_port, &mut self.buf[start..end], partial);
@@ -912,6 +914,35 @@ mod tests {
         let read = first.step() + second.step();
         assert_eq!(read, 1, "exactly one lane reads it");
         assert_eq!(b.take().len(), 1);
+    }
+
+    /// A policy published while a lane is in the middle of a batch applies
+    /// to the frames it reads after the publish (no window in which a new
+    /// connection slips through under the old tables).
+    #[test]
+    fn a_frame_read_after_a_publish_is_processed_under_it() {
+        let (r, f, a, b) = two_pods(false);
+        let mut lane = f.lane();
+        let ports = f.published.ports.load_full();
+        lane.worker.begin_batch(); // the batch begins under the old tables
+        let np = serde_json::json!({
+            "metadata": {"name": "db", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
+        });
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(np).unwrap();
+        r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
+            .unwrap();
+        a.push(syn(80));
+        let now = f.published.clock.now();
+        let read: usize = (0..ports.endpoints.len())
+            .map(|i| lane.service(&ports, i, &ports, now))
+            .sum();
+        assert_eq!(read, 1);
+        assert!(
+            b.take().is_empty(),
+            "denied by the policy published mid-batch"
+        );
     }
 
     #[test]

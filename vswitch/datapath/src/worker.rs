@@ -215,6 +215,10 @@ pub struct FlowStat {
 #[derive(Debug)]
 pub struct Datapath {
     snapshot: ArcSwap<Snapshot>,
+    /// The generation of `snapshot`, stored after it: what a worker checks
+    /// per frame (one load) to process every frame read after a publish
+    /// under that publish.
+    generation: std::sync::atomic::AtomicU64,
     /// Serialises control-plane edits (each edits a copy of the snapshot).
     editing: Mutex<()>,
     pub conntrack: Conntrack,
@@ -235,6 +239,7 @@ impl Datapath {
                 tables: FlowTables::new(),
                 published: Time::ZERO,
             }),
+            generation: std::sync::atomic::AtomicU64::new(0),
             editing: Mutex::new(()),
             conntrack: Conntrack::new(config.conntrack.clone()),
             workers: Mutex::new(Vec::new()),
@@ -267,6 +272,8 @@ impl Datapath {
             tables: draft,
             published: now,
         }));
+        self.generation
+            .store(generation, std::sync::atomic::Ordering::Release);
         Ok((out, generation))
     }
 
@@ -433,6 +440,19 @@ impl Worker {
         self.cell.cache_hits.store(c.hits, Relaxed);
         self.cell.cache_misses.store(c.misses, Relaxed);
         self.cell.cache_evictions.store(c.evictions, Relaxed);
+    }
+
+    /// Picks up a snapshot published since the batch began (one atomic load
+    /// when there is none): call before each frame read after the batch
+    /// began, so a frame read after a publish is processed under it.
+    pub fn refresh(&mut self) {
+        let published = self
+            .dp
+            .generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        if published != self.snap.generation {
+            self.begin_batch();
+        }
     }
 
     fn switch_to(&mut self, next: Arc<Snapshot>) {
