@@ -20,6 +20,7 @@ pub mod nat;
 pub mod nd;
 pub mod ofctl;
 pub mod pipeline;
+pub mod reason;
 pub mod reject;
 pub mod table;
 pub mod time;
