@@ -805,6 +805,18 @@ mod tests {
         (r, f, a, b)
     }
 
+    /// A default deny of t/b's (app=db) ingress.
+    fn deny_ingress_to_db(r: &Realiser) {
+        let np = serde_json::json!({
+            "metadata": {"name": "db", "namespace": "t"},
+            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
+        });
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(np).unwrap();
+        r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
+            .unwrap();
+    }
+
     fn syn(port: u16) -> Vec<u8> {
         let mut f = Vec::new();
         PacketBuilder::ethernet2(A_MAC, B_MAC)
@@ -869,14 +881,7 @@ mod tests {
     #[test]
     fn a_policy_drop_is_counted_on_the_input_port_and_reported_denied() {
         let (r, f, a, b) = two_pods(false);
-        let np = serde_json::json!({
-            "metadata": {"name": "db", "namespace": "t"},
-            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
-        });
-        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-            serde_json::from_value(np).unwrap();
-        r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
-            .unwrap();
+        deny_ingress_to_db(&r);
         let events = f.connection_events(16).unwrap();
         let mut lane = f.lane();
         a.push(syn(80));
@@ -925,14 +930,7 @@ mod tests {
         let mut lane = f.lane();
         let ports = f.published.ports.load_full();
         lane.worker.begin_batch(); // the batch begins under the old tables
-        let np = serde_json::json!({
-            "metadata": {"name": "db", "namespace": "t"},
-            "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]},
-        });
-        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
-            serde_json::from_value(np).unwrap();
-        r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
-            .unwrap();
+        deny_ingress_to_db(&r);
         a.push(syn(80));
         let now = f.published.clock.now();
         let read: usize = (0..ports.endpoints.len())

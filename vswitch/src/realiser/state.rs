@@ -102,6 +102,11 @@ impl State {
             }
         }
         let diff = self.compiler.apply(staging::enforced(change));
+        self.enforce(diff, t);
+    }
+
+    /// Queues `diff` for the next publish; compiling it began at `t`.
+    fn enforce(&mut self, diff: policy::compile::FlowDiff, t: Instant) {
         self.compile_time += t.elapsed();
         if !diff.is_empty() {
             self.pending.push(diff);
@@ -120,10 +125,7 @@ impl State {
         let _span = tracing::debug_span!("compile", changes = changes.len()).entered();
         let t = Instant::now();
         let diff = self.compiler.apply_all(changes);
-        self.compile_time += t.elapsed();
-        if !diff.is_empty() {
-            self.pending.push(diff);
-        }
+        self.enforce(diff, t);
     }
 
     /// The shadow of `cluster` (staged policies included) over this topology.
