@@ -10,6 +10,9 @@
 #   MEASURES="rtt50 crr" scripts/bench-net.sh   (only these measurements)
 #   SWITCHES=svc scripts/bench-net.sh           (only the Service run)
 #   BENCH_CLUSTER=DIR scripts/bench-net.sh      (vswitchd also loads the manifests in DIR)
+#   SWITCHES=scale scripts/bench-net.sh         (only the scaling run; SCALE_PAIRS="1 2 4 8")
+#   CHURN=10 scripts/bench-net.sh               (10 unrelated policy changes/s during the vswitch run)
+#   VSWITCH_BIN=DIR scripts/bench-net.sh        (vswitchd, vswitch-cni, flowctl, examples/crr from DIR; no build)
 #
 # Switches under test, each with two pod namespaces a and b:
 #   bridge   Linux bridge, veth pairs
@@ -29,6 +32,16 @@
 # with services = "switch" (translated in the datapath); sequential TCP
 # connections/s and the round trip of a one-byte TCP request/response (ICMP
 # does not cross a ClusterIP), p50 and p99.
+# The scaling run (scale) puts N client/server pod pairs (N in SCALE_PAIRS) on
+# the bridge and on vswitch, each pair running its own iperf3 at once: the
+# aggregate TCP throughput (1 stream per pair) and UDP 64-byte packet rate,
+# the busy share of all CPUs over the run, and for vswitch the CPU its packet
+# threads used.
+#
+# CHURN=N (vswitch run) rewrites a policy file N times a second while it
+# measures: a policy whose pod is on another node, so the switch's tables do
+# not change; the microflow cache's hit rate over the run is printed with the
+# results.
 # Everything it creates is removed on exit, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,14 +56,20 @@ command -v ovs-vswitchd >/dev/null || need+=(openvswitch-switch)
 if [ "${#need[@]}" -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet -p vswitch --bins --example crr
-bin="$PWD/target/release"
+if [ -n "${VSWITCH_BIN:-}" ]; then
+    bin=$VSWITCH_BIN # another build's binaries (an A/B run)
+else
+    cargo build --release --quiet -p vswitch -p flowctl --bins --example crr
+    bin="$PWD/target/release"
+fi
 crr="$bin/examples/crr"
 tag="vsb$$"
 work=$(mktemp -d /tmp/vswitch-bench.XXXXXX)
 daemon_pid=""
+churn_pid=""
 namespaces=()
 
+cni_pods=(a b)
 cni() { # cni COMMAND POD
     printf '{"cniVersion":"1.0.0","name":"bench","type":"vswitch-cni","socket":"%s","ipam":{"type":"host-local","ranges":[[{"subnet":"10.92.0.0/24"}],[{"subnet":"fd00:92::/64"}]],"dataDir":"%s"}}' \
         "$work/vswitchd.sock" "$work/ipam" |
@@ -74,12 +93,14 @@ cleanup() {
     for ns in "${namespaces[@]}"; do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null
     done
-    for p in a b; do cni DEL "$p" >/dev/null 2>&1; done
+    [ -n "$churn_pid" ] && kill "$churn_pid" 2>/dev/null
+    for p in "${cni_pods[@]}"; do cni DEL "$p" >/dev/null 2>&1; done
     for m in kp sw; do for p in a b; do svc_cni "$m" DEL "$p" >/dev/null 2>&1; done; done
     [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
     for d in "$work"/ovs-*; do [ -d "$d" ] && ovs_stop "$d"; done
     for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null; done
     ip link del "$tag-br" 2>/dev/null
+    ip link del "$tag-sb" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -171,10 +192,41 @@ spec:
 EOF
 }
 
+scale_max=8
+# The scaling run's pods on vswitch: pairs cN (client) and sN (server).
+scale_manifests() {
+    for i in $(seq "$scale_max"); do
+        for r in c:client s:server; do
+            printf -- '---\napiVersion: v1\nkind: Pod\nmetadata: {name: %s%s, namespace: bench, labels: {role: %s}}\nspec: {containers: [{name: c, image: x}]}\n' \
+                "${r%%:*}" "$i" "${r#*:}"
+        done
+    done
+}
+
+# A policy on a pod of another node, rewritten every 1/N s: churn in the
+# cluster that the switch's tables do not depend on.
+churn() { # churn N
+    local f="$work/manifests/zz-churn.yaml" n=0 pause
+    pause=$(python3 -c "print(1/$1)")
+    while :; do
+        n=$((n + 1))
+        printf 'apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: churn, namespace: elsewhere}\nspec:\n  podSelector: {matchLabels: {app: far}}\n  ingress: [{ports: [{port: %d}]}]\n' \
+            $((1024 + n % 60000)) >"$f.tmp"
+        mv "$f.tmp" "$f"
+        sleep "$pause"
+    done
+}
+
 # vswitchd and two pods through vswitch-cni, with a NetworkPolicy in force.
 setup_vswitch() {
     mkdir -p "$work/manifests"
     bench_manifests >"$work/manifests/bench.yaml"
+    if want scale; then scale_manifests >"$work/manifests/scale.yaml"; fi
+    if [ -n "${CHURN:-}" ]; then
+        # The churned policy's namespace and pod, on another node.
+        printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: elsewhere}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: far, namespace: elsewhere, labels: {app: far}}\nspec: {nodeName: other, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.92.9.9}\n' \
+            >"$work/manifests/zz-elsewhere.yaml"
+    fi
     # A cluster loaded beside the two pods (BENCH_CLUSTER: a manifest directory,
     # e.g. written by `cargo run --release -p policy --example synthetic-cluster`).
     [ -n "${BENCH_CLUSTER:-}" ] && cp "$BENCH_CLUSTER"/*.yaml "$work/manifests/"
@@ -187,10 +239,14 @@ setup_vswitch() {
     "$bin/vswitchd" --config "$work/vswitchd.toml" 2>"$work/vswitchd.log" &
     daemon_pid=$!
     for _ in $(seq 600); do [ -S "$work/vswitchd.sock" ] && break; sleep 0.05; done
-    for p in a b; do
+    local pods=(a b)
+    if want scale; then for i in $(seq "$scale_max"); do pods+=("c$i" "s$i"); done; fi
+    cni_pods=("${pods[@]}")
+    for p in "${pods[@]}"; do
         newns "$tag-v$p"
         local result
         result=$(cni ADD "$p")
+        [[ $p == s* ]] && server["vswitch $p"]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
         if [ "$p" = b ]; then
             server[vswitch]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9.]*\)\/.*/\1/p')
             server6[vswitch]=$(printf '%s' "$result" | sed -n 's/.*"address":"\([0-9a-f:]*:[0-9a-f:]*\)\/.*/\1/p')
@@ -274,6 +330,111 @@ measure_all() { # measure_all SWITCH
     [[ $m == *" rtt99 "* ]] && v[$s rtt99]=$(rtt "$s" p99)
     [[ $m == *" crr "* ]] && v[$s crr]=$(crr_rate "$s")
     return 0
+}
+
+# ---- the scaling run ----------------------------------------------------------
+
+# Bridge pods for the scaling run: pairs cN and sN on a bridge of their own.
+setup_scale_bridge() {
+    ip link add "$tag-sb" type bridge
+    ip link set "$tag-sb" up
+    for i in $(seq "$scale_max"); do
+        for r in c s; do
+            local ns="$tag-B$r$i" n=$i
+            [ "$r" = s ] && n=$((i + 100))
+            newns "$ns"
+            ip link add "$ns" type veth peer name eth0 netns "$ns"
+            ip link set "$ns" master "$tag-sb" up
+            ip -n "$ns" addr add "10.95.0.$n/24" dev eth0
+            ip -n "$ns" link set eth0 up
+        done
+        server["bridge s$i"]=10.95.0.$((i + 100))
+    done
+}
+
+scale_ns() { # scale_ns SWITCH POD
+    [ "$1" = bridge ] && echo "$tag-B$2" || echo "$tag-v$2"
+}
+
+# CPU time (clock ticks) of vswitchd's packet threads.
+lane_ticks() {
+    [ -n "$daemon_pid" ] || { echo 0; return; }
+    cat /proc/"$daemon_pid"/task/*/stat 2>/dev/null |
+        awk '$2 ~ /^\(packets/ {t += $14 + $15} END {print t + 0}'
+}
+
+# Busy and total clock ticks of all CPUs.
+cpu_ticks() { awk '/^cpu / {print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8}' /proc/stat; }
+
+declare -A sc # "switch pairs measurement" -> value
+scale_measure() { # scale_measure SWITCH PAIRS
+    local s=$1 n=$2 i kind
+    for kind in tcp udp; do
+        for i in $(seq "$n"); do
+            ip netns exec "$(scale_ns "$s" "s$i")" iperf3 -s -p 5201 -1 -D >/dev/null 2>&1
+        done
+        sleep 0.3
+        local lanes0 cpu0 lanes1 cpu1
+        lanes0=$(lane_ticks)
+        cpu0=$(cpu_ticks)
+        local args=() clients=()
+        [ "$kind" = udp ] && args=(-u -l 64 -b 0)
+        for i in $(seq "$n"); do
+            ip netns exec "$(scale_ns "$s" "c$i")" iperf3 -c "${server[$s s$i]}" -p 5201 -t "$secs" -J "${args[@]}" \
+                >"$work/scale-$s-$n-$kind-$i.json" 2>/dev/null &
+            clients+=("$!")
+        done
+        wait "${clients[@]}" || true
+        lanes1=$(lane_ticks)
+        cpu1=$(cpu_ticks)
+        sc[$s $n $kind]=$(python3 -c 'import json,sys
+total=0
+for f in sys.argv[1:]:
+    try: d=json.load(open(f))["end"]
+    except Exception: continue
+    s=d.get("sum", {})
+    if "lost_packets" in s: total+=s["packets"]*(1-s["lost_percent"]/100)/s["seconds"]/1e3
+    else: total+=d["sum_received"]["bits_per_second"]/1e9
+print(round(total,2))' "$work"/scale-"$s"-"$n"-"$kind"-*.json)
+        read -r b0 t0 <<<"$cpu0"
+        read -r b1 t1 <<<"$cpu1"
+        sc[$s $n ${kind}cpu]=$(python3 -c "print(round(100*($b1-$b0)/max(1,$t1-$t0)))")
+        if [ "$s" = vswitch ]; then
+            sc[$s $n ${kind}lanes]=$(python3 -c "import os; print(round(100*($lanes1-$lanes0)/os.sysconf('SC_CLK_TCK')/$secs))")
+        fi
+    done
+}
+
+scale_run() {
+    local pairs=(${SCALE_PAIRS:-1 2 4 8}) s n
+    for n in "${pairs[@]}"; do
+        [ "$n" -le "$scale_max" ] || { echo "SCALE_PAIRS: at most $scale_max pairs" >&2; exit 1; }
+    done
+    setup_scale_bridge
+    [ -n "$daemon_pid" ] || setup_vswitch
+    for s in bridge vswitch; do
+        for i in $(seq "$scale_max"); do
+            ip netns exec "$(scale_ns "$s" "c$i")" ping -c 2 -i 0.2 -W 1 "${server[$s s$i]}" >/dev/null || {
+                echo "no connectivity through $s between c$i and s$i" >&2
+                exit 1
+            }
+        done
+        for n in "${pairs[@]}"; do
+            echo "scaling run: $s, $n pairs..." >&2
+            scale_measure "$s" "$n"
+        done
+    done
+    printf '\nscaling: N pod pairs at once (%d CPUs, %s packet threads)\n' "$(nproc)" "$(awk '$2 ~ /^\(packets/' /proc/"$daemon_pid"/task/*/stat | wc -l)"
+    printf '%5s %12s %12s %6s %11s %11s %6s %9s %9s %11s %11s\n' pairs "bridge Gb/s" "vswitch Gb/s" ratio \
+        "bridge kpps" "vswitch kpps" ratio "cpu br %" "cpu vs %" "lanes tcp%" "lanes udp%"
+    for n in "${pairs[@]}"; do
+        printf '%5s %12s %12s %6s %11s %11s %6s %9s %9s %11s %11s\n' "$n" \
+            "${sc[bridge $n tcp]}" "${sc[vswitch $n tcp]}" "$(ratio "${sc[vswitch $n tcp]}" "${sc[bridge $n tcp]}")" \
+            "${sc[bridge $n udp]}" "${sc[vswitch $n udp]}" "$(ratio "${sc[vswitch $n udp]}" "${sc[bridge $n udp]}")" \
+            "${sc[bridge $n tcpcpu]}/${sc[bridge $n udpcpu]}" "${sc[vswitch $n tcpcpu]}/${sc[vswitch $n udpcpu]}" \
+            "${sc[vswitch $n tcplanes]}" "${sc[vswitch $n udplanes]}"
+    done
+    echo "cpu: busy share of all CPUs over the TCP/UDP runs; lanes: vswitchd's packet threads, % of one core."
 }
 
 # ---- the Service run --------------------------------------------------------
@@ -380,20 +541,47 @@ if want ovstso; then
     measure_all ovstso
     ovs_stop "$work/ovs-ovstso"
 fi
+cache_counts() { # hits misses generation
+    "$bin/flowctl" --socket "$work/vswitchd.sock" --output json stats |
+        python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["cache"]["hits"], d["cache"]["misses"], d["generation"])'
+}
+churn_report=""
 if want vswitch; then
     setup_vswitch
+    if [ -n "${CHURN:-}" ]; then
+        churn "$CHURN" &
+        churn_pid=$!
+        sleep 1
+        read -r h0 m0 g0 <<<"$(cache_counts)"
+        t0=$(date +%s.%N)
+    fi
     measure_all vswitch
+    if [ -n "${CHURN:-}" ]; then
+        read -r h1 m1 g1 <<<"$(cache_counts)"
+        kill "$churn_pid" 2>/dev/null
+        wait "$churn_pid" 2>/dev/null || true
+        churn_pid=""
+        seen=$("$bin/flowctl" --socket "$work/vswitchd.sock" dump-policies 2>/dev/null | grep -c 'elsewhere/churn' || true)
+        churn_report=$(python3 -c "import time
+h,m=$h1-$h0,$m1-$m0
+print(f'churn: ~{$CHURN}/s unrelated policy rewrites for {time.time()-$t0:.0f} s (policy seen by vswitchd: {\"yes\" if $seen else \"no\"}); '
+      f'tables published meanwhile: {$g1-$g0}; microflow cache over the run: {h} hits, {m} misses, hit rate {100*h/max(1,h+m):.2f}%')")
+    fi
 fi
 
-names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s" "IPv6 TCP 1 stream (Gbit/s)" "IPv6 ping RTT p50 (us)")
-printf '\n%-26s %10s %10s %10s %10s  %9s %9s\n' "measurement" "bridge" "ovs" "ovs+tso" "vswitch" "vs/ovstso" "vs/bridge"
-for i in "${!measures[@]}"; do
-    m=${measures[$i]}
-    printf '%-26s %10s %10s %10s %10s  %9s %9s\n' "${names[$i]}" "${v[bridge $m]:--}" "${v[ovs $m]:--}" "${v[ovstso $m]:--}" \
-        "${v[vswitch $m]:--}" "$(ratio "${v[vswitch $m]:--}" "${v[ovstso $m]:--}")" "$(ratio "${v[vswitch $m]:--}" "${v[bridge $m]:--}")"
-done
-echo
-echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, busy_poll_us=${VSWITCH_BUSY_POLL_US:-default}, NetworkPolicy in force; the baselines run without policy."
+if want bridge || want ovs || want ovstso || want vswitch; then
+    names=("TCP 1 stream (Gbit/s)" "TCP 4 streams (Gbit/s)" "UDP 64 B received (kpps)" "ping RTT p50 (us)" "ping RTT p99 (us)" "TCP connections/s" "IPv6 TCP 1 stream (Gbit/s)" "IPv6 ping RTT p50 (us)")
+    printf '\n%-26s %10s %10s %10s %10s  %9s %9s\n' "measurement" "bridge" "ovs" "ovs+tso" "vswitch" "vs/ovstso" "vs/bridge"
+    for i in "${!measures[@]}"; do
+        m=${measures[$i]}
+        printf '%-26s %10s %10s %10s %10s  %9s %9s\n' "${names[$i]}" "${v[bridge $m]:--}" "${v[ovs $m]:--}" "${v[ovstso $m]:--}" \
+            "${v[vswitch $m]:--}" "$(ratio "${v[vswitch $m]:--}" "${v[ovstso $m]:--}")" "$(ratio "${v[vswitch $m]:--}" "${v[bridge $m]:--}")"
+    done
+    echo
+    echo "vswitch: offload=${VSWITCH_OFFLOAD:-true}, busy_poll_us=${VSWITCH_BUSY_POLL_US:-default}, NetworkPolicy in force; the baselines run without policy."
+    if [ -n "$churn_report" ]; then echo "$churn_report"; fi
+fi
+if want scale; then scale_run; fi
 if want svc; then
     svc_run kp
     svc_run sw
