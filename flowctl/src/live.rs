@@ -262,6 +262,7 @@ pub fn stats_text(s: &StatsView, color: bool) -> String {
             ("hits".into(), c.hits.to_string()),
             ("misses".into(), c.misses.to_string()),
             ("evictions".into(), c.evictions.to_string()),
+            ("revalidated".into(), c.revalidated.to_string()),
         ],
     );
     let ct = &s.conntrack;

@@ -92,6 +92,10 @@ fn describe() {
         "Microflow cache entries evicted"
     );
     describe_counter!(
+        "vswitch_microflow_cache_revalidated_total",
+        "Microflow cache hits on entries of an older table generation checked and kept"
+    );
+    describe_counter!(
         "vswitch_datapath_drops_total",
         "Packets the pipeline dropped, by reason"
     );
@@ -248,6 +252,7 @@ pub fn collect(realiser: &Realiser, forwarder: &Forwarder) {
     counter!("vswitch_microflow_cache_hits_total").absolute(s.cache.hits);
     counter!("vswitch_microflow_cache_misses_total").absolute(s.cache.misses);
     counter!("vswitch_microflow_cache_evictions_total").absolute(s.cache.evictions);
+    counter!("vswitch_microflow_cache_revalidated_total").absolute(s.cache.revalidated);
     for (reason, n) in &s.drops {
         counter!("vswitch_datapath_drops_total", "reason" => reason.name()).absolute(*n);
     }

@@ -408,6 +408,7 @@ impl Daemon {
                 hits: s.cache.hits,
                 misses: s.cache.misses,
                 evictions: s.cache.evictions,
+                revalidated: s.cache.revalidated,
                 hit_rate: if lookups == 0 {
                     0.0
                 } else {

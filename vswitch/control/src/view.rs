@@ -133,6 +133,10 @@ pub struct CacheView {
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
+    /// Hits on entries of older table generations found still right
+    /// (counted in `hits` too).
+    #[serde(default)]
+    pub revalidated: u64,
     pub hit_rate: f64,
 }
 

@@ -44,8 +44,9 @@ fn simple_pipeline() -> Vec<FlowEntry> {
 }
 
 /// Runs 1,024 UDP flows (all forwarded to port 2) through `flows` once to fill the
-/// cache, then measures the cache-hit path over them.
-fn cache_hits(bencher: Bencher, flows: Vec<FlowEntry>) {
+/// cache, then measures the cache-hit path over them; `change` runs before
+/// every batch.
+fn cache_hits_with(bencher: Bencher, flows: Vec<FlowEntry>, change: Option<fn(&Datapath, u32)>) {
     let dp = Datapath::new(DatapathConfig::default());
     dp.update(Time::ZERO, |t| t.apply(flows, |_| true, Time::ZERO))
         .unwrap();
@@ -57,14 +58,21 @@ fn cache_hits(bencher: Bencher, flows: Vec<FlowEntry>) {
                 [10, 0, 0, 1],
                 [10, 0, 0, 2],
                 10_000 + i as u16,
-                0x1000 + (i as u16 & 0xff),
+                // 1,024 destination ports: 1,024 cache entries (the source
+                // port is in no flow, so not in the cache key).
+                0x1000 + i as u16,
             )
         })
         .collect();
     for f in frames.iter_mut() {
         assert_eq!(w.process(Time::ZERO, PortNo(1), f).outputs, &[PortNo(2)]);
     }
+    let mut n = 0u32;
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
+        if let Some(change) = &change {
+            n += 1;
+            change(&dp, n);
+        }
         w.begin_batch();
         for f in frames.iter_mut() {
             black_box(w.process(Time(1), PortNo(1), f).outputs.len());
@@ -72,11 +80,40 @@ fn cache_hits(bencher: Bencher, flows: Vec<FlowEntry>) {
     });
 }
 
+/// A flow for another pod's destination, added on odd calls and removed on
+/// even ones: a published change no cached translation here depends on.
+fn change_elsewhere(dp: &Datapath, n: u32) {
+    let f =
+        parse_flow("cookie=0x99,table=50,priority=300,udp,nw_dst=10.0.0.99,tp_dst=53,actions=drop")
+            .unwrap();
+    dp.update(Time::ZERO, |t| {
+        if n % 2 == 1 {
+            t.add(f, Time::ZERO).map(|_| ())
+        } else {
+            t.remove(&f.identity());
+            Ok(())
+        }
+    })
+    .unwrap();
+}
+
+fn cache_hits(bencher: Bencher, flows: Vec<FlowEntry>) {
+    cache_hits_with(bencher, flows, None);
+}
+
 /// Cache-hit path: parse + cache lookup + actions + counters, over a working set of
 /// 1024 flows that all stay in the cache.
 #[divan::bench]
 fn cache_hit(bencher: Bencher) {
     cache_hits(bencher, simple_pipeline());
+}
+
+/// The same with a table change elsewhere published before every batch of
+/// 1,024 packets (its cost included): cached translations are revalidated
+/// instead of run through the tables again.
+#[divan::bench]
+fn cache_hit_with_a_change_per_batch(bencher: Bencher) {
+    cache_hits_with(bencher, simple_pipeline(), Some(change_elsewhere));
 }
 
 /// Cache-hit path through the stateful pipeline: one conntrack lookup per packet.

@@ -1,6 +1,9 @@
-//! The microflow cache: exact match on the whole key, per packet thread.
+//! The microflow cache: exact match on the key, per packet thread.
 //!
-//! Owns "have we translated this exact key before, against this table generation".
+//! Owns "have we translated this key before, against this table generation".
+//! The key it is given is already masked to what a translation can depend on
+//! (`cache_mask::CacheMasks`), so one entry serves every connection that
+//! differs only in fields no flow looks at.
 //! It is a fixed-size, 4-way set-associative array allocated once: lookups and
 //! inserts never allocate, a full set evicts its least recently used way, and an
 //! entry from an older generation is simply a miss. It is not shared, so it needs no
@@ -14,8 +17,9 @@ use crate::pipeline::Xlate;
 
 const WAYS: usize = 4;
 
-/// What a cached translation is keyed by: the full key (headers, registers,
-/// conntrack state) and the table the pass started at.
+/// What a cached translation is keyed by: the key (headers, registers,
+/// conntrack state) under the tables' cache mask, and the table the pass
+/// started at.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct CacheKey {
     pub key: MatchKey,
@@ -35,9 +39,12 @@ struct Way {
 /// Hit, miss and eviction counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Revalidated entries included.
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
+    /// Hits on an entry of an older table generation found still right.
+    pub revalidated: u64,
 }
 
 /// A per-thread microflow cache.
@@ -123,13 +130,16 @@ impl MicroflowCache {
     }
 
     /// The cached translation of `key` for `generation`, or the one `miss`
-    /// computes, stored first.
+    /// computes, stored first. An entry of an older generation is used when
+    /// `revalidate(its generation, key)` says it still holds (and is then
+    /// kept for this generation), replaced otherwise.
     #[inline]
     pub fn get_or_insert_with(
         &mut self,
         key: &CacheKey,
         hash: u64,
         generation: u64,
+        revalidate: impl FnOnce(u64, &CacheKey) -> bool,
         miss: impl FnOnce() -> Xlate,
     ) -> &Xlate {
         self.tick += 1;
@@ -138,19 +148,34 @@ impl MicroflowCache {
         let tick = self.tick;
         let found = self.ways[range]
             .iter()
-            .position(|w| w.valid && w.hash == hash && w.generation == generation && w.key == *key);
-        match found {
-            Some(i) => {
-                let w = &mut self.ways[start + i];
+            .position(|w| w.valid && w.hash == hash && w.key == *key);
+        if let Some(i) = found {
+            let at = self.ways[start + i].generation;
+            let holds = at == generation || revalidate(at, key);
+            let w = &mut self.ways[start + i];
+            if holds {
+                if at != generation {
+                    w.generation = generation;
+                    self.stats.revalidated += 1;
+                }
                 w.last_used = tick;
                 self.stats.hits += 1;
-                &w.xlate
-            }
-            None => {
+            } else {
+                // Stale: its way takes the new translation.
                 self.stats.misses += 1;
-                self.insert(*key, hash, generation, miss())
+                *w = Way {
+                    valid: true,
+                    generation,
+                    last_used: tick,
+                    hash,
+                    key: *key,
+                    xlate: miss(),
+                };
             }
+            return &self.ways[start + i].xlate;
         }
+        self.stats.misses += 1;
+        self.insert(*key, hash, generation, miss())
     }
 
     /// Stores a translation, evicting the least recently used way of a full set.
@@ -220,7 +245,8 @@ mod tests {
             CacheStats {
                 hits: 1,
                 misses: 2,
-                evictions: 1
+                evictions: 1,
+                revalidated: 0,
             }
         );
     }

@@ -117,6 +117,20 @@ impl Group {
         None
     }
 
+    /// The fields [`Group::choose`] hashes (affinity reads the source too).
+    pub fn hashed_fields(&self) -> &'static [Field] {
+        match self.selection {
+            Selection::FiveTuple => &[
+                Field::NwSrc,
+                Field::NwDst,
+                Field::NwProto,
+                Field::TpSrc,
+                Field::TpDst,
+            ],
+            Selection::Source => &[Field::NwSrc],
+        }
+    }
+
     fn hash(&self, key: &MatchKey) -> u64 {
         // A fixed function (not a per-process random seed): a trace, another
         // worker and a restarted switch choose the same bucket.

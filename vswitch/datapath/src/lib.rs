@@ -8,6 +8,7 @@
 //! descriptor, reads a clock or spawns a thread: time is a parameter ([`Time`]).
 
 pub mod cache;
+pub mod cache_mask;
 pub mod classify;
 pub mod conntrack;
 mod exec;

@@ -95,6 +95,7 @@ struct WorkerCell {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     cache_evictions: AtomicU64,
+    cache_revalidated: AtomicU64,
     /// Packets that matched no flow, by the table where the lookup failed.
     table_misses: Box<[AtomicU64]>,
 }
@@ -184,11 +185,7 @@ pub struct UpdateError(#[source] pub crate::flow::FlowError);
 impl Datapath {
     pub fn new(config: DatapathConfig) -> Arc<Datapath> {
         Arc::new(Datapath {
-            snapshot: ArcSwap::from_pointee(Snapshot {
-                generation: 0,
-                tables: FlowTables::new(),
-                published: Time::ZERO,
-            }),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(0, FlowTables::new(), Time::ZERO)),
             generation: std::sync::atomic::AtomicU64::new(0),
             editing: Mutex::new(()),
             conntrack: Conntrack::new(config.conntrack.clone()),
@@ -217,11 +214,8 @@ impl Datapath {
         let mut draft = current.tables.clone();
         let out = edit(&mut draft)?;
         let generation = current.generation + 1;
-        self.snapshot.store(Arc::new(Snapshot {
-            generation,
-            tables: draft,
-            published: now,
-        }));
+        self.snapshot
+            .store(Arc::new(Snapshot::next(&current, draft, now)));
         self.generation
             .store(generation, std::sync::atomic::Ordering::Release);
         Ok((out, generation))
@@ -302,6 +296,7 @@ impl Datapath {
                 hits: sum(|w| &w.cache_hits),
                 misses: sum(|w| &w.cache_misses),
                 evictions: sum(|w| &w.cache_evictions),
+                revalidated: sum(|w| &w.cache_revalidated),
             },
             workers: workers.len(),
             conntrack_entries: self.conntrack.len(),
@@ -333,6 +328,7 @@ impl Datapath {
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),
             cache_evictions: AtomicU64::new(0),
+            cache_revalidated: AtomicU64::new(0),
             table_misses: (0..=TableId::MAX).map(|_| AtomicU64::new(0)).collect(),
         });
         self.workers
@@ -390,6 +386,7 @@ impl Worker {
         self.cell.cache_hits.store(c.hits, Relaxed);
         self.cell.cache_misses.store(c.misses, Relaxed);
         self.cell.cache_evictions.store(c.evictions, Relaxed);
+        self.cell.cache_revalidated.store(c.revalidated, Relaxed);
     }
 
     /// Picks up a snapshot published since the batch began (one atomic load
@@ -623,17 +620,27 @@ impl Observer for Sticky<'_> {
 impl Translate for Cached<'_> {
     #[inline]
     fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate {
-        let ck = CacheKey { key: *key, stage };
+        // Keyed by what the translation can depend on (see `CacheMasks`): a
+        // new connection's packets share the entry of the connection before
+        // them.
+        let ck = CacheKey {
+            key: key.masked(self.snap.cache_masks.of(key)),
+            stage,
+        };
         let hash = self.cache.hash(&ck);
-        let (tables, generation) = (&self.snap.tables, self.snap.generation);
-        let x = self.cache.get_or_insert_with(&ck, hash, generation, || {
-            let mut scratch = *key;
-            let mut obs = Sticky {
-                ct: self.ct,
-                now: self.now,
-            };
-            xlate(tables, &mut scratch, stage, &mut obs)
-        });
+        let snap = self.snap;
+        let (tables, generation) = (&snap.tables, snap.generation);
+        let revalidate = |since, ck: &CacheKey| snap.revalidates(since, &ck.key);
+        let x = self
+            .cache
+            .get_or_insert_with(&ck, hash, generation, revalidate, || {
+                let mut scratch = *key;
+                let mut obs = Sticky {
+                    ct: self.ct,
+                    now: self.now,
+                };
+                xlate(tables, &mut scratch, stage, &mut obs)
+            });
         for id in &x.hits {
             if let Some(slot) = self.shard.slots.get(id.0 as usize) {
                 bump(&slot.packets, 1);
