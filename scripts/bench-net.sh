@@ -12,6 +12,7 @@
 #   BENCH_CLUSTER=DIR scripts/bench-net.sh      (vswitchd also loads the manifests in DIR)
 #   SWITCHES=scale scripts/bench-net.sh         (only the scaling run; SCALE_PAIRS="1 2 4 8")
 #   CHURN=10 scripts/bench-net.sh               (10 unrelated policy changes/s during the vswitch run)
+#   CHURN=10 CHURN_LOCAL=1 scripts/bench-net.sh (the same, a policy on the bench's server pod: tables change)
 #   VSWITCH_BIN=DIR scripts/bench-net.sh        (vswitchd, vswitch-cni, flowctl, examples/crr from DIR; no build)
 #
 # Switches under test, each with two pod namespaces a and b:
@@ -41,7 +42,8 @@
 # CHURN=N (vswitch run) rewrites a policy file N times a second while it
 # measures: a policy whose pod is on another node, so the switch's tables do
 # not change; the microflow cache's hit rate over the run is printed with the
-# results.
+# results. With CHURN_LOCAL=1 the policy selects the bench's server pod (an
+# extra allowed port each time: verdicts stay, the tables change).
 # Everything it creates is removed on exit, also when interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -210,8 +212,13 @@ churn() { # churn N
     pause=$(python3 -c "print(1/$1)")
     while :; do
         n=$((n + 1))
-        printf 'apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: churn, namespace: elsewhere}\nspec:\n  podSelector: {matchLabels: {app: far}}\n  ingress: [{ports: [{port: %d}]}]\n' \
-            $((1024 + n % 60000)) >"$f.tmp"
+        if [ -n "${CHURN_LOCAL:-}" ]; then
+            printf 'apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: churn, namespace: bench}\nspec:\n  podSelector: {matchLabels: {role: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: %d}]}]\n' \
+                $((1024 + n % 60000)) >"$f.tmp"
+        else
+            printf 'apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: churn, namespace: elsewhere}\nspec:\n  podSelector: {matchLabels: {app: far}}\n  ingress: [{ports: [{port: %d}]}]\n' \
+                $((1024 + n % 60000)) >"$f.tmp"
+        fi
         mv "$f.tmp" "$f"
         sleep "$pause"
     done
@@ -541,9 +548,9 @@ if want ovstso; then
     measure_all ovstso
     ovs_stop "$work/ovs-ovstso"
 fi
-cache_counts() { # hits misses generation
+cache_counts() { # hits misses generation revalidated
     "$bin/flowctl" --socket "$work/vswitchd.sock" --output json stats |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["cache"]["hits"], d["cache"]["misses"], d["generation"])'
+        python3 -c 'import json,sys; d=json.load(sys.stdin); c=d["cache"]; print(c["hits"], c["misses"], d["generation"], c.get("revalidated", 0))'
 }
 churn_report=""
 if want vswitch; then
@@ -552,20 +559,20 @@ if want vswitch; then
         churn "$CHURN" &
         churn_pid=$!
         sleep 1
-        read -r h0 m0 g0 <<<"$(cache_counts)"
+        read -r h0 m0 g0 r0 <<<"$(cache_counts)"
         t0=$(date +%s.%N)
     fi
     measure_all vswitch
     if [ -n "${CHURN:-}" ]; then
-        read -r h1 m1 g1 <<<"$(cache_counts)"
+        read -r h1 m1 g1 r1 <<<"$(cache_counts)"
         kill "$churn_pid" 2>/dev/null
         wait "$churn_pid" 2>/dev/null || true
         churn_pid=""
-        seen=$("$bin/flowctl" --socket "$work/vswitchd.sock" dump-policies 2>/dev/null | grep -c 'elsewhere/churn' || true)
+        seen=$("$bin/flowctl" --socket "$work/vswitchd.sock" dump-policies 2>/dev/null | grep -c '/churn' || true)
         churn_report=$(python3 -c "import time
 h,m=$h1-$h0,$m1-$m0
-print(f'churn: ~{$CHURN}/s unrelated policy rewrites for {time.time()-$t0:.0f} s (policy seen by vswitchd: {\"yes\" if $seen else \"no\"}); '
-      f'tables published meanwhile: {$g1-$g0}; microflow cache over the run: {h} hits, {m} misses, hit rate {100*h/max(1,h+m):.2f}%')")
+print(f'churn: ~{$CHURN}/s {\"local\" if \"${CHURN_LOCAL:-}\" else \"unrelated\"} policy rewrites for {time.time()-$t0:.0f} s (policy seen by vswitchd: {\"yes\" if $seen else \"no\"}); '
+      f'tables published meanwhile: {$g1-$g0}; microflow cache over the run: {h} hits ({$r1-$r0} revalidated), {m} misses, hit rate {100*h/max(1,h+m):.2f}%')")
     fi
 fi
 
