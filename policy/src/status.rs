@@ -5,7 +5,7 @@
 //! record of rejected objects the sources (manifest directory, Kubernetes
 //! watcher) keep. No I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -104,20 +104,7 @@ pub type Rejections = BTreeMap<(String, String), String>;
 /// The status of every policy in force in `compiler` (staged ones too, when
 /// it is the staged compiler) and every rejected one.
 pub fn views(compiler: &Compiler, rejected: &Rejections) -> Vec<PolicyView> {
-    // Flows per rule.
-    let mut per_rule: HashMap<Provenance, usize> = HashMap::new();
-    for f in compiler.flows() {
-        // A clause flow serves the rules of its conjunctions (tier clause
-        // flows are owned by the pod they match, and serve many rules).
-        let mut of_flow: std::collections::BTreeSet<Provenance> =
-            compiler.rules(f.cookie).into_iter().collect();
-        for (id, _, _) in f.conjunctions() {
-            of_flow.extend(compiler.conjunction_rules(id));
-        }
-        for p in of_flow {
-            *per_rule.entry(p).or_default() += 1;
-        }
-    }
+    let per_rule = compiler.flows_per_rule();
     let cluster = compiler.cluster();
     let mut out = Vec::new();
     let message = |kind: &str, name: &str| {

@@ -20,9 +20,11 @@
 //! of each unit), `units` (unit ids, cookies, merged flows), `incremental`
 //! (from one change to the units it touches, and the diff).
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use datapath::flow::{Cookie, FlowEntry, FlowIdentity};
+use smallvec::SmallVec;
 
 use crate::cluster::Cluster;
 use crate::cnp::{ClusterPolicy, RuleAction, Tier};
@@ -213,7 +215,7 @@ pub enum Change {
     /// answers; an empty set: expired). What `domainNames` peers match.
     Resolved {
         name: String,
-        addresses: std::collections::BTreeSet<std::net::IpAddr>,
+        addresses: BTreeSet<std::net::IpAddr>,
     },
 }
 
@@ -447,6 +449,35 @@ impl Compiler {
         conj_id
             .checked_sub(1)
             .map_or_else(Vec::new, |n| self.rules(cookie_of(n / 2)))
+    }
+    /// How many flows serve each rule: a flow serves the rules of its own
+    /// cookie and those of the conjunctions it feeds (tier clause flows are
+    /// owned by the pod they match, and serve many rules). Flows are grouped
+    /// by the cookies they serve first, so each group's rules are looked up
+    /// once, not once per flow.
+    pub fn flows_per_rule(&self) -> HashMap<Provenance, usize> {
+        let mut by_cookies: HashMap<SmallVec<[Cookie; 4]>, usize> = HashMap::default();
+        for (identity, contrib) in self.state.merged.iter() {
+            let Some(f) = self.state.materialize(identity, contrib) else {
+                continue;
+            };
+            let mut cookies: SmallVec<[Cookie; 4]> = smallvec::smallvec![f.cookie];
+            cookies.extend(
+                f.conjunctions()
+                    .filter_map(|(id, _, _)| id.checked_sub(1).map(|n| cookie_of(n / 2))),
+            );
+            cookies.sort_unstable();
+            cookies.dedup();
+            *by_cookies.entry(cookies).or_default() += 1;
+        }
+        let mut out = HashMap::default();
+        for (cookies, n) in by_cookies {
+            let rules: BTreeSet<Provenance> = cookies.iter().flat_map(|c| self.rules(*c)).collect();
+            for p in rules {
+                *out.entry(p).or_default() += n;
+            }
+        }
+        out
     }
     /// Who owns conjunction `conj_id` (every rule, joined) and which part it is.
     pub fn conjunction_owner(&self, conj_id: u32) -> Option<(String, u32)> {
