@@ -943,6 +943,54 @@ mod tests {
         );
     }
 
+    /// A policy change on this node that cannot touch a cached translation
+    /// (another rule for the same pods, on another port) keeps it: the next
+    /// connection's packets are revalidated hits, not misses.
+    #[test]
+    fn a_rule_for_another_port_keeps_cached_translations() {
+        let (r, f, a, b) = two_pods(false);
+        let allow = |name: &str, port: u16| {
+            let np = serde_json::json!({
+                "metadata": {"name": name, "namespace": "t"},
+                "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                         "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": port}]}]},
+            });
+            let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+                serde_json::from_value(np).unwrap();
+            r.apply(Change::Policy(Policy::from_api(&np).unwrap()))
+                .unwrap();
+        };
+        let syn_from = |sport: u16| {
+            let mut f = Vec::new();
+            PacketBuilder::ethernet2(A_MAC, B_MAC)
+                .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+                .tcp(sport, 80, 1, 1000)
+                .syn()
+                .write(&mut f, &[])
+                .unwrap();
+            f
+        };
+        allow("web", 80);
+        let mut lane = f.lane();
+        a.push(syn_from(40000));
+        lane.step();
+        assert_eq!(b.take().len(), 1);
+        let before = lane.worker.cache_stats();
+        allow("other", 9000);
+        a.push(syn_from(40001));
+        lane.step();
+        assert_eq!(b.take().len(), 1, "still allowed");
+        let after = lane.worker.cache_stats();
+        assert_eq!(after.misses, before.misses, "no translation ran again");
+        assert!(after.revalidated > before.revalidated, "{after:?}");
+        // A deny of port 80 (the rule allowing it gone) reaches the cache.
+        r.apply(Change::PolicyDeleted(ObjectKey::new("t", "web")))
+            .unwrap();
+        a.push(syn_from(40002));
+        lane.step();
+        assert!(b.take().is_empty(), "denied once its rule is gone");
+    }
+
     #[test]
     fn virtio_net_headers_are_added_for_ports_that_want_them() {
         let (_, f, a, b) = two_pods(true);

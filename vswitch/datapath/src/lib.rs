@@ -23,6 +23,7 @@ pub mod ofctl;
 pub mod pipeline;
 pub mod reason;
 pub mod reject;
+mod revalidate;
 pub mod table;
 pub mod time;
 pub mod trace;

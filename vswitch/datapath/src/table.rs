@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::cache_mask::CacheMasks;
 use crate::classify::{Classifier, Clause, FlowId, Hit};
-use crate::field::{Field, Match, MatchKey};
+use crate::field::{Field, MatchKey};
 use crate::flow::{Action, FlowEntry, FlowError, FlowIdentity, TableId};
 use crate::group::Group;
+use crate::revalidate::{Journal, Step};
 use crate::time::Time;
 
 /// Number of tables (0..=254).
@@ -68,38 +69,6 @@ pub struct FlowTables {
     groups: HashMap<u32, Arc<Group>>,
     /// What edits changed since the tables were last published.
     journal: Journal,
-}
-
-/// The matches of the flows edits added, removed or modified, for
-/// revalidating cached translations ([`Snapshot::revalidates`]); or
-/// "everything" when there were too many to be worth checking, or a group
-/// changed.
-#[derive(Debug, Clone, Default)]
-struct Journal {
-    matches: Vec<Match>,
-    everything: bool,
-}
-
-/// More changed flows than this in one publish: cached translations are
-/// not checked against them, but start afresh.
-const JOURNAL_MAX: usize = 256;
-
-impl Journal {
-    fn flow(&mut self, m: &Match) {
-        if self.everything {
-            return;
-        }
-        if self.matches.len() == JOURNAL_MAX {
-            self.everything();
-        } else {
-            self.matches.push(*m);
-        }
-    }
-
-    fn everything(&mut self) {
-        self.everything = true;
-        self.matches = Vec::new();
-    }
 }
 
 impl Default for FlowTables {
@@ -186,7 +155,7 @@ impl FlowTables {
                 .as_mut()
                 .expect("indexed flow exists");
             if *slot.entry != entry {
-                self.journal.flow(&entry.matcher);
+                self.journal.modified(&slot.entry, &entry);
                 let table = &mut self.classifiers[usize::from(entry.table.0)];
                 let old_clauses = clauses(&slot.entry);
                 let new_clauses = clauses(&entry);
@@ -205,7 +174,7 @@ impl FlowTables {
                 FlowId((self.flows.len() - 1) as u32)
             }
         };
-        self.journal.flow(&entry.matcher);
+        self.journal.flow(&entry);
         self.classifiers[usize::from(entry.table.0)].insert(
             id,
             entry.priority,
@@ -228,7 +197,9 @@ impl FlowTables {
         let Some(id) = self.by_identity.remove(identity) else {
             return false;
         };
-        self.journal.flow(&identity.matcher);
+        if let Some(gone) = &self.flows[id.0 as usize] {
+            self.journal.flow(&gone.entry);
+        }
         self.classifiers[usize::from(identity.table.0)].remove(
             id,
             identity.priority,
@@ -363,22 +334,6 @@ pub struct Snapshot {
 /// How many publishes back a cached translation can be revalidated.
 const HISTORY: usize = 16;
 
-/// What one publish changed, as [`Snapshot::revalidates`] checks it.
-#[derive(Debug)]
-struct Step {
-    generation: u64,
-    /// `None`: everything (the cache masks changed, a group changed, or too
-    /// many flows).
-    changed: Option<Changed>,
-}
-
-#[derive(Debug)]
-struct Changed {
-    matches: Vec<Match>,
-    /// Bits a lookup after a pass's first may see rewritten: not compared.
-    written: MatchKey,
-}
-
 impl Snapshot {
     /// The first snapshot: nothing to revalidate from.
     pub fn new(generation: u64, tables: FlowTables, published: Time) -> Snapshot {
@@ -400,25 +355,21 @@ impl Snapshot {
         let mut tables = tables;
         let journal = std::mem::take(&mut tables.journal);
         let cache_masks = CacheMasks::of_tables(&tables);
-        let changed = (!journal.everything && cache_masks == prev.cache_masks).then(|| {
+        let generation = prev.generation + 1;
+        // Entries keyed under other masks cannot be checked: none holds.
+        let written = (cache_masks == prev.cache_masks).then(|| {
             let mut written = cache_masks.written;
             for (w, p) in written.0.iter_mut().zip(prev.cache_masks.written.0.iter()) {
                 *w |= p;
             }
-            Changed {
-                matches: journal.matches,
-                written,
-            }
+            written
         });
-        let generation = prev.generation + 1;
+        let step = Step::new(generation, journal, &prev.tables, &tables, written);
         let keep = prev.history.len().min(HISTORY - 1);
         let history = prev.history[prev.history.len() - keep..]
             .iter()
             .map(Arc::clone)
-            .chain(std::iter::once(Arc::new(Step {
-                generation,
-                changed,
-            })))
+            .chain(std::iter::once(Arc::new(step)))
             .collect();
         Snapshot {
             generation,
@@ -432,12 +383,10 @@ impl Snapshot {
     /// Whether a translation of `key` (a cache key: masked by its class's
     /// mask) cached under generation `since` holds in this snapshot too.
     ///
-    /// It does when no flow added, removed or modified since could match
-    /// the packet at any lookup of its pass: every lookup then finds the flow
-    /// it found before, with the same actions. A lookup after the first may
-    /// see bits the actions before it rewrote, so those are not compared
-    /// (conservatively: the flow counts as matching). Anything else (a
-    /// group or a cache mask changed, too many flows, too old) says no.
+    /// It does when no flow added, removed or modified since could change a
+    /// lookup of its pass (see the `revalidate` module): every lookup then
+    /// finds the flow it found before, with the same actions. Anything else
+    /// (a group or a cache mask changed, too many flows, too old) says no.
     pub fn revalidates(&self, since: u64, key: &MatchKey) -> bool {
         if since >= self.generation {
             return since == self.generation;
@@ -449,22 +398,8 @@ impl Snapshot {
         self.history
             .iter()
             .filter(|s| s.generation > since)
-            .all(|s| {
-                s.changed
-                    .as_ref()
-                    .is_some_and(|c| !c.matches.iter().any(|m| could_match(m, key, &c.written)))
-            })
+            .all(|s| s.keeps(key))
     }
-}
-
-/// Whether `m` matches `key` on the bits outside `ignored`.
-#[inline]
-fn could_match(m: &Match, key: &MatchKey, ignored: &MatchKey) -> bool {
-    let (value, mask) = (m.value(), m.mask());
-    (0..key.0.len()).all(|i| {
-        let bits = mask.0[i] & !ignored.0[i];
-        key.0[i] & bits == value.0[i] & bits
-    })
 }
 
 #[cfg(test)]

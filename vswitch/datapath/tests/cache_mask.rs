@@ -212,6 +212,9 @@ enum Edit {
     Add(Box<FlowEntry>),
     Remove(usize),
     Modify(usize, u32),
+    /// The i-th flow becomes a clause of conjunction 7 (the other clause,
+    /// if it is one already).
+    Reclause(usize),
 }
 
 fn arb_edit() -> impl Strategy<Value = Edit> {
@@ -219,6 +222,7 @@ fn arb_edit() -> impl Strategy<Value = Edit> {
         arb_flow().prop_map(|f| Edit::Add(Box::new(f))),
         any::<usize>().prop_map(Edit::Remove),
         (any::<usize>(), 1u32..50).prop_map(|(i, p)| Edit::Modify(i, p)),
+        any::<usize>().prop_map(Edit::Reclause),
     ]
 }
 
@@ -244,6 +248,22 @@ fn apply(t: &mut FlowTables, edit: &Edit) {
                 f.actions = smallvec![Action::Output(PortNo(*port))];
                 t.add(f, Time::ZERO).unwrap();
             }
+        }
+        Edit::Reclause(i) if !flows.is_empty() => {
+            let mut f = flows[i % flows.len()].clone();
+            if f.matcher.has(Field::ConjId) {
+                return;
+            }
+            let clause = match f.actions.first() {
+                Some(Action::Conjunction { clause, .. }) => 3 - clause,
+                _ => 1,
+            };
+            f.actions = smallvec![Action::Conjunction {
+                id: 7,
+                clause,
+                n_clauses: 2,
+            }];
+            let _ = t.add(f, Time::ZERO);
         }
         _ => {}
     }
@@ -291,6 +311,145 @@ proptest! {
             }
         }
     }
+}
+
+/// A random clause of conjunction 7 in table 0: a match on up to two TCP
+/// fields, drawn from the keys' low bits.
+fn arb_clause() -> impl Strategy<Value = FlowEntry> {
+    (
+        1u8..3,
+        prop::collection::vec((0usize..4, any::<u8>(), 0u8..4), 0..3),
+    )
+        .prop_map(|(clause, matches)| {
+            let (mut m, _) = class(0);
+            for (f, v, mask) in matches {
+                let f = [Field::NwSrc, Field::NwDst, Field::TpDst, Field::InPort][f];
+                m = m.with_masked(f, u128::from(v & mask), u128::from(mask));
+            }
+            FlowEntry::new(0, 100, m).action(Action::Conjunction {
+                id: 7,
+                clause,
+                n_clauses: 2,
+            })
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// Conjunction 7 decides table 0 when it fires; its clauses come and go
+    /// (a policy's peers and ports). A translation revalidated across that
+    /// is the new tables' one.
+    #[test]
+    fn a_revalidated_translation_holds_across_conjunction_changes(
+        clauses in prop::collection::vec(arb_clause(), 0..6),
+        edits in prop::collection::vec(
+            prop_oneof![
+                arb_clause().prop_map(|f| Edit::Add(Box::new(f))),
+                any::<usize>().prop_map(Edit::Remove),
+                any::<usize>().prop_map(Edit::Reclause),
+            ],
+            1..5,
+        ),
+        key in any::<[u64; 14]>(),
+    ) {
+        let mut t = FlowTables::new();
+        let (m, _) = class(0);
+        t.add(FlowEntry::new(0, 100, m.with(Field::ConjId, 7)).action(Action::Output(PortNo(77))), Time::ZERO).unwrap();
+        t.add(FlowEntry::new(0, 1, Match::any()).action(Action::Output(PortNo(1))), Time::ZERO).unwrap();
+        for c in clauses {
+            t.add(c, Time::ZERO).unwrap();
+        }
+        let mut k = MatchKey(key.map(|w| w & 0x0303_0303_0303_0303));
+        k.set(Field::DlType, ether_type::IPV4.into());
+        k.set(Field::NwProto, ip_proto::TCP.into());
+        let first = Snapshot::new(1, t, Time::ZERO);
+        let cached = k.masked(first.cache_masks.of(&k));
+        let old = xlate(&first.tables, &mut k.clone(), TableId(0), &mut Silent);
+        let mut t = first.tables.clone();
+        for edit in &edits {
+            if !matches!(edit, Edit::Remove(_)) || t.len() > 2 {
+                apply(&mut t, edit);
+            }
+        }
+        let next = Snapshot::next(&first, t, Time::ZERO);
+        if next.revalidates(1, &cached) {
+            let new = xlate(&next.tables, &mut k.clone(), TableId(0), &mut Silent);
+            prop_assert_eq!(new, old);
+        }
+    }
+}
+
+/// Conjunctions, as policies compile to: a new rule (a conjunction of its
+/// own) whose port clause the packet does not match leaves the packet's
+/// translation alone; a clause that completes a conjunction the packet
+/// matches does not.
+#[test]
+fn conjunctions_revalidate_by_whether_they_can_fire() {
+    let f = |s: &str| parse_flow(s).unwrap();
+    let base = [
+        "table=0,priority=100,tcp,nw_src=10.0.0.1,actions=conjunction(1,1/2)",
+        "table=0,priority=100,tcp,tp_dst=80,actions=conjunction(1,2/2)",
+        "table=0,priority=100,conj_id=1,tcp,actions=output:2",
+        "table=0,priority=1,tcp,tp_dst=9999,actions=drop",
+        "table=0,priority=0,actions=drop",
+    ];
+    let mut t = FlowTables::new();
+    for flow in base {
+        t.add(f(flow), Time::ZERO).unwrap();
+    }
+    let first = Snapshot::new(1, t, Time::ZERO);
+    // Edits start from the published tables (as `Datapath::update` does).
+    let mut t = first.tables.clone();
+    // 10.0.0.1 -> port 80: allowed by conjunction 1.
+    let mut k = key(ether_type::IPV4, ip_proto::TCP);
+    k.set(
+        Field::NwSrc,
+        datapath::field::ipv4_mapped([10, 0, 0, 1].into()),
+    );
+    k.set(Field::TpDst, 80);
+    let cached = k.masked(first.cache_masks.of(&k));
+    // Another rule from the same peer to port 8080: conjunction 2 cannot
+    // fire for port 80. (The peer's clause flow serves both.)
+    for flow in [
+        "table=0,priority=100,tcp,nw_src=10.0.0.1,actions=conjunction(1,1/2),conjunction(2,1/2)",
+        "table=0,priority=100,tcp,tp_dst=8080,actions=conjunction(2,2/2)",
+        "table=0,priority=100,conj_id=2,tcp,actions=output:3",
+    ] {
+        t.add(f(flow), Time::ZERO).unwrap();
+    }
+    let second = Snapshot::next(&first, t.clone(), Time::ZERO);
+    assert!(second.revalidates(1, &cached), "a rule for another port");
+    // Conjunction 3 at a higher priority, its port clause matching 80: it
+    // fires once its peer clause comes, and decides the packet.
+    t.add(
+        f("table=0,priority=200,tcp,tp_dst=80,actions=conjunction(3,2/2)"),
+        Time::ZERO,
+    )
+    .unwrap();
+    t.add(
+        f("table=0,priority=200,conj_id=3,tcp,actions=drop"),
+        Time::ZERO,
+    )
+    .unwrap();
+    let third = Snapshot::next(&second, t.clone(), Time::ZERO);
+    assert!(
+        third.revalidates(1, &cached),
+        "conjunction 3 lacks its peer clause"
+    );
+    t.add(
+        f("table=0,priority=200,tcp,nw_src=10.0.0.0/8,actions=conjunction(3,1/2)"),
+        Time::ZERO,
+    )
+    .unwrap();
+    let fourth = Snapshot::next(&third, t.clone(), Time::ZERO);
+    assert!(
+        !fourth.revalidates(1, &cached),
+        "the clause completing conjunction 3"
+    );
+    let before = xlate(&first.tables, &mut k.clone(), TableId(0), &mut Silent);
+    let after = xlate(&fourth.tables, &mut k.clone(), TableId(0), &mut Silent);
+    assert_ne!(before, after, "and the translation did change");
 }
 
 /// A change elsewhere keeps a cached translation; a change to what decided
