@@ -983,6 +983,16 @@ mod tests {
         let after = lane.worker.cache_stats();
         assert_eq!(after.misses, before.misses, "no translation ran again");
         assert!(after.revalidated > before.revalidated, "{after:?}");
+        // The same policy rewritten with another port, again and again (a
+        // churning manifest): still no miss.
+        for (i, port) in [9001u16, 9002, 9003].into_iter().enumerate() {
+            allow("other", port);
+            a.push(syn_from(40010 + i as u16));
+            lane.step();
+            assert_eq!(b.take().len(), 1);
+            let now = lane.worker.cache_stats();
+            assert_eq!(now.misses, before.misses, "rewrite {port}: {now:?}");
+        }
         // A deny of port 80 (the rule allowing it gone) reaches the cache.
         r.apply(Change::PolicyDeleted(ObjectKey::new("t", "web")))
             .unwrap();
