@@ -40,6 +40,23 @@ fn peak_of(pid: Option<u32>) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until `ready` (five minutes at most); how long since `started`.
+fn wait_ready(started: Instant, ready: impl Fn() -> bool) -> Duration {
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(300), "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
+
+/// The number of flows a switch holds.
+fn flow_count(ask: impl Fn(&Request) -> Result<Value, String>) -> usize {
+    ask(&Request::DumpFlows)
+        .unwrap()
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 /// Times `CHANGES` changes made by `change(i)`: from the change to the
 /// publish of a new generation (read from `generation`).
 fn time_changes(generation: impl Fn() -> u64, mut change: impl FnMut(usize)) -> Vec<Duration> {
@@ -113,17 +130,8 @@ fn ten_thousand_pods_and_policies() {
     let dir = std::env::temp_dir().join(format!("vswitch-kscale-{}", std::process::id()));
     let started = Instant::now();
     let node = start(&api, &dir, "", "");
-    while !node.ready() {
-        assert!(started.elapsed() < Duration::from_secs(300), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ready = started.elapsed();
-    let flows = node
-        .ask(&Request::DumpFlows)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .len();
+    let ready = wait_ready(started, || node.ready());
+    let flows = flow_count(|r| node.ask(r));
     let peak = peak_of(node.daemon.pid());
     eprintln!("{objects} objects and 100 Nodes: ready after {ready:?}, {flows} flows, {peak}");
 
@@ -182,17 +190,8 @@ fn ten_thousand_pods_and_policies_from_manifests() {
     let (config, socket) = common::write_config(&dir.0, "node_name = \"node-0\"\n");
     let started = Instant::now();
     let daemon = common::Vswitchd::start(&config, &socket);
-    while !daemon.ready() {
-        assert!(started.elapsed() < Duration::from_secs(300), "never ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ready = started.elapsed();
-    let flows = daemon
-        .ask(&Request::DumpFlows)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .len();
+    let ready = wait_ready(started, || daemon.ready());
+    let flows = flow_count(|r| daemon.ask(r));
     eprintln!(
         "{} manifest files: ready after {ready:?}, {flows} flows, {}",
         files.len(),

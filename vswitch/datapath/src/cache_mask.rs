@@ -19,7 +19,8 @@ use smallvec::SmallVec;
 
 use crate::field::{Field, MatchKey};
 use crate::flow::Action;
-use crate::table::FlowTables;
+use crate::flow::FlowEntry;
+use crate::group::Group;
 
 /// The masks of one `dl_type` that some flow pins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +119,8 @@ fn actions_read(actions: &[Action], read: &mut impl FnMut(Field)) {
 }
 
 impl CacheMasks {
-    /// The masks of `tables`. Every class's mask holds:
+    /// The masks of a table set holding `flows` and `groups`. Every class's
+    /// mask holds:
     ///
     /// - every bit compared by a flow that can match the class (all flows of
     ///   its `dl_type` and `nw_proto`, and those that pin neither);
@@ -130,7 +132,10 @@ impl CacheMasks {
     ///
     /// Two keys equal under their class's mask translate to the same
     /// [`Xlate`](crate::pipeline::Xlate).
-    pub fn of_tables(tables: &FlowTables) -> CacheMasks {
+    pub fn build<'a>(
+        flows: impl Iterator<Item = &'a FlowEntry>,
+        groups: impl Iterator<Item = &'a Group>,
+    ) -> CacheMasks {
         let mut base = MatchKey::default();
         let mut read = |field: Field| base.set(field, field.full_mask());
         for f in Field::ALL.into_iter().filter(|f| f.is_metadata()) {
@@ -144,7 +149,7 @@ impl CacheMasks {
         let mut written = MatchKey::default();
         let mut write = |field: Field| written.set(field, field.full_mask());
         write(Field::ConjId);
-        for group in tables.groups() {
+        for group in groups {
             for f in group.hashed_fields() {
                 read(*f);
             }
@@ -157,8 +162,7 @@ impl CacheMasks {
         // Masks by class: (dl_type, nw_proto) pinned, each None for "any".
         let mut any = MatchKey::default();
         let mut types: Vec<TypeFlows> = Vec::new();
-        for (_, installed) in tables.iter() {
-            let entry = &installed.entry;
+        for entry in flows {
             actions_read(&entry.actions, &mut read);
             actions_write(&entry.actions, &mut write);
             let rewrites = writes_proto(&entry.actions);

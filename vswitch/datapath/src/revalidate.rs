@@ -19,7 +19,6 @@ use smallvec::SmallVec;
 
 use crate::field::{Match, MatchKey};
 use crate::flow::FlowEntry;
-use crate::table::FlowTables;
 
 /// More changed flows than this in one publish: cached translations are
 /// not checked against them, but start afresh.
@@ -135,13 +134,14 @@ struct Checked {
 }
 
 impl Step {
-    /// The step from `prev` to `next`, whose edits `journal` recorded;
-    /// `written` covers both.
-    pub(crate) fn new(
+    /// The step whose edits `journal` recorded; `flows` are the flows
+    /// before and after (for the clauses of changed conjunctions),
+    /// `written` what actions write in either (`None`: the cache masks
+    /// changed).
+    pub(crate) fn new<'a>(
         generation: u64,
         journal: Journal,
-        prev: &FlowTables,
-        next: &FlowTables,
+        flows: impl Iterator<Item = &'a FlowEntry>,
         written: Option<MatchKey>,
     ) -> Step {
         let changed = written.filter(|_| !journal.everything).map(|written| {
@@ -160,12 +160,10 @@ impl Step {
                 }
             }
             if !clauses.is_empty() {
-                for tables in [prev, next] {
-                    for (_, installed) in tables.iter() {
-                        for (x, clause, n) in installed.entry.conjunctions() {
-                            if let Some(list) = clauses.get_mut(&x) {
-                                list.push((clause, n, installed.entry.matcher));
-                            }
+                for entry in flows {
+                    for (x, clause, n) in entry.conjunctions() {
+                        if let Some(list) = clauses.get_mut(&x) {
+                            list.push((clause, n, entry.matcher));
                         }
                     }
                 }

@@ -127,6 +127,14 @@ impl FlowTables {
         out
     }
 
+    /// What the microflow cache keys these tables' translations by.
+    pub fn cache_masks(&self) -> CacheMasks {
+        CacheMasks::build(
+            self.iter().map(|(_, i)| &*i.entry),
+            self.groups.values().map(|g| &**g),
+        )
+    }
+
     /// Number of flows in all tables.
     pub fn len(&self) -> usize {
         self.by_identity.len()
@@ -341,7 +349,7 @@ impl Snapshot {
         tables.journal = Journal::default();
         Snapshot {
             generation,
-            cache_masks: CacheMasks::of_tables(&tables),
+            cache_masks: tables.cache_masks(),
             tables,
             published,
             history: Arc::from([]),
@@ -354,7 +362,7 @@ impl Snapshot {
     pub fn next(prev: &Snapshot, tables: FlowTables, published: Time) -> Snapshot {
         let mut tables = tables;
         let journal = std::mem::take(&mut tables.journal);
-        let cache_masks = CacheMasks::of_tables(&tables);
+        let cache_masks = tables.cache_masks();
         let generation = prev.generation + 1;
         // Entries keyed under other masks cannot be checked: none holds.
         let written = (cache_masks == prev.cache_masks).then(|| {
@@ -364,7 +372,9 @@ impl Snapshot {
             }
             written
         });
-        let step = Step::new(generation, journal, &prev.tables, &tables, written);
+        // The clauses of changed conjunctions, before and after.
+        let flows = prev.tables.iter().chain(tables.iter());
+        let step = Step::new(generation, journal, flows.map(|(_, i)| &*i.entry), written);
         let keep = prev.history.len().min(HISTORY - 1);
         let history = prev.history[prev.history.len() - keep..]
             .iter()

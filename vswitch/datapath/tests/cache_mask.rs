@@ -5,7 +5,6 @@
 //! revalidated after changes is the one the new tables give; and a new
 //! connection's packets reuse the translation of the one before.
 
-use datapath::cache_mask::CacheMasks;
 use datapath::field::{Field, ether_type, ip_proto};
 use datapath::flow::{Action, FlowEntry, TableId};
 use datapath::group::{Bucket, Group, Selection};
@@ -192,7 +191,7 @@ proptest! {
         let (mut a, b) = (small(key), small(other));
         a.set(Field::DlType, dl_type.into());
         a.set(Field::NwProto, proto.into());
-        let masks = CacheMasks::of_tables(&t);
+        let masks = t.cache_masks();
         let mask = *masks.of(&a);
         let mut k1 = a;
         // b where the mask has no bits, a where it has.
@@ -386,17 +385,18 @@ proptest! {
 /// matches does not.
 #[test]
 fn conjunctions_revalidate_by_whether_they_can_fire() {
-    let f = |s: &str| parse_flow(s).unwrap();
-    let base = [
+    let add = |t: &mut FlowTables, flow: &str| {
+        t.add(parse_flow(flow).unwrap(), Time::ZERO).unwrap();
+    };
+    let mut t = FlowTables::new();
+    for flow in [
         "table=0,priority=100,tcp,nw_src=10.0.0.1,actions=conjunction(1,1/2)",
         "table=0,priority=100,tcp,tp_dst=80,actions=conjunction(1,2/2)",
         "table=0,priority=100,conj_id=1,tcp,actions=output:2",
         "table=0,priority=1,tcp,tp_dst=9999,actions=drop",
         "table=0,priority=0,actions=drop",
-    ];
-    let mut t = FlowTables::new();
-    for flow in base {
-        t.add(f(flow), Time::ZERO).unwrap();
+    ] {
+        add(&mut t, flow);
     }
     let first = Snapshot::new(1, t, Time::ZERO);
     // Edits start from the published tables (as `Datapath::update` does).
@@ -416,33 +416,27 @@ fn conjunctions_revalidate_by_whether_they_can_fire() {
         "table=0,priority=100,tcp,tp_dst=8080,actions=conjunction(2,2/2)",
         "table=0,priority=100,conj_id=2,tcp,actions=output:3",
     ] {
-        t.add(f(flow), Time::ZERO).unwrap();
+        add(&mut t, flow);
     }
     let second = Snapshot::next(&first, t.clone(), Time::ZERO);
     assert!(second.revalidates(1, &cached), "a rule for another port");
     // Conjunction 3 at a higher priority, its port clause matching 80: it
     // fires once its peer clause comes, and decides the packet.
-    t.add(
-        f("table=0,priority=200,tcp,tp_dst=80,actions=conjunction(3,2/2)"),
-        Time::ZERO,
-    )
-    .unwrap();
-    t.add(
-        f("table=0,priority=200,conj_id=3,tcp,actions=drop"),
-        Time::ZERO,
-    )
-    .unwrap();
+    add(
+        &mut t,
+        "table=0,priority=200,tcp,tp_dst=80,actions=conjunction(3,2/2)",
+    );
+    add(&mut t, "table=0,priority=200,conj_id=3,tcp,actions=drop");
     let third = Snapshot::next(&second, t.clone(), Time::ZERO);
     assert!(
         third.revalidates(1, &cached),
         "conjunction 3 lacks its peer clause"
     );
-    t.add(
-        f("table=0,priority=200,tcp,nw_src=10.0.0.0/8,actions=conjunction(3,1/2)"),
-        Time::ZERO,
-    )
-    .unwrap();
-    let fourth = Snapshot::next(&third, t.clone(), Time::ZERO);
+    add(
+        &mut t,
+        "table=0,priority=200,tcp,nw_src=10.0.0.0/8,actions=conjunction(3,1/2)",
+    );
+    let fourth = Snapshot::next(&third, t, Time::ZERO);
     assert!(
         !fourth.revalidates(1, &cached),
         "the clause completing conjunction 3"
@@ -452,22 +446,25 @@ fn conjunctions_revalidate_by_whether_they_can_fire() {
     assert_ne!(before, after, "and the translation did change");
 }
 
-/// A change elsewhere keeps a cached translation; a change to what decided
-/// it drops it, and the packet gets the new verdict at once.
-#[test]
-fn revalidation_keeps_what_a_change_cannot_touch() {
-    let dp = Datapath::new(DatapathConfig::default());
-    let f = |s: &str| parse_flow(s).unwrap();
-    let mut flows = vec![
-        f("table=0,priority=100,in_port=1,ip,nw_src=10.0.0.1,actions=goto_table:20"),
-        f("table=20,priority=0,actions=ct(zone=1,table=30)"),
-        f("table=30,priority=200,ct_state=+inv+trk,actions=drop"),
-        f(
-            "cookie=0x1,table=30,priority=100,tcp,nw_dst=10.0.0.2,tp_dst=80,ct_state=+new+trk,actions=ct(commit,zone=1),output:2",
-        ),
-        f("table=30,priority=90,ct_state=+est+trk,actions=output:2"),
-    ];
-    dp.update(Time::ZERO, |t| t.apply(flows.clone(), |_| true, Time::ZERO))
+/// A stateful pipeline as the compiler writes it: 10.0.0.1 may open TCP
+/// connections to 10.0.0.2:80; nothing matches a source port or TCP flags.
+fn stateful_allow() -> Vec<FlowEntry> {
+    [
+        "table=0,priority=100,in_port=1,ip,nw_src=10.0.0.1,actions=goto_table:20",
+        "table=20,priority=0,actions=ct(zone=1,table=30)",
+        "table=30,priority=200,ct_state=+inv+trk,actions=drop",
+        "cookie=0x1,table=30,priority=100,tcp,nw_dst=10.0.0.2,tp_dst=80,ct_state=+new+trk,actions=ct(commit,zone=1),output:2",
+        "table=30,priority=90,ct_state=+est+trk,actions=output:2",
+    ]
+    .iter()
+    .map(|s| parse_flow(s).unwrap())
+    .collect()
+}
+
+/// Installs `flows` and sends a first SYN (10.0.0.1:40000 -> 10.0.0.2:80),
+/// which they forward to port 2; the worker that did.
+fn first_syn(dp: &std::sync::Arc<Datapath>, flows: Vec<FlowEntry>) -> datapath::Worker {
+    dp.update(Time::ZERO, |t| t.apply(flows, |_| true, Time::ZERO))
         .unwrap();
     let mut w = dp.worker();
     w.begin_batch();
@@ -476,6 +473,17 @@ fn revalidation_keeps_what_a_change_cannot_touch() {
         w.process(Time(1), PortNo(1), &mut first).outputs.to_vec(),
         [PortNo(2)]
     );
+    w
+}
+
+/// A change elsewhere keeps a cached translation; a change to what decided
+/// it drops it, and the packet gets the new verdict at once.
+#[test]
+fn revalidation_keeps_what_a_change_cannot_touch() {
+    let dp = Datapath::new(DatapathConfig::default());
+    let f = |s: &str| parse_flow(s).unwrap();
+    let mut flows = stateful_allow();
+    let mut w = first_syn(&dp, flows.clone());
     // Another pod's rule: nothing this packet meets.
     flows.push(f(
         "cookie=0x2,table=30,priority=150,tcp,nw_dst=10.0.0.9,tp_dst=80,actions=drop",
@@ -520,7 +528,7 @@ fn what_actions_read_is_in_the_mask() {
         for f in flows {
             t.add(flow(f), Time::ZERO).unwrap();
         }
-        *CacheMasks::of_tables(&t).of(&key(ether_type::IPV4, ip_proto::TCP))
+        *t.cache_masks().of(&key(ether_type::IPV4, ip_proto::TCP))
     };
     let has = |m: &MatchKey, f: Field| m.get(f) != 0;
     let plain = mask_of(&["table=0,priority=1,tcp,tp_dst=80,actions=output:1"]);
@@ -544,11 +552,11 @@ fn what_actions_read_is_in_the_mask() {
     t.add_group(group(1, Selection::FiveTuple)).unwrap();
     let tcp = key(ether_type::IPV4, ip_proto::TCP);
     assert!(
-        has(CacheMasks::of_tables(&t).of(&tcp), Field::TpSrc),
+        has(t.cache_masks().of(&tcp), Field::TpSrc),
         "a select group hashes the ports"
     );
     // What a conjunction's own flow matches besides conj_id counts too.
-    let conj = *CacheMasks::of_tables(&tables(vec![])).of(&tcp);
+    let conj = *tables(vec![]).cache_masks().of(&tcp);
     assert!(has(&conj, Field::TcpFlags), "conj_id flows' matches");
 }
 
@@ -574,7 +582,7 @@ fn classes_keep_other_protocols_fields_out() {
     ] {
         t.add(f(flow), Time::ZERO).unwrap();
     }
-    let masks = CacheMasks::of_tables(&t);
+    let masks = t.cache_masks();
     let has = |k: MatchKey, f: Field| masks.of(&k).get(f) != 0;
     assert!(!has(key(ether_type::IPV4, ip_proto::TCP), Field::TpSrc));
     assert!(has(key(ether_type::IPV4, ip_proto::TCP), Field::TpDst));
@@ -602,25 +610,7 @@ fn syn(sport: u16, flags_ack: bool) -> Vec<u8> {
 #[test]
 fn new_connections_hit_the_cache() {
     let dp = Datapath::new(DatapathConfig::default());
-    let f = |s: &str| parse_flow(s).unwrap();
-    let flows = vec![
-        f("table=0,priority=100,in_port=1,ip,nw_src=10.0.0.1,actions=goto_table:20"),
-        f("table=20,priority=0,actions=ct(zone=1,table=30)"),
-        f("table=30,priority=200,ct_state=+inv+trk,actions=drop"),
-        f(
-            "table=30,priority=100,tcp,nw_dst=10.0.0.2,tp_dst=80,ct_state=+new+trk,actions=ct(commit,zone=1),output:2",
-        ),
-        f("table=30,priority=90,ct_state=+est+trk,actions=output:2"),
-    ];
-    dp.update(Time::ZERO, |t| t.apply(flows, |_| true, Time::ZERO))
-        .unwrap();
-    let mut w = dp.worker();
-    w.begin_batch();
-    let mut first = syn(40000, false);
-    assert_eq!(
-        w.process(Time(1), PortNo(1), &mut first).outputs.to_vec(),
-        [PortNo(2)]
-    );
+    let mut w = first_syn(&dp, stateful_allow());
     let before = w.cache_stats();
     for sport in 40001..40101 {
         let mut frame = syn(sport, false);
