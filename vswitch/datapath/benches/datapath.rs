@@ -431,6 +431,7 @@ fn parse_and_pack(bencher: Bencher) {
             black_box(cache.hash(&datapath::cache::CacheKey {
                 key: k,
                 stage: TableId(0),
+                narrow: 0,
             }));
         }
     });

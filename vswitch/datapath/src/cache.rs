@@ -11,6 +11,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 
+use crate::cache_mask::CacheMasks;
 use crate::field::MatchKey;
 use crate::flow::TableId;
 use crate::pipeline::Xlate;
@@ -24,6 +25,9 @@ const WAYS: usize = 4;
 pub struct CacheKey {
     pub key: MatchKey,
     pub stage: TableId,
+    /// 0: the key under its class's mask; n: under the cache's n-th narrow
+    /// mask (what one translation looked at, see [`MicroflowCache::translate`]).
+    pub narrow: u8,
 }
 
 #[derive(Debug, Default)]
@@ -57,8 +61,16 @@ pub struct MicroflowCache {
     hasher: foldhash::fast::FixedState,
     set_mask: usize,
     tick: u64,
+    /// What translations of this generation looked at, where that was less
+    /// than their class's mask: the second chance of a lookup.
+    narrow: Vec<MatchKey>,
+    narrow_generation: u64,
     pub stats: CacheStats,
 }
+
+/// Narrow masks a cache tries at most (there are few: one per path through
+/// the tables).
+const MAX_NARROW: usize = 8;
 
 /// A seed nobody outside this process can know.
 fn random_seed() -> u64 {
@@ -75,6 +87,8 @@ impl MicroflowCache {
             hasher: foldhash::fast::FixedState::with_seed(random_seed()),
             set_mask: sets - 1,
             tick: 0,
+            narrow: Vec::new(),
+            narrow_generation: 0,
             stats: CacheStats::default(),
         }
     }
@@ -87,6 +101,7 @@ impl MicroflowCache {
             h.write_u64(*w);
         }
         h.write_u8(key.stage.0);
+        h.write_u8(key.narrow);
         h.finish()
     }
 
@@ -129,53 +144,108 @@ impl MicroflowCache {
         }
     }
 
-    /// The cached translation of `key` for `generation`, or the one `miss`
-    /// computes, stored first. An entry of an older generation is used when
-    /// `revalidate(its generation, key)` says it still holds (and is then
-    /// kept for this generation), replaced otherwise.
+    /// The translation of `key` for a pass starting at `stage`, under the
+    /// tables of `generation` whose cache masks are `masks`:
+    ///
+    /// 1. the entry for the key under its class's mask (one of an older
+    ///    generation where `revalidate` says it still holds);
+    /// 2. else an entry under one of the narrow masks translations of this
+    ///    generation recorded (what they looked at: a reply of an established
+    ///    connection never reaches the tables that compare ports); copied to
+    ///    the first kind, for the packets after it;
+    /// 3. else what `miss` translates, with what it looked at: stored as the
+    ///    first kind, and as the second when that was less.
     #[inline]
-    pub fn get_or_insert_with(
+    #[allow(clippy::too_many_arguments)]
+    pub fn translate(
+        &mut self,
+        key: &MatchKey,
+        stage: TableId,
+        masks: &CacheMasks,
+        generation: u64,
+        revalidate: impl FnOnce(u64, &CacheKey) -> bool,
+        miss: impl FnOnce() -> (Xlate, MatchKey),
+    ) -> &Xlate {
+        if self.narrow_generation != generation {
+            // Narrow masks come from the tables of their generation.
+            self.narrow.clear();
+            self.narrow_generation = generation;
+        }
+        let class = masks.of(key);
+        let primary = CacheKey {
+            key: key.masked(class),
+            stage,
+            narrow: 0,
+        };
+        let hash = self.hash(&primary);
+        if let Some(i) = self.find(&primary, hash, generation, revalidate) {
+            self.stats.hits += 1;
+            return &self.ways[i].xlate;
+        }
+        for n in 0..self.narrow.len() {
+            let narrow = CacheKey {
+                key: key.masked(&self.narrow[n]),
+                stage,
+                narrow: n as u8 + 1,
+            };
+            let h = self.hash(&narrow);
+            if let Some(i) = self.find(&narrow, h, generation, |_, _| false) {
+                self.stats.hits += 1;
+                let xlate = self.ways[i].xlate.clone();
+                return self.insert(primary, hash, generation, xlate);
+            }
+        }
+        self.stats.misses += 1;
+        let (xlate, consulted) = miss();
+        let narrow = consulted.masked(class);
+        if narrow != *class {
+            let n = match self.narrow.iter().position(|m| *m == narrow) {
+                Some(n) => Some(n),
+                None if self.narrow.len() < MAX_NARROW => {
+                    self.narrow.push(narrow);
+                    Some(self.narrow.len() - 1)
+                }
+                None => None,
+            };
+            if let Some(n) = n {
+                let key = CacheKey {
+                    key: key.masked(&narrow),
+                    stage,
+                    narrow: n as u8 + 1,
+                };
+                let h = self.hash(&key);
+                self.insert(key, h, generation, xlate.clone());
+            }
+        }
+        self.insert(primary, hash, generation, xlate)
+    }
+
+    /// The way holding `key` for `generation` (or revalidated for it), its
+    /// use recorded.
+    fn find(
         &mut self,
         key: &CacheKey,
         hash: u64,
         generation: u64,
         revalidate: impl FnOnce(u64, &CacheKey) -> bool,
-        miss: impl FnOnce() -> Xlate,
-    ) -> &Xlate {
+    ) -> Option<usize> {
         self.tick += 1;
         let range = self.set(hash);
         let start = range.start;
-        let tick = self.tick;
-        let found = self.ways[range]
-            .iter()
-            .position(|w| w.valid && w.hash == hash && w.key == *key);
-        if let Some(i) = found {
-            let at = self.ways[start + i].generation;
-            let holds = at == generation || revalidate(at, key);
-            let w = &mut self.ways[start + i];
-            if holds {
-                if at != generation {
-                    w.generation = generation;
-                    self.stats.revalidated += 1;
-                }
-                w.last_used = tick;
-                self.stats.hits += 1;
-            } else {
-                // Stale: its way takes the new translation.
-                self.stats.misses += 1;
-                *w = Way {
-                    valid: true,
-                    generation,
-                    last_used: tick,
-                    hash,
-                    key: *key,
-                    xlate: miss(),
-                };
+        let i = start
+            + self.ways[range]
+                .iter()
+                .position(|w| w.valid && w.hash == hash && w.key == *key)?;
+        let at = self.ways[i].generation;
+        if at != generation {
+            if !revalidate(at, key) {
+                return None;
             }
-            return &self.ways[start + i].xlate;
+            self.ways[i].generation = generation;
+            self.stats.revalidated += 1;
         }
-        self.stats.misses += 1;
-        self.insert(*key, hash, generation, miss())
+        self.ways[i].last_used = self.tick;
+        Some(i)
     }
 
     /// Stores a translation, evicting the least recently used way of a full set.
@@ -183,9 +253,14 @@ impl MicroflowCache {
         let range = self.set(hash);
         let tick = self.tick;
         let set = &mut self.ways[range];
+        // The key's own way if it is there (stale), else a free one.
         let victim = set
             .iter()
-            .position(|w| !w.valid || w.generation != generation)
+            .position(|w| w.valid && w.hash == hash && w.key == key)
+            .or_else(|| {
+                set.iter()
+                    .position(|w| !w.valid || w.generation != generation)
+            })
             .unwrap_or_else(|| {
                 self.stats.evictions += 1;
                 (0..WAYS).min_by_key(|&i| set[i].last_used).unwrap_or(0)
@@ -221,6 +296,7 @@ mod tests {
         CacheKey {
             key: k,
             stage: TableId(0),
+            narrow: 0,
         }
     }
 
@@ -270,6 +346,7 @@ mod flooding {
                 CacheKey {
                     key: k,
                     stage: TableId(0),
+                    narrow: 0,
                 }
             })
             .collect();

@@ -33,11 +33,18 @@ struct TypeMasks {
 }
 
 /// The cache masks of one table set (see the module documentation).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CacheMasks {
     by_type: SmallVec<[TypeMasks; 4]>,
     /// Packets of a `dl_type` no flow pins.
     other: MatchKey,
+    /// What every translation depends on: the metadata, dl_type, nw_proto.
+    always: MatchKey,
+    /// By table: every bit its flows compare (a lookup there depends on
+    /// nothing else).
+    tables: Box<[MatchKey]>,
+    /// By select group: what choosing its bucket and running it read.
+    groups: Vec<(u32, MatchKey)>,
     /// Every bit an action may write during a pass (and `conj_id`, which the
     /// classifier sets): a lookup after the first may see other values there
     /// than the packet had (see [`crate::table::Snapshot::revalidates`]).
@@ -106,7 +113,7 @@ fn actions_write(actions: &[Action], write: &mut impl FnMut(Field)) {
 
 /// Calls `read` with every packet field `actions` read (beyond the fields they
 /// only overwrite whole).
-fn actions_read(actions: &[Action], read: &mut impl FnMut(Field)) {
+pub(crate) fn actions_read(actions: &[Action], read: &mut impl FnMut(Field)) {
     for action in actions {
         match action {
             Action::Move { src, .. } => read(*src),
@@ -136,13 +143,16 @@ impl CacheMasks {
         flows: impl Iterator<Item = &'a FlowEntry>,
         groups: impl Iterator<Item = &'a Group>,
     ) -> CacheMasks {
-        let mut base = MatchKey::default();
-        let mut read = |field: Field| base.set(field, field.full_mask());
+        let mut always = MatchKey::default();
         for f in Field::ALL.into_iter().filter(|f| f.is_metadata()) {
-            read(f);
+            always.set(f, f.full_mask());
         }
-        read(Field::DlType);
-        read(Field::NwProto);
+        always.set(Field::DlType, Field::DlType.full_mask());
+        always.set(Field::NwProto, Field::NwProto.full_mask());
+        let mut base = always;
+        let mut read = |field: Field| base.set(field, field.full_mask());
+        let mut tables = vec![MatchKey::default(); 256].into_boxed_slice();
+        let mut group_reads = Vec::new();
         // Whether any flow of no fixed type, or any group bucket, rewrites
         // nw_proto: then no type's protocol is stable.
         let mut unstable_everywhere = false;
@@ -150,14 +160,21 @@ impl CacheMasks {
         let mut write = |field: Field| written.set(field, field.full_mask());
         write(Field::ConjId);
         for group in groups {
+            let mut reads = MatchKey::default();
+            let mut group_read = |field: Field| reads.set(field, field.full_mask());
+            // Affinity looks the client (the source) up.
+            group_read(Field::NwSrc);
             for f in group.hashed_fields() {
                 read(*f);
+                group_read(*f);
             }
             for bucket in &group.buckets {
                 actions_read(&bucket.actions, &mut read);
+                actions_read(&bucket.actions, &mut group_read);
                 actions_write(&bucket.actions, &mut write);
                 unstable_everywhere |= writes_proto(&bucket.actions);
             }
+            group_reads.push((group.id, reads));
         }
         // Masks by class: (dl_type, nw_proto) pinned, each None for "any".
         let mut any = MatchKey::default();
@@ -167,6 +184,7 @@ impl CacheMasks {
             actions_write(&entry.actions, &mut write);
             let rewrites = writes_proto(&entry.actions);
             let mask = entry.matcher.mask();
+            or(&mut tables[usize::from(entry.table.0)], mask);
             match class_of(&entry.matcher) {
                 (None, _) => {
                     or(&mut any, mask);
@@ -239,8 +257,36 @@ impl CacheMasks {
         CacheMasks {
             by_type,
             other: base,
+            always,
+            tables,
+            groups: group_reads,
             written,
         }
+    }
+
+    /// Whether `other` keys the cache as these do (every class's mask the
+    /// same): entries keyed under one can be checked under the other.
+    pub fn same_keys(&self, other: &CacheMasks) -> bool {
+        self.by_type == other.by_type && self.other == other.other
+    }
+
+    /// What every translation depends on: the metadata, dl_type, nw_proto.
+    pub fn always(&self) -> &MatchKey {
+        &self.always
+    }
+
+    /// Every bit the flows of `table` compare.
+    pub fn table(&self, table: crate::flow::TableId) -> &MatchKey {
+        &self.tables[usize::from(table.0)]
+    }
+
+    /// What choosing a bucket of select group `id` and running it read
+    /// (nothing for a group there is none of).
+    pub fn group(&self, id: u32) -> MatchKey {
+        self.groups
+            .iter()
+            .find(|(g, _)| *g == id)
+            .map_or_else(MatchKey::default, |(_, m)| *m)
     }
 
     /// The mask for `key`'s class.

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod cache_mask;
 pub mod classify;
 pub mod conntrack;
+pub mod consulted;
 mod exec;
 pub mod field;
 pub mod flow;

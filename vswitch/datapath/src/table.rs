@@ -365,7 +365,7 @@ impl Snapshot {
         let cache_masks = tables.cache_masks();
         let generation = prev.generation + 1;
         // Entries keyed under other masks cannot be checked: none holds.
-        let written = (cache_masks == prev.cache_masks).then(|| {
+        let written = cache_masks.same_keys(&prev.cache_masks).then(|| {
             let mut written = cache_masks.written;
             for (w, p) in written.0.iter_mut().zip(prev.cache_masks.written.0.iter()) {
                 *w |= p;

@@ -19,6 +19,7 @@ use crate::cache::{CacheKey, CacheStats, MicroflowCache};
 use crate::classify::FlowId;
 use crate::classify::Hit;
 use crate::conntrack::{Conntrack, CtConfig, CtRefused, Looked};
+use crate::consulted::Consulted;
 use crate::exec::{self, Execute, Translate};
 use crate::field::{FRAG_ANY, Field, MatchKey, ether_type};
 use crate::flow::{FlowEntry, TableId};
@@ -620,27 +621,26 @@ impl Observer for Sticky<'_> {
 impl Translate for Cached<'_> {
     #[inline]
     fn translate(&mut self, key: &MatchKey, stage: TableId) -> &Xlate {
-        // Keyed by what the translation can depend on (see `CacheMasks`): a
-        // new connection's packets share the entry of the connection before
-        // them.
-        let ck = CacheKey {
-            key: key.masked(self.snap.cache_masks.of(key)),
-            stage,
-        };
-        let hash = self.cache.hash(&ck);
+        // Keyed by what the translation can depend on (see `CacheMasks` and
+        // `Consulted`): a new connection's packets share the entry of the
+        // connection before them.
         let snap = self.snap;
         let (tables, generation) = (&snap.tables, snap.generation);
         let revalidate = |since, ck: &CacheKey| snap.revalidates(since, &ck.key);
-        let x = self
-            .cache
-            .get_or_insert_with(&ck, hash, generation, revalidate, || {
+        let (ct, now) = (self.ct, self.now);
+        let x = self.cache.translate(
+            key,
+            stage,
+            &snap.cache_masks,
+            generation,
+            revalidate,
+            || {
                 let mut scratch = *key;
-                let mut obs = Sticky {
-                    ct: self.ct,
-                    now: self.now,
-                };
-                xlate(tables, &mut scratch, stage, &mut obs)
-            });
+                let mut obs = Consulted::new(&snap.cache_masks, Sticky { ct, now });
+                let x = xlate(tables, &mut scratch, stage, &mut obs);
+                (x, obs.mask)
+            },
+        );
         for id in &x.hits {
             if let Some(slot) = self.shard.slots.get(id.0 as usize) {
                 bump(&slot.packets, 1);

@@ -5,6 +5,7 @@
 //! revalidated after changes is the one the new tables give; and a new
 //! connection's packets reuse the translation of the one before.
 
+use datapath::consulted::Consulted;
 use datapath::field::{Field, ether_type, ip_proto};
 use datapath::flow::{Action, FlowEntry, TableId};
 use datapath::group::{Bucket, Group, Selection};
@@ -175,10 +176,13 @@ fn tables(flows: Vec<FlowEntry>) -> FlowTables {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(1024))]
 
-    /// Keys that agree on the cache mask get the same translation: actions,
-    /// flows hit, registers after the pass and how it ended.
+    /// Keys that agree on their class's cache mask get the same
+    /// translation (actions, flows hit, registers after the pass, how it
+    /// ended); so do keys that agree on what one translation looked at
+    /// (`Consulted`) within that mask: the narrow key the cache keeps the
+    /// translation under too.
     #[test]
-    fn keys_equal_under_the_mask_translate_alike(
+    fn keys_equal_under_the_masks_translate_alike(
         flows in prop::collection::vec(arb_flow(), 0..12),
         key in any::<[u64; 14]>(),
         other in any::<[u64; 14]>(),
@@ -192,15 +196,17 @@ proptest! {
         a.set(Field::DlType, dl_type.into());
         a.set(Field::NwProto, proto.into());
         let masks = t.cache_masks();
-        let mask = *masks.of(&a);
-        let mut k1 = a;
-        // b where the mask has no bits, a where it has.
-        let mut k2 = MatchKey(std::array::from_fn(|i| (a.0[i] & mask.0[i]) | (b.0[i] & !mask.0[i])));
-        prop_assert_eq!(k1.masked(&mask), k2.masked(&mask));
-        prop_assert_eq!(masks.of(&k2), &mask, "one class");
-        let x1 = xlate(&t, &mut k1, TableId(0), &mut Silent);
-        let x2 = xlate(&t, &mut k2, TableId(0), &mut Silent);
-        prop_assert_eq!(x1, x2);
+        let class = *masks.of(&a);
+        let mut obs = Consulted::new(&masks, Silent);
+        let x1 = xlate(&t, &mut a.clone(), TableId(0), &mut obs);
+        let narrow = obs.mask.masked(&class);
+        for mask in [class, narrow] {
+            // b where the mask has no bits, a where it has.
+            let k2 = MatchKey(std::array::from_fn(|i| (a.0[i] & mask.0[i]) | (b.0[i] & !mask.0[i])));
+            prop_assert_eq!(masks.of(&k2), &class, "one class");
+            let x2 = xlate(&t, &mut k2.clone(), TableId(0), &mut Silent);
+            prop_assert_eq!(&x1, &x2);
+        }
     }
 }
 
@@ -474,6 +480,73 @@ fn first_syn(dp: &std::sync::Arc<Datapath>, flows: Vec<FlowEntry>) -> datapath::
         [PortNo(2)]
     );
     w
+}
+
+/// Where a policy compares ports, a reply is addressed to the client's new
+/// port every connection, so its key differs in a field the class's mask
+/// holds. Its translation never looked at that field (an established
+/// connection's reply skips the policy tables): the reply of every
+/// connection after the first hits the narrow entry.
+#[test]
+fn replies_to_new_client_ports_hit_the_cache() {
+    let flows: Vec<FlowEntry> = [
+        "table=0,priority=100,in_port=1,ip,actions=goto_table:20",
+        "table=0,priority=100,in_port=2,ip,actions=goto_table:20",
+        "table=20,priority=0,actions=ct(zone=1,table=30)",
+        "table=30,priority=200,ct_state=+inv+trk,actions=drop",
+        "table=30,priority=190,ct_state=+est+trk,actions=goto_table:60",
+        "table=30,priority=0,actions=goto_table:51",
+        "table=51,priority=100,tcp,nw_dst=10.0.0.2,tp_dst=80,ct_state=+new+trk,actions=ct(commit,zone=1),goto_table:60",
+        "table=51,priority=0,actions=drop",
+        "table=60,priority=100,ip,nw_dst=10.0.0.1,actions=output:1",
+        "table=60,priority=100,ip,nw_dst=10.0.0.2,actions=output:2",
+    ]
+    .iter()
+    .map(|s| parse_flow(s).unwrap())
+    .collect();
+    let dp = Datapath::new(DatapathConfig::default());
+    dp.update(Time::ZERO, |t| t.apply(flows, |_| true, Time::ZERO))
+        .unwrap();
+    let mut w = dp.worker();
+    w.begin_batch();
+    let tcp = |from: [u8; 4], sport: u16, to: [u8; 4], dport: u16, synack: bool| {
+        let mut b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(from, to, 64)
+            .tcp(sport, dport, 1, 1000)
+            .syn();
+        if synack {
+            b = b.ack(2);
+        }
+        let mut f = Vec::new();
+        b.write(&mut f, &[]).unwrap();
+        f
+    };
+    let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    let connect = |w: &mut datapath::Worker, port: u16| {
+        let mut syn = tcp(a, port, b, 80, false);
+        assert_eq!(
+            w.process(Time(1), PortNo(1), &mut syn).outputs.to_vec(),
+            [PortNo(2)]
+        );
+        let mut reply = tcp(b, 80, a, port, true);
+        assert_eq!(
+            w.process(Time(1), PortNo(2), &mut reply).outputs.to_vec(),
+            [PortNo(1)]
+        );
+    };
+    connect(&mut w, 40000);
+    let before = w.cache_stats();
+    for port in 40001..40051 {
+        connect(&mut w, port);
+    }
+    let after = w.cache_stats();
+    assert_eq!(
+        after.misses, before.misses,
+        "50 connections, no miss: {after:?}"
+    );
+    // A reply nobody asked for is still judged on its own (+inv): dropped.
+    let mut stray = tcp(b, 80, a, 50000, true);
+    assert!(w.process(Time(1), PortNo(2), &mut stray).outputs.is_empty());
 }
 
 /// A change elsewhere keeps a cached translation; a change to what decided
