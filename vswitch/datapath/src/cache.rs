@@ -156,7 +156,6 @@ impl MicroflowCache {
     /// 3. else what `miss` translates, with what it looked at: stored as the
     ///    first kind, and as the second when that was less.
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     pub fn translate(
         &mut self,
         key: &MatchKey,
