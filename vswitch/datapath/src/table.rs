@@ -69,6 +69,9 @@ pub struct FlowTables {
     groups: HashMap<u32, Arc<Group>>,
     /// What edits changed since the tables were last published.
     journal: Journal,
+    /// The generation these tables were published as (clones keep it;
+    /// fresh tables have none): the journal covers the edits since.
+    published_as: Option<u64>,
 }
 
 impl Default for FlowTables {
@@ -80,6 +83,7 @@ impl Default for FlowTables {
             by_identity: HashMap::new(),
             groups: HashMap::new(),
             journal: Journal::default(),
+            published_as: None,
         }
     }
 }
@@ -347,6 +351,7 @@ impl Snapshot {
     pub fn new(generation: u64, tables: FlowTables, published: Time) -> Snapshot {
         let mut tables = tables;
         tables.journal = Journal::default();
+        tables.published_as = Some(generation);
         Snapshot {
             generation,
             cache_masks: tables.cache_masks(),
@@ -361,9 +366,15 @@ impl Snapshot {
     /// few snapshots before) can be checked instead of dropped.
     pub fn next(prev: &Snapshot, tables: FlowTables, published: Time) -> Snapshot {
         let mut tables = tables;
-        let journal = std::mem::take(&mut tables.journal);
-        let cache_masks = tables.cache_masks();
+        let mut journal = std::mem::take(&mut tables.journal);
+        if tables.published_as != Some(prev.generation) {
+            // Not `prev`'s tables edited (fresh ones, or an older
+            // snapshot's): the journal does not say what changed.
+            journal.everything();
+        }
         let generation = prev.generation + 1;
+        tables.published_as = Some(generation);
+        let cache_masks = tables.cache_masks();
         // Entries keyed under other masks cannot be checked: none holds.
         let written = cache_masks.same_keys(&prev.cache_masks).then(|| {
             let mut written = cache_masks.written;

@@ -297,12 +297,12 @@ proptest! {
         let cached = k.masked(first.cache_masks.of(&k));
         let old = xlate(&first.tables, &mut k.clone(), TableId(0), &mut Silent);
         let mut snap = Snapshot::next(&first, first.tables.clone(), Time::ZERO);
-        let mut t = snap.tables.clone();
         for step in &steps {
+            let mut t = snap.tables.clone();
             for edit in step {
                 apply(&mut t, edit);
             }
-            snap = Snapshot::next(&snap, t.clone(), Time::ZERO);
+            snap = Snapshot::next(&snap, t, Time::ZERO);
         }
         if snap.revalidates(first.generation, &cached) {
             // Every key the entry serves: equal to k under the mask (which
@@ -424,7 +424,8 @@ fn conjunctions_revalidate_by_whether_they_can_fire() {
     ] {
         add(&mut t, flow);
     }
-    let second = Snapshot::next(&first, t.clone(), Time::ZERO);
+    let second = Snapshot::next(&first, t, Time::ZERO);
+    let mut t = second.tables.clone();
     assert!(second.revalidates(1, &cached), "a rule for another port");
     // Conjunction 3 at a higher priority, its port clause matching 80: it
     // fires once its peer clause comes, and decides the packet.
@@ -433,7 +434,8 @@ fn conjunctions_revalidate_by_whether_they_can_fire() {
         "table=0,priority=200,tcp,tp_dst=80,actions=conjunction(3,2/2)",
     );
     add(&mut t, "table=0,priority=200,conj_id=3,tcp,actions=drop");
-    let third = Snapshot::next(&second, t.clone(), Time::ZERO);
+    let third = Snapshot::next(&second, t, Time::ZERO);
+    let mut t = third.tables.clone();
     assert!(
         third.revalidates(1, &cached),
         "conjunction 3 lacks its peer clause"
@@ -547,6 +549,50 @@ fn replies_to_new_client_ports_hit_the_cache() {
     // A reply nobody asked for is still judged on its own (+inv): dropped.
     let mut stray = tcp(b, 80, a, 50000, true);
     assert!(w.process(Time(1), PortNo(2), &mut stray).outputs.is_empty());
+}
+
+/// Tables that are not the previous snapshot's, edited (fresh ones, or an
+/// older snapshot's put back), carry no journal of what changed: nothing
+/// cached is kept across them.
+#[test]
+fn tables_from_elsewhere_revalidate_nothing() {
+    let mut t = FlowTables::new();
+    for f in stateful_allow() {
+        t.add(f, Time::ZERO).unwrap();
+    }
+    let first = Snapshot::new(1, t, Time::ZERO);
+    let k = key(ether_type::IPV4, ip_proto::TCP);
+    let cached = k.masked(first.cache_masks.of(&k));
+    let same = Snapshot::next(&first, first.tables.clone(), Time::ZERO);
+    assert!(same.revalidates(1, &cached), "nothing changed");
+    let mut fresh = FlowTables::new();
+    fresh
+        .add(
+            parse_flow("table=0,priority=1,actions=drop").unwrap(),
+            Time::ZERO,
+        )
+        .unwrap();
+    let replaced = Snapshot::next(&same, fresh, Time::ZERO);
+    assert!(!replaced.revalidates(2, &cached), "fresh tables");
+    let back = Snapshot::next(&replaced, first.tables.clone(), Time::ZERO);
+    assert!(!back.revalidates(3, &cached), "an older snapshot's tables");
+    // Tables of the same shape (the same masks) with a deny added, published
+    // elsewhere (their journal emptied there), then put in place of `first`'s.
+    let mut denied = first.tables.clone();
+    denied
+        .add(
+            parse_flow("table=30,priority=150,tcp,nw_dst=10.0.0.2,tp_dst=80,ct_state=+new+trk,actions=drop")
+                .unwrap(),
+            Time::ZERO,
+        )
+        .unwrap();
+    let elsewhere = Snapshot::new(9, denied, Time::ZERO);
+    let swapped = Snapshot::next(&first, elsewhere.tables.clone(), Time::ZERO);
+    assert!(swapped.cache_masks.same_keys(&first.cache_masks));
+    assert!(
+        !swapped.revalidates(1, &cached),
+        "tables not edited from the last"
+    );
 }
 
 /// A change elsewhere keeps a cached translation; a change to what decided
