@@ -125,17 +125,10 @@ impl MicroflowCache {
     /// The cached translation of `key` for `generation`.
     #[inline]
     pub fn get(&mut self, key: &CacheKey, hash: u64, generation: u64) -> Option<&Xlate> {
-        self.tick += 1;
-        let range = self.set(hash);
-        let tick = self.tick;
-        let found = self.ways[range]
-            .iter_mut()
-            .find(|w| w.valid && w.hash == hash && w.generation == generation && w.key == *key);
-        match found {
-            Some(w) => {
-                w.last_used = tick;
+        match self.find(key, hash, generation, |_, _| false) {
+            Some(i) => {
                 self.stats.hits += 1;
-                Some(&w.xlate)
+                Some(&self.ways[i].xlate)
             }
             None => {
                 self.stats.misses += 1;

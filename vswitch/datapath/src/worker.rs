@@ -214,9 +214,9 @@ impl Datapath {
         // starts from it and becomes the next one.
         let mut draft = current.tables.clone();
         let out = edit(&mut draft)?;
-        let generation = current.generation + 1;
-        self.snapshot
-            .store(Arc::new(Snapshot::next(&current, draft, now)));
+        let next = Snapshot::next(&current, draft, now);
+        let generation = next.generation;
+        self.snapshot.store(Arc::new(next));
         self.generation
             .store(generation, std::sync::atomic::Ordering::Release);
         Ok((out, generation))
