@@ -355,6 +355,24 @@ fn conntrack_lookup_1m_warm(bencher: Bencher) {
     });
 }
 
+/// The warm lookups with the prefetch pass in front (groups of 32): the CPU
+/// cost of prefetching, with nothing left to wait for.
+#[divan::bench(sample_count = 50)]
+fn conntrack_lookup_1m_warm_prefetched(bencher: Bencher) {
+    let (ct, key_of) = conntrack_1m();
+    let probes: Vec<_> = (0..BATCH as u32)
+        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
+        .collect();
+    bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
+        for group in probes.chunks(32) {
+            ct.prefetch(group);
+            for k in group {
+                black_box(ct.lookup(Time(1), 0, k, &[]));
+            }
+        }
+    });
+}
+
 /// The same over 262,144 random connections, each batch of 1,024 a new slice:
 /// most lookups miss the CPU caches.
 #[divan::bench(sample_count = 50)]
@@ -367,6 +385,51 @@ fn conntrack_lookup_1m_cold(bencher: Bencher) {
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
         for k in &probes[at..at + BATCH] {
             black_box(ct.lookup(Time(1), 0, k, &[]));
+        }
+        at = (at + BATCH) % probes.len();
+    });
+}
+
+/// The cold lookups in groups of 32 (a burst of frames read from ports), each
+/// group prefetched before it is looked up: the group's memory loads overlap.
+#[divan::bench(sample_count = 50)]
+fn conntrack_lookup_1m_cold_prefetched(bencher: Bencher) {
+    const GROUP: usize = 32;
+    let (ct, key_of) = conntrack_1m();
+    let probes: Vec<_> = (0..262_144u32)
+        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
+        .collect();
+    let mut at = 0;
+    bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
+        for group in probes[at..at + BATCH].chunks(GROUP) {
+            ct.prefetch(group);
+            for k in group {
+                black_box(ct.lookup(Time(1), 0, k, &[]));
+            }
+        }
+        at = (at + BATCH) % probes.len();
+    });
+}
+
+/// The cold lookups software-pipelined: while one group of 32 is looked up,
+/// the next is already prefetched (the deepest overlap a stream of bursts
+/// allows).
+#[divan::bench(sample_count = 50)]
+fn conntrack_lookup_1m_cold_pipelined(bencher: Bencher) {
+    const GROUP: usize = 32;
+    let (ct, key_of) = conntrack_1m();
+    let probes: Vec<_> = (0..262_144u32)
+        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
+        .collect();
+    let mut at = 0;
+    ct.prefetch(&probes[..GROUP]);
+    bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
+        for g in (at..at + BATCH).step_by(GROUP) {
+            let next = (g + GROUP) % probes.len();
+            ct.prefetch(&probes[next..next + GROUP]);
+            for k in &probes[g..g + GROUP] {
+                black_box(ct.lookup(Time(1), 0, k, &[]));
+            }
         }
         at = (at + BATCH) % probes.len();
     });

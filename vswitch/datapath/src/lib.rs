@@ -22,6 +22,7 @@ pub mod nat;
 pub mod nd;
 pub mod ofctl;
 pub mod pipeline;
+mod prefetch;
 pub mod reason;
 pub mod reject;
 mod revalidate;

@@ -45,6 +45,9 @@ pub use state::ConnState;
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 pub const SWEEP_BUDGET: usize = 65_536;
 
+/// Packets one [`Conntrack::prefetch`] prefetches (the rest are skipped).
+pub const PREFETCH_MAX: usize = 64;
+
 /// Timeouts and limits.
 #[derive(Clone, Debug)]
 pub struct CtConfig {
@@ -79,12 +82,24 @@ impl Default for CtConfig {
 }
 
 /// The direction-free identity of a connection: endpoint `a` sorts before `b`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+/// Its hash leaves the zone out (see the `Hash` impl).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct CanonKey {
     zone: u16,
     proto: u8,
     a: ([u8; 16], u16),
     b: ([u8; 16], u16),
+}
+
+/// The zone is left out of the hash (keys equal but for it only share a
+/// bucket), so a packet's entry can be prefetched as soon as it is parsed,
+/// before the pipeline has said which zone it is tracked in.
+impl std::hash::Hash for CanonKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.proto.hash(state);
+        self.a.hash(state);
+        self.b.hash(state);
+    }
 }
 
 /// One direction's tuple of a packet.
@@ -245,7 +260,6 @@ impl std::fmt::Display for ConnInfo {
 /// Counters.
 #[derive(Debug, Default)]
 pub struct CtStats {
-    pub lookups: AtomicU64,
     pub committed: AtomicU64,
     pub full_drops: AtomicU64,
     /// New connections refused because their originator was at its limit.
@@ -419,6 +433,50 @@ impl Conntrack {
         self.trusted_error_ports.load().contains(&port)
     }
 
+    /// Starts loading the memory lookups of these packets will read, so a
+    /// burst of packets waits for memory once rather than once per packet:
+    /// first every packet's control bytes (where hashbrown's probe starts),
+    /// then, those in cache, the entry each points at (the first whose tag
+    /// matches; found without reading any entry). Any zone: the zone is not
+    /// part of the hash. Only a hint: a shard being written is skipped.
+    pub fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k FlowKey>) {
+        let shards = self.map.shards();
+        // Each shard is read-locked once for the whole burst, not per packet.
+        let mut locked = arrayvec::ArrayVec::<_, PREFETCH_MAX>::new();
+        let mut hashes = arrayvec::ArrayVec::<(usize, usize), PREFETCH_MAX>::new();
+        for key in keys.into_iter().take(PREFETCH_MAX) {
+            let Some(tuple) = Tuple::of(key) else {
+                continue;
+            };
+            let hash = self.map.hash_usize(&tuple.canon(0).0);
+            let shard = self.map.determine_shard(hash);
+            let at = match locked.iter().position(|(s, _)| *s == shard) {
+                Some(at) => at,
+                None => match shards[shard].try_read() {
+                    Some(guard) => {
+                        locked.push((shard, guard));
+                        locked.len() - 1
+                    }
+                    None => continue,
+                },
+            };
+            let table = &locked[at].1;
+            let end = table.data_end().as_ptr().cast::<u8>();
+            crate::prefetch::read(end.wrapping_add(hash & (table.buckets() - 1)));
+            hashes.push((hash, at));
+        }
+        for (hash, at) in hashes {
+            if let Some(bucket) = locked[at].1.find(hash as u64, |_| true) {
+                // Every cache line of the entry (128 bytes, not line-aligned).
+                let entry = bucket.as_ptr().cast::<u8>();
+                let size = size_of::<(CanonKey, Conn)>();
+                for at in (0..size).step_by(64).chain([size - 1]) {
+                    crate::prefetch::read(entry.wrapping_add(at));
+                }
+            }
+        }
+    }
+
     /// [`Conntrack::lookup`], also returning the connection's `ct_mark` (0 when
     /// untracked, new or invalid; an ICMP error gets its connection's).
     pub fn lookup_marked(&self, now: Time, zone: u16, key: &FlowKey, frame: &[u8]) -> (u8, u8) {
@@ -439,7 +497,6 @@ impl Conntrack {
         nat: bool,
     ) -> Looked {
         use ct_state::*;
-        self.stats.lookups.fetch_add(1, Relaxed);
         let invalid = || {
             self.stats.invalid.fetch_add(1, Relaxed);
             Looked::state(TRK | INV)
@@ -815,6 +872,32 @@ mod tests {
             .write(&mut f, &[1])
             .unwrap();
         (parse(PortNo(1), &f), f)
+    }
+
+    #[test]
+    fn prefetching_changes_no_lookup_and_skips_a_locked_shard() {
+        let ct = Conntrack::new(CtConfig::default());
+        let t0 = Time::from_secs(100);
+        let (syn, f) = tcp(A, B, 1000, 80, "S");
+        // One tuple in zone 1 only: the zone is not hashed, so both zones'
+        // keys share a bucket and must still be told apart.
+        ct.commit(t0, 1, &syn, f.len()).unwrap();
+        let (other, g) = udp(A, B, 53, 53);
+        ct.commit(t0, 0, &other, g.len()).unwrap();
+        let (ack, f2) = tcp(B, A, 80, 1000, "SA");
+        let mut fragment = udp(B, A, 9, 9).0;
+        fragment.nw_frag = crate::field::FRAG_ANY;
+        // This thread holds the write lock of `ack`'s shard: prefetching must
+        // pass it by, not wait for it.
+        let (ck, _) = Tuple::of(&ack).unwrap().canon(1);
+        let held = ct.map.get_mut(&ck).unwrap();
+        ct.prefetch([&ack, &other, &fragment, &syn]);
+        drop(held);
+        ct.prefetch([&ack, &other, &fragment]);
+        assert_eq!(ct.lookup(t0, 1, &ack, &f2), TRK | EST | RPL);
+        assert_eq!(ct.lookup(t0, 0, &ack, &f2), TRK | INV);
+        assert_eq!(ct.lookup(t0, 0, &other, &g), TRK | NEW);
+        assert_eq!(ct.lookup(t0, 0, &fragment, &[]), TRK | INV);
     }
 
     #[test]
