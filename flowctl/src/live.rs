@@ -155,11 +155,22 @@ pub fn ports_text(ports: &[PortView], color: bool) -> String {
             } else {
                 format!("{} (down)", p.ifname)
             };
+            // The packet thread reading each queue.
+            let threads = if p.queues.is_empty() {
+                "-".to_string()
+            } else {
+                p.queues
+                    .iter()
+                    .map(|q| q.lane.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
             vec![
                 p.port.to_string(),
                 who,
                 ifname,
                 ips,
+                threads,
                 p.rx_packets.to_string(),
                 p.rx_bytes.to_string(),
                 p.tx_packets.to_string(),
@@ -176,6 +187,7 @@ pub fn ports_text(ports: &[PortView], color: bool) -> String {
             "POD",
             "IFNAME",
             "IPS",
+            "THREADS",
             "RX_PKTS",
             "RX_BYTES",
             "TX_PKTS",

@@ -403,9 +403,9 @@ fn add(conf: &NetConf, raw: &[u8], env: &Env) -> Result<Value, CniError> {
     let mac = control::Mac(policy::pipeline::pod_mac(&key, &ips));
     let mac_text = mac.to_string();
     let tap = env.tap_name();
-    // A persistent device: vswitchd attaches to it by name, and it survives a
-    // vswitchd restart.
-    if let Err(e) = Tap::open(&tap, true) {
+    // A persistent multiqueue device: vswitchd attaches to it by name (as
+    // many queues as it reads with), and it survives a vswitchd restart.
+    if let Err(e) = Tap::open_queues(&tap, true, false, 1) {
         undo_ipam();
         return Err(CniError::new(
             code::IO,

@@ -60,10 +60,16 @@ pub struct Config {
     /// stops polling when the traffic stops (no CPU when idle).
     #[serde(default = "default_busy_poll_max_us")]
     pub busy_poll_max_us: u64,
-    /// Packet threads: the ports are spread over them by port number.
-    /// Default: one per core the process may run on.
+    /// Packet threads: the ports' queues are spread over them, and moved
+    /// between them by load. Default: one per core the process may run on.
     #[serde(default)]
     pub packet_threads: Option<usize>,
+    /// Queues of each pod's TAP device (`IFF_MULTI_QUEUE`): the kernel
+    /// spreads a pod's outgoing flows over them, and each may be read by
+    /// another packet thread, so one busy pod can use several. Default: one
+    /// per packet thread, at most 8; 1 makes them single-queue.
+    #[serde(default)]
+    pub tap_queues: Option<usize>,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. `127.0.0.1:9478`.
     #[serde(default)]
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -320,6 +326,19 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Packet threads, the default filled in.
+    pub fn packet_threads(&self) -> usize {
+        self.packet_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+
+    /// Queues per pod TAP device, the default filled in.
+    pub fn tap_queues(&self) -> usize {
+        self.tap_queues
+            .unwrap_or_else(|| self.packet_threads().min(8))
+    }
+
     /// (per pod, per namespace) connection limits, defaults filled in.
     pub fn conntrack_limits(&self) -> (usize, usize) {
         (
@@ -378,6 +397,12 @@ impl Config {
             return Err(invalid(format!(
                 "packet_threads = {} must be between 1 and 256",
                 c.packet_threads.unwrap_or_default()
+            )));
+        }
+        if c.tap_queues.is_some_and(|n| !(1..=64).contains(&n)) {
+            return Err(invalid(format!(
+                "tap_queues = {} must be between 1 and 64",
+                c.tap_queues.unwrap_or_default()
             )));
         }
         if c.watch_interval_ms == 0 {

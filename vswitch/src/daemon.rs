@@ -198,13 +198,18 @@ impl Daemon {
         if r.ips.is_empty() {
             return Err("a port needs at least one IP address".into());
         }
-        let tap = match &r.netns {
-            Some(ns) => Tap::open_in(Path::new(ns), &r.ifname, self.config.offload),
-            None => Tap::open_with(&r.ifname, true, self.config.offload),
+        let queues = self.config.tap_queues();
+        let taps = match &r.netns {
+            Some(ns) => Tap::open_in(Path::new(ns), &r.ifname, self.config.offload, queues),
+            None => Tap::open_queues(&r.ifname, true, self.config.offload, queues),
         }
         .map_err(|e| format!("cannot open TAP device {}: {e}", r.ifname))?;
+        let queues: Vec<Arc<dyn crate::port::Port>> = taps
+            .into_iter()
+            .map(|t| Arc::new(TapPort(t)) as Arc<dyn crate::port::Port>)
+            .collect();
         self.realiser
-            .attach(Arc::new(TapPort(tap)), pod, mac.0, r.ips.clone())
+            .attach_queues(queues, pod, mac.0, r.ips.clone())
             .map_err(|e| error_chain(&e))?;
         self.update_records(|records| {
             records.retain(|x| x.pod != r.pod);

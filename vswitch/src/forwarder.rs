@@ -24,12 +24,91 @@ use crate::sys;
 /// Frames read from one port before moving to the next.
 pub const BATCH: usize = 64;
 
-/// One I/O endpoint of a port set, and the switch port it is with its
-/// counters (`None`: it serves several, and says which on every frame).
+/// One I/O endpoint of a port set (a TAP queue, the tunnel socket), and the
+/// switch port it is with its counters (`None`: it serves several, and says
+/// which on every frame).
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub io: Arc<dyn Port>,
     pub own: Option<(PortNo, Arc<PortCounters>)>,
+    /// Which queue of its port this is (0 for a single-queue port).
+    pub queue: usize,
+    /// Who reads it and how busy it is; kept from one port set to the next.
+    pub state: Arc<EndpointState>,
+}
+
+impl Endpoint {
+    /// An endpoint with a fresh state.
+    pub fn new(io: Arc<dyn Port>, own: Option<(PortNo, Arc<PortCounters>)>) -> Endpoint {
+        Endpoint {
+            io,
+            own,
+            queue: 0,
+            state: Arc::default(),
+        }
+    }
+
+    /// The lane of `lanes` that reads it: the balancer's choice, else spread
+    /// by port number and queue (the tunnel's from the last lane down).
+    pub fn lane(&self, lanes: usize) -> usize {
+        match self.state.lane.load(Relaxed) {
+            UNASSIGNED => match &self.own {
+                Some((p, _)) => (p.0 as usize + self.queue) % lanes,
+                None => (lanes - 1 + self.queue) % lanes,
+            },
+            lane => lane % lanes,
+        }
+    }
+}
+
+/// [`EndpointState::lane`] before the balancer has moved the endpoint.
+const UNASSIGNED: usize = usize::MAX;
+
+/// An endpoint's reader and load, shared by the port sets it appears in.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// The lane the balancer put it on (`UNASSIGNED`: the default spread).
+    lane: std::sync::atomic::AtomicUsize,
+    /// Held by the packet thread reading it: its own lane, or another
+    /// reading it as a partner; never two at once, so frames stay in order.
+    reading: AtomicBool,
+    /// Work done reading it (frames, plus one per KiB), what the balancer
+    /// weighs.
+    work: AtomicU64,
+}
+
+impl Default for EndpointState {
+    fn default() -> EndpointState {
+        EndpointState {
+            lane: std::sync::atomic::AtomicUsize::new(UNASSIGNED),
+            reading: AtomicBool::new(false),
+            work: AtomicU64::new(0),
+        }
+    }
+}
+
+impl EndpointState {
+    /// Takes the right to read the endpoint (false: another thread has it).
+    fn claim(&self) -> bool {
+        !self
+            .reading
+            .swap(true, std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn release(&self) {
+        self.reading
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Work done reading it so far.
+    pub fn work(&self) -> u64 {
+        self.work.load(Relaxed)
+    }
+
+    /// The lane the balancer put it on, if it did.
+    pub fn assigned(&self) -> Option<usize> {
+        Some(self.lane.load(Relaxed)).filter(|&l| l != UNASSIGNED)
+    }
 }
 
 /// Switch port -> (endpoint index, counters): looked up per output, so a fast
@@ -50,6 +129,8 @@ impl PortSet {
     fn same(&self, other: &PortSet) -> bool {
         let same_endpoint = |a: &Endpoint, b: &Endpoint| {
             Arc::ptr_eq(&a.io, &b.io)
+                && Arc::ptr_eq(&a.state, &b.state)
+                && a.queue == b.queue
                 && match (&a.own, &b.own) {
                     (Some((p, c)), Some((q, d))) => p == q && Arc::ptr_eq(c, d),
                     (None, None) => true,
@@ -124,6 +205,8 @@ pub struct Published {
     /// Packet threads' doorbells: rung when the ports change (and on stop),
     /// so an idle packet thread sleeps without a timer.
     pub doorbells: Mutex<Vec<Arc<sys::Doorbell>>>,
+    /// Packet threads started (what endpoints are spread over).
+    pub lanes: std::sync::atomic::AtomicUsize,
 }
 
 impl Published {
@@ -133,6 +216,7 @@ impl Published {
             ports: ArcSwap::from_pointee(PortSet::default()),
             clock: Clock::new(),
             doorbells: Mutex::new(Vec::new()),
+            lanes: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
@@ -211,6 +295,10 @@ impl Polling {
 /// (it is woken by its ports and its doorbell; this is a safety net).
 const IDLE_WAIT_MS: i32 = 1000;
 
+/// How often the load of the packet threads is weighed (see
+/// [`Forwarder::rebalance`]).
+pub const REBALANCE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The epoll token of a lane's doorbell.
 const DOORBELL: u64 = u64::MAX;
 
@@ -224,6 +312,10 @@ pub struct Forwarder {
     stop: AtomicBool,
     /// Wakes the sweeper on stop.
     stopping: Stopping,
+    /// Bumped when the balancer moves endpoints: lanes register again.
+    placement: AtomicU64,
+    /// Endpoints the balancer moved, in all.
+    moves: AtomicU64,
 }
 
 /// A sleep that [`Stopping::notify`] cuts short.
@@ -261,7 +353,55 @@ impl Forwarder {
             punts: OnceLock::new(),
             stop: AtomicBool::new(false),
             stopping: Stopping::default(),
+            placement: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
         })
+    }
+
+    /// Endpoints moved between packet threads by load, since the start.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Relaxed)
+    }
+
+    /// Spreads the published endpoints over the lanes by the work they did
+    /// since `last` (work per endpoint at the previous call, updated): when
+    /// one lane carries clearly more than its share, endpoints are placed
+    /// anew (see `balance::plan`) and every lane registers again. Returns
+    /// how many endpoints moved.
+    pub fn rebalance(&self, last: &mut HashMap<usize, u64>) -> usize {
+        let lanes = self.published.lanes.load(Relaxed);
+        let ports = self.published.ports.load();
+        let key = |e: &Endpoint| Arc::as_ptr(&e.state) as usize;
+        let loads: Vec<crate::balance::Load> = ports
+            .endpoints
+            .iter()
+            .map(|e| {
+                let work = e.state.work();
+                let before = last.insert(key(e), work).unwrap_or(work);
+                crate::balance::Load {
+                    lane: e.lane(lanes),
+                    work: work.saturating_sub(before),
+                }
+            })
+            .collect();
+        last.retain(|k, _| ports.endpoints.iter().any(|e| key(e) == *k));
+        let Some(placed) = crate::balance::plan(&loads, lanes) else {
+            return 0;
+        };
+        let mut moved = 0;
+        for (e, lane) in ports.endpoints.iter().zip(placed) {
+            if e.lane(lanes) != lane {
+                moved += 1;
+            }
+            e.state.lane.store(lane, Relaxed);
+        }
+        if moved > 0 {
+            self.moves.fetch_add(moved as u64, Relaxed);
+            self.placement.fetch_add(1, Relaxed);
+            self.published.ring();
+            tracing::debug!(moved, lanes, "packet threads rebalanced by load");
+        }
+        moved
     }
 
     /// Sends copies of the frames flows send to the control plane to the
@@ -344,6 +484,7 @@ impl Forwarder {
         busy_poll: Polling,
     ) -> std::io::Result<PacketThreads> {
         let threads = threads.max(1);
+        self.published.lanes.store(threads, Relaxed);
         let mut started = Vec::with_capacity(threads + 1);
         let result = (|| {
             for i in 0..threads {
@@ -384,10 +525,17 @@ impl Forwarder {
     }
 
     /// Reclaims expired connections every `SWEEP_INTERVAL` (every second
-    /// while none are tracked), off the packet threads.
+    /// while none are tracked), off the packet threads; rebalances the
+    /// packet threads every [`REBALANCE_INTERVAL`].
     fn sweep_until_stopped(&self) {
         let ct = &self.published.dp.conntrack;
+        let mut balanced = Instant::now();
+        let mut work = HashMap::new();
         while !self.stop.load(Relaxed) {
+            if self.published.lanes.load(Relaxed) > 1 && balanced.elapsed() >= REBALANCE_INTERVAL {
+                balanced = Instant::now();
+                self.rebalance(&mut work);
+            }
             let pause = if ct.is_empty() {
                 Duration::from_secs(1)
             } else {
@@ -494,26 +642,28 @@ impl Lane {
     /// flows the worker runs can name).
     fn service(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
         let endpoint = &ports.endpoints[i];
-        let own = endpoint.own.as_ref();
-        if own.is_some_and(|(_, c)| !c.is_up() || !c.claim()) {
+        if endpoint.own.as_ref().is_some_and(|(_, c)| !c.is_up()) || !endpoint.state.claim() {
             return 0;
         }
-        let n = self.drain(ports, i, out, now);
-        if let Some((_, c)) = own {
-            c.release();
-        }
+        let (n, bytes) = self.drain(ports, i, out, now);
+        endpoint.state.release();
+        endpoint
+            .state
+            .work
+            .fetch_add((n + (bytes >> 10)) as u64, Relaxed);
         n
     }
 
-    /// [`Lane::service`] once the port is claimed.
-    fn drain(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> usize {
+    /// [`Lane::service`] once the endpoint is claimed: frames and bytes read.
+    fn drain(&mut self, ports: &PortSet, i: usize, out: &PortSet, now: Time) -> (usize, usize) {
         let endpoint = &ports.endpoints[i];
         let own = endpoint.own.as_ref();
-        let mut n = 0;
+        let (mut n, mut bytes) = (0, 0);
         while n < BATCH {
             match endpoint.io.recv(&mut self.buf) {
                 Ok(Some(rx)) => {
                     n += 1;
+                    bytes += rx.end - rx.start;
                     let (in_port, counters) = match (rx.in_port, own) {
                         (None, Some((p, c))) => (*p, &**c),
                         (Some(p), _) => match ports.get(p) {
@@ -539,7 +689,7 @@ impl Lane {
                 }
             }
         }
-        n
+        (n, bytes)
     }
 
     /// Runs one received frame through the pipeline and writes it out.
@@ -647,15 +797,11 @@ impl Lane {
             .sum()
     }
 
-    /// Whether this lane serves endpoint `e` of a port set: ports are spread
-    /// over lanes by port number, and an endpoint serving several ports (the
-    /// tunnel) is the last lane's; both stay put while other ports come and
-    /// go, so no two lanes ever read one port at once.
+    /// Whether this lane serves endpoint `e` of a port set (see
+    /// [`Endpoint::lane`]): stable while other ports come and go, moved only
+    /// by the balancer; a claim keeps two lanes from reading it at once.
     pub fn serves(&self, e: &Endpoint) -> bool {
-        match &e.own {
-            Some((p, _)) => p.0 as usize % self.lanes == self.index,
-            None => self.index == self.lanes - 1,
-        }
+        e.lane(self.lanes) == self.index
     }
 
     /// The packet thread: waits on its ports and its doorbell, services the
@@ -663,7 +809,7 @@ impl Lane {
     fn run(&mut self, polling: Polling, doorbell: &sys::Doorbell) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut ready = Vec::new();
-        let mut polled: Option<(Arc<PortSet>, sys::Epoll)> = None;
+        let mut polled: Option<(Arc<PortSet>, sys::Epoll, u64)> = None;
         let clock = self.fwd.published.clock;
         let mut last_work = Instant::now();
         // The smoothed gap between bursts of work.
@@ -671,10 +817,13 @@ impl Lane {
         let mut window = polling.window(gap);
         while !self.fwd.stop.load(Relaxed) {
             // (Re)register the ports when the set changed.
+            // (Re)register the ports when the set changed, or the balancer
+            // moved endpoints between lanes.
             let current = self.fwd.published.ports.load_full();
+            let placement = self.fwd.placement.load(Relaxed);
             if polled
                 .as_ref()
-                .is_none_or(|(p, _)| !Arc::ptr_eq(p, &current))
+                .is_none_or(|(p, _, g)| !Arc::ptr_eq(p, &current) || *g != placement)
             {
                 let Ok(epoll) = sys::Epoll::new() else {
                     std::thread::sleep(Duration::from_millis(20));
@@ -689,9 +838,9 @@ impl Lane {
                         let _ = epoll.add(fd, i as u64);
                     }
                 }
-                polled = Some((current, epoll));
+                polled = Some((current, epoll, placement));
             }
-            let Some((ports, epoll)) = &polled else {
+            let Some((ports, epoll, _)) = &polled else {
                 continue;
             };
             // Right after traffic, spin briefly instead of sleeping: the answer to
@@ -919,6 +1068,85 @@ mod tests {
         let read = first.step() + second.step();
         assert_eq!(read, 1, "exactly one lane reads it");
         assert_eq!(b.take().len(), 1);
+    }
+
+    /// A pod with two queues (a multiqueue TAP device): by default its queues
+    /// go to different lanes, frames of either are forwarded and counted on
+    /// the pod's port; when both queues are busy on one lane, the balancer
+    /// moves one to the other lane, and an idle switch is left alone.
+    #[test]
+    fn the_queues_of_a_pod_are_read_by_several_lanes_and_rebalanced_by_load() {
+        let r = Realiser::new(DatapathConfig::default());
+        let queues: Vec<Arc<MemoryPort>> =
+            (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
+        let a = r
+            .attach_queues(
+                queues.iter().map(|q| q.clone() as Arc<dyn Port>).collect(),
+                ObjectKey::new("t", "a"),
+                A_MAC,
+                vec!["10.0.0.1".parse().unwrap()],
+            )
+            .unwrap();
+        let b = Arc::new(MemoryPort::new(false));
+        r.attach(
+            b.clone(),
+            ObjectKey::new("t", "b"),
+            B_MAC,
+            vec!["10.0.0.2".parse().unwrap()],
+        )
+        .unwrap();
+        let f = Forwarder::new(r.published().clone());
+        f.published.lanes.store(2, Relaxed);
+        let mut lanes = [f.lane_of(0, 2), f.lane_of(1, 2)];
+        let ports = f.published.ports.load_full();
+        let of_a: Vec<&Endpoint> = ports
+            .endpoints
+            .iter()
+            .filter(|e| e.own.as_ref().is_some_and(|(p, _)| *p == a))
+            .collect();
+        assert_eq!(of_a.len(), 2);
+        assert_ne!(
+            of_a[0].lane(2),
+            of_a[1].lane(2),
+            "queues start on different lanes"
+        );
+        let run = |lanes: &mut [Lane; 2]| {
+            while lanes.iter_mut().map(Lane::step).sum::<usize>() > 0 {}
+            b.take().len()
+        };
+        queues[1].push(syn(80));
+        assert_eq!(run(&mut lanes), 1, "a frame of the second queue crosses");
+        let port_a = r.port_of(&ObjectKey::new("t", "a")).unwrap();
+        assert_eq!(port_a.counters.rx_packets.load(Relaxed), 1);
+        assert_eq!(port_a.queues.len(), 2);
+
+        // Both queues on lane 0, both busy.
+        for e in &of_a {
+            e.state.lane.store(0, Relaxed);
+        }
+        let mut last = HashMap::new();
+        assert_eq!(f.rebalance(&mut last), 0, "nothing measured yet");
+        let placement = f.placement.load(Relaxed);
+        for q in &queues {
+            for i in 0..3_000 {
+                q.push(syn(1000 + i));
+            }
+        }
+        assert_eq!(run(&mut lanes), 6_000);
+        assert_eq!(f.rebalance(&mut last), 1, "one queue moves");
+        assert_ne!(of_a[0].lane(2), of_a[1].lane(2));
+        assert_eq!(f.moves(), 1);
+        assert!(
+            f.placement.load(Relaxed) > placement,
+            "lanes register again"
+        );
+        // Read after the move, every frame still crosses once.
+        for q in &queues {
+            q.push(syn(80));
+        }
+        assert_eq!(run(&mut lanes), 2);
+        // No traffic since: nothing moves.
+        assert_eq!(f.rebalance(&mut last), 0);
     }
 
     /// A policy published while a lane is in the middle of a batch applies

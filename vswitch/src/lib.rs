@@ -11,6 +11,7 @@
 //! `sys` (the kernel calls, the crate's only `unsafe`).
 
 pub mod audit;
+pub mod balance;
 pub mod cni;
 pub mod config;
 pub mod daemon;

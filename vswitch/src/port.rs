@@ -195,10 +195,6 @@ pub struct PortCounters {
     /// False once reading the port failed: its device is gone (a pod that
     /// deleted its interface); it is no longer polled.
     up: AtomicBool,
-    /// Held by the packet thread reading the port: its own lane, or another
-    /// waiting for an answer to what it just wrote there. One reader at a
-    /// time keeps a port's frames in order.
-    reading: AtomicBool,
 }
 
 impl Default for PortCounters {
@@ -211,7 +207,6 @@ impl Default for PortCounters {
             pipeline_drops: Default::default(),
             port_drops: Default::default(),
             up: AtomicBool::new(true),
-            reading: AtomicBool::new(false),
         }
     }
 }
@@ -265,18 +260,6 @@ impl PortCounters {
 
     pub(crate) fn set_down(&self) {
         self.up.store(false, Relaxed);
-    }
-
-    /// Takes the right to read the port (false: another thread has it).
-    pub(crate) fn claim(&self) -> bool {
-        !self
-            .reading
-            .swap(true, std::sync::atomic::Ordering::Acquire)
-    }
-
-    pub(crate) fn release(&self) {
-        self.reading
-            .store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

@@ -348,6 +348,14 @@ impl Daemon {
                         .into_iter()
                         .map(|(k, v)| (k.to_string(), v))
                         .collect::<BTreeMap<_, _>>(),
+                    queues: p
+                        .queues
+                        .iter()
+                        .map(|q| control::view::QueueView {
+                            lane: q.lane,
+                            work: q.work,
+                        })
+                        .collect(),
                 };
                 match p.role {
                     PortRole::Pod(key) => {

@@ -1,8 +1,9 @@
 //! TAP devices: the switch holds each pod's TAP file descriptor.
 //!
 //! Owns creating, attaching to and deleting TAP devices (whole Ethernet frames, no
-//! packet-information header, offloads off so the kernel never hands us GSO
-//! super-frames). Reads and writes are non-blocking.
+//! packet-information header, offloads off unless asked for), single- or
+//! multiqueue (`IFF_MULTI_QUEUE`: one fd per queue, the device's frames
+//! spread over them by flow). Reads and writes are non-blocking.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -33,8 +34,56 @@ impl Tap {
     /// to 64 KiB with checksums left to the receiver (TSO and checksum offload).
     /// The header must then be passed on unchanged to a port with offload too.
     pub fn open_with(name: &str, persist: bool, offload: bool) -> io::Result<Tap> {
+        Tap::open_flags(name, persist, offload, 0)
+    }
+
+    /// Opens `queues` queues of the multiqueue TAP device `name` (creating it
+    /// when it does not exist): each queue is an fd of its own, and the
+    /// kernel spreads the frames the device sends over them by flow, so
+    /// several packet threads can read one pod. A device made single-queue
+    /// (by an older CNI plugin) is opened single-queue: one fd.
+    ///
+    /// Fails as [`Tap::open_with`] does, or when `queues` is 0.
+    pub fn open_queues(
+        name: &str,
+        persist: bool,
+        offload: bool,
+        queues: usize,
+    ) -> io::Result<Vec<Tap>> {
+        if queues == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a TAP device needs at least one queue",
+            ));
+        }
+        let first = match Tap::open_flags(name, persist, offload, sys::IFF_MULTI_QUEUE) {
+            Ok(tap) => tap,
+            // The device exists without IFF_MULTI_QUEUE.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Ok(vec![Tap::open_with(name, persist, offload)?]);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut taps = vec![first];
+        for _ in 1..queues {
+            taps.push(Tap::open_flags(
+                name,
+                persist,
+                offload,
+                sys::IFF_MULTI_QUEUE,
+            )?);
+        }
+        Ok(taps)
+    }
+
+    fn open_flags(
+        name: &str,
+        persist: bool,
+        offload: bool,
+        extra: libc::c_short,
+    ) -> io::Result<Tap> {
         let fd = sys::open_tun()?;
-        let mut flags = sys::IFF_TAP | sys::IFF_NO_PI;
+        let mut flags = sys::IFF_TAP | sys::IFF_NO_PI | extra;
         if offload {
             flags |= sys::IFF_VNET_HDR;
         }
@@ -64,21 +113,33 @@ impl Tap {
     /// Deletes a persistent TAP device (attaches and clears persistence; the device
     /// goes away with the fd). Succeeds when the device does not exist.
     pub fn delete(name: &str) -> io::Result<()> {
-        let fd = sys::open_tun()?;
-        match sys::tunsetiff(fd.as_fd(), name, sys::IFF_TAP | sys::IFF_NO_PI) {
-            Ok(_) => sys::tunsetpersist(fd.as_fd(), false),
-            Err(e) => Err(e),
+        let attach = |flags| {
+            let fd = sys::open_tun()?;
+            sys::tunsetiff(fd.as_fd(), name, flags)?;
+            sys::tunsetpersist(fd.as_fd(), false)
+        };
+        let single = sys::IFF_TAP | sys::IFF_NO_PI;
+        match attach(single | sys::IFF_MULTI_QUEUE) {
+            // Made single-queue.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => attach(single),
+            other => other,
         }
     }
 
-    /// Attaches to the existing TAP device `name` inside the network namespace
-    /// `netns` (a path such as `/var/run/netns/NAME`): device names are looked up
-    /// in the caller's namespace, so this runs on a thread that joins `netns`. The
-    /// returned fd works from any thread.
+    /// Attaches to `queues` queues (see [`Tap::open_queues`]) of the existing TAP
+    /// device `name` inside the network namespace `netns` (a path such as
+    /// `/var/run/netns/NAME`): device names are looked up in the caller's
+    /// namespace, so this runs on a thread that joins `netns`. The returned fds
+    /// work from any thread.
     ///
     /// Fails when the namespace cannot be entered or has no device `name` (it is
     /// never created there).
-    pub fn open_in(netns: &std::path::Path, name: &str, offload: bool) -> io::Result<Tap> {
+    pub fn open_in(
+        netns: &std::path::Path,
+        name: &str,
+        offload: bool,
+        queues: usize,
+    ) -> io::Result<Vec<Tap>> {
         let netns = netns.to_path_buf();
         let name = name.to_string();
         std::thread::spawn(move || {
@@ -90,7 +151,7 @@ impl Tap {
                     format!("no device {name} in {}", netns.display()),
                 ));
             }
-            Tap::open_with(&name, true, offload)
+            Tap::open_queues(&name, true, offload, queues)
         })
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?

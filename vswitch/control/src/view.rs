@@ -54,6 +54,20 @@ pub struct PortView {
     pub tx_bytes: u64,
     /// Frames dropped on this port, by reason (zeros included).
     pub drops: BTreeMap<String, u64>,
+    /// Its queues (a multiqueue TAP device has several): the packet thread
+    /// reading each, and the work it caused (none listed for a tunnel port).
+    #[serde(default)]
+    pub queues: Vec<QueueView>,
+}
+
+/// One queue of a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueView {
+    /// The packet thread reading it (0-based).
+    pub lane: usize,
+    /// Frames read from it, plus one per KiB: the load the packet threads
+    /// are balanced by.
+    pub work: u64,
 }
 
 fn yes() -> bool {

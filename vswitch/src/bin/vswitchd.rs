@@ -112,9 +112,7 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
             tracing::info!("serving the web view on http://{address}/ (read only)");
         }
     }
-    let threads = daemon.config.packet_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let threads = daemon.config.packet_threads();
     let busy_poll = vswitch::forwarder::Polling {
         min: Duration::from_micros(daemon.config.busy_poll_us),
         max: Duration::from_micros(daemon.config.busy_poll_max_us),

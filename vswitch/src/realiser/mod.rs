@@ -48,6 +48,8 @@ pub enum Error {
     AlreadyAttached(ObjectKey),
     #[error("pod {0} is not attached")]
     NotAttached(ObjectKey),
+    #[error("pod {0} was given no queue to attach")]
+    NoQueues(ObjectKey),
     #[error("no free port number: {0} pods are attached")]
     NoFreePort(usize),
     #[error("failed to install flows")]
@@ -97,6 +99,17 @@ pub struct PortInfo {
     pub no: PortNo,
     pub role: PortRole,
     pub counters: Arc<PortCounters>,
+    /// Its queues' packet threads and work done reading them (none for a
+    /// tunnel port: the tunnel socket carries them all).
+    pub queues: Vec<QueueInfo>,
+}
+
+/// One queue of a port: the packet thread reading it, and the work it
+/// caused (frames read, plus one per KiB: what the balancer weighs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub lane: usize,
+    pub work: u64,
 }
 
 /// The control plane of one switch.
@@ -165,6 +178,7 @@ impl Realiser {
                 isolate_unknown: false,
                 unresolved: Vec::new(),
                 tunnel: None,
+                tunnel_state: Default::default(),
                 peers: Vec::new(),
                 ct_limits: (usize::MAX, usize::MAX),
                 owners: HashMap::new(),
@@ -539,6 +553,10 @@ impl Realiser {
     /// Every port: pods (attached and isolated), the gateway, tunnels.
     pub fn ports(&self) -> Vec<PortInfo> {
         let st = self.state();
+        let lanes = self
+            .published
+            .lanes
+            .load(std::sync::atomic::Ordering::Relaxed);
         let locals = st.locals.iter().map(|l| {
             let pod = st
                 .topology
@@ -547,10 +565,20 @@ impl Realiser {
                 .chain(&st.unresolved)
                 .find(|x| x.port == l.no)
                 .map(|x| x.pod.clone());
+            let queues = (0..l.queues.len())
+                .map(|q| {
+                    let e = l.endpoint(q);
+                    QueueInfo {
+                        lane: e.lane(lanes),
+                        work: e.state.work(),
+                    }
+                })
+                .collect();
             PortInfo {
                 no: l.no,
                 role: pod.map_or(PortRole::Gateway, PortRole::Pod),
                 counters: l.counters.clone(),
+                queues,
             }
         });
         let tunnels = st.peers.iter().map(|p| PortInfo {
@@ -561,6 +589,7 @@ impl Realiser {
                 pod_cidrs: p.pod_cidrs.clone(),
             },
             counters: p.counters.clone(),
+            queues: Vec::new(),
         });
         locals.chain(tunnels).collect()
     }
@@ -669,6 +698,24 @@ impl Realiser {
         mac: [u8; 6],
         ips: Vec<IpAddr>,
     ) -> Result<PortNo, Error> {
+        self.attach_queues(vec![io], pod, mac, ips)
+    }
+
+    /// [`Realiser::attach`] for a port of several queues (a multiqueue TAP
+    /// device): each is read, by whichever packet thread the balancer gives
+    /// it; frames to the pod are written to the first.
+    ///
+    /// Fails as `attach` does, or when `queues` is empty.
+    pub fn attach_queues(
+        &self,
+        queues: Vec<Arc<dyn Port>>,
+        pod: ObjectKey,
+        mac: [u8; 6],
+        ips: Vec<IpAddr>,
+    ) -> Result<PortNo, Error> {
+        if queues.is_empty() {
+            return Err(Error::NoQueues(pod));
+        }
         let mut st = self.state();
         if st
             .topology
@@ -683,11 +730,7 @@ impl Realiser {
         // The address may have been someone else's a moment ago: nothing
         // tracked with its last owner may reach this pod.
         self.forget_connections(&ips);
-        st.locals.push(Local {
-            no: port,
-            io,
-            counters: Arc::default(),
-        });
+        st.locals.push(Local::new(port, queues));
         let pod_port = PodPort {
             port,
             pod: pod.clone(),
@@ -775,11 +818,7 @@ impl Realiser {
     ) -> Result<PortNo, Error> {
         let mut st = self.state();
         st.locals.retain(|p| p.no != GATEWAY_PORT);
-        st.locals.push(Local {
-            no: GATEWAY_PORT,
-            io,
-            counters: Arc::default(),
-        });
+        st.locals.push(Local::new(GATEWAY_PORT, vec![io]));
         st.topology.gateway = Some(Gateway {
             port: GATEWAY_PORT,
             mac,
@@ -825,11 +864,7 @@ mod tests {
         let mut st = r.state();
         let io: Arc<dyn Port> = Arc::new(MemoryPort::new(false));
         st.locals = (FIRST_POD_PORT..FIRST_TUNNEL_PORT)
-            .map(|n| Local {
-                no: PortNo(n),
-                io: io.clone(),
-                counters: Arc::default(),
-            })
+            .map(|n| Local::new(PortNo(n), vec![io.clone()]))
             .collect();
         assert!(matches!(st.free_port(), Err(Error::NoFreePort(_))));
         st.locals.remove(100);

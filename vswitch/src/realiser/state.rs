@@ -18,7 +18,7 @@ use policy::pipeline::{PodPort, Topology, TunnelPeer};
 use policy::staging::{self, Shadow};
 
 use super::{Error, FIRST_POD_PORT, FIRST_TUNNEL_PORT, GATEWAY_PORT, Realisation};
-use crate::forwarder::{Endpoint as IoEndpoint, PortSet};
+use crate::forwarder::{Endpoint as IoEndpoint, EndpointState, PortSet};
 use crate::port::{Port, PortCounters};
 use crate::tunnel::{TunnelIo, VxlanPort};
 
@@ -26,8 +26,30 @@ use crate::tunnel::{TunnelIo, VxlanPort};
 #[derive(Debug, Clone)]
 pub(super) struct Local {
     pub(super) no: PortNo,
-    pub(super) io: Arc<dyn Port>,
+    /// Its queues (at least one): every one is read, the first is written.
+    pub(super) queues: Vec<(Arc<dyn Port>, Arc<EndpointState>)>,
     pub(super) counters: Arc<PortCounters>,
+}
+
+impl Local {
+    pub(super) fn new(no: PortNo, queues: Vec<Arc<dyn Port>>) -> Local {
+        Local {
+            no,
+            queues: queues.into_iter().map(|q| (q, Arc::default())).collect(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Queue `queue` as the forwarder reads it.
+    pub(super) fn endpoint(&self, queue: usize) -> IoEndpoint {
+        let (io, state) = &self.queues[queue];
+        IoEndpoint {
+            io: io.clone(),
+            own: Some((self.no, self.counters.clone())),
+            queue,
+            state: state.clone(),
+        }
+    }
 }
 
 /// A tunnel port: another node.
@@ -67,6 +89,8 @@ pub(super) struct State {
     /// Pods attached but not yet known to the cluster model (isolated).
     pub(super) unresolved: Vec<PodPort>,
     pub(super) tunnel: Option<Arc<TunnelIo>>,
+    /// The tunnel socket's reader and load (see `EndpointState`).
+    pub(super) tunnel_state: Arc<EndpointState>,
     /// Tunnel ports, one per other node with pods, kept across republication.
     pub(super) peers: Vec<Peer>,
     /// Connections a pod, and a namespace, may have open at once.
@@ -259,10 +283,9 @@ impl State {
         for l in &self.locals {
             set.ports
                 .insert(l.no, (set.endpoints.len(), l.counters.clone()));
-            set.endpoints.push(IoEndpoint {
-                io: l.io.clone(),
-                own: Some((l.no, l.counters.clone())),
-            });
+            for queue in 0..l.queues.len() {
+                set.endpoints.push(l.endpoint(queue));
+            }
         }
         if let Some(tunnel) = &self.tunnel {
             let i = set.endpoints.len();
@@ -272,6 +295,8 @@ impl State {
                     self.peers.iter().map(|p| (p.no, p.addr)),
                 )),
                 own: None,
+                queue: 0,
+                state: self.tunnel_state.clone(),
             });
             for p in &self.peers {
                 set.ports.insert(p.no, (i, p.counters.clone()));
