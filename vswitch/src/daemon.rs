@@ -122,10 +122,12 @@ impl Daemon {
             let local = t
                 .local_address
                 .ok_or_else(|| anyhow::anyhow!("tunnel.local_address is not set"))?;
-            let socket = std::net::UdpSocket::bind((local, t.port)).map_err(|e| {
+            // A socket per packet thread (at most 8), each read by its own.
+            let sockets = config.packet_threads().min(8);
+            let tunnel = TunnelIo::open(local, t.port, t.vni, sockets).map_err(|e| {
                 anyhow::anyhow!("cannot bind the tunnel to {local}:{}: {e}", t.port)
             })?;
-            realiser.set_tunnel(TunnelIo::new(socket, t.vni, t.port)?)?;
+            realiser.set_tunnel(tunnel)?;
         }
         let forwarder = Forwarder::new(realiser.published().clone());
         let daemon = Arc::new(Daemon {

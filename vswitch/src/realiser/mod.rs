@@ -178,7 +178,7 @@ impl Realiser {
                 isolate_unknown: false,
                 unresolved: Vec::new(),
                 tunnel: None,
-                tunnel_state: Default::default(),
+                tunnel_states: Vec::new(),
                 peers: Vec::new(),
                 ct_limits: (usize::MAX, usize::MAX),
                 owners: HashMap::new(),
@@ -791,6 +791,7 @@ impl Realiser {
     /// Fails when flows cannot be installed.
     pub fn set_tunnel(&self, tunnel: TunnelIo) -> Result<(), Error> {
         let mut st = self.state();
+        st.tunnel_states = (0..tunnel.sockets()).map(|_| Arc::default()).collect();
         st.tunnel = Some(Arc::new(tunnel));
         self.publish(&mut st)?;
         Ok(())

@@ -89,8 +89,9 @@ pub(super) struct State {
     /// Pods attached but not yet known to the cluster model (isolated).
     pub(super) unresolved: Vec<PodPort>,
     pub(super) tunnel: Option<Arc<TunnelIo>>,
-    /// The tunnel socket's reader and load (see `EndpointState`).
-    pub(super) tunnel_state: Arc<EndpointState>,
+    /// The tunnel sockets' readers and loads (see `EndpointState`), one per
+    /// socket.
+    pub(super) tunnel_states: Vec<Arc<EndpointState>>,
     /// Tunnel ports, one per other node with pods, kept across republication.
     pub(super) peers: Vec<Peer>,
     /// Connections a pod, and a namespace, may have open at once.
@@ -289,15 +290,18 @@ impl State {
         }
         if let Some(tunnel) = &self.tunnel {
             let i = set.endpoints.len();
-            set.endpoints.push(IoEndpoint {
-                io: Arc::new(VxlanPort::new(
-                    tunnel.clone(),
-                    self.peers.iter().map(|p| (p.no, p.addr)),
-                )),
-                own: None,
-                queue: 0,
-                state: self.tunnel_state.clone(),
-            });
+            for (queue, state) in self.tunnel_states.iter().enumerate() {
+                set.endpoints.push(IoEndpoint {
+                    io: Arc::new(VxlanPort::new(
+                        tunnel.clone(),
+                        queue,
+                        self.peers.iter().map(|p| (p.no, p.addr)),
+                    )),
+                    own: None,
+                    queue,
+                    state: state.clone(),
+                });
+            }
             for p in &self.peers {
                 set.ports.insert(p.no, (i, p.counters.clone()));
             }
