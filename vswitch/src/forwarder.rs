@@ -18,98 +18,12 @@ use arc_swap::ArcSwap;
 use datapath::{Datapath, FlowKey, PortNo, Time, Worker};
 use smallvec::SmallVec;
 
-use crate::port::{BUFFER, HEADROOM, Port, PortCounters, PortDrop, Sent, Tx};
+pub use crate::endpoint::{Endpoint, EndpointState};
+use crate::port::{BUFFER, HEADROOM, PortCounters, PortDrop, Sent, Tx};
 use crate::sys;
 
 /// Frames read from one port before moving to the next.
 pub const BATCH: usize = 64;
-
-/// One I/O endpoint of a port set (a TAP queue, the tunnel socket), and the
-/// switch port it is with its counters (`None`: it serves several, and says
-/// which on every frame).
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub io: Arc<dyn Port>,
-    pub own: Option<(PortNo, Arc<PortCounters>)>,
-    /// Which queue of its port this is (0 for a single-queue port).
-    pub queue: usize,
-    /// Who reads it and how busy it is; kept from one port set to the next.
-    pub state: Arc<EndpointState>,
-}
-
-impl Endpoint {
-    /// An endpoint with a fresh state.
-    pub fn new(io: Arc<dyn Port>, own: Option<(PortNo, Arc<PortCounters>)>) -> Endpoint {
-        Endpoint {
-            io,
-            own,
-            queue: 0,
-            state: Arc::default(),
-        }
-    }
-
-    /// The lane of `lanes` that reads it: the balancer's choice, else spread
-    /// by port number and queue (the tunnel's from the last lane down).
-    pub fn lane(&self, lanes: usize) -> usize {
-        match self.state.lane.load(Relaxed) {
-            UNASSIGNED => match &self.own {
-                Some((p, _)) => (p.0 as usize + self.queue) % lanes,
-                None => (lanes - 1 + self.queue) % lanes,
-            },
-            lane => lane % lanes,
-        }
-    }
-}
-
-/// [`EndpointState::lane`] before the balancer has moved the endpoint.
-const UNASSIGNED: usize = usize::MAX;
-
-/// An endpoint's reader and load, shared by the port sets it appears in.
-#[derive(Debug)]
-pub struct EndpointState {
-    /// The lane the balancer put it on (`UNASSIGNED`: the default spread).
-    lane: std::sync::atomic::AtomicUsize,
-    /// Held by the packet thread reading it: its own lane, or another
-    /// reading it as a partner; never two at once, so frames stay in order.
-    reading: AtomicBool,
-    /// Work done reading it (frames, plus one per KiB), what the balancer
-    /// weighs.
-    work: AtomicU64,
-}
-
-impl Default for EndpointState {
-    fn default() -> EndpointState {
-        EndpointState {
-            lane: std::sync::atomic::AtomicUsize::new(UNASSIGNED),
-            reading: AtomicBool::new(false),
-            work: AtomicU64::new(0),
-        }
-    }
-}
-
-impl EndpointState {
-    /// Takes the right to read the endpoint (false: another thread has it).
-    fn claim(&self) -> bool {
-        !self
-            .reading
-            .swap(true, std::sync::atomic::Ordering::Acquire)
-    }
-
-    fn release(&self) {
-        self.reading
-            .store(false, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Work done reading it so far.
-    pub fn work(&self) -> u64 {
-        self.work.load(Relaxed)
-    }
-
-    /// The lane the balancer put it on, if it did.
-    pub fn assigned(&self) -> Option<usize> {
-        Some(self.lane.load(Relaxed)).filter(|&l| l != UNASSIGNED)
-    }
-}
 
 /// Switch port -> (endpoint index, counters): looked up per output, so a fast
 /// hash (port numbers are ours, not an attacker's).
@@ -393,7 +307,7 @@ impl Forwarder {
             if e.lane(lanes) != lane {
                 moved += 1;
             }
-            e.state.lane.store(lane, Relaxed);
+            e.state.place(lane);
         }
         if moved > 0 {
             self.moves.fetch_add(moved as u64, Relaxed);
@@ -647,10 +561,7 @@ impl Lane {
         }
         let (n, bytes) = self.drain(ports, i, out, now);
         endpoint.state.release();
-        endpoint
-            .state
-            .work
-            .fetch_add((n + (bytes >> 10)) as u64, Relaxed);
+        endpoint.state.add_work(n, bytes);
         n
     }
 
@@ -1081,7 +992,10 @@ mod tests {
             (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
         let a = r
             .attach_queues(
-                queues.iter().map(|q| q.clone() as Arc<dyn Port>).collect(),
+                queues
+                    .iter()
+                    .map(|q| q.clone() as Arc<dyn crate::port::Port>)
+                    .collect(),
                 ObjectKey::new("t", "a"),
                 A_MAC,
                 vec!["10.0.0.1".parse().unwrap()],
@@ -1122,7 +1036,7 @@ mod tests {
 
         // Both queues on lane 0, both busy.
         for e in &of_a {
-            e.state.lane.store(0, Relaxed);
+            e.state.place(0);
         }
         let mut last = HashMap::new();
         assert_eq!(f.rebalance(&mut last), 0, "nothing measured yet");

@@ -16,6 +16,7 @@ pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod endpoint;
 pub mod forwarder;
 pub mod gateway;
 pub mod kubernetes;

@@ -340,14 +340,19 @@ fn conntrack_1m() -> (Conntrack, impl Fn(u32) -> datapath::FlowKey) {
     (ct, key_of)
 }
 
+/// `n` keys of the million connections, in a scattered order.
+fn random_probes(key_of: &impl Fn(u32) -> datapath::FlowKey, n: usize) -> Vec<datapath::FlowKey> {
+    (0..n as u32)
+        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
+        .collect()
+}
+
 /// Lookup of existing connections among 1,000,000 entries: 1,024 random ones,
 /// revisited (their entries stay in the CPU caches).
 #[divan::bench(sample_count = 50)]
 fn conntrack_lookup_1m_warm(bencher: Bencher) {
     let (ct, key_of) = conntrack_1m();
-    let probes: Vec<_> = (0..BATCH as u32)
-        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
-        .collect();
+    let probes = random_probes(&key_of, BATCH);
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
         for k in &probes {
             black_box(ct.lookup(Time(1), 0, k, &[]));
@@ -360,9 +365,7 @@ fn conntrack_lookup_1m_warm(bencher: Bencher) {
 #[divan::bench(sample_count = 50)]
 fn conntrack_lookup_1m_warm_prefetched(bencher: Bencher) {
     let (ct, key_of) = conntrack_1m();
-    let probes: Vec<_> = (0..BATCH as u32)
-        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
-        .collect();
+    let probes = random_probes(&key_of, BATCH);
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
         for group in probes.chunks(32) {
             ct.prefetch(group);
@@ -378,9 +381,7 @@ fn conntrack_lookup_1m_warm_prefetched(bencher: Bencher) {
 #[divan::bench(sample_count = 50)]
 fn conntrack_lookup_1m_cold(bencher: Bencher) {
     let (ct, key_of) = conntrack_1m();
-    let probes: Vec<_> = (0..262_144u32)
-        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
-        .collect();
+    let probes = random_probes(&key_of, 262_144);
     let mut at = 0;
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
         for k in &probes[at..at + BATCH] {
@@ -396,9 +397,7 @@ fn conntrack_lookup_1m_cold(bencher: Bencher) {
 fn conntrack_lookup_1m_cold_prefetched(bencher: Bencher) {
     const GROUP: usize = 32;
     let (ct, key_of) = conntrack_1m();
-    let probes: Vec<_> = (0..262_144u32)
-        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
-        .collect();
+    let probes = random_probes(&key_of, 262_144);
     let mut at = 0;
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
         for group in probes[at..at + BATCH].chunks(GROUP) {
@@ -418,9 +417,7 @@ fn conntrack_lookup_1m_cold_prefetched(bencher: Bencher) {
 fn conntrack_lookup_1m_cold_pipelined(bencher: Bencher) {
     const GROUP: usize = 32;
     let (ct, key_of) = conntrack_1m();
-    let probes: Vec<_> = (0..262_144u32)
-        .map(|i| key_of(i.wrapping_mul(2_654_435_761) % 1_000_000))
-        .collect();
+    let probes = random_probes(&key_of, 262_144);
     let mut at = 0;
     ct.prefetch(&probes[..GROUP]);
     bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
