@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+# ICMP and ICMPv6 echo through the switch (IPv6 and end-to-end tests).
+command -v ping >/dev/null 2>&1 || need_pkgs+=(iputils-ping)
 # host-local, the IPAM plugin vswitch-cni delegates to (end-to-end tests).
 [ -x /usr/lib/cni/host-local ] || [ -x /opt/cni/bin/host-local ] || need_pkgs+=(containernetworking-plugins)
 # The web view's test drives a real headless browser.
