@@ -9,32 +9,30 @@ use crate::time::Time;
 impl Conntrack {
     /// Live connections, optionally of one zone.
     pub fn dump(&self, now: Time, zone: Option<u16>) -> Vec<ConnInfo> {
-        let mut out: Vec<ConnInfo> = self
-            .map
-            .iter()
-            .filter(|e| e.value().expires > now && zone.is_none_or(|z| z == e.key().zone))
-            .map(|e| {
-                let (k, c) = (e.key(), e.value());
-                let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
-                ConnInfo {
-                    zone: k.zone,
-                    orig: Tuple {
-                        proto: k.proto,
-                        src: o.0,
-                        sport: o.1,
-                        dst: r.0,
-                        dport: r.1,
-                    },
-                    state: c.state,
-                    expires_in: c.expires.since(now),
-                    age: now.since(c.created),
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    owner: c.charge.as_ref().map(|ch| ch.0.name.clone()),
-                    nat: c.nat.as_ref().map(|n| n.xlat),
-                }
-            })
-            .collect();
+        let mut out: Vec<ConnInfo> = Vec::new();
+        self.map.for_each(|k, c| {
+            if c.expires <= now || zone.is_some_and(|z| z != k.zone) {
+                return;
+            }
+            let (o, r) = if c.orig_is_a { (k.a, k.b) } else { (k.b, k.a) };
+            out.push(ConnInfo {
+                zone: k.zone,
+                orig: Tuple {
+                    proto: k.proto,
+                    src: o.0,
+                    sport: o.1,
+                    dst: r.0,
+                    dport: r.1,
+                },
+                state: c.state,
+                expires_in: c.expires.since(now),
+                age: now.since(c.created),
+                packets: c.packets,
+                bytes: c.bytes,
+                owner: c.charge.as_ref().map(|ch| ch.0.name.clone()),
+                nat: c.nat.as_ref().map(|n| n.xlat),
+            });
+        });
         out.sort_by(|a, b| {
             (a.zone, a.orig.src, a.orig.sport).cmp(&(b.zone, b.orig.src, b.orig.sport))
         });

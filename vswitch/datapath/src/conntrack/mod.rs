@@ -17,8 +17,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use dashmap::DashMap;
-
 use crate::field::{FRAG_ANY, ct_state, ip_proto, tcp_flags};
 use crate::key::{FlowKey, PortNo, wide_to_ip};
 use crate::time::Time;
@@ -26,6 +24,7 @@ use crate::time::Time;
 mod affinity;
 mod bulk;
 mod icmp;
+mod map;
 mod nat;
 mod owner;
 mod saved;
@@ -82,7 +81,7 @@ impl Default for CtConfig {
 }
 
 /// The direction-free identity of a connection: endpoint `a` sorts before `b`.
-/// Its hash leaves the zone out (see the `Hash` impl).
+/// Its hash leaves the zone out (see `ConnMap::hash`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct CanonKey {
     zone: u16,
@@ -91,14 +90,22 @@ struct CanonKey {
     b: ([u8; 16], u16),
 }
 
-/// The zone is left out of the hash (keys equal but for it only share a
-/// bucket), so a packet's entry can be prefetched as soon as it is parsed,
-/// before the pipeline has said which zone it is tracked in.
 impl std::hash::Hash for CanonKey {
+    /// Five whole words (no length prefixes), the zone left out.
+    #[inline(always)]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.proto.hash(state);
-        self.a.hash(state);
-        self.b.hash(state);
+        let word = |b: &[u8; 16], half: usize| {
+            let mut w = [0; 8];
+            w.copy_from_slice(&b[half * 8..half * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        state.write_u64(word(&self.a.0, 0));
+        state.write_u64(word(&self.a.0, 1));
+        state.write_u64(word(&self.b.0, 0));
+        state.write_u64(word(&self.b.0, 1));
+        state.write_u64(
+            u64::from(self.proto) << 32 | u64::from(self.a.1) << 16 | u64::from(self.b.1),
+        );
     }
 }
 
@@ -114,6 +121,7 @@ pub struct Tuple {
 
 impl Tuple {
     /// The tuple of a packet, `None` when conntrack cannot follow it.
+    #[inline]
     fn of(key: &FlowKey) -> Option<Tuple> {
         if !key.is_ip() || !key.flags.is_clean() || key.nw_frag & FRAG_ANY != 0 {
             return None;
@@ -145,6 +153,7 @@ impl Tuple {
     }
 
     /// Canonical key and whether this tuple is the `a -> b` direction.
+    #[inline]
     fn canon(self, zone: u16) -> (CanonKey, bool) {
         let s = (self.src, self.sport);
         let d = (self.dst, self.dport);
@@ -162,29 +171,34 @@ impl Tuple {
     }
 }
 
+/// A connection's state. Laid out by hand (`repr(C)`): with the key in
+/// front of it (see `map`), the first cache line of a slot holds all a probe
+/// reads (the key, and the state whose spare values mark an empty slot) and
+/// the deadline; the counters a packet updates share the second.
 #[derive(Debug)]
+#[repr(C)]
 struct Conn {
+    state: ConnState,
     /// Whether the originator is endpoint `a` of the canonical key.
     orig_is_a: bool,
-    state: ConnState,
-    fin_seen: [bool; 2],
     replied: bool,
+    fin_seen: [bool; 2],
+    /// `ct_mark`, set on commit.
+    mark: u8,
     expires: Time,
+    /// Set on the entry under a translated connection's other key: the key
+    /// of the connection itself (all other fields unused).
+    alias_of: Option<Box<CanonKey>>,
+    /// A translated connection: its ends before and after, and the key its
+    /// translated ends are found under.
+    nat: Option<Box<NatConn>>,
     /// The earliest deadline under which the key sits in the expiry wheel.
     queued: Time,
     created: Time,
     packets: [u64; 2],
     bytes: [u64; 2],
-    /// `ct_mark`, set on commit.
-    mark: u8,
     /// Who it is charged to, when its originator has an owner.
     charge: Option<Charge>,
-    /// A translated connection: its ends before and after, and the key its
-    /// translated ends are found under.
-    nat: Option<Box<NatConn>>,
-    /// Set on the entry under a translated connection's other key: the key
-    /// of the connection itself (all other fields unused).
-    alias_of: Option<Box<CanonKey>>,
 }
 
 impl Conn {
@@ -293,7 +307,7 @@ pub enum CtRefused {
 #[derive(Debug)]
 pub struct Conntrack {
     config: CtConfig,
-    map: DashMap<CanonKey, Conn, foldhash::fast::RandomState>,
+    map: map::ConnMap,
     len: AtomicUsize,
     /// Deadline (whole seconds, rounded up) -> keys that may expire then.
     /// Only the sweep takes it: packet threads schedule into `scheduled`.
@@ -322,7 +336,7 @@ const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 impl Conntrack {
     pub fn new(config: CtConfig) -> Conntrack {
         Conntrack {
-            map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
+            map: map::ConnMap::new(),
             config,
             len: AtomicUsize::new(0),
             wheel: Mutex::new(BTreeMap::new()),
@@ -433,46 +447,14 @@ impl Conntrack {
         self.trusted_error_ports.load().contains(&port)
     }
 
-    /// Starts loading the memory lookups of these packets will read, so a
-    /// burst of packets waits for memory once rather than once per packet:
-    /// first every packet's control bytes (where hashbrown's probe starts),
-    /// then, those in cache, the entry each points at (the first whose tag
-    /// matches; found without reading any entry). Any zone: the zone is not
-    /// part of the hash. Only a hint: a shard being written is skipped.
+    /// Starts loading the memory lookups of these packets will read (the
+    /// slot each one's connection lives in), so a burst of packets waits for
+    /// memory once rather than once per packet. Any zone: the zone is not
+    /// part of the hash. Only a hint: it takes no lock and changes nothing.
     pub fn prefetch<'k>(&self, keys: impl IntoIterator<Item = &'k FlowKey>) {
-        let shards = self.map.shards();
-        // Each shard is read-locked once for the whole burst, not per packet.
-        let mut locked = arrayvec::ArrayVec::<_, PREFETCH_MAX>::new();
-        let mut hashes = arrayvec::ArrayVec::<(usize, usize), PREFETCH_MAX>::new();
         for key in keys.into_iter().take(PREFETCH_MAX) {
-            let Some(tuple) = Tuple::of(key) else {
-                continue;
-            };
-            let hash = self.map.hash_usize(&tuple.canon(0).0);
-            let shard = self.map.determine_shard(hash);
-            let at = match locked.iter().position(|(s, _)| *s == shard) {
-                Some(at) => at,
-                None => match shards[shard].try_read() {
-                    Some(guard) => {
-                        locked.push((shard, guard));
-                        locked.len() - 1
-                    }
-                    None => continue,
-                },
-            };
-            let table = &locked[at].1;
-            let end = table.data_end().as_ptr().cast::<u8>();
-            crate::prefetch::read(end.wrapping_add(hash & (table.buckets() - 1)));
-            hashes.push((hash, at));
-        }
-        for (hash, at) in hashes {
-            if let Some(bucket) = locked[at].1.find(hash as u64, |_| true) {
-                // Every cache line of the entry (128 bytes, not line-aligned).
-                let entry = bucket.as_ptr().cast::<u8>();
-                let size = size_of::<(CanonKey, Conn)>();
-                for at in (0..size).step_by(64).chain([size - 1]) {
-                    crate::prefetch::read(entry.wrapping_add(at));
-                }
+            if let Some(tuple) = Tuple::of(key) {
+                self.map.prefetch(self.map.hash(&tuple.canon(0).0));
             }
         }
     }
@@ -725,8 +707,8 @@ impl Conntrack {
             alias_of: None,
         };
         let replaced = match self.map.entry(ck) {
-            dashmap::Entry::Occupied(mut e) => {
-                if let Some(primary) = e.get().alias_of.as_deref().copied() {
+            map::Entry::Occupied(mut e) => {
+                if let Some(primary) = e.alias_of.as_deref().copied() {
                     // These ends are a translated connection's: theirs while
                     // it lives (its lookups answer for them).
                     drop(e);
@@ -736,21 +718,21 @@ impl Conntrack {
                     self.map.remove(&ck);
                     return self.commit_inner(now, zone, key, len, mark, nat);
                 }
-                if e.get().expires > now {
+                if e.expires > now {
                     if let Some(m) = mark {
-                        e.get_mut().mark = m;
+                        e.mark = m;
                     }
                     return Ok(false);
                 }
                 // The dead entry's charge is given back as it is replaced.
                 let charge = self.charge(key)?;
-                let dead = std::mem::replace(e.get_mut(), fresh(charge));
+                let dead = std::mem::replace(&mut *e, fresh(charge));
                 drop(e);
                 self.schedule(ck, now + timeout);
                 self.stats.committed.fetch_add(1, Relaxed);
                 Some(dead)
             }
-            dashmap::Entry::Vacant(v) => {
+            map::Entry::Vacant(v) => {
                 if self.len.load(Relaxed) >= self.config.max_entries {
                     self.stats.full_drops.fetch_add(1, Relaxed);
                     return Err(CtRefused::Full(self.config.max_entries));
@@ -796,14 +778,14 @@ impl Conntrack {
         }
         let mut removed = 0;
         for key in due {
-            if let dashmap::Entry::Occupied(mut e) = self.map.entry(key) {
-                if e.get().expires <= now {
+            if let map::Entry::Occupied(mut e) = self.map.entry(key) {
+                if e.expires <= now {
                     let gone = e.remove();
                     self.unlink(&key, &gone);
                     removed += 1;
                 } else {
-                    let at = e.get().expires;
-                    e.get_mut().queued = at;
+                    let at = e.expires;
+                    e.queued = at;
                     self.schedule(key, at);
                 }
             }
@@ -875,7 +857,7 @@ mod tests {
     }
 
     #[test]
-    fn prefetching_changes_no_lookup_and_skips_a_locked_shard() {
+    fn prefetching_takes_no_lock_and_changes_no_lookup() {
         let ct = Conntrack::new(CtConfig::default());
         let t0 = Time::from_secs(100);
         let (syn, f) = tcp(A, B, 1000, 80, "S");
@@ -888,7 +870,7 @@ mod tests {
         let mut fragment = udp(B, A, 9, 9).0;
         fragment.nw_frag = crate::field::FRAG_ANY;
         // This thread holds the write lock of `ack`'s shard: prefetching must
-        // pass it by, not wait for it.
+        // not wait for it (it takes no lock at all).
         let (ck, _) = Tuple::of(&ack).unwrap().canon(1);
         let held = ct.map.get_mut(&ck).unwrap();
         ct.prefetch([&ack, &other, &fragment, &syn]);

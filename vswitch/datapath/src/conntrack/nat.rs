@@ -160,10 +160,7 @@ impl Conn {
 
 impl Conntrack {
     /// The connection under `ck`, following an alias; and whether it did.
-    pub(super) fn resolve(
-        &self,
-        ck: &CanonKey,
-    ) -> Option<(dashmap::mapref::one::Ref<'_, CanonKey, Conn>, bool)> {
+    pub(super) fn resolve(&self, ck: &CanonKey) -> Option<(super::map::Ref<'_>, bool)> {
         let found = self.map.get(ck)?;
         match found.alias_of.as_deref().copied() {
             None => Some((found, false)),

@@ -34,28 +34,28 @@ pub struct SavedConn {
 impl Conntrack {
     /// Every live connection, for saving across a restart.
     pub fn export(&self, now: Time) -> Vec<SavedConn> {
-        self.map
-            .iter()
-            .filter(|e| e.value().expires > now)
-            .map(|e| {
-                let (k, c) = (e.key(), e.value());
-                SavedConn {
-                    zone: k.zone,
-                    proto: k.proto,
-                    a: k.a,
-                    b: k.b,
-                    orig_is_a: c.orig_is_a,
-                    state: c.state,
-                    fin_seen: c.fin_seen,
-                    replied: c.replied,
-                    expires_in_ms: (c.expires.0 - now.0) / 1_000_000,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    mark: c.mark,
-                    nat: c.nat.as_ref().map(|n| n.xlat),
-                }
-            })
-            .collect()
+        let mut saved = Vec::new();
+        self.map.for_each(|k, c| {
+            if c.expires <= now {
+                return;
+            }
+            saved.push(SavedConn {
+                zone: k.zone,
+                proto: k.proto,
+                a: k.a,
+                b: k.b,
+                orig_is_a: c.orig_is_a,
+                state: c.state,
+                fin_seen: c.fin_seen,
+                replied: c.replied,
+                expires_in_ms: (c.expires.0 - now.0) / 1_000_000,
+                packets: c.packets,
+                bytes: c.bytes,
+                mark: c.mark,
+                nat: c.nat.as_ref().map(|n| n.xlat),
+            });
+        });
+        saved
     }
 
     /// Restores saved connections (up to `max_entries`; those already present
@@ -100,7 +100,7 @@ impl Conntrack {
             {
                 continue;
             }
-            if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
+            if let super::map::Entry::Vacant(v) = self.map.entry(key) {
                 v.insert(Conn {
                     orig_is_a: s.orig_is_a,
                     state: s.state,
