@@ -35,6 +35,16 @@ struct Slot {
 
 // Two whole cache lines per slot, and `None` costs nothing (a niche of `Conn`).
 const _: () = assert!(size_of::<Option<Slot>>() == 128);
+// What a probe reads (the key, the state, the deadline, the alias link) is in
+// the first line.
+const _: () = {
+    use std::mem::offset_of;
+    let conn = offset_of!(Slot, conn);
+    assert!(offset_of!(Slot, key) + size_of::<CanonKey>() <= conn);
+    assert!(conn + offset_of!(Conn, state) < 64);
+    assert!(conn + offset_of!(Conn, expires) + size_of::<crate::time::Time>() <= 64);
+    assert!(conn + offset_of!(Conn, alias_of) + 8 <= 64);
+};
 
 #[derive(Debug)]
 struct Shard {
@@ -384,28 +394,31 @@ impl ConnMap {
     }
 
     /// Keeps the entries `keep` says to (it may change them), shard by shard;
-    /// a shard left under an eighth full shrinks.
+    /// a shard left under an eighth full shrinks. Entries go one by one
+    /// after the scan (each closing its gap), so a policy change that cuts a
+    /// few connections out of a million costs a scan, not a rebuild.
     pub(super) fn retain(&self, mut keep: impl FnMut(&CanonKey, &mut Conn) -> bool) {
+        let mut gone = Vec::new();
         for cell in self.cells.iter() {
             let mut shard = write(cell);
-            let before = shard.len;
-            for s in shard.slots.iter_mut() {
-                if let Some(Slot { key, conn }) = s
-                    && !keep(key, conn)
-                {
-                    *s = None;
+            gone.clear();
+            for Slot { key, conn } in shard.slots.iter_mut().flatten() {
+                if !keep(key, conn) {
+                    gone.push(*key);
                 }
             }
-            let len = shard.slots.iter().filter(|s| s.is_some()).count();
-            if len != before {
-                // Holes in probe runs: every entry goes back to its place.
-                let n = if len * 8 < shard.slots.len() {
-                    Shard::slots_for(len)
-                } else {
-                    shard.slots.len()
-                };
-                shard.rebuild(&self.hasher, n);
-                cell.publish(&shard);
+            for key in &gone {
+                let hash = self.hash(key);
+                if let Ok(at) = shard.find(hash, key) {
+                    shard.take(&self.hasher, at);
+                }
+            }
+            if !gone.is_empty() && shard.len * 8 < shard.slots.len() {
+                let n = Shard::slots_for(shard.len).min(shard.slots.len());
+                if n < shard.slots.len() {
+                    shard.rebuild(&self.hasher, n);
+                    cell.publish(&shard);
+                }
             }
         }
     }
