@@ -432,6 +432,57 @@ fn conntrack_lookup_1m_cold_pipelined(bencher: Bencher) {
     });
 }
 
+/// The life of 1,024 short connections among ~10,000 others: the first
+/// packet looked up (new) and committed, the reply looked up, and every
+/// iteration 100 ms later than the last with the sweep reclaiming what has
+/// expired (1 s timeouts), so the table stays the same size. What a
+/// connection-per-request workload costs conntrack, per connection.
+#[divan::bench(sample_count = 50)]
+fn conntrack_connection_lifecycle(bencher: Bencher) {
+    const POOL: u32 = 262_144;
+    let s = std::time::Duration::from_secs;
+    let ct = Conntrack::new(CtConfig {
+        max_entries: 1_000_000,
+        udp_first: s(1),
+        udp_replied: s(1),
+        ..CtConfig::default()
+    });
+    let (client, server) = ([10, 1, 0, 0], [10, 200, 0, 1]);
+    let ends = |i: u32| {
+        let mut c = client;
+        c[2] = (i >> 16) as u8;
+        c[3] = (i >> 8) as u8;
+        (c, (i % 256) as u16 + 1024)
+    };
+    let request: Vec<_> = (0..POOL)
+        .map(|i| {
+            let (c, port) = ends(i);
+            let f = udp_frame(c, server, port, 53);
+            (parse(PortNo(1), &f), f.len())
+        })
+        .collect();
+    let reply: Vec<_> = (0..POOL)
+        .map(|i| {
+            let (c, port) = ends(i);
+            parse(PortNo(2), &udp_frame(server, c, 53, port))
+        })
+        .collect();
+    let mut now = Time::from_secs(1);
+    let mut at = 0;
+    bencher.counter(ItemsCount::new(BATCH)).bench_local(|| {
+        for i in at..at + BATCH {
+            let (k, len) = &request[i];
+            black_box(ct.lookup(now, 0, k, &[]));
+            ct.commit(now, 0, k, *len).unwrap();
+            black_box(ct.lookup(now, 0, &reply[i], &[]));
+        }
+        now = now + std::time::Duration::from_millis(100);
+        ct.sweep(now, usize::MAX);
+        at = (at + BATCH) % POOL as usize;
+    });
+    assert!(ct.len() < 20 * BATCH, "{} live connections", ct.len());
+}
+
 /// Inserting 10,000 distinct flows (10 masks) into an empty table set, then
 /// removing them.
 #[divan::bench(sample_count = 20)]
