@@ -25,7 +25,7 @@ const SHARDS: usize = 1 << SHARD_BITS;
 /// Slots of an empty shard.
 const MIN_SLOTS: usize = 16;
 
-/// A key and its connection, on a cache line of their own.
+/// A key and its connection: two cache lines, starting on a line boundary.
 #[repr(C, align(64))]
 #[derive(Debug)]
 struct Slot {
@@ -138,7 +138,7 @@ impl Shard {
 
     /// Puts an entry into the first empty slot of its run (the key must not
     /// be present).
-    fn place(&mut self, hash: u64, slot: Slot) -> usize {
+    fn place(&mut self, hash: u64, slot: Slot) {
         let mask = self.mask();
         let mut at = hash as usize & mask;
         while self.slots[at].is_some() {
@@ -146,7 +146,6 @@ impl Shard {
         }
         self.slots[at] = Some(slot);
         self.len += 1;
-        at
     }
 
     /// Moves every entry into `n` fresh slots.
@@ -215,7 +214,6 @@ pub(super) enum Entry<'a> {
 pub(super) struct Vacant<'a> {
     map: &'a ConnMap,
     shard: RwLockWriteGuard<'a, Shard>,
-    cell: &'a Cell,
     hash: u64,
     key: CanonKey,
 }
@@ -266,7 +264,7 @@ impl Vacant<'_> {
         if (self.shard.len + 1) * 2 > self.shard.slots.len() {
             let n = self.shard.slots.len() * 2;
             self.shard.rebuild(&self.map.hasher, n);
-            self.cell.publish(&self.shard);
+            self.map.cell(self.hash).publish(&self.shard);
         }
         self.shard.place(
             self.hash,
@@ -342,8 +340,7 @@ impl ConnMap {
     #[inline]
     pub(super) fn entry(&self, key: CanonKey) -> Entry<'_> {
         let hash = self.hash(&key);
-        let cell = self.cell(hash);
-        let shard = write(cell);
+        let shard = write(self.cell(hash));
         match shard.find(hash, &key) {
             Ok(at) => Entry::Occupied(RefMut {
                 map: self,
@@ -353,7 +350,6 @@ impl ConnMap {
             Err(_) => Entry::Vacant(Vacant {
                 map: self,
                 shard,
-                cell,
                 hash,
                 key,
             }),

@@ -173,8 +173,8 @@ impl Tuple {
 
 /// A connection's state. Laid out by hand (`repr(C)`): with the key in
 /// front of it (see `map`), the first cache line of a slot holds all a probe
-/// reads (the key, and the state whose spare values mark an empty slot) and
-/// the deadline; the counters a packet updates share the second.
+/// reads (the key, and the state and flags, whose spare values mark an empty
+/// slot) and the deadline; the counters a packet updates share the second.
 #[derive(Debug)]
 #[repr(C)]
 struct Conn {
