@@ -22,6 +22,7 @@ pub mod gateway;
 pub mod kubernetes;
 pub mod manifests;
 pub mod metrics;
+pub mod polling;
 pub mod port;
 pub mod realiser;
 pub mod recent;
