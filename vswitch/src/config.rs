@@ -70,6 +70,14 @@ pub struct Config {
     /// per packet thread, at most 8; 1 makes them single-queue.
     #[serde(default)]
     pub tap_queues: Option<usize>,
+    /// The nice value of the packet threads (-20 to 19). Below the pods'
+    /// processes (0) by default, so a pod woken by a frame it was just handed
+    /// does not preempt the thread forwarding the rest of the burst, and a
+    /// pod that burns CPU cannot starve the switch every other pod goes
+    /// through. Lowering it below the process's own needs CAP_SYS_NICE;
+    /// without it the threads keep the process's value (logged).
+    #[serde(default = "default_packet_thread_nice")]
+    pub packet_thread_nice: i32,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. `127.0.0.1:9478`.
     #[serde(default)]
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -219,6 +227,10 @@ fn default_busy_poll_us() -> u64 {
 
 fn default_busy_poll_max_us() -> u64 {
     5000
+}
+
+fn default_packet_thread_nice() -> i32 {
+    -10
 }
 
 fn default_offload() -> bool {
@@ -399,6 +411,12 @@ impl Config {
                 c.packet_threads.unwrap_or_default()
             )));
         }
+        if !(-20..=19).contains(&c.packet_thread_nice) {
+            return Err(invalid(format!(
+                "packet_thread_nice = {} must be between -20 and 19",
+                c.packet_thread_nice
+            )));
+        }
         if c.tap_queues.is_some_and(|n| !(1..=64).contains(&n)) {
             return Err(invalid(format!(
                 "tap_queues = {} must be between 1 and 64",
@@ -531,6 +549,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("1-15 bytes"));
+    }
+
+    #[test]
+    fn packet_threads_run_below_the_pods_nice_value_by_default() {
+        let c = |extra: &str| Config::parse(&format!("manifests = \"/m\"\n{extra}"), "t.toml");
+        assert_eq!(c("").unwrap().packet_thread_nice, -10);
+        assert_eq!(c("packet_thread_nice = 0").unwrap().packet_thread_nice, 0);
+        for bad in ["packet_thread_nice = -21", "packet_thread_nice = 20"] {
+            let e = c(bad).unwrap_err();
+            let chain = format!("{e}: {e:?}");
+            assert!(
+                chain.contains("packet_thread_nice") && chain.contains("between -20 and 19"),
+                "{chain}"
+            );
+        }
     }
 }
 

@@ -362,7 +362,8 @@ impl Forwarder {
     /// spread over them, and the conntrack sweeper. After forwarding, a packet
     /// thread keeps polling its ports without sleeping for a while (see
     /// [`Polling`]: lower latency for CPU that was idle anyway); idle, it
-    /// sleeps until a port or its doorbell wakes it.
+    /// sleeps until a port or its doorbell wakes it. Packet threads run at
+    /// nice value `nice` (see [`set_nice`]); the sweeper keeps the process's.
     ///
     /// Fails when a thread cannot be started (those started are stopped).
     pub fn spawn(
@@ -370,6 +371,7 @@ impl Forwarder {
         name: &str,
         threads: usize,
         busy_poll: Polling,
+        nice: i32,
     ) -> std::io::Result<PacketThreads> {
         let threads = threads.max(1);
         self.published.lanes.store(threads, Relaxed);
@@ -388,11 +390,10 @@ impl Forwarder {
                 } else {
                     format!("{name}-{i}")
                 };
-                started.push(
-                    std::thread::Builder::new()
-                        .name(thread)
-                        .spawn(move || lane.run(busy_poll, &doorbell))?,
-                );
+                started.push(std::thread::Builder::new().name(thread).spawn(move || {
+                    set_nice(nice);
+                    lane.run(busy_poll, &doorbell)
+                })?);
             }
             let fwd = self.clone();
             started.push(
@@ -459,6 +460,18 @@ impl Forwarder {
 }
 
 /// Writes `tx` to every port of `outputs`, counting what each port did with it.
+/// Gives the calling packet thread nice value `nice`. Below the pods' own
+/// (0), a pod woken by the frame just written to it waits for the thread to
+/// finish its burst instead of preempting it at every frame (two task
+/// switches per frame on a small node), and a pod that burns CPU cannot
+/// starve the threads every other pod's traffic goes through. Without the
+/// privilege to lower it, the thread keeps the process's value.
+fn set_nice(nice: i32) {
+    if let Err(e) = sys::set_thread_nice(nice) {
+        tracing::warn!("packet thread: cannot set nice value {nice} ({e}); keeping the process's");
+    }
+}
+
 fn send_all(ports: &PortSet, outputs: &[PortNo], tx: &mut Tx<'_>) {
     let len = tx.end - tx.start;
     for &out in outputs {
@@ -953,6 +966,52 @@ mod tests {
         let read = first.step() + second.step();
         assert_eq!(read, 1, "exactly one lane reads it");
         assert_eq!(b.take().len(), 1);
+    }
+
+    /// The nice values of this process's threads named `name`.
+    fn nice_of_threads(name: &str) -> Vec<i32> {
+        let mut found = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim_end() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+            // Fields after the name: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            found.push(rest.split_whitespace().nth(16).unwrap().parse().unwrap());
+        }
+        found
+    }
+
+    /// Packet threads run at the configured nice value (below the pods' own
+    /// when privileged, as vswitchd is); the sweeper keeps the process's.
+    #[test]
+    fn packet_threads_run_at_their_nice_value() {
+        use std::os::unix::fs::MetadataExt;
+        let privileged = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+        let nice = if privileged { -5 } else { 7 };
+        let (_, f, _, _) = two_pods(false);
+        let threads = f.spawn("nicelane", 2, Polling::default(), nice).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // A thread names itself (and sets its nice value) once it runs.
+        let look = || {
+            let lanes = (nice_of_threads("nicelane"), nice_of_threads("nicelane-1"));
+            (lanes, nice_of_threads("conntrack"))
+        };
+        let (mut seen, mut sweeper) = look();
+        while (seen != (vec![nice], vec![nice]) || sweeper.is_empty()) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            (seen, sweeper) = look();
+        }
+        f.stop();
+        threads.join();
+        assert_eq!(seen, (vec![nice], vec![nice]), "both packet threads");
+        assert!(
+            !sweeper.is_empty() && !sweeper.contains(&nice),
+            "the sweeper: {sweeper:?}"
+        );
     }
 
     /// A pod with two queues (a multiqueue TAP device): by default its queues

@@ -79,6 +79,14 @@ pub fn tunsetiff(fd: BorrowedFd<'_>, name: &str, flags: libc::c_short) -> io::Re
     Ok(String::from_utf8_lossy(&req.name[..len]).into_owned())
 }
 
+/// Sets the calling thread's nice value (on Linux each thread has its own).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: gettid takes nothing and only returns the caller's thread id.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority takes plain integers; no memory is passed.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) }).map(drop)
+}
+
 /// TUNSETPERSIST: whether the device outlives its last fd.
 pub fn tunsetpersist(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.

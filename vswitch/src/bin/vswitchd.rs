@@ -117,7 +117,12 @@ fn run(config_path: PathBuf) -> anyhow::Result<()> {
         min: Duration::from_micros(daemon.config.busy_poll_us),
         max: Duration::from_micros(daemon.config.busy_poll_max_us),
     };
-    let packets = forwarder.spawn("packets", threads, busy_poll)?;
+    let packets = forwarder.spawn(
+        "packets",
+        threads,
+        busy_poll,
+        daemon.config.packet_thread_nice,
+    )?;
     tracing::info!(threads = packets.len(), "packet threads started");
     daemon.serve()?;
     {

@@ -552,7 +552,7 @@ impl Running {
         let switch = vswitch::Realiser::new(config);
         let forwarder = vswitch::Forwarder::new(switch.published().clone());
         // Two packet threads: the tests cross ports served by different ones.
-        let thread = Some(forwarder.spawn(name, 2, Default::default()).unwrap());
+        let thread = Some(forwarder.spawn(name, 2, Default::default(), 0).unwrap());
         Running {
             switch,
             forwarder,
