@@ -72,9 +72,8 @@ pub struct Config {
     pub tap_queues: Option<usize>,
     /// The nice value of the packet threads (-20 to 19). Below the pods'
     /// processes (0) by default, so a pod woken by a frame it was just handed
-    /// does not preempt the thread forwarding the rest of the burst, and a
-    /// pod that burns CPU cannot starve the switch every other pod goes
-    /// through. Lowering it below the process's own needs CAP_SYS_NICE;
+    /// does not preempt the thread forwarding the rest of the burst.
+    /// Lowering it below the process's own needs CAP_SYS_NICE;
     /// without it the threads keep the process's value (logged).
     #[serde(default = "default_packet_thread_nice")]
     pub packet_thread_nice: i32,

@@ -459,19 +459,18 @@ impl Forwarder {
     }
 }
 
-/// Writes `tx` to every port of `outputs`, counting what each port did with it.
 /// Gives the calling packet thread nice value `nice`. Below the pods' own
 /// (0), a pod woken by the frame just written to it waits for the thread to
 /// finish its burst instead of preempting it at every frame (two task
-/// switches per frame on a small node), and a pod that burns CPU cannot
-/// starve the threads every other pod's traffic goes through. Without the
-/// privilege to lower it, the thread keeps the process's value.
+/// switches per frame on a small node). Without the privilege to lower it,
+/// the thread keeps the process's value.
 fn set_nice(nice: i32) {
     if let Err(e) = sys::set_thread_nice(nice) {
         tracing::warn!("packet thread: cannot set nice value {nice} ({e}); keeping the process's");
     }
 }
 
+/// Writes `tx` to every port of `outputs`, counting what each port did with it.
 fn send_all(ports: &PortSet, outputs: &[PortNo], tx: &mut Tx<'_>) {
     let len = tx.end - tx.start;
     for &out in outputs {
