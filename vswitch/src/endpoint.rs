@@ -3,8 +3,9 @@
 //! Owns an endpoint's identity in a port set (its I/O, the switch port it
 //! is, its queue) and the state kept across port sets: the lane that reads
 //! it, the claim that keeps a second reader out, and the work read from it
-//! that the balancer weighs.
+//! that the balancer weighs; and the port set packet threads read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
@@ -107,5 +108,60 @@ impl EndpointState {
     /// The lane the balancer put it on, if it did.
     pub fn assigned(&self) -> Option<usize> {
         Some(self.lane.load(Relaxed)).filter(|&l| l != UNASSIGNED)
+    }
+}
+
+/// Switch port -> (endpoint index, counters): looked up per output, so a fast
+/// hash (port numbers are ours, not an attacker's).
+pub type PortMap = HashMap<PortNo, (usize, Arc<PortCounters>), foldhash::fast::FixedState>;
+
+/// The ports as published: what packet threads read and write. Immutable;
+/// the realiser publishes a new one, before the flows that name its ports.
+#[derive(Debug, Default)]
+pub struct PortSet {
+    pub endpoints: Vec<Endpoint>,
+    pub ports: PortMap,
+}
+
+impl PortSet {
+    /// The same endpoints, ports and counters (nothing for packet threads
+    /// to register again).
+    pub(crate) fn same(&self, other: &PortSet) -> bool {
+        let same_endpoint = |a: &Endpoint, b: &Endpoint| {
+            Arc::ptr_eq(&a.io, &b.io)
+                && Arc::ptr_eq(&a.state, &b.state)
+                && a.queue == b.queue
+                && match (&a.own, &b.own) {
+                    (Some((p, c)), Some((q, d))) => p == q && Arc::ptr_eq(c, d),
+                    (None, None) => true,
+                    _ => false,
+                }
+        };
+        self.endpoints.len() == other.endpoints.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(&other.endpoints)
+                .all(|(a, b)| same_endpoint(a, b))
+            && self.ports.len() == other.ports.len()
+            && self.ports.iter().all(|(p, (i, c))| {
+                other
+                    .ports
+                    .get(p)
+                    .is_some_and(|(j, d)| i == j && Arc::ptr_eq(c, d))
+            })
+    }
+
+    /// The endpoints of a pod's or the gateway's port `p` (one per queue,
+    /// next to each other); none for a tunnel peer or an unknown port.
+    pub(crate) fn queues(&self, p: PortNo) -> impl Iterator<Item = usize> + '_ {
+        let first = self.ports.get(&p).map_or(self.endpoints.len(), |(i, _)| *i);
+        (first..self.endpoints.len())
+            .take_while(move |&i| self.endpoints[i].own.as_ref().is_some_and(|(q, _)| *q == p))
+    }
+
+    pub(crate) fn get(&self, p: PortNo) -> Option<(&Endpoint, &PortCounters)> {
+        let (i, c) = self.ports.get(&p)?;
+        Some((&self.endpoints[*i], c))
     }
 }

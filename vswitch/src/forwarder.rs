@@ -18,60 +18,13 @@ use arc_swap::ArcSwap;
 use datapath::{Datapath, FlowKey, PortNo, Time, Worker};
 use smallvec::SmallVec;
 
-pub use crate::endpoint::{Endpoint, EndpointState};
+pub use crate::endpoint::{Endpoint, EndpointState, PortMap, PortSet};
 pub use crate::polling::Polling;
 use crate::port::{BUFFER, HEADROOM, PortCounters, PortDrop, Sent, Tx};
 use crate::sys;
 
 /// Frames read from one port before moving to the next.
 pub const BATCH: usize = 64;
-
-/// Switch port -> (endpoint index, counters): looked up per output, so a fast
-/// hash (port numbers are ours, not an attacker's).
-pub type PortMap = HashMap<PortNo, (usize, Arc<PortCounters>), foldhash::fast::FixedState>;
-
-/// The ports as published: what packet threads read and write. Immutable;
-/// the realiser publishes a new one, before the flows that name its ports.
-#[derive(Debug, Default)]
-pub struct PortSet {
-    pub endpoints: Vec<Endpoint>,
-    pub ports: PortMap,
-}
-
-impl PortSet {
-    /// The same endpoints, ports and counters (nothing for packet threads
-    /// to register again).
-    fn same(&self, other: &PortSet) -> bool {
-        let same_endpoint = |a: &Endpoint, b: &Endpoint| {
-            Arc::ptr_eq(&a.io, &b.io)
-                && Arc::ptr_eq(&a.state, &b.state)
-                && a.queue == b.queue
-                && match (&a.own, &b.own) {
-                    (Some((p, c)), Some((q, d))) => p == q && Arc::ptr_eq(c, d),
-                    (None, None) => true,
-                    _ => false,
-                }
-        };
-        self.endpoints.len() == other.endpoints.len()
-            && self
-                .endpoints
-                .iter()
-                .zip(&other.endpoints)
-                .all(|(a, b)| same_endpoint(a, b))
-            && self.ports.len() == other.ports.len()
-            && self.ports.iter().all(|(p, (i, c))| {
-                other
-                    .ports
-                    .get(p)
-                    .is_some_and(|(j, d)| i == j && Arc::ptr_eq(c, d))
-            })
-    }
-
-    fn get(&self, p: PortNo) -> Option<(&Endpoint, &PortCounters)> {
-        let (i, c) = self.ports.get(&p)?;
-        Some((&self.endpoints[*i], c))
-    }
-}
 
 /// The switch's clock: monotonic, nanoseconds since the switch started (what
 /// conntrack and flow counters count in).
@@ -656,7 +609,9 @@ impl Lane {
 
     /// Remembers ports of other lanes this lane just wrote to: while it spins
     /// it reads them too, so an answer written back at once is forwarded
-    /// without waking their lane (a round trip costs no wake-up).
+    /// without waking their lane (a round trip costs no wake-up). A port
+    /// with a queue another lane serves is a partner: the answer may come
+    /// on any of its queues.
     fn note_partners(&mut self, ports: &PortSet, outputs: &[PortNo]) {
         if self.lanes == 1 {
             return;
@@ -664,10 +619,10 @@ impl Lane {
         for out in outputs {
             // Only a pod's or the gateway's own port: the tunnel's socket
             // carries many ports and is read by its lane alone.
-            if let Some((i, _)) = ports.ports.get(out)
-                && ports.endpoints[*i].own.is_some()
-                && !self.serves(&ports.endpoints[*i])
-                && !self.partners.contains(out)
+            if !self.partners.contains(out)
+                && ports
+                    .queues(*out)
+                    .any(|i| ports.endpoints[i].own.is_some() && !self.serves(&ports.endpoints[i]))
             {
                 if self.partners.len() == self.partners.inline_size() {
                     self.partners.remove(0);
@@ -687,11 +642,15 @@ impl Lane {
         self.worker.begin_batch();
         let now = self.fwd.published.clock.now();
         let partners = self.partners.clone();
-        partners
-            .iter()
-            .filter_map(|p| polled.ports.get(p).map(|(i, _)| *i))
-            .map(|i| self.service(polled, i, &out, now))
-            .sum()
+        let mut read = 0;
+        for p in partners {
+            for i in polled.queues(p) {
+                if !self.serves(&polled.endpoints[i]) {
+                    read += self.service(polled, i, &out, now);
+                }
+            }
+        }
+        read
     }
 
     /// Whether this lane serves endpoint `e` of a port set (see
@@ -1011,6 +970,63 @@ mod tests {
             !sweeper.is_empty() && !sweeper.contains(&nice),
             "the sweeper: {sweeper:?}"
         );
+    }
+
+    /// The answer to a request may come on any queue of a multiqueue pod:
+    /// the lane that forwarded the request reads every queue of the answering
+    /// port another lane serves, not only its first.
+    #[test]
+    fn a_lane_reads_the_answer_on_any_queue_of_its_partner() {
+        let r = Realiser::new(DatapathConfig::default());
+        let a = Arc::new(MemoryPort::new(false));
+        r.attach(
+            a.clone(),
+            ObjectKey::new("t", "a"),
+            A_MAC,
+            vec!["10.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        let queues: Vec<Arc<MemoryPort>> =
+            (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
+        let b = r
+            .attach_queues(
+                queues
+                    .iter()
+                    .map(|q| q.clone() as Arc<dyn crate::port::Port>)
+                    .collect(),
+                ObjectKey::new("t", "b"),
+                B_MAC,
+                vec!["10.0.0.2".parse().unwrap()],
+            )
+            .unwrap();
+        let f = Forwarder::new(r.published().clone());
+        f.published.lanes.store(2, Relaxed);
+        let ports = f.published.ports.load_full();
+        // a and b's first queue on lane 0, b's second on lane 1.
+        for e in &ports.endpoints {
+            let lane = match e.own.as_ref() {
+                Some((p, _)) if *p == b => e.queue,
+                _ => 0,
+            };
+            e.state.place(lane);
+        }
+        let (mut first, mut second) = (f.lane_of(0, 2), f.lane_of(1, 2));
+        a.push(syn(80));
+        assert_eq!(first.step(), 1, "lane 0 forwards a's request");
+        assert_eq!(queues[0].take().len() + queues[1].take().len(), 1);
+        // The answer comes on b's second queue, which lane 1 serves.
+        let mut answer = Vec::new();
+        PacketBuilder::ethernet2(B_MAC, A_MAC)
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .tcp(80, 40000, 1, 1000)
+            .syn()
+            .ack(2)
+            .write(&mut answer, &[])
+            .unwrap();
+        queues[1].push(answer);
+        assert_eq!(first.serve_partners(&ports), 1, "lane 0 reads it itself");
+        assert_eq!(a.take().len(), 1, "and a has it");
+        assert_eq!(second.step(), 0, "nothing left for lane 1");
     }
 
     /// A pod with two queues (a multiqueue TAP device): by default its queues
