@@ -622,7 +622,7 @@ impl Lane {
             if !self.partners.contains(out)
                 && ports
                     .queues(*out)
-                    .any(|i| ports.endpoints[i].own.is_some() && !self.serves(&ports.endpoints[i]))
+                    .any(|i| !self.serves(&ports.endpoints[i]))
             {
                 if self.partners.len() == self.partners.inline_size() {
                     self.partners.remove(0);
@@ -926,6 +926,29 @@ mod tests {
         assert_eq!(b.take().len(), 1);
     }
 
+    /// Pod t/`name` on a two-queue in-memory port: its switch port and queues.
+    fn two_queue_pod(
+        r: &Realiser,
+        name: &str,
+        mac: [u8; 6],
+        ip: &str,
+    ) -> (PortNo, Vec<Arc<MemoryPort>>) {
+        let queues: Vec<Arc<MemoryPort>> =
+            (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
+        let port = r
+            .attach_queues(
+                queues
+                    .iter()
+                    .map(|q| q.clone() as Arc<dyn crate::port::Port>)
+                    .collect(),
+                ObjectKey::new("t", name),
+                mac,
+                vec![ip.parse().unwrap()],
+            )
+            .unwrap();
+        (port, queues)
+    }
+
     /// The nice values of this process's threads named `name`.
     fn nice_of_threads(name: &str) -> Vec<i32> {
         let mut found = Vec::new();
@@ -986,19 +1009,7 @@ mod tests {
             vec!["10.0.0.1".parse().unwrap()],
         )
         .unwrap();
-        let queues: Vec<Arc<MemoryPort>> =
-            (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
-        let b = r
-            .attach_queues(
-                queues
-                    .iter()
-                    .map(|q| q.clone() as Arc<dyn crate::port::Port>)
-                    .collect(),
-                ObjectKey::new("t", "b"),
-                B_MAC,
-                vec!["10.0.0.2".parse().unwrap()],
-            )
-            .unwrap();
+        let (b, queues) = two_queue_pod(&r, "b", B_MAC, "10.0.0.2");
         let f = Forwarder::new(r.published().clone());
         f.published.lanes.store(2, Relaxed);
         let ports = f.published.ports.load_full();
@@ -1036,19 +1047,7 @@ mod tests {
     #[test]
     fn the_queues_of_a_pod_are_read_by_several_lanes_and_rebalanced_by_load() {
         let r = Realiser::new(DatapathConfig::default());
-        let queues: Vec<Arc<MemoryPort>> =
-            (0..2).map(|_| Arc::new(MemoryPort::new(false))).collect();
-        let a = r
-            .attach_queues(
-                queues
-                    .iter()
-                    .map(|q| q.clone() as Arc<dyn crate::port::Port>)
-                    .collect(),
-                ObjectKey::new("t", "a"),
-                A_MAC,
-                vec!["10.0.0.1".parse().unwrap()],
-            )
-            .unwrap();
+        let (a, queues) = two_queue_pod(&r, "a", A_MAC, "10.0.0.1");
         let b = Arc::new(MemoryPort::new(false));
         r.attach(
             b.clone(),
