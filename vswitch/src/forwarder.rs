@@ -780,24 +780,8 @@ mod tests {
         Arc<MemoryPort>,
     ) {
         let r = Realiser::new(DatapathConfig::default());
-        let (a, b) = (
-            Arc::new(MemoryPort::new(false)),
-            Arc::new(MemoryPort::new(vnet_b)),
-        );
-        r.attach(
-            a.clone(),
-            ObjectKey::new("t", "a"),
-            A_MAC,
-            vec!["10.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
-        r.attach(
-            b.clone(),
-            ObjectKey::new("t", "b"),
-            B_MAC,
-            vec!["10.0.0.2".parse().unwrap()],
-        )
-        .unwrap();
+        let a = one_queue_pod(&r, "a", A_MAC, "10.0.0.1", false);
+        let b = one_queue_pod(&r, "b", B_MAC, "10.0.0.2", vnet_b);
         r.apply(Change::Pod(Pod {
             key: ObjectKey::new("t", "b"),
             labels: [("app".to_string(), "db".to_string())].into(),
@@ -926,6 +910,26 @@ mod tests {
         assert_eq!(b.take().len(), 1);
     }
 
+    /// Pod t/`name` on one in-memory port (with the virtio-net header when
+    /// `vnet`).
+    fn one_queue_pod(
+        r: &Realiser,
+        name: &str,
+        mac: [u8; 6],
+        ip: &str,
+        vnet: bool,
+    ) -> Arc<MemoryPort> {
+        let port = Arc::new(MemoryPort::new(vnet));
+        r.attach(
+            port.clone(),
+            ObjectKey::new("t", name),
+            mac,
+            vec![ip.parse().unwrap()],
+        )
+        .unwrap();
+        port
+    }
+
     /// Pod t/`name` on a two-queue in-memory port: its switch port and queues.
     fn two_queue_pod(
         r: &Realiser,
@@ -1001,14 +1005,7 @@ mod tests {
     #[test]
     fn a_lane_reads_the_answer_on_any_queue_of_its_partner() {
         let r = Realiser::new(DatapathConfig::default());
-        let a = Arc::new(MemoryPort::new(false));
-        r.attach(
-            a.clone(),
-            ObjectKey::new("t", "a"),
-            A_MAC,
-            vec!["10.0.0.1".parse().unwrap()],
-        )
-        .unwrap();
+        let a = one_queue_pod(&r, "a", A_MAC, "10.0.0.1", false);
         let (b, queues) = two_queue_pod(&r, "b", B_MAC, "10.0.0.2");
         let f = Forwarder::new(r.published().clone());
         f.published.lanes.store(2, Relaxed);
@@ -1048,14 +1045,7 @@ mod tests {
     fn the_queues_of_a_pod_are_read_by_several_lanes_and_rebalanced_by_load() {
         let r = Realiser::new(DatapathConfig::default());
         let (a, queues) = two_queue_pod(&r, "a", A_MAC, "10.0.0.1");
-        let b = Arc::new(MemoryPort::new(false));
-        r.attach(
-            b.clone(),
-            ObjectKey::new("t", "b"),
-            B_MAC,
-            vec!["10.0.0.2".parse().unwrap()],
-        )
-        .unwrap();
+        let b = one_queue_pod(&r, "b", B_MAC, "10.0.0.2", false);
         let f = Forwarder::new(r.published().clone());
         f.published.lanes.store(2, Relaxed);
         let mut lanes = [f.lane_of(0, 2), f.lane_of(1, 2)];
